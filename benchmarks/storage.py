@@ -1,0 +1,197 @@
+"""Storage benchmark: bytes/token, write and read MB/s, random read latency, for every shard layout variant.
+
+    python benchmarks/storage.py                 # L=512, k=64, vocab 49152, 256 sequences, float16 log-probs
+    python benchmarks/storage.py --sequences 64  # quicker
+
+Data is synthetic but LM-like (not uniform noise): input tokens follow a Zipf law over the vocab; each
+position's next-token distribution is Zipf-like over ranks, p(r) ~ r^-s with a per-position sharpness s
+(s ~ 1 + Exp(1.5): top-1 carries most of the mass at most positions, some positions are diffuse), with noise
+on the log-probs; top-1 is the actual next token 60% of the time; top-k ids are distinct and drawn from the
+Zipf token distribution; entropy is that of the Zipf law (float32); one pooled layer d=576 with
+heavy-tailed per-dimension scales. MB/s are over the raw (uncompressed) array bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from storage import parquet, zarr_shard  # noqa: E402
+from storage.manifest import Manifest, TeacherInfo  # noqa: E402
+from storage.reader import TeacherDataset  # noqa: E402
+from storage.records import TeacherTargets  # noqa: E402
+from storage.writer import TargetsWriter  # noqa: E402
+
+
+def zipf_targets(n: int, L: int, k: int, vocab: int, d: int, seed: int = 0) -> TeacherTargets:
+    rng = np.random.default_rng(seed)
+    rank_to_id = rng.permutation(vocab).astype(np.int32)
+    token_p = 1.0 / np.arange(1, vocab + 1) ** 1.1
+    token_cdf = np.cumsum(token_p / token_p.sum())
+
+    def tokens(shape):
+        return rank_to_id[np.minimum(np.searchsorted(token_cdf, rng.random(shape)), vocab - 1)]
+
+    input_ids = tokens((n, L))
+    # next-token distributions: log p(r) = -s log r - log Z(s), noisy, re-sorted
+    s = 1.0 + rng.exponential(1.5, (n, L, 1))
+    grid = np.linspace(1.0, s.max() + 1e-6, 512)
+    log_r = np.log(np.arange(1, vocab + 1, dtype=np.float64))
+    log_z = np.array([np.log(np.exp(-g * log_r).sum()) for g in grid])
+    ent = np.array([(np.exp(-g * log_r - lz) * (g * log_r + lz)).sum() for g, lz in zip(grid, log_z, strict=True)])
+    lz = np.interp(s, grid, log_z)
+    logp = -s * log_r[:k] - lz + rng.normal(0.0, 0.3, (n, L, k)) * (np.arange(k) > 0)
+    logp = -np.sort(-logp, axis=-1)
+    entropy = np.interp(s[..., 0], grid, ent).astype(np.float32)
+    # distinct top-k ids from the token distribution, top-1 = the actual next token 60% of the time
+    ids = tokens((n, L, k))
+    srt = np.sort(ids, axis=-1)
+    dup = np.zeros_like(ids, dtype=bool)
+    dup[..., 1:] = srt[..., 1:] == srt[..., :-1]
+    srt[dup] = rng.integers(0, vocab, int(dup.sum()), dtype=np.int32)
+    ids = np.take_along_axis(srt, np.argsort(rng.random(srt.shape), axis=-1), axis=-1)
+    nxt = np.concatenate([input_ids[:, 1:], tokens((n, 1))], axis=1)
+    hit = rng.random((n, L)) < 0.6
+    ids[..., 0] = np.where(hit, nxt, ids[..., 0])
+    scale = np.exp(rng.normal(0.0, 1.0, d)).astype(np.float32)
+    return TeacherTargets(
+        seq_ids=np.arange(n, dtype=np.int64), input_ids=input_ids, topk_ids=ids.astype(np.int32),
+        topk_logprobs=logp.astype(np.float16), entropy=entropy,
+        pooled={12: (rng.standard_normal((n, d)).astype(np.float32) * scale)},
+    )
+
+
+def header(fmt: str, L: int, k: int, vocab: int, d: int, shard_size: int) -> Manifest:
+    return Manifest(format=fmt, teacher=TeacherInfo(name="bench", path="synthetic"), tokenizer_fingerprint="t",
+                    vocab_size=vocab, seq_len=L, top_k=k, logprob_dtype="float16", entropy_kind="exact",
+                    pooled_layers=[12], pooled_dims={12: d}, corpus_fingerprint="c", shard_size=shard_size)
+
+
+@contextmanager
+def patched(module, name, value):
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def _blosc(shuffle: str):
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    return lambda: [BloscCodec(cname="zstd", clevel=3, shuffle=shuffle), Crc32cCodec()]
+
+
+VARIANTS = {
+    # name: (format, module, attribute, value)
+    "parquet / no BSS": ("parquet", parquet, "BYTE_STREAM_SPLIT", ()),
+    "parquet / BSS floats": ("parquet", parquet, "BYTE_STREAM_SPLIT", ("topk_logprobs", "entropy", "pooled_*")),
+    "parquet / BSS ints": ("parquet", parquet, "BYTE_STREAM_SPLIT", ("input_ids", "topk_ids")),
+    "parquet / BSS all": ("parquet", parquet, "BYTE_STREAM_SPLIT",
+                         ("input_ids", "topk_ids", "topk_logprobs", "entropy", "pooled_*")),
+    "parquet / default (BSS on ints, log-probs, entropy)": ("parquet", parquet, "BYTE_STREAM_SPLIT", None),
+    "parquet / default / 16 seq per row group": ("parquet", parquet, "ROWS_PER_ROW_GROUP", 16),
+    "zarr / zstd + checksum": ("zarr", zarr_shard, "default_compressors", zarr_shard.zstd_compressors),
+    "zarr / default (blosc-zstd shuffle + crc32c)": ("zarr", zarr_shard, "default_compressors", None),
+    "zarr / blosc-zstd bitshuffle + crc32c": ("zarr", zarr_shard, "default_compressors", _blosc("bitshuffle")),
+}
+
+
+def run_variant(name: str, targets: TeacherTargets, args, root: str) -> dict:
+    fmt, module, attr, value = VARIANTS[name]
+    h = header(fmt, args.seq_len, args.top_k, args.vocab, args.dim, args.shard_size)
+    out = os.path.join(root, "".join(c if c.isalnum() else "_" for c in name))
+    raw = sum(a.nbytes for a in (targets.seq_ids, targets.input_ids, targets.topk_ids, targets.topk_logprobs,
+                                 targets.entropy, *targets.pooled.values()))
+    with patched(module, attr, getattr(module, attr) if value is None else value):
+        t0 = time.perf_counter()
+        with TargetsWriter(out, h) as w:
+            for g in range(0, len(targets), args.shard_size):
+                w.write_shard(g // args.shard_size, targets.slice(g, g + args.shard_size))
+        m = w.close()
+        write_s = time.perf_counter() - t0
+    ds = TeacherDataset.open(out, verify=False)
+    t0 = time.perf_counter()
+    for start in range(0, len(ds), 32):
+        got = ds.read(np.arange(start, min(start + 32, len(ds))))
+    read_s = time.perf_counter() - t0
+    assert np.array_equal(got.topk_ids, targets.topk_ids[-len(got):])
+    rng = np.random.default_rng(1)
+    ds = TeacherDataset.open(out, verify=False)
+    for shard in range(len(m.shards)):  # open every shard once: measure reads, not opens
+        ds.read([shard * args.shard_size])
+    picks = rng.integers(0, len(ds), args.random_reads)
+    t0 = time.perf_counter()
+    for p in picks:
+        ds.read([int(p)])
+    random_ms = (time.perf_counter() - t0) * 1000 / args.random_reads
+    columns = _column_bytes(out, m) if fmt == "parquet" else {}
+    shutil.rmtree(out)
+    return {"variant": name, "bytes_per_token": m.total_bytes / m.num_tokens, "write_mb_s": raw / write_s / 1e6,
+            "read_mb_s": raw / read_s / 1e6, "random_ms": random_ms, "columns": columns, "tokens": m.num_tokens}
+
+
+def _column_bytes(out: str, m: Manifest) -> dict[str, float]:
+    """Compressed bytes per token of each column (Parquet footer), summed over shards."""
+    import pyarrow.parquet as pq
+
+    sizes: dict[str, int] = {}
+    for s in m.shards:
+        meta = pq.ParquetFile(os.path.join(out, s.file)).metadata
+        for rg in range(meta.num_row_groups):
+            for c in range(meta.num_columns):
+                col = meta.row_group(rg).column(c)
+                name = col.path_in_schema.split(".")[0]
+                sizes[name] = sizes.get(name, 0) + col.total_compressed_size
+    return {k: v / m.num_tokens for k, v in sizes.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sequences", type=int, default=256, help="sequences written per variant")
+    ap.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (L)")
+    ap.add_argument("--top-k", type=int, default=64, help="stored top-k (k)")
+    ap.add_argument("--vocab", type=int, default=49152, help="vocab size")
+    ap.add_argument("--dim", type=int, default=576, help="pooled hidden size d")
+    ap.add_argument("--shard-size", type=int, default=128, help="sequences per shard")
+    ap.add_argument("--random-reads", type=int, default=200, help="random single-sequence reads timed")
+    ap.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
+    ap.add_argument("--variants", default=";".join(VARIANTS), help="subset of the variants, separated by ;")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    targets = zipf_targets(args.sequences, args.seq_len, args.top_k, args.vocab, args.dim)
+    mass = np.exp(targets.topk_logprobs.astype(np.float64)).sum(-1)
+    top1 = np.exp(targets.topk_logprobs[..., 0].astype(np.float64))
+    print(f"data: {args.sequences} x {args.seq_len} tokens, k={args.top_k}, vocab={args.vocab}, d={args.dim}; "
+          f"median top-1 prob {np.median(top1):.2f}, median top-k mass {np.median(mass):.3f}, "
+          f"mean entropy {targets.entropy.mean():.2f} nats ({time.perf_counter() - t0:.1f} s to generate)")
+    root = args.dir or tempfile.mkdtemp(prefix="storage-bench-")
+    rows = [run_variant(name, targets, args, root) for name in args.variants.split(";")]
+    if args.dir is None:
+        shutil.rmtree(root, ignore_errors=True)
+    print("\n| variant | bytes/token | write MB/s | read MB/s | random read ms/seq |\n|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['bytes_per_token']:.1f} | {r['write_mb_s']:.0f} | {r['read_mb_s']:.0f} | "
+              f"{r['random_ms']:.2f} |")
+    parquet_rows = [r for r in rows if r["columns"]]
+    if parquet_rows:
+        names = list(parquet_rows[0]["columns"])
+        print("\nParquet compressed bytes/token per column\n\n| variant | " + " | ".join(names) + " |")
+        print("|---|" + "---:|" * len(names))
+        for r in parquet_rows:
+            print(f"| {r['variant']} | " + " | ".join(f"{r['columns'][n]:.2f}" for n in names) + " |")
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

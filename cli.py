@@ -1,0 +1,50 @@
+"""Command line: `python cli.py COMMAND --help` (or the `distill` console script).
+
+The CLI is thin: each command builds a config dataclass and calls one `run_*` function. Errors caused by
+user input (storage.errors.UserError) are printed as one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from storage.errors import UserError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):  # one line and exit 2 for user errors, tracebacks for bugs
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main() -> None:
+    """Offline multi-teacher knowledge distillation for language models.
+
+    \b
+    Stage one, once per teacher:   precompute     (teacher top-k log-probs, entropy, pooled states -> shards)
+    Stage two, from K caches:      train-student  (fused entropy-weighted targets -> student)
+    Look at a cache:               inspect, merge
+    Judge a student:               evaluate, plot
+    """
+
+
+def _register() -> None:
+    from storage.commands import inspect_cmd, merge_cmd
+    from student.commands import plot_cmd, train_student_cmd
+    from student.evaluation import evaluate_cmd
+    from teachers.commands import precompute_cmd
+
+    for cmd in (precompute_cmd, train_student_cmd, inspect_cmd, merge_cmd, evaluate_cmd, plot_cmd):
+        main.add_command(cmd)
+
+
+_register()
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""`inspect` and `merge` commands (thin: parse options, call storage functions)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("inspect")
+@click.argument("path")
+@click.option("--rows", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Decode this many sequences (from the first) and show their targets at --position.")
+@click.option("--position", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Token position inside each decoded sequence whose top-k, mass and entropy are shown.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of every shard (existence is still checked).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def inspect_cmd(path: str, rows: int, position: int, no_verify: bool, as_json: bool) -> None:
+    """Describe a teacher directory or a single shard at PATH (local path or fsspec URL).
+
+    Shows schema, rows, tokens, bytes/token, k, dtypes, teacher metadata and the sha256 status of every
+    shard; with --rows, decoded top-k ids/log-probs, the probability mass they cover and the entropy.
+    A missing or damaged shard is an error naming the file (exit code 2).
+    """
+    import json
+
+    from storage.describe import describe, format_report
+
+    report = describe(path, rows=rows, position=position, verify=not no_verify)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@click.command("merge")
+@click.argument("path")
+@click.option("--verify", is_flag=True, help="Also check size and sha256 of every shard before writing.")
+def merge_cmd(path: str, verify: bool) -> None:
+    """Merge the slice manifests in teacher directory PATH into manifest.json.
+
+    Refuses slices that disagree on run fields, missing slices, and overlapping or missing seq-id ranges.
+    """
+    from storage import fs as sfs
+    from storage import shards as shard_io
+    from storage.merge import open_slices, write_merged
+
+    if verify:
+        fs, root = sfs.resolve(path)
+        for info in open_slices(path).shards:
+            shard_io.check(fs, root, info)
+    merged = write_merged(path)
+    click.echo(f"wrote {sfs.join(path, 'manifest.json')}: {len(merged.shards)} shards, "
+               f"{merged.num_sequences} sequences, {merged.num_tokens} tokens from "
+               f"{merged.notes.get('merged_from_slices', 1)} slice manifest(s)")

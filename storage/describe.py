@@ -1,0 +1,165 @@
+"""What `cli.py inspect` shows: a report on a teacher directory or one shard, as a dict and as text."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+
+from storage import fs as sfs
+from storage import shards as shard_io
+from storage.errors import ShardCorruptError, StorageError
+from storage.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from storage.merge import open_manifest
+from storage.reader import TeacherDataset
+from storage.schema import columns
+
+SHOWN_TOPK = 8
+"""Top-k entries printed per decoded row (all of them go into --json)."""
+
+
+def describe(path: str, *, rows: int = 0, position: int = 0, verify: bool = True) -> dict[str, Any]:
+    """Report on `path` (teacher directory or single shard). Raises ShardCorruptError naming every shard
+    that is missing or damaged (verify: size and sha256; always: existence)."""
+    fs, inner = sfs.resolve(path)
+    if _is_shard(fs, inner):
+        manifest, root = _single_shard_manifest(fs, inner, path)
+        kind = "shard"
+    else:
+        manifest, root = open_manifest(path), path
+        kind = "teacher"
+    _, root_inner = sfs.resolve(root)
+    statuses = []
+    for info in manifest.shards:
+        why = shard_io.problem(fs, root_inner, info, check_sha=verify)
+        statuses.append(why if why is not None else ("ok" if verify else "size ok"))
+    if "standalone" in manifest.notes and statuses == ["ok"]:
+        statuses = ["not listed in a manifest (sha256 computed, not checked)"]
+    bad = [f"{info.file} ({why})" for info, why in zip(manifest.shards, statuses, strict=True)
+           if why not in ("ok", "size ok") and not why.startswith("not listed")]
+    if bad:
+        raise ShardCorruptError(f"{root}: {len(bad)} of {len(manifest.shards)} shard(s) damaged: " + "; ".join(bad))
+
+    m = manifest
+    report: dict[str, Any] = {
+        "path": path, "kind": kind, "format": m.format, "schema_version": m.schema_version,
+        "teacher": copy.deepcopy(m.teacher.__dict__), "vocab_size": m.vocab_size, "seq_len": m.seq_len,
+        "top_k": m.top_k, "temperature": m.temperature, "logprob_dtype": m.logprob_dtype,
+        "entropy_kind": m.entropy_kind, "pooled_dims": {str(k): v for k, v in m.pooled_dims.items()},
+        "tokenizer_fingerprint": m.tokenizer_fingerprint, "corpus_fingerprint": m.corpus_fingerprint,
+        "corpus": m.corpus, "shard_size": m.shard_size, "num_slices": m.notes.get("merged_from_slices", m.num_slices),
+        "sequences": m.num_sequences, "tokens": m.num_tokens, "bytes": m.total_bytes,
+        "bytes_per_token": (m.total_bytes / m.num_tokens) if m.num_tokens else None,
+        "columns": {c.name: {"dtype": str(c.dtype), "row_shape": list(c.shape)} for c in columns(m).values()},
+        "shards": [{**s.__dict__, "status": st} for s, st in zip(m.shards, statuses, strict=True)],
+        "notes": m.notes, "verified": verify, "rows": [],
+    }
+    if rows > 0 and m.num_sequences:
+        report["rows"] = _decode_rows(TeacherDataset(root, m), rows, position)
+    return report
+
+
+def _is_shard(fs, inner: str) -> bool:
+    name = inner.rstrip("/").rsplit("/", 1)[-1]
+    if name.endswith(".parquet"):
+        return True
+    # a zarr shard is a group (zarr.json at its root); a teacher directory is not
+    return name.endswith(".zarr") and fs.exists(sfs.join(inner, "zarr.json")) \
+        and not fs.exists(sfs.join(inner, MANIFEST_NAME))
+
+
+def _single_shard_manifest(fs, inner: str, path: str) -> tuple[Manifest, str]:
+    """A one-shard manifest from the header stored inside the shard (and its entry in the directory's
+    manifest, when there is one, so its sha256 can be checked)."""
+    name = inner.rstrip("/").rsplit("/", 1)[-1]
+    parent = inner.rstrip("/").rsplit("/", 1)[0] if "/" in inner.rstrip("/") else "."
+    if name.endswith(".parquet"):
+        from storage.parquet import read_header
+    else:
+        from storage.zarr_shard import read_header
+    header, index, nrows = read_header(fs, inner)
+    m = Manifest.from_dict({**header, "shards": []}, source=path)
+    listed = None
+    try:
+        listed = next((s for s in open_manifest(fs.unstrip_protocol(parent)).shards if s.file == name), None)
+    except StorageError:
+        listed = None  # a shard on its own: nothing to compare against
+    if listed is not None:
+        info = listed
+    else:
+        info = ShardInfo(index=index, file=name, rows=nrows, first_seq_id=index * m.shard_size,
+                         last_seq_id=index * m.shard_size + nrows - 1, bytes=sfs.size_of(fs, inner),
+                         sha256=sfs.sha256_of(fs, inner))
+        m.notes = {"standalone": "no manifest in the parent directory lists this shard; sha256 is computed, "
+                   "not checked"}
+    m.shards = [info]
+    m.validate(path)
+    return m, fs.unstrip_protocol(parent)
+
+
+def _decode_rows(ds: TeacherDataset, rows: int, position: int) -> list[dict[str, Any]]:
+    m = ds.manifest
+    if not 0 <= position < m.seq_len:
+        raise StorageError(f"--position {position} is outside 0..{m.seq_len - 1}")
+    cols = ds.read_columns(np.arange(min(rows, len(ds))))
+    out = []
+    for i in range(cols["seq_id"].shape[0]):
+        lp = cols["topk_logprobs"][i, position].astype(np.float64)
+        row = {
+            "seq_id": int(cols["seq_id"][i]), "position": position,
+            "input_id": int(cols["input_ids"][i, position]),
+            "next_input_id": int(cols["input_ids"][i, position + 1]) if position + 1 < m.seq_len else None,
+            "topk_ids": cols["topk_ids"][i, position].tolist(), "topk_logprobs": [round(float(x), 4) for x in lp],
+            "topk_mass": float(np.exp(lp).sum()),
+            "entropy": float(cols["entropy"][i, position]) if "entropy" in cols else None,
+        }
+        out.append(row)
+    return out
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """Human-readable text of a describe() report."""
+    t = r["teacher"]
+    pooled = ", ".join(f"{k} (d={v})" for k, v in r["pooled_dims"].items()) or "none"
+    bpt = f"{r['bytes_per_token']:.1f}" if r["bytes_per_token"] is not None else "-"
+    lines = [
+        f"path         {r['path']}  ({'teacher directory' if r['kind'] == 'teacher' else 'single shard'})",
+        f"teacher      {t['name']}  path={t['path']}  backend={t['backend']}  dtype={t['dtype']}"
+        + (f"  gguf={t['gguf_file']}" if t.get("gguf_file") else "")
+        + (f"  revision={t['revision']}" if t.get("revision") else ""),
+        f"format       {r['format']} (schema v{r['schema_version']}), {len(r['shards'])} shard(s) of "
+        f"{r['shard_size']} sequences, {r['num_slices']} slice(s)",
+        f"size         {r['sequences']} sequences, {r['tokens']} tokens, {_size(r['bytes'])}, {bpt} bytes/token",
+        f"targets      seq_len={r['seq_len']}  top_k={r['top_k']}  vocab={r['vocab_size']}  "
+        f"temperature={r['temperature']}  log-probs={r['logprob_dtype']}  entropy={r['entropy_kind']}",
+        f"pooled       {pooled}",
+        f"fingerprints tokenizer={r['tokenizer_fingerprint'][:16]}  corpus={r['corpus_fingerprint'][:16]}",
+        "columns",
+    ]
+    for name, c in r["columns"].items():
+        shape = "x".join(str(s) for s in c["row_shape"]) or "scalar"
+        lines.append(f"  {name:<16} {c['dtype']:<8} per sequence: {shape}")
+    lines.append("shards" + ("" if r["verified"] else "  (sha256 not checked: --no-verify)"))
+    lines.append(f"  {'index':>6}  {'file':<22} {'rows':>6}  {'seq ids':<17} {'bytes':>10}  sha256        status")
+    for s in r["shards"]:
+        ids = f"{s['first_seq_id']}..{s['last_seq_id']}"
+        lines.append(f"  {s['index']:>6}  {s['file']:<22} {s['rows']:>6}  {ids:<17} {_size(s['bytes']):>10}  "
+                     f"{s['sha256'][:12]}  {s['status']}")
+    for row in r["rows"]:
+        shown = ", ".join(f"{i}:{lp:.3f}" for i, lp in zip(row["topk_ids"][:SHOWN_TOPK],
+                                                          row["topk_logprobs"][:SHOWN_TOPK], strict=True))
+        more = " ..." if len(row["topk_ids"]) > SHOWN_TOPK else ""
+        entropy = f"{row['entropy']:.4f}" if row["entropy"] is not None else "absent"
+        lines.append(f"seq {row['seq_id']} position {row['position']}: input {row['input_id']} -> next "
+                     f"{row['next_input_id']}; top-k mass {row['topk_mass']:.4f}; entropy {entropy} nats")
+        lines.append(f"  top-k id:log-prob  {shown}{more}")
+    return "\n".join(lines)

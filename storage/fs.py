@@ -1,0 +1,129 @@
+"""Filesystem helpers: fsspec resolution, atomic writes, content hashes of files and Zarr directories.
+
+Every storage path may be a local path or an fsspec URL (`memory://`, `file://`, `s3://`, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+_BLOCK = 8 << 20  # bytes read per step when hashing
+
+
+def resolve(path: str) -> tuple[AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a local path or an fsspec URL."""
+    fs, inner = fsspec.core.url_to_fs(str(path))
+    return fs, inner.rstrip("/") or inner
+
+
+def join(base: str, *names: str) -> str:
+    """Join with "/" (fsspec paths use "/" on every platform)."""
+    out = base.rstrip("/")
+    for name in names:
+        out = f"{out}/{name.strip('/')}"
+    return out
+
+
+def is_local(fs: AbstractFileSystem) -> bool:
+    """True for the local filesystem (native pyarrow / zarr LocalStore paths can be used)."""
+    return isinstance(fs, LocalFileSystem)
+
+
+def temp_name(path: str) -> str:
+    """A sibling name unique to this process, for write-then-rename."""
+    return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def replace(fs: AbstractFileSystem, src: str, dst: str) -> None:
+    """Move `src` (file or directory) onto `dst`, replacing what is there.
+
+    Local: os.replace / os.rename (atomic for files; a directory is removed first). Elsewhere: fsspec mv,
+    which is as atomic as the store allows (object stores copy then delete).
+    """
+    if is_local(fs):
+        if os.path.isdir(dst):
+            fs.rm(dst, recursive=True)
+        os.replace(src, dst)
+        return
+    if fs.exists(dst):
+        fs.rm(dst, recursive=fs.isdir(dst))
+    fs.mv(src, dst, recursive=fs.isdir(src))
+
+
+def atomic_write_bytes(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write a small file to a temporary name, then rename it into place."""
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = temp_name(path)
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+        if is_local(fs):
+            f.flush()
+            os.fsync(f.fileno())
+    replace(fs, tmp, path)
+
+
+def atomic_write_text(fs: AbstractFileSystem, path: str, text: str) -> None:
+    atomic_write_bytes(fs, path, text.encode("utf-8"))
+
+
+def atomic_write_json(fs: AbstractFileSystem, path: str, obj: Any) -> None:
+    atomic_write_text(fs, path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_text(fs: AbstractFileSystem, path: str) -> str:
+    with fs.open(path, "rb") as f:
+        return f.read().decode("utf-8")
+
+
+def sha256_file(fs: AbstractFileSystem, path: str) -> str:
+    """Hex sha256 of one file's bytes."""
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while True:
+            block = f.read(_BLOCK)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def list_files(fs: AbstractFileSystem, path: str) -> dict[str, int]:
+    """Relative path ("/"-separated) -> size of every file under directory `path`."""
+    root = fs._strip_protocol(path).rstrip("/")
+    out: dict[str, int] = {}
+    for full, info in fs.find(path, detail=True).items():
+        if info.get("type") == "directory":
+            continue
+        rel = fs._strip_protocol(full)[len(root):].lstrip("/")
+        out[rel] = int(info["size"])
+    return out
+
+
+def sha256_dir(fs: AbstractFileSystem, path: str) -> str:
+    """Hex sha256 of a directory: sha256 over the sorted lines "relative path\\0file sha256\\n"."""
+    h = hashlib.sha256()
+    for rel in sorted(list_files(fs, path)):
+        h.update(f"{rel}\0{sha256_file(fs, join(path, rel))}\n".encode())
+    return h.hexdigest()
+
+
+def size_of(fs: AbstractFileSystem, path: str) -> int:
+    """Bytes of a file, or the sum over the files of a directory."""
+    if fs.isdir(path):
+        return sum(list_files(fs, path).values())
+    return int(fs.size(path))
+
+
+def sha256_of(fs: AbstractFileSystem, path: str) -> str:
+    """sha256_dir for a directory, sha256_file for a file."""
+    return sha256_dir(fs, path) if fs.isdir(path) else sha256_file(fs, path)

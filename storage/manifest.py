@@ -1,0 +1,265 @@
+"""The manifest: one JSON file describing a teacher's cached targets and every shard in it.
+
+Layout of a teacher directory (local path or fsspec URL):
+
+    manifest.json                               # written last, atomically (single slice, or merged)
+    manifest-slice-00000-of-00004.json          # one per node when the run is sliced
+    shard-000000.parquet | shard-000000.zarr/   # global shard index g holds seq ids
+                                                # [g * shard_size, (g + 1) * shard_size)
+
+Sequence ids are global: window number in the packed stream, which depends only on corpus, tokenizer and
+seq_len. Slice s of n owns the global shards g with g % n == s, so slices are disjoint and their union is
+the whole run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from storage.errors import ManifestError, MismatchError
+
+SCHEMA_VERSION = 1
+FORMATS = ("parquet", "zarr")
+LOGPROB_DTYPES = ("float16", "float32")
+ENTROPY_KINDS = ("exact", "estimate", "absent")
+MANIFEST_NAME = "manifest.json"
+
+
+def slice_manifest_name(slice_index: int, num_slices: int) -> str:
+    """File name of the manifest one slice writes."""
+    return f"manifest-slice-{slice_index:05d}-of-{num_slices:05d}.json"
+
+
+def shard_file_name(index: int, fmt: str) -> str:
+    """File (Parquet) or directory (Zarr) name of global shard `index`."""
+    return f"shard-{index:06d}.{fmt}"
+
+
+@dataclass(kw_only=True)
+class TeacherInfo:
+    """Which teacher produced the targets."""
+
+    name: str
+    """Label chosen by the user (`--teacher-name`), used in logs and metrics."""
+    path: str
+    """Local directory or hub id the weights came from."""
+    revision: str | None = None
+    """Hub revision, if any."""
+    gguf_file: str | None = None
+    """GGUF file name inside `path`, if the weights are GGUF."""
+    dtype: str = "float32"
+    """Compute dtype of the teacher forward."""
+    backend: str = "hf"
+    """`hf` or `vllm`."""
+    num_params: int | None = None
+    """Parameter count, for MFU figures."""
+    num_layers: int | None = None
+    """Transformer blocks in the teacher."""
+    hidden_size: int | None = None
+    """Hidden size of the teacher."""
+
+
+@dataclass(kw_only=True)
+class ShardInfo:
+    """One complete shard, as recorded after it was renamed into place."""
+
+    index: int
+    """Global shard index."""
+    file: str
+    """Name relative to the teacher directory."""
+    rows: int
+    """Sequences in the shard."""
+    first_seq_id: int
+    """Smallest seq id (inclusive)."""
+    last_seq_id: int
+    """Largest seq id (inclusive); ids inside a shard are contiguous."""
+    bytes: int
+    """Size on disk (sum of files for Zarr)."""
+    sha256: str
+    """sha256 of the Parquet file; for Zarr, of the sorted (relative path, file sha256) list."""
+
+
+@dataclass(kw_only=True)
+class Manifest:
+    """Everything needed to read, validate and join a teacher's cached targets."""
+
+    schema_version: int = SCHEMA_VERSION
+    """Shard schema version; readers refuse newer versions."""
+    format: str = "parquet"
+    """`parquet` or `zarr`."""
+    teacher: TeacherInfo
+    """Where the targets came from."""
+    tokenizer_fingerprint: str
+    """sha256 of the tokenizer's vocab and special tokens."""
+    vocab_size: int
+    """Size of the output distribution (the model's logits width)."""
+    seq_len: int
+    """Tokens per packed sequence (L)."""
+    top_k: int
+    """Stored top-k per position (k)."""
+    temperature: float = 1.0
+    """Temperature tau the log-probs were normalised at."""
+    logprob_dtype: str = "float16"
+    """Storage dtype of `topk_logprobs`."""
+    entropy_kind: str = "exact"
+    """`exact` (full-vocab entropy), `estimate` (from top-k plus tail; see notes) or `absent`."""
+    pooled_layers: list[int] = field(default_factory=list)
+    """Layers whose mean-pooled hidden states are stored as `pooled_<layer>` (empty: none)."""
+    pooled_dims: dict[int, int] = field(default_factory=dict)
+    """layer -> hidden size d of its pooled column."""
+    corpus_fingerprint: str
+    """sha256 over the corpus description and the packed token stream's identity."""
+    corpus: dict[str, Any] = field(default_factory=dict)
+    """Human-readable corpus description (source, text field, limits)."""
+    shard_size: int
+    """Sequences per shard (the last shard may hold fewer)."""
+    slice_index: int = 0
+    """Which slice of the run this manifest covers (0 for a merged manifest)."""
+    num_slices: int = 1
+    """How many slices the run was split into (1 for a merged manifest)."""
+    shards: list[ShardInfo] = field(default_factory=list)
+    """Complete shards, sorted by index."""
+    notes: dict[str, Any] = field(default_factory=dict)
+    """Free-form facts worth keeping (backend caveats, versions, token counts)."""
+
+    # ---- derived -------------------------------------------------------------------------------
+    @property
+    def num_sequences(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_sequences * self.seq_len
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    def column_names(self) -> list[str]:
+        """Columns of schema v1 present in this teacher's shards."""
+        cols = ["seq_id", "input_ids", "topk_ids", "topk_logprobs"]
+        if self.entropy_kind != "absent":
+            cols.append("entropy")
+        cols += [f"pooled_{layer}" for layer in self.pooled_layers]
+        return cols
+
+    # ---- (de)serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["pooled_dims"] = {str(k): v for k, v in self.pooled_dims.items()}
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "<manifest>") -> Manifest:
+        """Build and validate; raises ManifestError naming `source` and the first bad field."""
+        if not isinstance(d, dict):
+            raise ManifestError(f"{source}: not a JSON object")
+        version = d.get("schema_version")
+        if not isinstance(version, int):
+            raise ManifestError(f"{source}: field 'schema_version' is missing or not an integer")
+        if version > SCHEMA_VERSION:
+            raise ManifestError(
+                f"{source}: schema_version {version} is newer than this reader supports ({SCHEMA_VERSION}); "
+                "upgrade the package"
+            )
+        if version < 1:
+            raise ManifestError(f"{source}: schema_version {version} is invalid")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ManifestError(f"{source}: unknown field {unknown[0]!r}")
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        absent = [name for name in required if name not in d]
+        if absent:
+            raise ManifestError(f"{source}: field {absent[0]!r} is missing")
+        try:
+            kwargs = dict(d)
+            kwargs["teacher"] = TeacherInfo(**d["teacher"])
+            kwargs["shards"] = [ShardInfo(**s) for s in d.get("shards", [])]
+            kwargs["pooled_dims"] = {int(k): int(v) for k, v in d.get("pooled_dims", {}).items()}
+            kwargs["pooled_layers"] = [int(x) for x in d.get("pooled_layers", [])]
+            m = cls(**kwargs)
+        except KeyError as e:
+            raise ManifestError(f"{source}: field {e.args[0]!r} is missing") from None
+        except (TypeError, ValueError) as e:
+            raise ManifestError(f"{source}: malformed field: {e}") from None
+        m.validate(source)
+        return m
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<manifest>") -> Manifest:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{source}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source)
+
+    def validate(self, source: str = "<manifest>") -> None:
+        """Raise ManifestError naming the first bad field."""
+
+        def bad(name: str, why: str) -> ManifestError:
+            return ManifestError(f"{source}: field {name!r} {why}")
+
+        if self.format not in FORMATS:
+            raise bad("format", f"is {self.format!r}, expected one of {FORMATS}")
+        if self.logprob_dtype not in LOGPROB_DTYPES:
+            raise bad("logprob_dtype", f"is {self.logprob_dtype!r}, expected one of {LOGPROB_DTYPES}")
+        if self.entropy_kind not in ENTROPY_KINDS:
+            raise bad("entropy_kind", f"is {self.entropy_kind!r}, expected one of {ENTROPY_KINDS}")
+        for name in ("vocab_size", "seq_len", "top_k", "shard_size", "num_slices"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise bad(name, f"must be a positive integer, got {value!r}")
+        if self.top_k > self.vocab_size:
+            raise bad("top_k", f"({self.top_k}) exceeds vocab_size ({self.vocab_size})")
+        if not (0 <= self.slice_index < self.num_slices):
+            raise bad("slice_index", f"({self.slice_index}) is outside 0..{self.num_slices - 1}")
+        if not (self.temperature > 0):
+            raise bad("temperature", f"must be > 0, got {self.temperature!r}")
+        if set(self.pooled_layers) != set(self.pooled_dims):
+            raise bad("pooled_dims", f"must have one entry per pooled layer {self.pooled_layers}")
+        previous = -1
+        for s in self.shards:
+            where = f"shards[{s.index}] ({s.file})"
+            if s.index <= previous:
+                raise bad("shards", f"are not sorted by index at {where}")
+            previous = s.index
+            if s.index % self.num_slices != self.slice_index and self.num_slices > 1:
+                raise bad("shards", f"{where} does not belong to slice {self.slice_index} of {self.num_slices}")
+            if s.rows < 1 or s.rows > self.shard_size:
+                raise bad("shards", f"{where} has {s.rows} rows, expected 1..{self.shard_size}")
+            if s.first_seq_id != s.index * self.shard_size or s.last_seq_id != s.first_seq_id + s.rows - 1:
+                raise bad("shards", f"{where} covers seq ids {s.first_seq_id}..{s.last_seq_id}, "
+                          f"expected {s.index * self.shard_size}..{s.index * self.shard_size + s.rows - 1}")
+
+    # ---- comparison ----------------------------------------------------------------------------
+    def compare(self, other: Manifest, fields: tuple[str, ...], what: str = "manifests") -> None:
+        """Raise MismatchError naming the first of `fields` (dotted for teacher.*) that differs."""
+        for name in fields:
+            a, b = _get(self, name), _get(other, name)
+            if a != b:
+                raise MismatchError(f"{what} differ in {name!r}: {a!r} vs {b!r}", name, (a, b))
+
+
+# Fields that must agree between slices of one run (and between a resumed run and its earlier part).
+RUN_FIELDS: tuple[str, ...] = (
+    "schema_version", "format", "teacher.name", "teacher.path", "teacher.revision", "teacher.gguf_file",
+    "teacher.dtype", "teacher.backend", "tokenizer_fingerprint", "vocab_size", "seq_len", "top_k",
+    "temperature", "logprob_dtype", "entropy_kind", "pooled_layers", "corpus_fingerprint", "shard_size",
+)
+
+# Fields that must agree between teachers that are trained from together.
+JOIN_FIELDS: tuple[str, ...] = ("tokenizer_fingerprint", "seq_len", "corpus_fingerprint", "vocab_size")
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj

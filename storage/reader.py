@@ -1,0 +1,160 @@
+"""TeacherDataset: random access by position or seq id to one teacher's cached targets.
+
+    ds = TeacherDataset.open("out/teacher-a")           # verifies size + sha256 of every shard
+    pos = ds.position_of(12345)                           # seq id -> position in 0..len(ds)-1
+    cols = ds.read_columns([pos, 7], ["topk_ids", "topk_logprobs"])   # {"topk_ids": [2, L, k] int32, ...}
+    batch = ds.read([pos, 7])                             # TeacherTargets
+
+Only shards listed in the manifest are read. Positions follow sorted seq ids. Arrays come back freshly
+allocated (writable, C-contiguous), without per-element Python objects. Shard files are opened lazily and
+per process (the pid is checked on every access), so a dataset built in the parent can be used inside
+DataLoader worker processes, forked or spawned.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+
+from storage import fs as sfs
+from storage import shards as shard_io
+from storage.manifest import Manifest
+from storage.merge import open_manifest
+from storage.records import TeacherTargets
+from storage.schema import columns as schema_columns
+from storage.schema import from_columns
+
+MAX_OPEN_SHARDS = 64
+"""Open shard readers kept per process (least recently used are closed)."""
+
+
+class TeacherDataset:
+    """One teacher directory: manifest plus random access to its shards."""
+
+    def __init__(self, path: str, manifest: Manifest) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.fs, self.root = sfs.resolve(path)
+        self._columns = schema_columns(manifest)
+        rows = np.array([s.rows for s in manifest.shards], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+        self._seq_ids = (np.concatenate([np.arange(s.first_seq_id, s.last_seq_id + 1, dtype=np.int64)
+                                         for s in manifest.shards])
+                         if manifest.shards else np.zeros(0, dtype=np.int64))
+        self._seq_ids.setflags(write=False)
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._readers: OrderedDict[int, object] = OrderedDict()
+
+    @classmethod
+    def open(cls, path: str, *, verify: bool = True) -> TeacherDataset:
+        """Open a teacher directory (manifest.json, or the merge of its slice manifests).
+
+        verify: check size and sha256 of every shard now (ShardCorruptError naming the file and why).
+        Without it, a damaged shard is still detected when read, wherever the format can tell.
+        """
+        ds = cls(path, open_manifest(path))
+        if verify:
+            ds.verify()
+        return ds
+
+    def verify(self) -> None:
+        """Raise ShardCorruptError for the first shard whose size or sha256 differ from the manifest."""
+        from tqdm.auto import tqdm
+
+        shards = self.manifest.shards
+        with tqdm(total=sum(s.bytes for s in shards), unit="B", unit_scale=True, desc="verify sha256",
+                  disable=None, leave=False) as bar:  # disable=None: no bar when stderr is not a terminal
+            for info in shards:
+                shard_io.check(self.fs, self.root, info)
+                bar.update(info.bytes)
+
+    # ---- indexing ------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    @property
+    def seq_ids(self) -> np.ndarray:
+        """[len] int64 sorted global seq ids; position i holds seq id seq_ids[i] (read-only)."""
+        return self._seq_ids
+
+    def position_of(self, seq_id: int | np.ndarray) -> int | np.ndarray:
+        """Position of a seq id (or an array of them); KeyError if the dataset lacks one."""
+        ids = np.asarray(seq_id, dtype=np.int64)
+        pos = np.searchsorted(self._seq_ids, ids)
+        found = (pos < len(self)) & (self._seq_ids[np.minimum(pos, max(len(self) - 1, 0))] == ids) \
+            if len(self) else np.zeros(ids.shape, dtype=bool)
+        if not np.all(found):
+            missing = ids[~found].reshape(-1)[0]
+            raise KeyError(f"seq id {int(missing)} is not in {self.path}")
+        return int(pos) if np.ndim(seq_id) == 0 else pos.astype(np.int64)
+
+    # ---- reading -------------------------------------------------------------------------------
+    def read_columns(self, positions: Sequence[int] | np.ndarray,
+                     columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Columns at `positions` -> {name: array} shaped [n], [n, L], [n, L, k] or [n, d].
+
+        Positions may repeat and come in any order; the result follows their order.
+        """
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        names = list(columns) if columns is not None else list(self._columns)
+        unknown = [n for n in names if n not in self._columns]
+        if unknown:
+            raise KeyError(f"unknown column {unknown[0]!r}; this teacher has {list(self._columns)}")
+        if pos.size and (pos.min() < 0 or pos.max() >= len(self)):
+            bad = pos[(pos < 0) | (pos >= len(self))][0]
+            raise IndexError(f"position {int(bad)} is outside 0..{len(self) - 1}")
+        out = {n: np.empty((pos.size, *self._columns[n].shape), dtype=self._columns[n].dtype) for n in names}
+        if pos.size == 0:
+            return out
+        shard_of = np.searchsorted(self._starts, pos, side="right") - 1
+        for shard in np.unique(shard_of):
+            mask = shard_of == shard
+            local, inverse = np.unique(pos[mask] - self._starts[shard], return_inverse=True)
+            got = self._reader(int(shard)).read(local, names)
+            for n in names:
+                out[n][mask] = got[n][inverse]
+        return out
+
+    def read(self, positions: Sequence[int] | np.ndarray) -> TeacherTargets:
+        """All columns at `positions` as a TeacherTargets."""
+        return from_columns(self.read_columns(positions), self.manifest)
+
+    def _reader(self, shard: int):
+        if os.getpid() != self._pid:  # forked into a worker: never share the parent's open files
+            self._readers = OrderedDict()
+            self._lock = threading.Lock()
+            self._pid = os.getpid()
+        with self._lock:
+            reader = self._readers.get(shard)
+            if reader is None:
+                reader = shard_io.open_shard(self.fs, self.root, self.manifest, self.manifest.shards[shard])
+                self._readers[shard] = reader
+                while len(self._readers) > MAX_OPEN_SHARDS:
+                    self._readers.popitem(last=False)[1].close()
+            else:
+                self._readers.move_to_end(shard)
+            return reader
+
+    def close(self) -> None:
+        """Close the shard files this process opened."""
+        if os.getpid() == self._pid:
+            for reader in self._readers.values():
+                reader.close()
+        self._readers = OrderedDict()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_readers"] = OrderedDict()  # open files never travel to another process
+        state["_lock"] = None
+        state["_pid"] = -1  # so the receiving process starts afresh
+        return state
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"TeacherDataset({self.path!r}, teacher={m.teacher.name!r}, sequences={len(self)}, "
+                f"seq_len={m.seq_len}, top_k={m.top_k}, format={m.format!r})")

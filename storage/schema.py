@@ -1,0 +1,134 @@
+"""Shard schema v1: column names, dtypes and per-row shapes, derived from a manifest.
+
+| column          | dtype                        | shape of one row |
+| seq_id          | int64                        | ()               |
+| input_ids       | int32                        | (L,)             |
+| topk_ids        | int32                        | (L, k)           |
+| topk_logprobs   | manifest.logprob_dtype       | (L, k)           |
+| entropy         | float32 (absent if entropy_kind == "absent") | (L,) |
+| pooled_<layer>  | float32 (float16 if manifest.notes["pooled_dtype"] == "float16") | (d,) |
+
+Parquet stores each non-scalar column as fixed_size_list<dtype>[prod(shape)] (row-major); Zarr stores arrays of
+shape [N, *shape]. Both formats embed `shard_header(manifest)` (the run description without the shard list)
+so a single shard file describes itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from storage.errors import ShardCorruptError, StorageError
+from storage.manifest import Manifest, ShardInfo
+from storage.records import TeacherTargets
+
+HEADER_KEY = "distill.manifest"
+"""Parquet key-value metadata key / Zarr group attribute holding the shard header (JSON)."""
+INDEX_KEY = "distill.shard_index"
+"""Parquet key-value metadata key / Zarr group attribute holding the global shard index."""
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    """Shape of one row (one sequence)."""
+
+    @property
+    def width(self) -> int:
+        """Values per row (the fixed_size_list length in Parquet)."""
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+def pooled_dtype(m: Manifest) -> np.dtype:
+    return np.dtype(np.float16 if m.notes.get("pooled_dtype") == "float16" else np.float32)
+
+
+def columns(m: Manifest) -> dict[str, Column]:
+    """Name -> Column of every column in this manifest's shards, in schema order."""
+    L, k = m.seq_len, m.top_k
+    cols = [
+        Column("seq_id", np.dtype(np.int64), ()),
+        Column("input_ids", np.dtype(np.int32), (L,)),
+        Column("topk_ids", np.dtype(np.int32), (L, k)),
+        Column("topk_logprobs", np.dtype(m.logprob_dtype), (L, k)),
+    ]
+    if m.entropy_kind != "absent":
+        cols.append(Column("entropy", np.dtype(np.float32), (L,)))
+    for layer in m.pooled_layers:
+        cols.append(Column(f"pooled_{layer}", pooled_dtype(m), (m.pooled_dims[layer],)))
+    return {c.name: c for c in cols}
+
+
+def shard_header(m: Manifest) -> dict:
+    """The run description stored inside every shard (no shard list, slice or notes, so it is stable)."""
+    d = m.to_dict()
+    for name in ("shards", "slice_index", "num_slices", "notes"):
+        d.pop(name, None)
+    return d
+
+
+def to_columns(targets: TeacherTargets, m: Manifest) -> dict[str, np.ndarray]:
+    """Validate `targets` against the manifest and return C-contiguous arrays [N, *shape] per column.
+
+    Casts log-probs to manifest.logprob_dtype (and pooled states to the pooled dtype); raises StorageError
+    naming the first field whose shape does not fit the manifest.
+    """
+    n = len(targets)
+    cols = columns(m)
+    given: dict[str, np.ndarray | None] = {
+        "seq_id": targets.seq_ids,
+        "input_ids": targets.input_ids,
+        "topk_ids": targets.topk_ids,
+        "topk_logprobs": targets.topk_logprobs,
+        "entropy": targets.entropy,
+    }
+    extra = sorted(set(targets.pooled) - set(m.pooled_layers))
+    if extra:
+        raise StorageError(f"targets have pooled layer(s) {extra} not in the manifest's pooled_layers "
+                           f"{m.pooled_layers}")
+    for layer in m.pooled_layers:
+        if layer not in targets.pooled:
+            raise StorageError(f"targets lack pooled layer {layer} listed in the manifest")
+        given[f"pooled_{layer}"] = targets.pooled[layer]
+    if m.entropy_kind == "absent" and targets.entropy is not None:
+        raise StorageError("targets carry entropy but the manifest says entropy_kind='absent'")
+    out: dict[str, np.ndarray] = {}
+    for name, col in cols.items():
+        arr = given[name]
+        if arr is None:
+            raise StorageError(f"targets lack {name!r} (manifest entropy_kind={m.entropy_kind!r})")
+        arr = np.asarray(arr)
+        if arr.shape != (n, *col.shape):
+            raise StorageError(f"{name} has shape {tuple(arr.shape)}, expected {(n, *col.shape)} "
+                               f"(seq_len={m.seq_len}, top_k={m.top_k})")
+        if name in ("seq_id", "input_ids", "topk_ids") and not np.issubdtype(arr.dtype, np.integer):
+            raise StorageError(f"{name} has dtype {arr.dtype}, expected an integer dtype")
+        if not np.issubdtype(arr.dtype, np.number):
+            raise StorageError(f"{name} has dtype {arr.dtype}, expected a numeric dtype")
+        # always copy: the caller may reuse its buffers while a background thread writes this shard
+        out[name] = np.array(arr, dtype=col.dtype, order="C", copy=True)
+    return out
+
+
+def from_columns(data: dict[str, np.ndarray], m: Manifest) -> TeacherTargets:
+    """Build a TeacherTargets from read columns (all columns of the manifest present)."""
+    return TeacherTargets(
+        seq_ids=data["seq_id"],
+        input_ids=data["input_ids"],
+        topk_ids=data["topk_ids"],
+        topk_logprobs=data["topk_logprobs"],
+        entropy=data.get("entropy"),
+        pooled={layer: data[f"pooled_{layer}"] for layer in m.pooled_layers},
+    )
+
+
+def check_seq_ids(path: str, seq: np.ndarray, info: ShardInfo) -> None:
+    """Raise ShardCorruptError unless a shard's seq_id column is first_seq_id..last_seq_id in order."""
+    expected = np.arange(info.first_seq_id, info.last_seq_id + 1, dtype=np.int64)
+    if seq.shape != expected.shape or not np.array_equal(seq, expected):
+        got = f"{seq[0]}..{seq[-1]}" if seq.size else "none"
+        raise ShardCorruptError(f"{path}: holds seq ids {got} ({seq.size} rows), the manifest says "
+                                f"{info.first_seq_id}..{info.last_seq_id}")

@@ -1,0 +1,66 @@
+"""One interface over the two shard formats: write, record (size + sha256), check and open a shard."""
+
+from __future__ import annotations
+
+import numpy as np
+from fsspec import AbstractFileSystem
+
+from storage import fs as sfs
+from storage.errors import ShardCorruptError
+from storage.manifest import Manifest, ShardInfo, shard_file_name
+
+
+def write_shard(fs: AbstractFileSystem, root: str, m: Manifest, index: int,
+                data: dict[str, np.ndarray]) -> ShardInfo:
+    """Write global shard `index` (arrays from schema.to_columns) into `root`, rename it into place, and
+    return its ShardInfo (bytes and sha256 are computed from what landed on the filesystem)."""
+    name = shard_file_name(index, m.format)
+    path = sfs.join(root, name)
+    if m.format == "parquet":
+        from storage import parquet
+
+        parquet.write_shard(fs, path, data, m, index)
+    else:
+        from storage import zarr_shard
+
+        zarr_shard.write_shard(fs, path, data, m, index)
+    seq = data["seq_id"]
+    return ShardInfo(index=index, file=name, rows=int(seq.shape[0]), first_seq_id=int(seq[0]),
+                     last_seq_id=int(seq[-1]), bytes=sfs.size_of(fs, path), sha256=sfs.sha256_of(fs, path))
+
+
+def problem(fs: AbstractFileSystem, root: str, info: ShardInfo, *, check_sha: bool = True) -> str | None:
+    """Why the shard on disk does not match its manifest entry (missing, size, sha256), or None if it does."""
+    path = sfs.join(root, info.file)
+    if not fs.exists(path):
+        return "missing"
+    try:
+        size = sfs.size_of(fs, path)
+    except FileNotFoundError:
+        return "missing"
+    if size != info.bytes:
+        return f"size is {size} bytes, the manifest says {info.bytes} (truncated or rewritten)"
+    if check_sha:
+        digest = sfs.sha256_of(fs, path)
+        if digest != info.sha256:
+            return f"sha256 is {digest[:12]}..., the manifest says {info.sha256[:12]}... (corrupted)"
+    return None
+
+
+def check(fs: AbstractFileSystem, root: str, info: ShardInfo) -> None:
+    """Raise ShardCorruptError naming the file and why, if the shard does not match its entry."""
+    why = problem(fs, root, info)
+    if why is not None:
+        raise ShardCorruptError(f"{sfs.join(root, info.file)}: {why}")
+
+
+def open_shard(fs: AbstractFileSystem, root: str, m: Manifest, info: ShardInfo):
+    """A reader with `.read(sorted_local_rows, names) -> dict` and `.close()` for one shard."""
+    path = sfs.join(root, info.file)
+    if m.format == "parquet":
+        from storage.parquet import ParquetShard
+
+        return ParquetShard(fs, path, m, info)
+    from storage.zarr_shard import ZarrShard
+
+    return ZarrShard(fs, path, m, info)

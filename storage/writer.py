@@ -1,0 +1,233 @@
+"""TargetsWriter: writes whole global shards in a background thread, keeps a resume ledger, writes the
+slice manifest last.
+
+    with TargetsWriter("out/teacher-a", header) as w:
+        for index in my_shards:
+            if index in w.completed:          # done by an earlier (preempted) run, verified
+                continue
+            w.write_shard(index, targets)     # returns once queued; compression and I/O run in a thread
+    manifest = w.close()                      # (the `with` block calls it too)
+
+Ledger: `ledger-slice-IIIII-of-NNNNN.json` in the output directory, a manifest of the shards done so far,
+rewritten atomically after every shard. On start it is read back, its run fields compared with `header`
+(MismatchError on a difference), and every listed shard verified (exists, size, sha256); a shard that fails
+is dropped with a warning and must be written again.
+"""
+
+from __future__ import annotations
+
+import copy
+import queue
+import re
+import threading
+import warnings
+from types import TracebackType
+
+import numpy as np
+
+from storage import fs as sfs
+from storage import shards as shard_io
+from storage.errors import StorageError
+from storage.manifest import (
+    MANIFEST_NAME,
+    RUN_FIELDS,
+    Manifest,
+    ShardInfo,
+    slice_manifest_name,
+)
+from storage.records import TeacherTargets
+from storage.schema import to_columns
+
+_STOP = object()
+_TEMP_RE = re.compile(r"^shard-(\d{6,})\.(parquet|zarr)\.tmp-\d+-[0-9a-f]+$")
+
+
+def ledger_name(slice_index: int, num_slices: int) -> str:
+    """File name of the resume ledger of one slice."""
+    return f"ledger-slice-{slice_index:05d}-of-{num_slices:05d}.json"
+
+
+def output_manifest_name(m: Manifest) -> str:
+    """manifest.json for an unsliced run, else this slice's manifest name."""
+    return MANIFEST_NAME if m.num_slices == 1 else slice_manifest_name(m.slice_index, m.num_slices)
+
+
+class TargetsWriter:
+    """Writes the shards of one slice of a teacher's targets (see the module docstring)."""
+
+    def __init__(self, output: str, header: Manifest, *, background: bool = True, max_pending: int = 2) -> None:
+        if max_pending < 1:
+            raise StorageError(f"max_pending must be >= 1, got {max_pending}")
+        header.validate("header")
+        self.header = copy.deepcopy(header)
+        self.header.shards = []
+        self.fs, self.root = sfs.resolve(output)
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.completed: dict[int, ShardInfo] = {}
+        """Global shard index -> ShardInfo of every shard known complete (from a resumed run or this one)."""
+        self._ledger = sfs.join(self.root, ledger_name(header.slice_index, header.num_slices))
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._failed = threading.Event()  # set once the thread failed; it then writes nothing more
+        self._first_error: BaseException | None = None
+        self._manifest: Manifest | None = None
+        self._closed = False
+        self._resume()
+        self._remove_stale_temporaries()
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        if background:
+            self._queue = queue.Queue(maxsize=max_pending)
+            self._thread = threading.Thread(target=self._work, name="targets-writer", daemon=True)
+            self._thread.start()
+
+    # ---- resume --------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        found: dict[int, ShardInfo] = {}
+        for name in (output_manifest_name(self.header), ledger_name(self.header.slice_index, self.header.num_slices)):
+            path = sfs.join(self.root, name)
+            if not self.fs.exists(path):
+                continue
+            earlier = Manifest.from_json(sfs.read_text(self.fs, path), source=path)
+            what = f"this run and the earlier run recorded in {path}"
+            self.header.compare(earlier, RUN_FIELDS + ("pooled_dims", "slice_index", "num_slices"), what)
+            for info in earlier.shards:
+                found[info.index] = info
+        dropped = False
+        for index in sorted(found):
+            info = found[index]
+            why = shard_io.problem(self.fs, self.root, info)
+            if why is None:
+                self.completed[index] = info
+            else:
+                dropped = True
+                warnings.warn(f"{sfs.join(self.root, info.file)}: {why}; dropped from the ledger, it will be "
+                              "written again", stacklevel=3)
+        if dropped or (found and not self.fs.exists(self._ledger)):
+            self._write_ledger()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Remove half-written shards of this slice left by a killed run (shard-GGGGGG.<fmt>.tmp-*).
+
+        Only this slice's shard indices are touched: other slices may be writing into the same directory."""
+        h = self.header
+        for full in self.fs.ls(self.root, detail=False):
+            name = full.rstrip("/").rsplit("/", 1)[-1]
+            match = _TEMP_RE.match(name)
+            if match and int(match.group(1)) % h.num_slices == h.slice_index:
+                self.fs.rm(full, recursive=True)
+
+    def _write_ledger(self) -> None:
+        ledger = copy.deepcopy(self.header)
+        ledger.shards = [self.completed[i] for i in sorted(self.completed)]
+        sfs.atomic_write_text(self.fs, self._ledger, ledger.to_json())
+
+    # ---- writing -------------------------------------------------------------------------------
+    def write_shard(self, index: int, targets: TeacherTargets) -> None:
+        """Queue global shard `index` (seq ids index*shard_size.. contiguous, 1..shard_size rows).
+
+        Validates and copies the arrays now (the caller may reuse its buffers), then returns once the shard
+        is queued; blocks while `max_pending` shards wait. Re-raises an error of the writer thread.
+        """
+        self._raise_pending()
+        if self._closed:
+            raise StorageError("write_shard called on a closed TargetsWriter")
+        data = self._validate(index, targets)
+        if self._queue is None:
+            self._write(index, data)
+            return
+        while True:  # put with a timeout so a writer thread that died cannot block us forever
+            try:
+                self._queue.put((index, data), timeout=0.5)
+                break
+            except queue.Full:
+                self._raise_pending()
+                if not self._thread.is_alive():
+                    raise StorageError("the writer thread stopped unexpectedly") from None
+
+    def _validate(self, index: int, targets: TeacherTargets) -> dict[str, np.ndarray]:
+        h = self.header
+        if not isinstance(index, (int, np.integer)) or index < 0:
+            raise StorageError(f"shard index must be a non-negative integer, got {index!r}")
+        index = int(index)
+        if index % h.num_slices != h.slice_index:
+            raise StorageError(f"shard {index} belongs to slice {index % h.num_slices} of {h.num_slices}, "
+                               f"this writer is slice {h.slice_index}")
+        rows = len(targets)
+        if not 1 <= rows <= h.shard_size:
+            raise StorageError(f"shard {index} has {rows} rows, expected 1..{h.shard_size}")
+        first = index * h.shard_size
+        seq = np.asarray(targets.seq_ids)
+        if seq.ndim != 1 or not np.array_equal(seq, np.arange(first, first + rows)):
+            got = f"{seq[0]}..{seq[-1]}" if seq.ndim == 1 and seq.size else f"shape {seq.shape}"
+            raise StorageError(f"shard {index} must hold contiguous seq ids {first}..{first + rows - 1}, "
+                               f"got {got}")
+        return to_columns(targets, h)
+
+    def _write(self, index: int, data: dict[str, np.ndarray]) -> None:
+        info = shard_io.write_shard(self.fs, self.root, self.header, index, data)
+        with self._lock:
+            self.completed[index] = info
+            self._write_ledger()
+
+    def _work(self) -> None:
+        assert self._queue is not None
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            if self._failed.is_set():
+                continue  # drain without writing, so producers never block on a dead thread
+            try:
+                self._write(*item)
+            except BaseException as e:  # handed to the caller on its next call
+                self._error = self._first_error = e
+                self._failed.set()
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            self._closed = True
+            self._stop_thread()
+            raise error
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join()
+
+    # ---- closing -------------------------------------------------------------------------------
+    def close(self) -> Manifest:
+        """Wait for queued shards, then write this slice's manifest atomically and return it."""
+        if self._manifest is not None:
+            return self._manifest
+        self._stop_thread()
+        self._raise_pending()
+        if self._failed.is_set():  # the error was raised before: never write a manifest that lacks a shard
+            raise StorageError(f"{self.root}: a shard failed to write ({self._first_error!r}); no manifest "
+                               "written, re-run to resume")
+        self._closed = True
+        manifest = copy.deepcopy(self.header)
+        manifest.shards = [self.completed[i] for i in sorted(self.completed)]
+        manifest.validate(output_manifest_name(manifest))
+        sfs.atomic_write_text(self.fs, sfs.join(self.root, output_manifest_name(manifest)), manifest.to_json())
+        self._manifest = manifest
+        return manifest
+
+    def abort(self) -> None:
+        """Finish queued shards (they stay in the ledger) and stop, without writing a manifest."""
+        self._closed = True
+        self._stop_thread()
+        if self._error is not None:
+            warnings.warn(f"the writer thread also failed: {self._error!r}", stacklevel=3)
+            self._error = None
+
+    def __enter__(self) -> TargetsWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is not None:
+            self.abort()
+            return
+        self.close()

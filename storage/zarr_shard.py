@@ -1,0 +1,175 @@
+"""Zarr v3 shards: one zarr group (a directory `shard-GGGGGG.zarr`) per global shard.
+
+Arrays are named like the Parquet columns, with shapes [N] (seq_id), [N, L], [N, L, k] and [N, d], chunked
+by sequences (CHUNK_ROWS sequences per chunk; `seq_id` is one chunk). Chunks are compressed with blosc-zstd
+(byte shuffle) followed by a crc32c checksum, so a flipped byte fails to decode instead of returning garbage. Every chunk is
+written (write_empty_chunks), so a chunk file that is missing on read is corruption, checked on open.
+One writer per shard: zarr-python loses data on concurrent partial writes to one shard (zarr #3682).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import numcodecs.blosc
+import numpy as np
+import zarr
+from fsspec import AbstractFileSystem
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.core.sync import sync
+
+from storage import fs as sfs
+from storage.errors import ShardCorruptError
+from storage.manifest import Manifest, ShardInfo
+from storage.schema import HEADER_KEY, INDEX_KEY, check_seq_ids, columns, shard_header
+
+CHUNK_ROWS = 1
+"""Sequences per chunk: a chunk is the unit of random access."""
+ZSTD_LEVEL = 3
+
+
+def default_compressors() -> list:
+    """blosc-zstd with byte shuffle (17% smaller than plain zstd on LM targets, see RESULTS.md), then a
+    crc32c checksum so a flipped byte fails to decode. Both are zarr v3 spec codecs."""
+    return [BloscCodec(cname="zstd", clevel=ZSTD_LEVEL, shuffle="shuffle"), Crc32cCodec()]
+
+
+def zstd_compressors() -> list:
+    """Plain zstd with its frame checksum (the alternative measured in benchmarks/storage.py)."""
+    return [ZstdCodec(level=ZSTD_LEVEL, checksum=True)]
+
+
+def _async_fs(fs: AbstractFileSystem):
+    """An asynchronous view of `fs` (zarr's FsspecStore needs one)."""
+    if fs.async_impl and fs.asynchronous:
+        return fs
+    if fs.async_impl:
+        spec = json.loads(fs.to_json())
+        spec["asynchronous"] = True
+        return AbstractFileSystem.from_json(json.dumps(spec))
+    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+    return AsyncFileSystemWrapper(fs, asynchronous=True)
+
+
+def make_store(fs: AbstractFileSystem, path: str, *, read_only: bool):
+    """zarr store at `path`: LocalStore for local paths, FsspecStore elsewhere (memory://, s3://, ...)."""
+    if sfs.is_local(fs):
+        return zarr.storage.LocalStore(path, read_only=read_only)
+    return zarr.storage.FsspecStore(fs=_async_fs(fs), path=path, read_only=read_only)
+
+
+def write_shard(fs: AbstractFileSystem, path: str, data: dict[str, np.ndarray], m: Manifest, index: int,
+                *, compressors: list | None = None, chunk_rows: int | None = None) -> None:
+    """Write one shard into a temporary directory next to `path`, then rename it to `path`.
+
+    compressors / chunk_rows default to default_compressors() / CHUNK_ROWS.
+    """
+    chunk_rows = CHUNK_ROWS if chunk_rows is None else chunk_rows
+    # blosc's multi-threaded compression orders blocks by thread timing; one thread keeps bytes deterministic
+    numcodecs.blosc.use_threads = False
+    tmp = sfs.temp_name(path)
+    try:
+        store = make_store(fs, tmp, read_only=False)
+        group = zarr.create_group(store, zarr_format=3, attributes={
+            HEADER_KEY: shard_header(m), INDEX_KEY: index})
+        n = int(data["seq_id"].shape[0])
+        for col in columns(m).values():
+            chunks = (n,) if not col.shape else (chunk_rows, *col.shape)
+            arr = group.create_array(
+                col.name, shape=(n, *col.shape), chunks=chunks, dtype=col.dtype, fill_value=0,
+                compressors=compressors if compressors is not None else default_compressors(),
+                config={"write_empty_chunks": True},
+            )
+            arr[...] = data[col.name]
+        sfs.replace(fs, tmp, path)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp, recursive=True)
+        raise
+
+
+# what zarr / numcodecs raise on undecodable bytes
+_DECODE_ERRORS = (RuntimeError, ValueError, OSError, EOFError, KeyError, TypeError)
+
+
+class ZarrShard:
+    """Random-access reader of one Zarr shard (open it in the process that reads it)."""
+
+    def __init__(self, fs: AbstractFileSystem, path: str, m: Manifest, info: ShardInfo) -> None:
+        rows = info.rows
+        self.path = path
+        if not fs.exists(path):
+            raise ShardCorruptError(f"{path}: shard directory is missing")
+        try:
+            group = zarr.open_group(make_store(fs, path, read_only=True), mode="r", zarr_format=3)
+        except (*_DECODE_ERRORS, zarr.errors.BaseZarrError) as e:
+            raise ShardCorruptError(f"{path}: not a readable zarr v3 group ({_one_line(e)})") from None
+        files = sfs.list_files(fs, path)
+        self._arrays = {}
+        for col in columns(m).values():
+            try:
+                arr = group[col.name]
+            except KeyError:
+                raise ShardCorruptError(f"{path}: array {col.name!r} is missing") from None
+            except (*_DECODE_ERRORS, zarr.errors.BaseZarrError) as e:
+                raise ShardCorruptError(f"{path}: metadata of array {col.name!r} is unreadable "
+                                        f"({_one_line(e)})") from None
+            if tuple(arr.shape) != (rows, *col.shape) or arr.dtype != col.dtype:
+                raise ShardCorruptError(f"{path}: array {col.name!r} is {arr.dtype}{list(arr.shape)}, "
+                                        f"the manifest implies {col.dtype}{[rows, *col.shape]}")
+            expected = math.prod(math.ceil(s / c) for s, c in zip(arr.shape, arr.chunks, strict=True))
+            found = sum(1 for rel in files if rel.startswith(f"{col.name}/c/"))
+            if found != expected:
+                raise ShardCorruptError(f"{path}: array {col.name!r} has {found} chunk files, expected {expected}")
+            self._arrays[col.name] = arr
+        index = group.attrs.get(INDEX_KEY)
+        if index is not None and int(index) != info.index:
+            raise ShardCorruptError(f"{path}: holds shard {int(index)}, the manifest lists it as shard {info.index}")
+        check_seq_ids(path, self.read(np.arange(rows), ["seq_id"])["seq_id"], info)
+
+    def read(self, rows: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+        """Columns at sorted unique local `rows` -> arrays [len(rows), *shape]."""
+        rows = np.asarray(rows, dtype=np.int64)
+        try:
+            # all arrays in one event-loop round trip: chunks of different arrays are fetched concurrently
+            results = sync(_gather([self._arrays[n].async_array.get_orthogonal_selection((rows,))
+                                    for n in names]))
+        except _DECODE_ERRORS as e:
+            raise ShardCorruptError(f"{self.path}: cannot decode ({_one_line(e)})") from None
+        out = {}
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, _DECODE_ERRORS):
+                raise ShardCorruptError(f"{self.path}: cannot decode array {name!r} ({_one_line(result)})")
+            if isinstance(result, BaseException):
+                raise result
+            out[name] = np.ascontiguousarray(result)
+        return out
+
+    def close(self) -> None:
+        self._arrays = {}
+
+
+async def _gather(coroutines: list) -> list:
+    return await asyncio.gather(*coroutines, return_exceptions=True)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def read_header(fs: AbstractFileSystem, path: str) -> tuple[dict, int, int]:
+    """(shard header, global shard index, rows) stored in a Zarr shard's group attributes."""
+    if not fs.exists(path):
+        raise ShardCorruptError(f"{path}: shard directory is missing")
+    try:
+        group = zarr.open_group(make_store(fs, path, read_only=True), mode="r", zarr_format=3)
+        attrs = dict(group.attrs)
+        rows = int(group["seq_id"].shape[0]) if "seq_id" in group else -1
+    except (*_DECODE_ERRORS, zarr.errors.BaseZarrError) as e:
+        raise ShardCorruptError(f"{path}: not a readable zarr v3 group ({_one_line(e)})") from None
+    if HEADER_KEY not in attrs or INDEX_KEY not in attrs or rows < 0:
+        raise ShardCorruptError(f"{path}: not a teacher-targets shard (no {HEADER_KEY!r} attribute)")
+    return attrs[HEADER_KEY], int(attrs[INDEX_KEY]), rows

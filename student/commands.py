@@ -1,0 +1,122 @@
+"""`train-student` and `plot` commands (thin: options -> TrainConfig -> run_train)."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from storage.errors import ConfigError
+
+
+def parse_floats(option: str, text: str | None) -> tuple[float, ...] | None:
+    """'0.5,0.3,0.2' -> (0.5, 0.3, 0.2); None stays None; anything else is a ConfigError naming `option`."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{option} must be comma-separated numbers, got {text!r}") from None
+
+
+@click.command("train-student")
+@click.option("--teacher-data", "teacher_data", multiple=True, required=True,
+              help="A teacher cache directory from `precompute`; repeat for K teachers. They must share tokenizer, "
+                   "seq_len, corpus, sequence ids and temperature; their top-k may differ (the fused target uses "
+                   "the union of their ids).")
+@click.option("--output", required=True, help="Run directory (checkpoints/, metrics.jsonl, final/).")
+@click.option("--student", default="tiny", show_default=True,
+              help="Model directory, JSON config file ({\"model_type\": \"llama\", ...}) or preset (tiny, small). "
+                   "Its vocab must equal the teachers' vocab_size.")
+@click.option("--tokenizer", default=None, help="Tokenizer directory saved beside the final student.")
+@click.option("--loss", "loss_name", type=click.Choice(["kd", "dkd"]), default="kd", show_default=True,
+              help="Distillation term: sparse KL to the fused target, or decoupled KD (baseline).")
+@click.option("--lambda-kd", type=float, default=0.5, show_default=True,
+              help="L = lambda*KD + (1-lambda)*CE + gamma*feat; 0 = CE only.")
+@click.option("--gamma-feat", type=float, default=0.0, show_default=True,
+              help="Weight of pooled-feature alignment (0: off).")
+@click.option("--feat-weights", default=None, help="beta_k per teacher for the feature loss, e.g. 1,0.5 (default 1 each).")
+@click.option("--teacher-pool-layer", type=int, default=None,
+              help="Teacher pooled layer to align to (default: each teacher's highest stored layer); teachers "
+                   "without it get no feature loss (with a warning).")
+@click.option("--student-pool-layer", type=int, default=-1, show_default=True,
+              help="Student decoder block whose output is mean-pooled (0-based, negative from the end).")
+@click.option("--teacher-weighting", type=click.Choice(["entropy", "uniform", "fixed"]), default="entropy",
+              show_default=True, help="Per-position teacher weights: 1/(H+eps) normalised, 1/K, or --teacher-weights.")
+@click.option("--teacher-weights", default=None, help="Fixed weights in --teacher-data order, e.g. 0.5,0.3,0.2.")
+@click.option("--temperature", type=float, default=None,
+              help="Must equal the caches' precompute temperature (the default); the KL is scaled by tau^2.")
+@click.option("--dkd-alpha", type=float, default=1.0, show_default=True, help="DKD target-class (TCKD) weight.")
+@click.option("--dkd-beta", type=float, default=8.0, show_default=True, help="DKD non-target (NCKD) weight.")
+@click.option("--loss-chunk-size", type=int, default=None,
+              help="Compute the student's logits, CE and KD in chunks of this many positions (never the full "
+                   "[batch*seq, vocab] logits; --loss kd, not --fsdp). Default: unchunked.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak AdamW learning rate.")
+@click.option("--weight-decay", type=float, default=0.01, show_default=True, help="AdamW weight decay.")
+@click.option("--warmup-steps", type=int, default=10, show_default=True, help="Linear warmup steps before cosine decay.")
+@click.option("--grad-clip", type=float, default=1.0, show_default=True, help="Global grad-norm clip (0: off).")
+@click.option("--max-steps", type=int, default=200, show_default=True, help="Optimizer steps (schedule length).")
+@click.option("--stop-after", type=int, default=None,
+              help="Stop with a checkpoint after this many steps (time-limited jobs); continue with --resume.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per micro-batch per process.")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--eval-fraction", type=float, default=0.05, show_default=True,
+              help="Fraction of cached sequences held out (never trained on) for evaluation.")
+@click.option("--eval-sequences", type=int, default=None, help="Held-out sequence count (overrides --eval-fraction).")
+@click.option("--eval-every", type=int, default=50, show_default=True,
+              help="Evaluate held-out perplexity and KL to the fused target every N steps (0: only at the end).")
+@click.option("--save-every", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: only at the end).")
+@click.option("--log-every", type=int, default=10, show_default=True, help="Write a metrics.jsonl line every N steps.")
+@click.option("--resume", is_flag=True, help="Continue exactly from the latest checkpoint in --output.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of init, data order and RNGs.")
+@click.option("--split-seed", type=int, default=0, show_default=True, help="Seed that picks the held-out sequences.")
+@click.option("--num-workers", type=int, default=2, show_default=True, help="DataLoader worker processes (0: none).")
+@click.option("--prefetch-factor", type=int, default=2, show_default=True, help="Batches each worker loads ahead.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto = cuda when available (bf16 autocast), else cpu.")
+@click.option("--fsdp", is_flag=True, help="Under torchrun, shard the student with FSDP2 fully_shard instead of DDP.")
+def train_student_cmd(**kw) -> None:
+    """Stage two: train a student from the cached targets of K teachers.
+
+    \b
+    Single process:  python cli.py train-student --teacher-data A --teacher-data B --output runs/s
+    Multi-process:   torchrun --nproc-per-node 2 cli.py train-student ... (DDP; --fsdp to shard)
+
+    The KD target per position is the fusion of the teachers' top-k over the union of their ids plus a tail
+    bucket; the KD term uses all L positions, CE/DKD the L-1 positions that have a next token.
+    """
+    import logging
+
+    from student.config import LossConfig, OptimConfig, TrainConfig
+    from student.trainer import run_train
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    loss = LossConfig(
+        loss=kw["loss_name"], lambda_kd=kw["lambda_kd"], gamma_feat=kw["gamma_feat"], temperature=kw["temperature"],
+        teacher_weighting=kw["teacher_weighting"], teacher_weights=parse_floats("--teacher-weights", kw["teacher_weights"]),
+        feat_weights=parse_floats("--feat-weights", kw["feat_weights"]), teacher_pool_layer=kw["teacher_pool_layer"],
+        student_pool_layer=kw["student_pool_layer"], dkd_alpha=kw["dkd_alpha"], dkd_beta=kw["dkd_beta"],
+        chunk_size=kw["loss_chunk_size"])
+    optim = OptimConfig(lr=kw["lr"], weight_decay=kw["weight_decay"], warmup_steps=kw["warmup_steps"],
+                        grad_clip=kw["grad_clip"])
+    cfg = TrainConfig(
+        teacher_data=list(kw["teacher_data"]), output=kw["output"], student=kw["student"], tokenizer=kw["tokenizer"],
+        loss=loss, optim=optim, max_steps=kw["max_steps"], stop_after=kw["stop_after"], batch_size=kw["batch_size"],
+        grad_accum=kw["grad_accum"], eval_fraction=kw["eval_fraction"], eval_sequences=kw["eval_sequences"],
+        eval_every=kw["eval_every"], save_every=kw["save_every"], log_every=kw["log_every"], resume=kw["resume"],
+        seed=kw["seed"], split_seed=kw["split_seed"], num_workers=kw["num_workers"],
+        prefetch_factor=kw["prefetch_factor"], device=kw["device"], fsdp=kw["fsdp"])
+    result = run_train(cfg)
+    if result and os.environ.get("RANK", "0") == "0":
+        click.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
+                            if not isinstance(v, dict)), err=True)
+
+
+@click.command("plot")
+@click.argument("run_dir")
+@click.option("--out", default=None, help="PNG path (default RUN_DIR/curves.png).")
+def plot_cmd(run_dir: str, out: str | None) -> None:
+    """Draw the training and held-out curves of RUN_DIR (its metrics.jsonl) to a PNG."""
+    from student.plotting import plot_run
+
+    click.echo(plot_run(run_dir, out))

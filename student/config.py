@@ -1,0 +1,224 @@
+"""Stage-two configuration: LossConfig, OptimConfig, TrainConfig, and small presets.
+
+Presets are plain functions so a CPU run takes seconds and the paper-style comparisons (CE only,
+single-teacher KD, uniform / entropy-weighted multi-teacher, + features, DKD) are one name each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from storage.errors import ConfigError
+
+LOSSES = ("kd", "dkd")
+WEIGHTINGS = ("entropy", "uniform", "fixed")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """Total loss L = lambda_kd * (KD or DKD) + (1 - lambda_kd) * CE + gamma_feat * L_feat."""
+
+    loss: str = "kd"
+    """`kd` (sparse KL to the fused target) or `dkd` (decoupled KD on the fused target, a baseline)."""
+    lambda_kd: float = 0.5
+    """Weight of the distillation term; 0 gives CE-only training, 1 pure distillation."""
+    gamma_feat: float = 0.0
+    """Weight of the pooled-feature alignment term (0: off, no projections are built)."""
+    temperature: float | None = None
+    """Distillation temperature; None takes the caches' precompute temperature (a different value is refused)."""
+    teacher_weighting: str = "entropy"
+    """`entropy` (per position, alpha_k ∝ 1 / (H_k + eps)), `uniform`, or `fixed` (teacher_weights)."""
+    teacher_weights: tuple[float, ...] | None = None
+    """Fixed weights, one per teacher in --teacher-data order (normalised to sum to 1)."""
+    entropy_eps: float = 1e-3
+    """eps in 1 / (H + eps), guarding teachers with near-zero entropy (nats)."""
+    feat_weights: tuple[float, ...] | None = None
+    """beta_k per teacher for the feature loss (None: 1.0 each)."""
+    teacher_pool_layer: int | None = None
+    """Teacher pooled layer to align to; None: each teacher's highest stored layer."""
+    student_pool_layer: int = -1
+    """Student decoder block whose output is mean-pooled (0-based, negative from the end), like the teachers'."""
+    dkd_alpha: float = 1.0
+    """DKD weight of the target-class term (TCKD)."""
+    dkd_beta: float = 8.0
+    """DKD weight of the non-target-class term (NCKD)."""
+    chunk_size: int | None = None
+    """Compute the student's logits, CE and KD in chunks of this many positions from its final hidden states
+    (student/chunked.py), so the [B·L, V] logits never exist; None: the unchunked loss. `kd` only, not FSDP."""
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ConfigError(f"--loss must be one of {LOSSES}, got {self.loss!r}")
+        if not 0.0 <= self.lambda_kd <= 1.0:
+            raise ConfigError(f"--lambda-kd must be in [0, 1], got {self.lambda_kd}")
+        if self.gamma_feat < 0:
+            raise ConfigError(f"--gamma-feat must be >= 0, got {self.gamma_feat}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
+        if self.teacher_weighting not in WEIGHTINGS:
+            raise ConfigError(f"--teacher-weighting must be one of {WEIGHTINGS}, got {self.teacher_weighting!r}")
+        if (self.teacher_weighting == "fixed") != (self.teacher_weights is not None):
+            raise ConfigError("--teacher-weights is required with --teacher-weighting fixed, and only then")
+        if self.teacher_weights is not None and (
+            any(w < 0 for w in self.teacher_weights) or sum(self.teacher_weights) <= 0
+        ):
+            raise ConfigError(f"--teacher-weights must be >= 0 with a positive sum, got {self.teacher_weights}")
+        if self.feat_weights is not None and any(b < 0 for b in self.feat_weights):
+            raise ConfigError(f"--feat-weights must be >= 0, got {self.feat_weights}")
+        if not self.entropy_eps > 0:
+            raise ConfigError(f"entropy_eps must be > 0, got {self.entropy_eps}")
+        if self.dkd_alpha < 0 or self.dkd_beta < 0:
+            raise ConfigError(f"--dkd-alpha/--dkd-beta must be >= 0, got {self.dkd_alpha}, {self.dkd_beta}")
+        if self.chunk_size is not None:
+            if self.chunk_size < 1:
+                raise ConfigError(f"--loss-chunk-size must be >= 1, got {self.chunk_size}")
+            if self.loss != "kd":
+                raise ConfigError("--loss-chunk-size supports --loss kd only")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to min_lr_ratio * lr."""
+
+    lr: float = 1e-3
+    """Peak learning rate (student and projections)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and norm weights)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    warmup_steps: int = 10
+    """Linear warmup length in optimizer steps."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"--grad-clip must be >= 0, got {self.grad_clip}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything `run_train` needs."""
+
+    teacher_data: list[str]
+    """Teacher cache directories (local or fsspec URLs), K >= 1."""
+    output: str
+    """Run directory: checkpoints/, metrics.jsonl, config.json, final/ (the student)."""
+    student: str = "tiny"
+    """A model directory, a JSON config file, or a preset name (see student.model.PRESETS)."""
+    tokenizer: str | None = None
+    """Tokenizer directory saved beside the final student."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Loss terms and teacher weighting."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    max_steps: int = 200
+    """Optimizer steps to train for (the schedule's length)."""
+    stop_after: int | None = None
+    """Stop (with a checkpoint) after this many steps as if preempted; the schedule still targets max_steps."""
+    batch_size: int = 8
+    """Sequences per micro-batch per rank."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (global batch = batch_size * grad_accum * world size)."""
+    eval_fraction: float = 0.05
+    """Fraction of the cache's sequences held out for evaluation (ignored when eval_sequences is set)."""
+    eval_sequences: int | None = None
+    """Number of sequences held out for evaluation (overrides eval_fraction; 0 disables evaluation)."""
+    eval_every: int = 50
+    """Evaluate on the held-out slice every this many steps (and at the end; 0: only at the end)."""
+    save_every: int = 0
+    """Checkpoint every this many steps (0: only the final checkpoint)."""
+    log_every: int = 10
+    """Write a metrics line every this many steps."""
+    resume: bool = False
+    """Continue from the latest checkpoint in output/checkpoints."""
+    seed: int = 0
+    """Seed of model init, data order and every RNG."""
+    split_seed: int = 0
+    """Seed that picks the held-out sequences (kept apart so runs with different seeds share one split)."""
+    num_workers: int = 2
+    """DataLoader worker processes (0: load in the main process)."""
+    prefetch_factor: int = 2
+    """Batches each worker loads ahead."""
+    spot_check: int = 16
+    """Sequences whose input_ids are compared across teachers at join time (each batch is checked too)."""
+    device: str = "auto"
+    """`auto` (cuda if available), `cpu` or `cuda`."""
+    fsdp: bool = False
+    """Shard the student with FSDP2 `fully_shard` instead of DDP (under torchrun)."""
+
+    def __post_init__(self) -> None:
+        if not self.teacher_data:
+            raise ConfigError("at least one --teacher-data directory is required")
+        for name in ("max_steps", "batch_size", "grad_accum", "prefetch_factor", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "num_workers", "spot_check"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.stop_after is not None and not 1 <= self.stop_after <= self.max_steps:
+            raise ConfigError(f"--stop-after must be in 1..{self.max_steps}, got {self.stop_after}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_sequences is not None and self.eval_sequences < 0:
+            raise ConfigError(f"--eval-sequences must be >= 0, got {self.eval_sequences}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"--device must be one of {DEVICES}, got {self.device!r}")
+        if self.fsdp and self.loss.chunk_size is not None:
+            raise ConfigError("--loss-chunk-size is not supported with --fsdp (use DDP)")
+        k = len(self.teacher_data)
+        for name, values in (("teacher-weights", self.loss.teacher_weights), ("feat-weights", self.loss.feat_weights)):
+            if values is not None and len(values) != k:
+                raise ConfigError(f"--{name} has {len(values)} values for {k} teachers")
+
+
+# ---- presets -----------------------------------------------------------------------------------
+def ce_only() -> LossConfig:
+    """No distillation: next-token cross-entropy only."""
+    return LossConfig(lambda_kd=0.0)
+
+
+def kd_uniform() -> LossConfig:
+    """Sparse KD to the uniformly weighted fused target (single-teacher KD when K = 1)."""
+    return LossConfig(lambda_kd=0.5, teacher_weighting="uniform")
+
+
+def kd_entropy() -> LossConfig:
+    """Sparse KD to the entropy-weighted fused target (the method)."""
+    return LossConfig(lambda_kd=0.5, teacher_weighting="entropy")
+
+
+def kd_entropy_feat() -> LossConfig:
+    """Entropy-weighted KD plus pooled-feature alignment."""
+    return LossConfig(lambda_kd=0.5, teacher_weighting="entropy", gamma_feat=0.1)
+
+
+def dkd() -> LossConfig:
+    """Decoupled KD on the entropy-weighted fused target (baseline)."""
+    return LossConfig(loss="dkd", lambda_kd=0.5, teacher_weighting="entropy")
+
+
+LOSS_PRESETS: dict[str, Callable[[], LossConfig]] = {
+    "ce": ce_only, "kd-uniform": kd_uniform, "kd-entropy": kd_entropy,
+    "kd-entropy-feat": kd_entropy_feat, "dkd": dkd,
+}
+
+
+def tiny(teacher_data: list[str], output: str, **overrides) -> TrainConfig:
+    """A CPU run of seconds: the `tiny` student, small batches, no workers."""
+    base = TrainConfig(teacher_data=teacher_data, output=output, student="tiny", batch_size=4,
+                       max_steps=20, eval_every=10, log_every=5, num_workers=0,
+                       optim=OptimConfig(lr=3e-3, warmup_steps=2))
+    return replace(base, **overrides)

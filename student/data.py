@@ -1,0 +1,222 @@
+"""Join K teacher caches, split off a held-out slice, and load fused training batches.
+
+Join rules (refused with MismatchError naming the field and both values): tokenizer fingerprint, seq_len,
+corpus fingerprint and vocab size (JOIN_FIELDS), the sequence ids, and the precompute temperature.
+input_ids are compared on a seeded spot-check of sequences at join time (fast failure without reading a
+whole cache), and again for every batch the loader reads (the column costs 4 bytes per token against
+~200 for the targets), so every sequence trained on is verified. top-k may differ between teachers: the
+union-of-top-k fusion handles different k exactly.
+
+Batches are dicts of tensors; the fusion (sort / unique over the concatenated top-k ids) runs in the
+DataLoader workers, so the training process only receives the fused sparse target.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from storage.errors import ConfigError, MismatchError
+from storage.manifest import JOIN_FIELDS
+from storage.reader import TeacherDataset
+from student.fusion import fuse_topk, teacher_weights
+
+log = logging.getLogger("student")
+
+
+def join_teachers(paths: Sequence[str], *, spot_check: int = 16, seed: int = 0) -> list[TeacherDataset]:
+    """Open and cross-check K teacher directories; the first is the reference the others must match."""
+    teachers = [TeacherDataset.open(p, verify=True) for p in paths]
+    ref, ref_path = teachers[0], paths[0]
+    for other, path in zip(teachers[1:], paths[1:], strict=True):
+        what = f"teachers {ref_path!r} and {path!r}"
+        ref.manifest.compare(other.manifest, JOIN_FIELDS, what=what)
+        ref.manifest.compare(other.manifest, ("temperature",), what=what)
+        if not np.array_equal(ref.seq_ids, other.seq_ids):
+            a, b = ref.seq_ids, other.seq_ids
+            diff = _describe_ids(a, b)
+            raise MismatchError(f"{what} differ in 'seq_ids': {diff}", "seq_ids", (len(a), len(b)))
+    if len(ref) == 0:
+        raise ConfigError(f"teacher {ref_path!r} holds no sequences")
+    if len(teachers) > 1 and spot_check > 0:
+        rng = np.random.default_rng(seed)
+        pos = np.unique(np.concatenate([[0, len(ref) - 1], rng.integers(0, len(ref), spot_check)]))
+        ids0 = ref.read_columns(pos, ["input_ids"])["input_ids"]
+        for other, path in zip(teachers[1:], paths[1:], strict=True):
+            bad = first_mismatch(ids0, other.read_columns(pos, ["input_ids"])["input_ids"])
+            if bad is not None:
+                sid = int(ref.seq_ids[pos[bad]])
+                raise MismatchError(f"teachers {ref_path!r} and {path!r} differ in 'input_ids' at seq id {sid}",
+                                    "input_ids", (ref_path, path))
+    ks = [t.manifest.top_k for t in teachers]
+    if len(set(ks)) > 1:
+        log.info("teachers store different top-k %s; the fused target uses the union of their ids", ks)
+    return teachers
+
+
+def _describe_ids(a: np.ndarray, b: np.ndarray) -> str:
+    if len(a) != len(b):
+        return f"{len(a)} vs {len(b)} sequences (ids {a[:1]}..{a[-1:]} vs {b[:1]}..{b[-1:]})"
+    i = int(np.flatnonzero(a != b)[0])
+    return f"position {i} holds seq id {int(a[i])} vs {int(b[i])}"
+
+
+def first_mismatch(a: np.ndarray, b: np.ndarray) -> int | None:
+    """Index of the first row where two [n, L] arrays differ, or None."""
+    rows = np.flatnonzero((a != b).any(axis=1))
+    return int(rows[0]) if rows.size else None
+
+
+def feature_layers(teachers: Sequence[TeacherDataset], requested: int | None, enabled: bool) -> list[int | None]:
+    """Pooled layer used for each teacher's feature loss, or None where it is disabled (with a warning)."""
+    if not enabled:
+        return [None] * len(teachers)
+    layers: list[int | None] = []
+    for t in teachers:
+        stored, name = t.manifest.pooled_layers, t.manifest.teacher.name
+        if not stored:
+            log.warning("teacher %r stored no pooled states: feature loss disabled for it", name)
+            layers.append(None)
+        elif requested is not None and requested not in stored:
+            log.warning("teacher %r has no pooled layer %d (stored: %s): feature loss disabled for it",
+                        name, requested, stored)
+            layers.append(None)
+        else:
+            layers.append(requested if requested is not None else max(stored))
+    if all(x is None for x in layers):
+        log.warning("no teacher provides the requested pooled states: the feature loss is off")
+    return layers
+
+
+def check_weighting(teachers: Sequence[TeacherDataset], mode: str) -> None:
+    """Entropy weighting needs every teacher's entropy column."""
+    if mode != "entropy":
+        return
+    for t in teachers:
+        if t.manifest.entropy_kind == "absent":
+            raise ConfigError(
+                f"teacher {t.manifest.teacher.name!r} ({t.path}) stored no entropy (entropy_kind 'absent'), so "
+                "it cannot be entropy-weighted; use --teacher-weighting uniform or fixed")
+        if t.manifest.entropy_kind == "estimate":
+            log.warning("teacher %r stores an estimated entropy (top-k plus tail), not the exact one",
+                        t.manifest.teacher.name)
+
+
+def split_positions(n: int, *, eval_fraction: float, eval_sequences: int | None,
+                    split_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train positions, held-out positions), disjoint, both sorted; the held-out ones are a seeded sample."""
+    n_eval = eval_sequences if eval_sequences is not None else int(round(eval_fraction * n))
+    if n_eval >= n:
+        raise ConfigError(f"the held-out slice ({n_eval} sequences) leaves nothing to train on ({n} in the cache)")
+    perm = np.random.default_rng(split_seed).permutation(n)
+    return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
+
+
+class DistillDataset(Dataset):
+    """Random access by sequence to K joined teachers; items are fused, collated batches.
+
+    Use with `EpochBatchSampler` as the DataLoader's `batch_sampler` and `collate_fn=collate`: the
+    DataLoader calls `__getitems__` with a whole micro-batch, which reads each column once per batch.
+    """
+
+    def __init__(self, teachers: Sequence[TeacherDataset], positions: np.ndarray, *, weighting: str,
+                 fixed_weights: Sequence[float] | None = None, entropy_eps: float = 1e-3,
+                 pooled_layers: Sequence[int | None] | None = None) -> None:
+        self.teachers = list(teachers)
+        self.positions = np.asarray(positions, dtype=np.int64)
+        self.weighting, self.fixed_weights, self.entropy_eps = weighting, fixed_weights, entropy_eps
+        self.pooled_layers = list(pooled_layers) if pooled_layers is not None else [None] * len(self.teachers)
+        self.columns = []  # only what the loss needs, per teacher
+        for layer in self.pooled_layers:
+            cols = ["input_ids", "topk_ids", "topk_logprobs"]
+            if weighting == "entropy":
+                cols.append("entropy")
+            if layer is not None:
+                cols.append(f"pooled_{layer}")
+            self.columns.append(cols)
+
+    def __len__(self) -> int:
+        return int(self.positions.size)
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, object]:
+        pos = self.positions[np.asarray(indices, dtype=np.int64)]
+        cols = [t.read_columns(pos, c) for t, c in zip(self.teachers, self.columns, strict=True)]
+        input_ids = cols[0]["input_ids"]  # [B, L] int32
+        mismatch = -1
+        for c in cols[1:]:
+            bad = first_mismatch(input_ids, c["input_ids"])
+            if bad is not None:
+                mismatch = int(self.teachers[0].seq_ids[pos[bad]])
+                break
+        b, seq_len = input_ids.shape
+        n = b * seq_len
+        ids = [torch.from_numpy(c["topk_ids"]).reshape(n, -1) for c in cols]
+        lps = [torch.from_numpy(c["topk_logprobs"]).reshape(n, -1) for c in cols]
+        if self.weighting == "entropy":
+            ent = torch.from_numpy(np.stack([c["entropy"].reshape(n) for c in cols], axis=1))  # [N, K]
+        else:
+            ent = torch.empty((n, len(cols)), dtype=torch.float32)  # shape only
+        alpha = teacher_weights(ent, self.weighting, self.fixed_weights, eps=self.entropy_eps)
+        fused = fuse_topk(ids, lps, alpha)
+        pooled = [None if layer is None else torch.from_numpy(c[f"pooled_{layer}"]).float()
+                  for c, layer in zip(cols, self.pooled_layers, strict=True)]
+        return {
+            "seq_ids": torch.from_numpy(self.teachers[0].seq_ids[pos].copy()),  # [B] int64
+            "input_ids": torch.from_numpy(input_ids.astype(np.int64)),  # [B, L] int64
+            "fused_ids": fused.ids, "fused_probs": fused.probs, "fused_tail": fused.tail,
+            "fused_mask": fused.mask, "alpha": fused.weights,  # [N, M], [N, M], [N], [N, M], [N, K]
+            "pooled": pooled,  # per teacher [B, d_k] float32 or None
+            "mismatch": torch.tensor(mismatch),  # seq id whose input_ids differ between teachers, or -1
+        }
+
+
+def collate(batch: dict[str, object]) -> dict[str, object]:
+    """The dataset already returns a collated micro-batch."""
+    return batch
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Seeded shuffle per epoch, split across ranks like DistributedSampler, in micro-batches.
+
+    Epoch e uses permutation p = randperm(n, seed + e); global micro-batch j is p[j*W*B:(j+1)*W*B] and rank r
+    takes its elements r, r+W, ... (so W ranks with batch B see exactly the sequences one process with
+    batch W*B sees). The incomplete last global micro-batch is dropped. `set_epoch(e, start)` resumes at
+    micro-batch `start` of epoch e.
+    """
+
+    def __init__(self, n: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True) -> None:
+        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.start = 0, 0
+        if self.batches_per_epoch == 0:
+            raise ConfigError(f"{n} training sequences are fewer than one global micro-batch "
+                              f"({world_size} ranks x {batch_size}); lower --batch-size")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // (self.batch_size * self.world_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+        else:
+            perm = list(range(self.n))
+        step = self.batch_size * self.world_size
+        for j in range(self.start, self.batches_per_epoch):
+            chunk = perm[j * step : (j + 1) * step]
+            yield chunk[self.rank :: self.world_size]

@@ -1,0 +1,106 @@
+"""The student: a transformers causal LM from a local directory, a JSON config, or a preset.
+
+    build_student("tiny", vocab_size=512, seq_len=128)          # preset (a small Llama), random init
+    build_student("cfg.json", vocab_size=512, seq_len=128)      # {"model_type": "llama", ...}, random init
+    build_student("runs/a/final", vocab_size=512, seq_len=128)  # save_pretrained dir (weights if present)
+
+The vocab must equal the teachers' vocab_size (the targets index it); a mismatch is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from storage.errors import ConfigError, MismatchError
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4),
+    "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=4),
+}
+"""Llama-style presets (tied embeddings), sized by the teachers' vocab and seq_len."""
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def build_student(spec: str, *, vocab_size: int, seq_len: int, seed: int = 0,
+                  special_ids: dict[str, int | None] | None = None) -> torch.nn.Module:
+    """A float32 causal LM per `spec` (see the module docstring), initialised from `seed` if not loaded."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    path = Path(spec)
+    if spec in PRESETS:
+        config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=max(seq_len, 512),
+                             tie_word_embeddings=True, **PRESETS[spec], **(special_ids or {}))
+        model = AutoModelForCausalLM.from_config(config)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"--student {spec}: directory has no config.json")
+        if any((path / f).is_file() for f in _WEIGHT_FILES):
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
+    elif path.is_file():
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"--student {spec}: not a readable JSON config ({e})") from None
+        if not isinstance(d, dict) or "model_type" not in d:
+            raise ConfigError(f"--student {spec}: a JSON config needs a 'model_type' (e.g. \"llama\")")
+        d = dict(d)
+        try:
+            config = AutoConfig.for_model(d.pop("model_type"), **d)
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"--student {spec}: {e}") from None
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        raise ConfigError(f"--student {spec!r} is not a directory, a JSON config file, or a preset "
+                          f"({', '.join(PRESETS)})")
+    model = model.float()
+    check_student(model, vocab_size=vocab_size, seq_len=seq_len, spec=spec)
+    return model
+
+
+def check_student(model: torch.nn.Module, *, vocab_size: int, seq_len: int, spec: str) -> None:
+    """Refuse a student whose output width differs from the teachers' vocab or whose context is too short."""
+    width = model.get_output_embeddings().weight.shape[0]
+    if width != vocab_size:
+        raise MismatchError(f"student {spec!r} and teachers differ in 'vocab_size': {width} vs {vocab_size}",
+                            "vocab_size", (width, vocab_size))
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and max_pos < seq_len:
+        raise ConfigError(f"student {spec!r} has max_position_embeddings {max_pos} < the caches' seq_len {seq_len}")
+
+
+def hidden_width(model: torch.nn.Module) -> int:
+    """Hidden size of the student's pooled states."""
+    return int(model.get_input_embeddings().weight.shape[1])
+
+
+def num_layers(model: torch.nn.Module) -> int:
+    return int(model.config.num_hidden_layers)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks (for FSDP wrapping); empty if the architecture hides them."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    return list(layers) if layers is not None else []
+
+
+def save_student(model: torch.nn.Module, out: str, tokenizer: str | None) -> None:
+    """save_pretrained the student (and the tokenizer, if given) so AutoModelForCausalLM loads `out`."""
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out)

@@ -1,0 +1,75 @@
+"""`plot RUN_DIR`: training and held-out curves from metrics.jsonl to a PNG (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from storage.errors import ConfigError
+
+
+def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of a run directory's metrics.jsonl."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{run_dir}: no metrics.jsonl (not a train-student run directory?)")
+    train, evals = [], []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise ConfigError(f"{path}:{i}: not valid JSON") from None
+            (evals if rec.get("split") == "eval" else train).append(rec)
+    return train, evals
+
+
+def plot_run(run_dir: str, out: str | None = None) -> str:
+    """Write the curves PNG and return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, evals = read_metrics(run_dir)
+    if not train and not evals:
+        raise ConfigError(f"{run_dir}: metrics.jsonl holds no records")
+    out = out or os.path.join(run_dir, "curves.png")
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    steps = [r["step"] for r in train]
+    ax = axes[0, 0]
+    for key in ("loss", "kd", "ce", "feat"):
+        if any(r.get(key) for r in train):
+            ax.plot(steps, [r[key] for r in train], label=key)
+    ax.set(title="training loss terms", xlabel="step")
+    ax.legend()
+    ax = axes[0, 1]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_kl"] for r in evals], "o-", label="KL to fused target")
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in evals], [r["eval_ppl"] for r in evals], "s--", color="C1", label="perplexity")
+        ax2.set_ylabel("perplexity")
+        ax2.legend(loc="upper center")
+    ax.set(title="held-out", xlabel="step", ylabel="KL (nats/token)")
+    ax.legend(loc="upper right")
+    ax = axes[1, 0]
+    names = sorted({n for r in train for n in r.get("alpha", {})})
+    for n in names:
+        ax.plot(steps, [r.get("alpha", {}).get(n, float("nan")) for r in train], label=n)
+    ax.set(title="mean teacher weight alpha", xlabel="step")
+    if names:
+        ax.legend()
+    ax = axes[1, 1]
+    ax.plot(steps, [r["lr"] for r in train], color="C0", label="lr")
+    ax.legend(loc="upper left")
+    ax3 = ax.twinx()
+    ax3.plot(steps, [r["tokens_per_s"] for r in train], "--", color="C2", label="tokens/s")
+    ax3.set_ylabel("tokens/s")
+    ax3.legend(loc="upper right")
+    ax.set(title="learning rate and throughput", xlabel="step")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,529 @@
+"""Stage two: train a student from K teachers' cached targets.
+
+    run_train(cfg)  ==  Trainer(cfg): setup() -> train() -> close()
+
+One process per device; under torchrun the student is wrapped in DDP (gloo on CPU, nccl on GPU) or, with
+`fsdp`, sharded with FSDP2 `fully_shard`. Only rank 0 writes files. Run directory layout:
+
+    config.json                      the TrainConfig
+    metrics.jsonl                    one JSON object per logged step ("split": "train") or evaluation ("eval")
+    checkpoints/step-NNNNNNN/state.pt  model + projections, optimizer, scheduler, RNG (every rank), data position
+    final/                           save_pretrained student (+ tokenizer)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from storage.errors import ConfigError, MismatchError
+from student import data as sdata
+from student import model as smodel
+from student.config import TrainConfig
+from student.fusion import FusedTargets
+from student.losses import dkd_loss, feature_loss, next_token_ce, next_token_labels, sparse_kl
+
+log = logging.getLogger("student")
+KEEP_CHECKPOINTS = 2
+
+
+class DistillModule(torch.nn.Module):
+    """The student plus one projection W_k per teacher with features (dropped after training)."""
+
+    def __init__(self, student: torch.nn.Module, proj_dims: list[int | None], pool_layer: int) -> None:
+        super().__init__()
+        self.student = student
+        self.pool_layer = pool_layer
+        width = smodel.hidden_width(student)
+        self.projections = torch.nn.ModuleList(
+            [torch.nn.Linear(width, d) if d is not None else torch.nn.Identity() for d in proj_dims])
+        self.has_proj = [d is not None for d in proj_dims]
+
+    def forward(self, input_ids: torch.Tensor, want_pooled: bool, fused: tuple[torch.Tensor, ...] | None = None,
+                chunk_size: int | None = None, temperature: float = 1.0) -> tuple[Any, torch.Tensor | None]:
+        """(logits [B, L, V], pooled); with `chunk_size` (and `fused`, the FusedTargets fields as a tuple):
+        ((CE, KD) computed in chunks from the final hidden states, pooled). The losses are computed inside
+        forward so DDP sees every use of the parameters."""
+        # hidden_states[0] is the embedding output, hidden_states[i + 1] the output of block i
+        index = self.pool_layer + 1 if self.pool_layer >= 0 else self.pool_layer
+        if chunk_size is None:
+            out = self.student(input_ids=input_ids, output_hidden_states=want_pooled, use_cache=False)
+            pooled = out.hidden_states[index].float().mean(dim=1) if want_pooled else None  # [B, d_S]
+            return out.logits, pooled
+        from student.chunked import chunked_ce_kd
+
+        assert fused is not None, "the chunked loss needs the fused targets"
+        out = self.student.base_model(input_ids=input_ids, output_hidden_states=want_pooled, use_cache=False)
+        pooled = out.hidden_states[index].float().mean(dim=1) if want_pooled else None
+        weight = self.student.get_output_embeddings().weight
+        terms = chunked_ce_kd(out.last_hidden_state, weight, input_ids, FusedTargets(*fused),
+                              temperature=temperature, chunk_size=chunk_size)
+        return terms, pooled
+
+
+def run_train(cfg: TrainConfig) -> dict[str, float]:
+    """Train per `cfg`; returns the last evaluation (eval_kl, eval_ppl, ...) or the last train metrics."""
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.step = 0
+        self.epoch, self.micro_in_epoch = 0, 0
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg, lc = self.cfg, self.cfg.loss
+        self._setup_distributed()
+        self.teachers = sdata.join_teachers(cfg.teacher_data, spot_check=cfg.spot_check, seed=cfg.seed)
+        m0 = self.teachers[0].manifest
+        self.names = _unique_names([t.manifest.teacher.name for t in self.teachers])
+        self.temperature = m0.temperature
+        if lc.temperature is not None and not math.isclose(lc.temperature, m0.temperature):
+            raise ConfigError(f"--temperature {lc.temperature} differs from the caches' precompute temperature "
+                              f"{m0.temperature}; top-k log-probs cannot be re-tempered exactly")
+        sdata.check_weighting(self.teachers, lc.teacher_weighting)
+        self.pool_layers = sdata.feature_layers(self.teachers, lc.teacher_pool_layer, lc.gamma_feat > 0)
+        self.use_feat = any(x is not None for x in self.pool_layers)
+        self.betas = list(lc.feat_weights) if lc.feat_weights is not None else [1.0] * len(self.teachers)
+
+        train_pos, eval_pos = sdata.split_positions(len(self.teachers[0]), eval_fraction=cfg.eval_fraction,
+                                                    eval_sequences=cfg.eval_sequences, split_seed=cfg.split_seed)
+        ds_kw = dict(weighting=lc.teacher_weighting, fixed_weights=lc.teacher_weights,
+                     entropy_eps=lc.entropy_eps, pooled_layers=self.pool_layers)
+        self.train_set = sdata.DistillDataset(self.teachers, train_pos, **ds_kw)
+        self.sampler = sdata.EpochBatchSampler(len(train_pos), cfg.batch_size, rank=self.rank,
+                                               world_size=self.world, seed=cfg.seed)
+        dropped = len(train_pos) - self.sampler.batches_per_epoch * cfg.batch_size * self.world
+        if dropped and self.rank == 0:
+            log.info("%d of %d training sequences do not fill a last global micro-batch; each epoch's shuffle "
+                     "leaves a different %d out", dropped, len(train_pos), dropped)
+        if len(eval_pos) % self.world and self.rank == 0:  # every rank must run the same number of batches
+            log.info("held-out slice cut from %d to %d sequences (a multiple of %d ranks)", len(eval_pos),
+                     len(eval_pos) // self.world * self.world, self.world)
+        eval_pos = eval_pos[: len(eval_pos) // self.world * self.world][self.rank :: self.world]
+        self.eval_set = sdata.DistillDataset(self.teachers, eval_pos, **ds_kw)
+        self.train_loader = self._loader(self.train_set, self.sampler, persistent=True)
+        eval_batches = [list(range(i, min(i + cfg.batch_size, len(eval_pos))))
+                        for i in range(0, len(eval_pos), cfg.batch_size)]
+        self.eval_loader = self._loader(self.eval_set, eval_batches, persistent=False)
+        self.tokens_per_step = cfg.batch_size * m0.seq_len * cfg.grad_accum * self.world
+
+        self.special_ids = _special_ids(cfg.tokenizer, m0.tokenizer_fingerprint)
+        student = smodel.build_student(cfg.student, vocab_size=m0.vocab_size, seq_len=m0.seq_len,
+                                       seed=cfg.seed, special_ids=self.special_ids)
+        proj_dims = [None if layer is None else t.manifest.pooled_dims[layer]
+                     for t, layer in zip(self.teachers, self.pool_layers, strict=True)]
+        self.module = DistillModule(student, proj_dims, lc.student_pool_layer).to(self.device)
+        if lc.chunk_size is not None:
+            from student.chunked import check_plain_head
+
+            check_plain_head(student, m0.vocab_size)
+        self.model = self._wrap(self.module)
+        self.optimizer = _adamw(self.model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(cfg))
+        self._maybe_resume()
+        if self.rank == 0:
+            os.makedirs(cfg.output, exist_ok=True)
+            with open(os.path.join(cfg.output, "config.json"), "w") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=2)
+            if not self.resumed:  # a fresh run starts a fresh log
+                open(os.path.join(cfg.output, "metrics.jsonl"), "w").close()
+        if not self.resumed:  # a resumed run restores every RNG from the checkpoint instead
+            _seed_everything(cfg.seed + self.rank)
+
+    def _setup_distributed(self) -> None:
+        cfg = self.cfg
+        use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was requested but CUDA is not available")
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.distributed = self.world > 1
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        if cfg.fsdp and not self.distributed:
+            log.warning("--fsdp without torchrun (WORLD_SIZE=1): training unsharded")
+        self.device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+        if use_cuda:
+            torch.cuda.set_device(self.device)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext())
+
+    def _loader(self, dataset: sdata.DistillDataset, batches, *, persistent: bool) -> DataLoader:
+        cfg = self.cfg
+        workers = cfg.num_workers
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=sdata.collate, num_workers=workers,
+                          pin_memory=self.device.type == "cuda",
+                          prefetch_factor=cfg.prefetch_factor if workers else None,
+                          persistent_workers=persistent and workers > 0)
+
+    def _wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        if not self.distributed:
+            return module
+        if self.cfg.fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh(self.device.type, (self.world,))
+            for layer in smodel.decoder_layers(module.student):
+                fully_shard(layer, mesh=mesh)
+            fully_shard(module, mesh=mesh)
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    # ---- train ---------------------------------------------------------------------------------
+    def _micro_batches(self):
+        """Endless stream of (epoch, index in epoch, batch), starting at the saved data position."""
+        while True:
+            self.sampler.set_epoch(self.epoch, self.micro_in_epoch)
+            for batch in self.train_loader:
+                self.micro_in_epoch += 1  # counts consumed micro-batches: a checkpoint resumes after them
+                yield batch
+            self.epoch, self.micro_in_epoch = self.epoch + 1, 0
+
+    def _losses(self, batch: dict, *, train: bool) -> dict[str, torch.Tensor]:
+        lc = self.cfg.loss
+        dev = self.device
+        if int(batch["mismatch"]) >= 0:
+            sid = int(batch["mismatch"])
+            raise MismatchError(f"teachers differ in 'input_ids' at seq id {sid}", "input_ids", (sid, sid))
+        input_ids = batch["input_ids"].to(dev, non_blocking=True)  # [B, L]
+        fused = FusedTargets(*(batch[k].to(dev, non_blocking=True) for k in
+                               ("fused_ids", "fused_probs", "fused_tail", "fused_mask", "alpha")))
+        want_feat = self.use_feat and lc.gamma_feat > 0 and train
+        if lc.chunk_size is not None:  # KD always in the graph here (times 0 when lambda_kd = 0)
+            fields = (fused.ids, fused.probs, fused.tail, fused.mask, fused.weights)
+            with self.autocast:
+                (ce, kd), pooled = self.model(input_ids, want_feat, fields, lc.chunk_size, self.temperature)
+            return self._total({"ce": ce, "kd": kd}, batch, fused, pooled, want_feat)
+        with self.autocast:
+            logits, pooled = self.model(input_ids, want_feat)  # [B, L, V]
+        flat = logits.reshape(-1, logits.shape[-1])
+        out: dict[str, torch.Tensor] = {"ce": next_token_ce(logits, input_ids)}
+        kd_grad = lc.lambda_kd > 0 and train
+        with torch.enable_grad() if kd_grad else torch.no_grad():
+            if lc.loss == "dkd" and train:
+                labels = next_token_labels(input_ids).reshape(-1)
+                out["kd"] = dkd_loss(flat, fused, labels, alpha=lc.dkd_alpha, beta=lc.dkd_beta,
+                                     temperature=self.temperature)
+            else:
+                out["kd"] = sparse_kl(flat, fused, temperature=self.temperature)
+        return self._total(out, batch, fused, pooled, want_feat)
+
+    def _total(self, out: dict[str, torch.Tensor], batch: dict, fused: FusedTargets, pooled: torch.Tensor | None,
+               want_feat: bool) -> dict[str, torch.Tensor]:
+        """Adds the feature term, the total loss and the mean teacher weights to `out` (CE and KD)."""
+        lc, dev = self.cfg.loss, self.device
+        if want_feat:
+            h_t = [None if p is None else p.to(dev) for p in batch["pooled"]]
+            projs = [p if has else None for p, has in zip(self.module.projections, self.module.has_proj, strict=True)]
+            out["feat"] = feature_loss(pooled, h_t, projs, self.betas)
+        else:
+            out["feat"] = torch.zeros((), device=dev)
+        out["loss"] = lc.lambda_kd * out["kd"] + (1 - lc.lambda_kd) * out["ce"] + lc.gamma_feat * out["feat"]
+        out["alpha"] = fused.weights.mean(dim=0).detach()  # [K]
+        return out
+
+    def train(self) -> dict[str, float]:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        stop = cfg.stop_after if cfg.stop_after is not None else cfg.max_steps
+        stream = self._micro_batches()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", disable=self.rank != 0,
+                   dynamic_ncols=True)
+        last: dict[str, float] = {}
+        if self.step == 0 and cfg.eval_every and self.eval_set.positions.size:
+            last = self._log_eval()
+        t_log, steps_since_log = time.perf_counter(), 0
+        while self.step < stop:
+            sums: dict[str, torch.Tensor] = {}
+            self.model.train()
+            for micro in range(cfg.grad_accum):
+                batch = next(stream)
+                sync = micro == cfg.grad_accum - 1
+                ctx = self.model.no_sync() if (self.distributed and not cfg.fsdp and not sync) else nullcontext()
+                with ctx:
+                    terms = self._losses(batch, train=True)
+                    (terms["loss"] / cfg.grad_accum).backward()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0) + v.detach() / cfg.grad_accum
+            grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+                         if cfg.optim.grad_clip > 0 else torch.zeros(()))
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            steps_since_log += 1
+            if self.step % cfg.log_every == 0 or self.step == stop:
+                tps = self.tokens_per_step * steps_since_log / max(time.perf_counter() - t_log, 1e-9)
+                vals = self._all_mean(torch.stack([sums[k].float() for k in ("loss", "kd", "ce", "feat")]))
+                alpha = self._all_mean(sums["alpha"].float())
+                last = {"step": self.step, "split": "train", "epoch": self.epoch, "lr": lr,
+                        **dict(zip(("loss", "kd", "ce", "feat"), vals.tolist(), strict=True)),
+                        "grad_norm": float(grad_norm),
+                        "alpha": dict(zip(self.names, alpha.tolist(), strict=True)), "tokens_per_s": tps}
+                self._write_metrics(last)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", kd=f"{last['kd']:.3f}", ce=f"{last['ce']:.3f}",
+                                tok_s=f"{tps:.0f}")
+                t_log, steps_since_log = time.perf_counter(), 0
+            bar.update(1)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                last = self._log_eval()
+                t_log = time.perf_counter()  # evaluation time is not training throughput
+            if self.step < stop and cfg.save_every and self.step % cfg.save_every == 0:
+                self.save_checkpoint()
+                t_log = time.perf_counter()
+        bar.close()
+        if self.step >= cfg.max_steps:
+            if self.eval_set.positions.size:
+                last = self._log_eval()
+            self.save_checkpoint()
+            self._save_final()
+        else:
+            self.save_checkpoint()  # stopped early (--stop-after): resume later
+        return last
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out perplexity (CE on positions 0..L-2) and KL to the fused target (all L positions)."""
+        self.model.eval()
+        sums = torch.zeros(4, dtype=torch.float64)  # kl sum, kl positions, nll sum, nll positions
+        for batch in self.eval_loader:
+            terms = self._losses(batch, train=False)
+            b, seq_len = batch["input_ids"].shape
+            sums += torch.tensor([float(terms["kd"]) * b * seq_len, b * seq_len,
+                                  float(terms["ce"]) * b * (seq_len - 1), b * (seq_len - 1)], dtype=torch.float64)
+        if self.distributed:
+            dist.all_reduce(sums)
+        # the KD term carries tau^2; report the plain KL
+        kl = float(sums[0] / sums[1].clamp_min(1)) / self.temperature**2
+        ce = float(sums[2] / sums[3].clamp_min(1))
+        return {"eval_kl": kl, "eval_ce": ce, "eval_ppl": math.exp(min(ce, 50.0))}
+
+    def _log_eval(self) -> dict[str, float]:
+        res = {"step": self.step, "split": "eval", **self.evaluate()}
+        self._write_metrics(res)
+        return res
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def _state_dicts(self) -> tuple[dict, dict]:
+        if self.cfg.fsdp and self.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            return get_state_dict(self.model, self.optimizer,
+                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.module.state_dict(), self.optimizer.state_dict()
+
+    def save_checkpoint(self) -> str:
+        """Write checkpoints/step-NNNNNNN/state.pt (rank 0), atomically; keeps the last KEEP_CHECKPOINTS."""
+        model_sd, optim_sd = self._state_dicts()
+        rng = _rng_state()
+        rngs = [None] * self.world
+        if self.distributed:
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        root = os.path.join(self.cfg.output, "checkpoints")
+        final = os.path.join(root, f"step-{self.step:07d}")
+        if self.rank == 0:
+            tmp = final + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
+                        "rng": rngs, "step": self.step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
+                        "world_size": self.world, "config": dataclasses.asdict(self.cfg)},
+                       os.path.join(tmp, "state.pt"))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in sorted(_checkpoints(root))[:-KEEP_CHECKPOINTS]:
+                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+        self._barrier()
+        return final
+
+    def _maybe_resume(self) -> None:
+        root = os.path.join(self.cfg.output, "checkpoints")
+        found = sorted(_checkpoints(root)) if os.path.isdir(root) else []
+        self.resumed = False
+        if not self.cfg.resume:
+            if found:
+                raise ConfigError(f"{self.cfg.output} already holds checkpoints; pass --resume to continue it "
+                                  "or choose another --output")
+            return
+        if not found:
+            log.warning("--resume: no checkpoint in %s, starting from step 0", root)
+            return
+        path = os.path.join(root, found[-1], "state.pt")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        _check_resume_config(state["config"], dataclasses.asdict(self.cfg), path)
+        if state["world_size"] != self.world:
+            raise ConfigError(f"{path} was written by {state['world_size']} ranks, this run has {self.world}; "
+                              "resume with the same number of processes")
+        if self.cfg.fsdp and self.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.micro_in_epoch = state["step"], state["epoch"], state["micro_in_epoch"]
+        _set_rng_state(state["rng"][self.rank])
+        self.resumed = True
+        if self.rank == 0:
+            _truncate_metrics(os.path.join(self.cfg.output, "metrics.jsonl"), self.step)
+        log.info("resumed from %s (step %d, epoch %d, micro-batch %d)", path, self.step, self.epoch,
+                 self.micro_in_epoch)
+
+    def _save_final(self) -> None:
+        if self.cfg.fsdp and self.distributed:
+            model_sd, _ = self._state_dicts()
+        if self.rank == 0:
+            student = self.module.student
+            if self.cfg.fsdp and self.distributed:  # rebuild an unsharded copy from the full state dict
+                student = smodel.build_student(self.cfg.student, vocab_size=self.teachers[0].manifest.vocab_size,
+                                               seq_len=self.teachers[0].manifest.seq_len, seed=self.cfg.seed,
+                                               special_ids=self.special_ids)
+                student.load_state_dict({k[len("student."):]: v for k, v in model_sd.items()
+                                         if k.startswith("student.")})
+            smodel.save_student(student, os.path.join(self.cfg.output, "final"), self.cfg.tokenizer)
+        self._barrier()
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _all_mean(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().to(self.device)
+        if self.distributed:
+            dist.all_reduce(x)
+            x = x / self.world
+        return x.cpu()
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def _write_metrics(self, rec: dict) -> None:
+        if self.rank == 0:
+            with open(os.path.join(self.cfg.output, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def close(self) -> None:
+        for t in getattr(self, "teachers", []):
+            t.close()
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+
+
+def _special_ids(tokenizer: str | None, fingerprint: str) -> dict[str, int | None]:
+    """EOS/BOS/PAD ids of --tokenizer, after checking it is the tokenizer the caches were made with."""
+    if tokenizer is None:
+        return {}
+    from transformers import AutoTokenizer
+
+    from teachers.packing import tokenizer_fingerprint
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    got = tokenizer_fingerprint(tok)
+    if got != fingerprint:
+        raise MismatchError(f"--tokenizer {tokenizer} and the teachers differ in 'tokenizer_fingerprint': "
+                            f"{got[:12]}... vs {fingerprint[:12]}...", "tokenizer_fingerprint", (got, fingerprint))
+    return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+
+
+def _adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    oc = cfg.optim
+    return torch.optim.AdamW([{"params": decay, "weight_decay": oc.weight_decay},
+                              {"params": other, "weight_decay": 0.0}], lr=oc.lr, betas=oc.betas)
+
+
+def _schedule(cfg: TrainConfig):
+    warm, total, floor = cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Fields a resumed run must share with its checkpoint (they decide the data order and the model).
+RESUME_FIELDS = ("teacher_data", "student", "batch_size", "grad_accum", "seed", "split_seed", "eval_fraction",
+                 "eval_sequences", "fsdp")
+_FREE_FIELDS = ("resume", "stop_after", "num_workers", "prefetch_factor", "log_every", "eval_every", "save_every",
+                "device", "output", "tokenizer")
+
+
+def _check_resume_config(saved: dict, now: dict, path: str) -> None:
+    for name in RESUME_FIELDS:
+        if saved.get(name) != now.get(name):
+            raise MismatchError(f"--resume: {path} and this run differ in {name!r}: {saved.get(name)!r} vs "
+                                f"{now.get(name)!r}", name, (saved.get(name), now.get(name)))
+    changed = [k for k in now if k not in RESUME_FIELDS + _FREE_FIELDS and saved.get(k) != now[k]]
+    if changed:
+        log.warning("--resume with changed settings %s: the continued run differs from an uninterrupted one",
+                    changed)
+
+
+def _checkpoints(root: str) -> list[str]:
+    return [d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp")]
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(keep)

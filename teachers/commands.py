@@ -1,0 +1,109 @@
+"""`precompute` command: options map one to one onto teachers.config, then run_precompute(cfg)."""
+
+from __future__ import annotations
+
+import click
+
+from teachers.config import BACKENDS, DTYPES, FORMATS, LOGPROB_DTYPES
+
+
+def _layers(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    if value.strip().lower() in ("", "none"):
+        return []
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers (or 'none'), got {value!r}") from None
+
+
+def _options(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, object]:
+    import json
+
+    out: dict[str, object] = {}
+    for item in value:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(raw)  # numbers, true/false, null
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+@click.command("precompute")
+@click.option("--teacher", required=True, help="Teacher weights: local directory or hub id.")
+@click.option("--teacher-name", default=None, help="Label for the teacher in the manifest (default: last part of --teacher).")
+@click.option("--gguf-file", default=None, help="GGUF file inside --teacher to load (dequantised).")
+@click.option("--revision", default=None, help="Hub revision of the teacher weights.")
+@click.option("--tokenizer", default=None, help="Tokenizer directory or hub id (default: the teacher's).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="hf", show_default=True,
+              help="hf: transformers (exact entropy, pooled states); vllm: optional extra, top-k log-probs only.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+              help="Teacher compute dtype; auto = bfloat16 on GPU, float32 on CPU.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (cuda:LOCAL_RANK if CUDA is available, else cpu), cpu, cuda or cuda:N.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub.")
+@click.option("--backend-option", "backend_options", multiple=True, callback=_options, metavar="KEY=VALUE",
+              help="Backend-specific setting, repeatable (vllm: tensor_parallel_size=2, hidden_from=hf, "
+                   "entropy=estimate|absent, gpu_memory_utilization=0.85, ...).")
+@click.option("--dataset", required=True,
+              help="Hub dataset id (streamed), or local .jsonl/.jsonl.gz/.parquet/.txt file(s): path, glob, "
+                   "directory, or comma-separated list. A .txt file gives one document per paragraph.")
+@click.option("--dataset-config", default=None, help="Hub dataset configuration (e.g. en for allenai/c4).")
+@click.option("--split", default="train", show_default=True, help="Hub dataset split.")
+@click.option("--dataset-revision", default=None, help="Hub dataset revision (recorded in the fingerprint).")
+@click.option("--text-field", default="text", show_default=True, help="Field holding the document text.")
+@click.option("--max-documents", type=int, default=None, help="Use at most this many documents.")
+@click.option("--max-tokens", type=int, default=None, help="Truncate the packed token stream at this many tokens.")
+@click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per packed sequence.")
+@click.option("--top-k", type=int, default=64, show_default=True, help="Top-k log-probs stored per token.")
+@click.option("--temperature", type=float, default=1.0, show_default=True,
+              help="Store log-probs and entropy of softmax(logits / temperature).")
+@click.option("--pool-layers", default="-1", show_default=True, callback=_layers,
+              help="Decoder blocks to mean-pool per sequence: comma list, negative from the end, 'none' for "
+                   "none. Layer i = transformers output_hidden_states[i+1] (last: after the final norm).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per teacher forward.")
+@click.option("--batch-tokens", type=int, default=None,
+              help="Tokens per teacher forward; overrides --batch-size with batch-tokens // seq-len.")
+@click.option("--head-chunk-size", type=int, default=1024, show_default=True,
+              help="Tokens per lm_head chunk (peak head memory ~ 2 x chunk x vocab x 4 bytes).")
+@click.option("--output", required=True, help="Output teacher directory (local path or fsspec URL).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="parquet", show_default=True,
+              help="Shard format.")
+@click.option("--shard-size", type=int, default=256, show_default=True, help="Sequences per shard file.")
+@click.option("--logprob-dtype", type=click.Choice(LOGPROB_DTYPES), default="float16", show_default=True,
+              help="Storage dtype of the top-k log-probs.")
+@click.option("--num-shards", type=int, default=None,
+              help="Number of node slices (default: WORLD_SIZE or SLURM_NTASKS, else 1).")
+@click.option("--shard-index", type=int, default=None,
+              help="This node's slice, 0-based (default: RANK or SLURM_PROCID, else 0).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+def precompute_cmd(**o: object) -> None:
+    """Stage one: run a teacher over a corpus and cache its top-k log-probs, entropy and pooled states.
+
+    Re-running the same command resumes: completed shards are verified and skipped.
+    """
+    from teachers.config import CorpusConfig, PrecomputeConfig, StorageConfig, TeacherConfig
+    from teachers.precompute import run_precompute
+
+    cfg = PrecomputeConfig(
+        corpus=CorpusConfig(dataset=o["dataset"], dataset_config=o["dataset_config"], split=o["split"],
+                            revision=o["dataset_revision"], text_field=o["text_field"],
+                            max_documents=o["max_documents"], max_tokens=o["max_tokens"]),
+        teacher=TeacherConfig(path=o["teacher"], name=o["teacher_name"], gguf_file=o["gguf_file"],
+                              revision=o["revision"], tokenizer=o["tokenizer"], backend=o["backend"],
+                              dtype=o["dtype"], device=o["device"], batch_size=o["batch_size"],
+                              batch_tokens=o["batch_tokens"], top_k=o["top_k"], temperature=o["temperature"],
+                              head_chunk_size=o["head_chunk_size"], pool_layers=o["pool_layers"],
+                              trust_remote_code=o["trust_remote_code"], backend_options=o["backend_options"]),
+        storage=StorageConfig(output=o["output"], format=o["fmt"], shard_size=o["shard_size"],
+                              logprob_dtype=o["logprob_dtype"]),
+        seq_len=o["seq_len"], num_shards=o["num_shards"], shard_index=o["shard_index"], progress=o["progress"],
+    )
+    manifest = run_precompute(cfg)
+    run = manifest.notes["this_run"]
+    click.echo(f"{manifest.teacher.name}: slice {manifest.slice_index}/{manifest.num_slices}, "
+               f"{len(manifest.shards)} shards, {manifest.num_sequences} sequences, "
+               f"{manifest.total_bytes / 1e6:.1f} MB -> {cfg.storage.output}; "
+               f"teacher {run['teacher_seconds']:.1f} s, writer wait {run['writer_wait_s']:.2f} s")

@@ -1,0 +1,190 @@
+"""Configuration of stage one (`precompute`): corpus, teacher, storage, and the run that ties them.
+
+The CLI maps its options onto these dataclasses one to one; `tiny()` is a seconds-long CPU preset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from storage.errors import ConfigError
+
+BACKENDS = ("hf", "vllm")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+FORMATS = ("parquet", "zarr")
+LOGPROB_DTYPES = ("float16", "float32")
+
+
+def _positive(name: str, value: int | None, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} is {value!r}, expected one of {', '.join(choices)}")
+
+
+@dataclass(kw_only=True)
+class CorpusConfig:
+    """Where the documents come from and how many to take."""
+
+    dataset: str
+    """Hub dataset id (streamed, e.g. `allenai/c4`), or local `.jsonl`, `.jsonl.gz`, `.parquet`, `.txt`
+    file(s): a path, a glob, a directory, or several separated by commas."""
+    dataset_config: str | None = None
+    """Hub dataset configuration name (e.g. `en`); hub datasets only."""
+    split: str = "train"
+    """Hub dataset split; hub datasets only."""
+    revision: str | None = None
+    """Hub dataset revision (commit or tag); recorded in the corpus fingerprint."""
+    text_field: str = "text"
+    """Column holding the document text (jsonl, parquet, hub)."""
+    max_documents: int | None = None
+    """Stop after this many documents (None: all)."""
+    max_tokens: int | None = None
+    """Truncate the packed token stream at this many tokens (None: all)."""
+
+    def __post_init__(self) -> None:
+        if not self.dataset or not self.dataset.strip():
+            raise ConfigError("dataset must name a hub dataset or local file(s)")
+        if not self.text_field:
+            raise ConfigError("text_field must not be empty")
+        _positive("max_documents", self.max_documents, optional=True)
+        _positive("max_tokens", self.max_tokens, optional=True)
+
+
+@dataclass(kw_only=True)
+class TeacherConfig:
+    """The teacher model and the targets computed from it."""
+
+    path: str
+    """Local directory or hub id of the teacher's weights."""
+    name: str | None = None
+    """Label for the teacher (manifest, logs); defaults to the last component of `path`."""
+    gguf_file: str | None = None
+    """GGUF file name inside `path` when the weights are GGUF (dequantised on load)."""
+    revision: str | None = None
+    """Hub revision of the weights."""
+    tokenizer: str | None = None
+    """Tokenizer directory or hub id; defaults to the teacher's own."""
+    backend: str = "hf"
+    """`hf` (transformers; exact entropy and pooled states) or `vllm` (optional extra)."""
+    dtype: str = "auto"
+    """Compute dtype: `auto` (bfloat16 on GPU, float32 on CPU), `float32`, `bfloat16`, `float16`."""
+    device: str = "auto"
+    """`auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:N`."""
+    batch_size: int = 8
+    """Sequences per teacher forward."""
+    batch_tokens: int | None = None
+    """If set, sequences per forward = max(1, batch_tokens // seq_len), overriding `batch_size`."""
+    top_k: int = 64
+    """Top-k next-token log-probs stored per position."""
+    temperature: float = 1.0
+    """Temperature tau: stored log-probs and entropy are those of softmax(logits / tau)."""
+    head_chunk_size: int = 1024
+    """Tokens per lm_head chunk in the targets head (peak memory ~ 2 x chunk x vocab x 4 bytes)."""
+    pool_layers: list[int] = field(default_factory=lambda: [-1])
+    """Decoder blocks whose outputs are mean-pooled per sequence (0-based, negative from the end); [] for none."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub (only for models that need it)."""
+    backend_options: dict[str, object] = field(default_factory=dict)
+    """Settings only one backend understands (`--backend-option KEY=VALUE`, e.g. vllm's
+    `tensor_parallel_size=2`); a backend refuses keys it does not know."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("teacher path must not be empty")
+        if self.name is None:
+            self.name = self.path.rstrip("/").split("/")[-1] or self.path
+        _choice("backend", self.backend, BACKENDS)
+        _choice("dtype", self.dtype, DTYPES)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device is {self.device!r}, expected auto, cpu, cuda or cuda:N")
+        _positive("batch_size", self.batch_size)
+        _positive("batch_tokens", self.batch_tokens, optional=True)
+        _positive("top_k", self.top_k)
+        _positive("head_chunk_size", self.head_chunk_size)
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ConfigError(f"temperature must be > 0, got {self.temperature!r}")
+        self.temperature = float(self.temperature)
+        if len(set(self.pool_layers)) != len(self.pool_layers):
+            raise ConfigError(f"pool_layers has duplicates: {self.pool_layers}")
+
+
+@dataclass(kw_only=True)
+class StorageConfig:
+    """Where and how the shards are written."""
+
+    output: str
+    """Teacher directory (local path or fsspec URL) receiving shards and manifest."""
+    format: str = "parquet"
+    """Shard format: `parquet` or `zarr`."""
+    shard_size: int = 256
+    """Sequences per shard file (the last shard may hold fewer)."""
+    logprob_dtype: str = "float16"
+    """Storage dtype of the top-k log-probs: `float16` or `float32`."""
+
+    def __post_init__(self) -> None:
+        if not self.output:
+            raise ConfigError("output must not be empty")
+        _choice("format", self.format, FORMATS)
+        _choice("logprob_dtype", self.logprob_dtype, LOGPROB_DTYPES)
+        _positive("shard_size", self.shard_size)
+
+
+@dataclass(kw_only=True)
+class PrecomputeConfig:
+    """One stage-one run: one teacher over one corpus, possibly one slice of many nodes."""
+
+    corpus: CorpusConfig
+    """Documents to pack."""
+    teacher: TeacherConfig
+    """Teacher and targets."""
+    storage: StorageConfig
+    """Output shards."""
+    seq_len: int = 2048
+    """Tokens per packed sequence (L)."""
+    num_shards: int | None = None
+    """Number of node slices (None: from WORLD_SIZE / SLURM_NTASKS, else 1)."""
+    shard_index: int | None = None
+    """This node's slice (None: from RANK / SLURM_PROCID, else 0)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        _positive("seq_len", self.seq_len)
+        if self.seq_len < 2:
+            raise ConfigError("seq_len must be at least 2")
+        _positive("num_shards", self.num_shards, optional=True)
+        if self.shard_index is not None and (not isinstance(self.shard_index, int) or self.shard_index < 0):
+            raise ConfigError(f"shard_index must be a non-negative integer, got {self.shard_index!r}")
+        if self.num_shards is not None and self.shard_index is not None and self.shard_index >= self.num_shards:
+            raise ConfigError(f"shard_index {self.shard_index} must be < num_shards {self.num_shards}")
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences per teacher forward after applying `batch_tokens`."""
+        if self.teacher.batch_tokens is not None:
+            return max(1, self.teacher.batch_tokens // self.seq_len)
+        return self.teacher.batch_size
+
+
+def tiny(teacher: str, dataset: str, output: str, **overrides: object) -> PrecomputeConfig:
+    """A CPU preset that runs in seconds on a tiny teacher: seq_len 32, k 8, shards of 4 sequences.
+
+    `overrides` may set any PrecomputeConfig field (e.g. `seq_len=64`, `num_shards=2`).
+    """
+    kwargs: dict[str, object] = dict(
+        corpus=CorpusConfig(dataset=dataset),
+        teacher=TeacherConfig(path=teacher, name="tiny", batch_size=4, top_k=8, head_chunk_size=64, device="cpu"),
+        storage=StorageConfig(output=output, shard_size=4),
+        seq_len=32,
+        num_shards=1,
+        shard_index=0,
+        progress=False,
+    )
+    kwargs.update(overrides)
+    return PrecomputeConfig(**kwargs)  # type: ignore[arg-type]

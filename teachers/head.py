@@ -1,0 +1,128 @@
+"""Targets head: top-k log-probs and exact entropy from final hidden states, one chunk of tokens at a time.
+
+For a chunk of C tokens, `z = lm_head(h) / tau` ([C, V] float32) and `exp(z - max z)` are the only
+vocab-wide tensors, so peak memory grows with `chunk_size * V` (about 2 x chunk x V x 4 bytes), never
+with N * V. One exp pass over the vocab per token. Per token:
+
+    lse     = logsumexp(z)                       # normaliser over the full vocab
+    topk    = the k largest z, sorted descending
+    logprob = topk_z - lse                       # true log-probs of softmax(z), not renormalised over k
+    entropy = lse - sum_v p_v z_v  (p = softmax(z)), evaluated on z - max z so no large terms cancel
+
+The matmul runs in the dtype of `hidden`/`weight` (bf16 on GPU, like the model's own lm_head); everything
+after it runs in float32. Optional logit transforms are applied in the model's order before tau:
+`+ bias`, `* logit_scale`, then soft-capping `cap * tanh(z / cap)`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+def targets_head(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    k: int,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    bias: torch.Tensor | None = None,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k ids, top-k log-probs and exact entropies of softmax(lm_head(hidden) / temperature).
+
+    hidden: [N, H] final hidden states (after the model's final norm); weight: [V, H] output embedding;
+    bias: [V] or None. Returns (topk_ids [N, k] int32, topk_logprobs [N, k] float32, entropy [N] float32),
+    on hidden's device; ids within a row are sorted by descending log-prob.
+    """
+    import torch
+
+    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [N, H] and [V, H]")
+    n, vocab = hidden.shape[0], weight.shape[0]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must be in 1..{vocab}, got {k}")
+    if chunk_size < 1 or temperature <= 0:
+        raise ValueError(f"chunk_size must be >= 1 and temperature > 0, got {chunk_size}, {temperature}")
+    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    device = hidden.device
+    out_ids = torch.empty((n, k), dtype=torch.int32, device=device)
+    out_lp = torch.empty((n, k), dtype=torch.float32, device=device)
+    out_ent = torch.empty((n,), dtype=torch.float32, device=device)
+    inv_tau = 1.0 / float(temperature)
+    with torch.inference_mode():
+        for start in range(0, n, chunk_size):
+            stop = min(n, start + chunk_size)
+            z = _chunk_logits(hidden[start:stop], weight, bias, logit_scale, softcap, inv_tau)  # [C, V] f32
+            top_z, top_i = torch.topk(z, k, dim=-1, sorted=True)  # [C, k]
+            peak = z.amax(dim=-1, keepdim=True)  # [C, 1]
+            shifted = z.sub_(peak)  # in place, <= 0: z itself is not needed any more
+            e = shifted.exp()  # [C, V], the only exp pass over the vocab
+            total = e.sum(dim=-1)  # [C]
+            log_total = total.log()
+            # H = lse - sum p z, written with the shifted logits so no large terms cancel
+            # sum(p z') in place over e (no [C, V] temporary); torch's sum is pairwise, unlike a float32 gemv
+            # dot product whose sequential accumulation over ~50k terms loses ~1e-4 relative here
+            out_ent[start:stop] = log_total - e.mul_(shifted).sum(dim=-1) / total
+            out_lp[start:stop] = top_z - (peak + log_total.unsqueeze(-1))
+            out_ids[start:stop] = top_i.to(torch.int32)
+            del z, shifted, e
+    return out_ids, out_lp, out_ent
+
+
+def _chunk_logits(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    logit_scale: float | None,
+    softcap: float | None,
+    inv_tau: float,
+) -> torch.Tensor:
+    """[C, V] float32 logits / tau for one chunk of hidden states [C, H]."""
+    import torch
+
+    z = h @ weight.T
+    z = z.float() if z.dtype != torch.float32 else z
+    if bias is not None:
+        z.add_(bias.float())
+    if logit_scale is not None:
+        z.mul_(float(logit_scale))
+    if softcap is not None:
+        z.div_(softcap).tanh_().mul_(softcap)
+    if inv_tau != 1.0:
+        z.mul_(inv_tau)
+    return z
+
+
+def dense_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    k: int,
+    temperature: float = 1.0,
+    bias: torch.Tensor | None = None,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Naive float64 reference (full [N, V] log-softmax); for tests and benchmarks only.
+
+    Returns (topk_ids [N, k] int64, topk_logprobs [N, k] f64, entropy [N] f64, full log-probs [N, V] f64).
+    """
+    import torch
+
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    if logit_scale is not None:
+        z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    logp = torch.log_softmax(z / temperature, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    top_lp, top_i = torch.topk(logp, k, dim=-1)
+    return top_i, top_lp, entropy, logp

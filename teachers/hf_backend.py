@@ -1,0 +1,221 @@
+"""transformers backend: any `AutoModelForCausalLM` (local directory, hub id, or GGUF file).
+
+Runs the model's backbone (`model.base_model`) for the final hidden states, never the full logits, and
+feeds them with the output embedding weight to the chunked targets head. Pooled states of layers other
+than the last come from forward hooks on those decoder blocks only (see teachers/backends.py for the layer
+convention). Before the first batch the backend checks, on a short prefix, that the model's own logits
+equal `lm_head(final hidden)` after the logit transforms it knows (bias, logit scale, soft-capping), and
+refuses a model that applies anything else.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from storage.errors import ConfigError
+from storage.manifest import TeacherInfo
+from storage.records import TeacherTargets
+from teachers.backends import resolve_layers
+from teachers.config import TeacherConfig
+from teachers.errors import TeacherLoadError
+from teachers.head import targets_head
+from teachers.packing import PackedBatch
+
+_LAYER_PATHS = ("layers", "h", "blocks", "decoder.layers", "transformer.h", "encoder.layers")
+_CHECK_TOKENS = 32
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> cuda:(LOCAL_RANK or SLURM_LOCALID, modulo visible GPUs) when CUDA is available, else cpu."""
+    import torch
+
+    if device == "auto":
+        if not torch.cuda.is_available():
+            return "cpu"
+        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        return f"cuda:{local % torch.cuda.device_count()}"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TeacherLoadError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`auto` -> bfloat16 on GPU, float32 on CPU."""
+    if dtype == "auto":
+        return "float32" if device == "cpu" else "bfloat16"
+    return dtype
+
+
+def decoder_layers(backbone: Any) -> Any:
+    """The backbone's list of decoder blocks (an nn.ModuleList); TeacherLoadError when not found."""
+    for path in _LAYER_PATHS:
+        obj = backbone
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is not None and hasattr(obj, "__len__") and len(obj) > 0:
+            return obj
+    raise TeacherLoadError(f"cannot find the decoder blocks of {type(backbone).__name__} (looked for "
+                           f"{', '.join(_LAYER_PATHS)})")
+
+
+class HFBackend:
+    """TeacherBackend over a transformers causal LM."""
+
+    def __init__(self, cfg: TeacherConfig) -> None:
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        self.cfg = cfg
+        if cfg.backend_options:
+            raise ConfigError(f"the hf backend takes no backend options, got {sorted(cfg.backend_options)}")
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        kwargs: dict[str, Any] = dict(revision=cfg.revision, dtype=getattr(torch, self.dtype),
+                                      trust_remote_code=cfg.trust_remote_code)
+        if cfg.gguf_file:
+            kwargs["gguf_file"] = cfg.gguf_file
+        if self.device.startswith("cuda"):
+            kwargs["device_map"] = self.device
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TeacherLoadError(f"cannot load teacher {cfg.path!r}: {first}") from None
+        self.model = model.eval().to(self.device)
+        self.backbone = model.base_model
+        head = model.get_output_embeddings()
+        if self.backbone is model or head is None or getattr(head, "weight", None) is None:
+            raise TeacherLoadError(f"{type(model).__name__} has no separate backbone and lm_head; the hf "
+                                   "backend needs both")
+        self.weight = head.weight.detach()  # [V, H]
+        self.bias = head.bias.detach() if getattr(head, "bias", None) is not None else None
+        config = model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.softcap = getattr(text_config, "final_logit_softcapping", None)
+        scale = getattr(text_config, "logit_scale", None)  # Cohere: logits * logit_scale
+        if getattr(text_config, "logits_scaling", None):  # Granite: logits / logits_scaling
+            scale = 1.0 / float(text_config.logits_scaling)
+        self.logit_scale = float(scale) if scale is not None else None
+        layers = decoder_layers(self.backbone)
+        self.num_layers = len(layers)
+        self.pooled_layers = resolve_layers(list(cfg.pool_layers), self.num_layers)
+        self.hidden_size = int(self.weight.shape[1])
+        self.vocab_size = int(self.weight.shape[0])
+        self.entropy_kind = "exact"
+        self.pooled_dims = {layer: self.hidden_size for layer in self.pooled_layers}
+        self._captured: dict[int, Any] = {}
+        self._hooks = [layers[i].register_forward_hook(self._hook(i)) for i in self.pooled_layers
+                       if i != self.num_layers - 1]  # the last layer is the backbone's output
+        self._checked = False
+        self.profile = False
+        """When True, `timings` accumulates seconds in the backbone and in the head (synchronising CUDA)."""
+        self.timings = {"backbone_s": 0.0, "head_s": 0.0, "tokens": 0}
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.notes: dict[str, Any] = {
+            "transformers": transformers.__version__, "torch": torch.__version__, "device": self.device,
+            "head_chunk_size": cfg.head_chunk_size, "model_class": type(model).__name__,
+            "pooled_layer_meaning": "mean over the sequence of transformers output_hidden_states[i + 1]",
+            "logit_transforms": {"bias": self.bias is not None, "logit_scale": self.logit_scale,
+                                 "softcap": self.softcap},
+        }
+
+    def _hook(self, layer: int) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            h = output[0] if isinstance(output, tuple) else output  # [B, L, H]
+            self._captured[layer] = h.float().mean(dim=1)
+        return hook
+
+    def info(self) -> TeacherInfo:
+        return TeacherInfo(name=self.cfg.name or self.cfg.path, path=self.cfg.path, revision=self.cfg.revision,
+                           gguf_file=self.cfg.gguf_file, dtype=self.dtype, backend="hf",
+                           num_params=self.num_params, num_layers=self.num_layers, hidden_size=self.hidden_size)
+
+    def final_hidden(self, input_ids: Any) -> Any:
+        """[B, L, H] final hidden states (after the final norm) for [B, L] int64 ids."""
+        return self.backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    def compute(self, batch: PackedBatch) -> TeacherTargets:
+        import torch
+
+        top = int(batch.input_ids.max(initial=0))
+        if top >= self.vocab_size:
+            raise TeacherLoadError(f"token id {top} is outside the teacher's vocab ({self.vocab_size}); "
+                                   "the tokenizer does not belong to this teacher")
+        k, b, seq_len = self.cfg.top_k, len(batch), batch.input_ids.shape[1]
+        ids = torch.from_numpy(np.ascontiguousarray(batch.input_ids)).to(self.model.device, torch.long)
+        with torch.inference_mode():
+            if not self._checked:
+                self._self_check(ids[:1, :_CHECK_TOKENS])
+            self._captured.clear()
+            t0 = self._clock()
+            hidden = self.final_hidden(ids)  # [B, L, H] model dtype
+            t1 = self._clock()
+            top_ids, top_lp, entropy = targets_head(
+                hidden.reshape(b * seq_len, -1).to(self.weight.device), self.weight, k=k,
+                temperature=self.cfg.temperature, chunk_size=self.cfg.head_chunk_size, bias=self.bias,
+                logit_scale=self.logit_scale, softcap=self.softcap)
+            if self.profile:
+                self.timings["backbone_s"] += t1 - t0
+                self.timings["head_s"] += self._clock() - t1
+                self.timings["tokens"] += b * seq_len
+            pooled = {}
+            for layer in self.pooled_layers:
+                state = hidden.float().mean(dim=1) if layer == self.num_layers - 1 else self._captured[layer]
+                pooled[layer] = state.cpu().numpy()  # [B, d] float32
+        return TeacherTargets(
+            seq_ids=np.asarray(batch.seq_ids, dtype=np.int64),
+            input_ids=np.asarray(batch.input_ids, dtype=np.int32),
+            topk_ids=top_ids.reshape(b, seq_len, k).cpu().numpy(),
+            topk_logprobs=top_lp.reshape(b, seq_len, k).cpu().numpy(),
+            entropy=entropy.reshape(b, seq_len).cpu().numpy(),
+            pooled=pooled,
+        )
+
+    def _clock(self) -> float:
+        import time
+
+        import torch
+
+        if self.profile and self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def pooled(self, input_ids: np.ndarray) -> dict[int, np.ndarray]:
+        """Only the pooled states ({layer: [B, d] float32}) for [B, L] ids; for backends without hidden states."""
+        import torch
+
+        ids = torch.from_numpy(np.ascontiguousarray(input_ids)).to(self.model.device, torch.long)
+        with torch.inference_mode():
+            self._captured.clear()
+            hidden = self.final_hidden(ids)
+            return {layer: (hidden.float().mean(dim=1) if layer == self.num_layers - 1 else self._captured[layer])
+                    .cpu().numpy() for layer in self.pooled_layers}
+
+    def _self_check(self, ids: Any) -> None:
+        """Refuse a model whose logits are not lm_head(final hidden) with the known transforms."""
+        import torch
+
+        self._checked = True
+        k = min(8, self.vocab_size)
+        logits = self.model(input_ids=ids, use_cache=False).logits[0].float()  # [n, V]
+        ref = torch.log_softmax(logits, dim=-1)
+        h = self.final_hidden(ids)[0].to(self.weight.device)
+        top_ids, top_lp, _ = targets_head(h, self.weight, k=k, temperature=1.0, chunk_size=self.cfg.head_chunk_size,
+                                          bias=self.bias, logit_scale=self.logit_scale, softcap=self.softcap)
+        ref_lp = ref.to(top_lp.device).gather(-1, top_ids.long())
+        err = float((ref_lp - top_lp).abs().max())
+        tol = 1e-3 if self.dtype == "float32" else 0.1
+        if not err <= tol:
+            raise TeacherLoadError(
+                f"{type(self.model).__name__}: logits are not lm_head(final hidden state) with the transforms "
+                f"this backend knows (max |log p difference| {err:.3g} > {tol}); refusing to store wrong targets")
+        self._captured.clear()
+
+
+def create_backend(cfg: TeacherConfig, *, seq_len: int) -> HFBackend:
+    """Entry point used by teachers.backends.create_backend (seq_len is not needed by this backend)."""
+    return HFBackend(cfg)

@@ -1,0 +1,52 @@
+"""Which node slice this process computes: `--num-shards N --shard-index i`, or the launcher's environment.
+
+Slice s of N owns the global shards g with g % N == s (storage/manifest.py), so slices are disjoint and
+their union is the whole run. Defaults, in order: explicit options; torchrun (`RANK`, `WORLD_SIZE`);
+SLURM (`SLURM_PROCID`, `SLURM_NTASKS`); else a single slice.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from storage.errors import ConfigError
+
+_ENV_PAIRS = (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"))
+
+
+def resolve_slice(num_shards: int | None = None, shard_index: int | None = None,
+                  env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(shard_index, num_shards) for this process; ConfigError on inconsistent values."""
+    env = os.environ if env is None else env
+    source = "--num-shards/--shard-index"
+    if num_shards is None or shard_index is None:
+        for rank_var, size_var in _ENV_PAIRS:
+            if rank_var in env and size_var in env:
+                try:
+                    rank, size = int(env[rank_var]), int(env[size_var])
+                except ValueError:
+                    raise ConfigError(f"{rank_var}={env[rank_var]!r} / {size_var}={env[size_var]!r} "
+                                      "are not integers") from None
+                if num_shards is None:
+                    num_shards = size
+                if shard_index is None:
+                    shard_index = rank
+                source = f"{rank_var}/{size_var}"
+                break
+    if num_shards is None:
+        num_shards = 1
+    if shard_index is None:
+        if num_shards != 1:
+            raise ConfigError(f"--num-shards {num_shards} needs --shard-index (or RANK / SLURM_PROCID)")
+        shard_index = 0
+    if num_shards < 1:
+        raise ConfigError(f"number of slices must be >= 1, got {num_shards} (from {source})")
+    if not 0 <= shard_index < num_shards:
+        raise ConfigError(f"slice index {shard_index} is outside 0..{num_shards - 1} (from {source})")
+    return shard_index, num_shards
+
+
+def owns_shard(shard: int, shard_index: int, num_shards: int) -> bool:
+    """True when global shard `shard` belongs to slice `shard_index` of `num_shards`."""
+    return shard % num_shards == shard_index

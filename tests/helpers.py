@@ -1,0 +1,152 @@
+"""Shared test fixtures: tiny tokenizers, tiny random teachers, small corpora.
+
+Everything is built locally in a few seconds (no hub access):
+
+    texts = sample_texts(200, seed=0)
+    tok_dir = train_tiny_tokenizer(tmp / "tok", texts, vocab_size=512)
+    teacher = make_tiny_teacher(tmp / "teacher", 512, seed=1, tokenizer_dir=tok_dir)
+    corpus = write_jsonl_corpus(tmp / "corpus.jsonl", texts)
+
+A teacher directory made this way holds the model and its tokenizer, so `--teacher DIR` is enough.
+Teachers built with the same tokenizer share its fingerprint and can be joined in stage two.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+
+_WORDS = (
+    "the a of and to in is was for on that with as by at from it be this which are or his her they an "
+    "time year people way day man thing woman life child world school state family student group country "
+    "problem hand part place case week company system program question work government number night point "
+    "home water room mother area money story fact month lot right study book eye job word business issue "
+    "side kind head house service friend father power hour game line end member law car city community "
+    "name president team minute idea kid body information back parent face others level office door health "
+    "person art war history party result change morning reason research girl guy moment air teacher force "
+    "education good new first last long great little own other old right big high different small large "
+    "next early young important few public bad same able said made went took came saw knew found gave told "
+    "became left felt brought began kept held stood heard let meant set met ran paid sat spoke lay led read"
+).split()
+
+
+def sample_texts(n: int, seed: int = 0, *, min_words: int = 8, max_words: int = 60) -> list[str]:
+    """`n` deterministic pseudo-English documents (one to a few sentences each)."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(min_words, max_words))]
+        sentences, start = [], 0
+        while start < len(words):
+            stop = min(len(words), start + rng.randint(5, 15))
+            chunk = words[start:stop]
+            sentences.append(" ".join(chunk).capitalize() + rng.choice([".", ".", ".", "?", "!"]))
+            start = stop
+        texts.append(" ".join(sentences))
+    return texts
+
+
+def train_tiny_tokenizer(directory: str | Path, texts: list[str], vocab_size: int = 512) -> Path:
+    """Train a byte-level BPE tokenizer on `texts` and save it (transformers format) in `directory`.
+
+    Special tokens: `<|endoftext|>` (id 0, EOS and BOS) and `<|pad|>` (id 1). Byte-level, so any text
+    tokenizes. Returns `directory`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+    )
+    fast.save_pretrained(directory)
+    return directory
+
+
+def make_tiny_teacher(
+    directory: str | Path,
+    vocab: int = 512,
+    seed: int = 0,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    tie_word_embeddings: bool = False,
+) -> Path:
+    """Save a random Llama-style causal LM (float32) in `directory`; returns `directory`.
+
+    `vocab` is the model's vocab size (must be >= the tokenizer's). With `tokenizer_dir`, the tokenizer
+    is copied next to the weights and EOS/BOS/PAD ids are set from it.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    special = {}
+    tok = None
+    if tokenizer_dir is not None:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        if len(tok) > vocab:
+            raise ValueError(f"tokenizer has {len(tok)} tokens, more than vocab={vocab}")
+        special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=tie_word_embeddings,
+        **special,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    # Random init gives nearly uniform distributions; widen the logits so top-k and entropy are non-trivial.
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    model.save_pretrained(directory)
+    if tok is not None:
+        tok.save_pretrained(directory)
+    return directory
+
+
+def write_jsonl_corpus(path: str | Path, texts: list[str], *, field: str = "text") -> Path:
+    """Write one JSON object per line (`{field: text}`); gzip-compressed when `path` ends in `.gz`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps({field: t, "id": i}) + "\n" for i, t in enumerate(texts))
+    if path.suffix == ".gz":
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(lines)
+    else:
+        path.write_text(lines, encoding="utf-8")
+    return path
+
+
+def make_tiny_setup(root: str | Path, *, n_docs: int = 200, vocab: int = 512, seed: int = 0) -> tuple[Path, Path]:
+    """Tokenizer + tiny teacher + jsonl corpus under `root`; returns (teacher_dir, corpus_path)."""
+    root = Path(root)
+    texts = sample_texts(n_docs, seed=seed)
+    tok_dir = train_tiny_tokenizer(root / "tokenizer", texts, vocab_size=vocab)
+    teacher = make_tiny_teacher(root / "teacher", vocab, seed=seed + 1, tokenizer_dir=tok_dir)
+    corpus = write_jsonl_corpus(root / "corpus.jsonl", texts)
+    return teacher, corpus

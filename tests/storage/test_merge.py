@@ -1,0 +1,110 @@
+"""merge_manifests / open_manifest / write_merged: slices join into one manifest or are refused by name."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from storage_helpers import make_header, write_run
+
+from storage.errors import ManifestError, MismatchError
+from storage.manifest import ShardInfo
+from storage.merge import merge_manifests, open_manifest, write_merged
+
+
+def _slice(index: int, num: int, shards: list[tuple[int, int]], **kw):
+    """A slice manifest listing (global index, rows) shards."""
+    m = make_header(slice_index=index, num_slices=num, **kw)
+    m.shards = [ShardInfo(index=g, file=f"shard-{g:06d}.parquet", rows=r, first_seq_id=g * 8,
+                          last_seq_id=g * 8 + r - 1, bytes=100 + g, sha256=f"{g:064x}") for g, r in shards]
+    return m
+
+
+def test_two_slices_equal_one_whole(tmp_path):
+    rows = [8, 8, 8, 5]
+    whole, _ = write_run(str(tmp_path / "whole"), make_header(), rows=rows)
+    slices = [write_run(str(tmp_path / "sliced"), make_header(slice_index=s, num_slices=2), rows=rows)[0]
+              for s in range(2)]
+    merged = merge_manifests(slices)
+    assert merged.shards == whole.shards
+    assert (merged.slice_index, merged.num_slices) == (0, 1)
+    assert merged.notes["merged_from_slices"] == 2
+    assert merge_manifests(list(reversed(slices))).shards == whole.shards  # order of inputs does not matter
+    plain = copy.deepcopy(merged)
+    plain.notes = {}
+    assert plain == whole
+
+    assert not (tmp_path / "sliced" / "manifest.json").exists()
+    assert open_manifest(str(tmp_path / "sliced")).shards == whole.shards
+    written = write_merged(str(tmp_path / "sliced"))
+    assert (tmp_path / "sliced" / "manifest.json").exists()
+    assert open_manifest(str(tmp_path / "sliced")) == written
+
+
+def test_missing_range_named():
+    a = _slice(0, 2, [(0, 8), (4, 8)])
+    b = _slice(1, 2, [(1, 8), (5, 3)])
+    with pytest.raises(ManifestError, match=r"seq ids 16\.\.31 \(shards 2\.\.3\) are missing"):
+        merge_manifests([a, b])
+    b = _slice(1, 2, [(1, 8), (3, 8), (5, 3)])
+    with pytest.raises(ManifestError, match=r"seq ids 16\.\.23 \(shard 2\) are missing"):
+        merge_manifests([a, b])
+
+
+def test_partial_shard_that_is_not_last_refused():
+    a = _slice(0, 2, [(0, 8), (2, 8)])
+    b = _slice(1, 2, [(1, 5), (3, 1)])
+    with pytest.raises(ManifestError, match=r"seq ids 13\.\.15 \(shard 1\) are missing .*holds 5 of 8 rows"):
+        merge_manifests([a, b])
+
+
+def test_overlap_named():
+    a = _slice(0, 1, [(0, 8), (1, 8)])
+    b = _slice(0, 1, [(1, 8)])
+    b.slice_index = 0
+    with pytest.raises(ManifestError, match="slice 0 of 1 appears twice"):
+        merge_manifests([a, b])
+    # two slices of a run listing the same shard (e.g. slices launched with a wrong --num-shards)
+    a = _slice(0, 2, [(0, 8), (2, 8)])
+    b = _slice(1, 2, [(1, 8)])
+    b.shards.append(copy.deepcopy(a.shards[1]))
+    with pytest.raises(ManifestError, match=r"seq ids 16\.\.23 \(shard 2\) overlap: listed by a and by b"):
+        merge_manifests([a, b], sources=["a", "b"])
+
+
+def test_run_field_mismatch_named():
+    a = _slice(0, 2, [(0, 8)])
+    b = _slice(1, 2, [(1, 8)], top_k=8)
+    with pytest.raises(MismatchError, match=r"'top_k': 4 vs 8") as info:
+        merge_manifests([a, b])
+    assert info.value.field == "top_k"
+    b = _slice(1, 2, [(1, 8)], pooled={2: 8, 5: 16})
+    with pytest.raises(MismatchError, match="'pooled_dims'"):
+        merge_manifests([a, b])
+
+
+def test_num_slices_disagreement_and_missing_slice():
+    a = _slice(0, 2, [(0, 8)])
+    b = _slice(1, 3, [(1, 8)])
+    with pytest.raises(MismatchError, match=r"'num_slices': 2 vs 3"):
+        merge_manifests([a, b])
+    with pytest.raises(ManifestError, match=r"slice\(s\) \[1\] of 2 are missing \(manifest-slice-00001-of-00002"):
+        merge_manifests([a])
+    with pytest.raises(ManifestError, match="no manifests"):
+        merge_manifests([])
+
+
+def test_slice_file_names_must_agree(tmp_path):
+    write_run(str(tmp_path), make_header(slice_index=0, num_slices=2), rows=[8, 8])
+    write_run(str(tmp_path), make_header(slice_index=1, num_slices=2), rows=[8, 8])
+    (tmp_path / "manifest-slice-00001-of-00002.json").rename(tmp_path / "manifest-slice-00001-of-00003.json")
+    with pytest.raises(ManifestError, match=r"disagree on the number of slices: \[2, 3\]"):
+        open_manifest(str(tmp_path))
+
+
+def test_memory_url(memory_url):
+    for s in range(2):
+        write_run(memory_url, make_header(slice_index=s, num_slices=2), rows=[8, 8, 1])
+    merged = write_merged(memory_url)
+    assert [s.index for s in merged.shards] == [0, 1, 2] and merged.num_sequences == 17
+    assert open_manifest(memory_url) == merged

@@ -1,0 +1,124 @@
+"""Parquet shards: round trip, plain-pyarrow readability, layout, determinism, corruption detection."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from storage_helpers import assert_targets_equal, flip_byte, make_header, make_targets, truncate, write_run
+
+from storage.errors import ShardCorruptError
+from storage.reader import TeacherDataset
+
+
+@pytest.mark.parametrize("logprob_dtype", ["float16", "float32"])
+@pytest.mark.parametrize("entropy_kind", ["exact", "absent"])
+@pytest.mark.parametrize("pooled", [{}, {3: 8, 7: 12, 11: 4}])
+def test_round_trip_bit_for_bit(tmp_path, logprob_dtype, entropy_kind, pooled):
+    header = make_header(logprob_dtype=logprob_dtype, entropy_kind=entropy_kind, pooled=pooled)
+    manifest, written = write_run(str(tmp_path), header)
+    ds = TeacherDataset.open(str(tmp_path))
+    assert len(ds) == len(written) == 19
+    assert_targets_equal(ds.read(np.arange(len(ds))), written, header)
+    assert [s.rows for s in manifest.shards] == [8, 8, 3]
+
+
+def test_memory_url_round_trip(memory_url):
+    header = make_header()
+    _, written = write_run(memory_url, header)
+    ds = TeacherDataset.open(memory_url)
+    assert_targets_equal(ds.read(np.arange(len(ds))), written, header)
+
+
+def test_plain_pyarrow_reads_a_shard(tmp_path):
+    """What the README shows: no project code needed to read a shard."""
+    header = make_header(seq_len=16, top_k=4)
+    _, written = write_run(str(tmp_path), header)
+
+    table = pq.read_table(tmp_path / "shard-000001.parquet")
+    L, k = 16, 4
+    topk_ids = table["topk_ids"].combine_chunks().flatten().to_numpy().reshape(-1, L, k)
+    logprobs = table["topk_logprobs"].combine_chunks().flatten().to_numpy().reshape(-1, L, k)
+
+    np.testing.assert_array_equal(table["seq_id"].to_numpy(), np.arange(8, 16))
+    np.testing.assert_array_equal(topk_ids, written.topk_ids[8:16])
+    np.testing.assert_array_equal(logprobs, written.topk_logprobs[8:16].astype(np.float16))
+    assert table.schema.field("topk_logprobs").type.list_size == L * k
+
+
+def test_layout_row_group_per_sequence_no_dictionary(tmp_path):
+    header = make_header()
+    write_run(str(tmp_path), header)
+    meta = pq.ParquetFile(tmp_path / "shard-000000.parquet").metadata
+    assert meta.num_row_groups == header.shard_size
+    for i in range(meta.num_columns):
+        col = meta.row_group(0).column(i)
+        assert col.compression == "ZSTD"
+        assert not any("DICT" in e for e in col.encodings), (col.path_in_schema, col.encodings)
+    encodings = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i).encodings
+                 for i in range(meta.num_columns)}
+    assert "BYTE_STREAM_SPLIT" in encodings["topk_logprobs.list.element"]
+
+
+def test_same_data_same_bytes(tmp_path):
+    header = make_header()
+    a, _ = write_run(str(tmp_path / "a"), header)
+    b, _ = write_run(str(tmp_path / "b"), header)
+    assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+
+
+def _column_chunk_middle(path, row_group: int, column: str) -> int:
+    meta = pq.ParquetFile(path).metadata.row_group(row_group)
+    for i in range(meta.num_columns):
+        col = meta.column(i)
+        if col.path_in_schema == f"{column}.list.element":
+            return col.data_page_offset + col.total_compressed_size // 2
+    raise AssertionError(column)
+
+
+def test_flipped_byte_detected_without_verify(tmp_path):
+    header = make_header()
+    write_run(str(tmp_path), header)
+    path = str(tmp_path / "shard-000001.parquet")
+    flip_byte(path, _column_chunk_middle(path, 2, "topk_logprobs"))
+    ds = TeacherDataset.open(str(tmp_path), verify=False)
+    ds.read_columns([8 + 1])  # an untouched row group still reads
+    with pytest.raises(ShardCorruptError, match=r"shard-000001\.parquet.*(checksum|CRC|decode)"):
+        ds.read_columns([8 + 2])
+    with pytest.raises(ShardCorruptError, match=r"shard-000001\.parquet: sha256"):
+        TeacherDataset.open(str(tmp_path))
+
+
+def test_truncated_file_detected_without_verify(tmp_path):
+    header = make_header()
+    write_run(str(tmp_path), header)
+    path = str(tmp_path / "shard-000000.parquet")
+    truncate(path, os.path.getsize(path) // 2)
+    ds = TeacherDataset.open(str(tmp_path), verify=False)
+    with pytest.raises(ShardCorruptError, match=r"shard-000000\.parquet: not a readable Parquet file"):
+        ds.read_columns([0])
+    with pytest.raises(ShardCorruptError, match=r"shard-000000\.parquet: size is \d+ bytes"):
+        TeacherDataset.open(str(tmp_path))
+
+
+def test_rows_differ_from_manifest(tmp_path):
+    """A shard replaced by another valid shard is refused on read (rows) even without verify."""
+    header = make_header()
+    write_run(str(tmp_path), header)
+    os.replace(tmp_path / "shard-000002.parquet", tmp_path / "shard-000001.parquet")
+    ds = TeacherDataset.open(str(tmp_path), verify=False)
+    with pytest.raises(ShardCorruptError, match=r"shard-000001\.parquet: has 3 rows, the manifest says 8"):
+        ds.read_columns([8])
+
+
+def test_float16_input_is_kept_exactly(tmp_path):
+    header = make_header(logprob_dtype="float16")
+    targets = make_targets(header, 0, logprob_dtype=np.float16)
+    from storage.writer import TargetsWriter
+
+    with TargetsWriter(str(tmp_path), header) as w:
+        w.write_shard(0, targets)
+    got = TeacherDataset.open(str(tmp_path)).read_columns([3], ["topk_logprobs"])["topk_logprobs"]
+    assert got.dtype == np.float16 and got.tobytes() == targets.topk_logprobs[3:4].tobytes()

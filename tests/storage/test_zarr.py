@@ -1,0 +1,114 @@
+"""Zarr v3 shards: round trip, plain-zarr readability, layout, determinism, corruption detection."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import zarr
+from storage_helpers import assert_targets_equal, flip_byte, make_header, truncate, write_run
+
+from storage.errors import ShardCorruptError
+from storage.reader import TeacherDataset
+
+
+@pytest.mark.parametrize("logprob_dtype", ["float16", "float32"])
+@pytest.mark.parametrize("entropy_kind", ["exact", "absent"])
+@pytest.mark.parametrize("pooled", [{}, {3: 8, 7: 12}])
+def test_round_trip_bit_for_bit(tmp_path, logprob_dtype, entropy_kind, pooled):
+    header = make_header(fmt="zarr", logprob_dtype=logprob_dtype, entropy_kind=entropy_kind, pooled=pooled)
+    manifest, written = write_run(str(tmp_path), header)
+    ds = TeacherDataset.open(str(tmp_path))
+    assert_targets_equal(ds.read(np.arange(len(ds))), written, header)
+    assert [s.file for s in manifest.shards] == [f"shard-00000{i}.zarr" for i in range(3)]
+
+
+def test_memory_url_round_trip(memory_url):
+    header = make_header(fmt="zarr")
+    _, written = write_run(memory_url, header)
+    ds = TeacherDataset.open(memory_url)
+    order = np.array([18, 0, 9, 9, 3])
+    assert_targets_equal(ds.read(order), _take(written, order), header)
+
+
+def _take(t, idx):
+    from storage.records import TeacherTargets
+
+    return TeacherTargets(seq_ids=t.seq_ids[idx], input_ids=t.input_ids[idx], topk_ids=t.topk_ids[idx],
+                          topk_logprobs=t.topk_logprobs[idx], entropy=t.entropy[idx],
+                          pooled={k: v[idx] for k, v in t.pooled.items()})
+
+
+def test_plain_zarr_reads_a_shard(tmp_path):
+    """What the README shows: no project code needed to read a shard."""
+    header = make_header(fmt="zarr", seq_len=16, top_k=4)
+    _, written = write_run(str(tmp_path), header)
+
+    group = zarr.open_group(str(tmp_path / "shard-000001.zarr"), mode="r")
+    topk_ids = group["topk_ids"][:]          # [N, L, k] int32
+    logprobs = group["topk_logprobs"][2]     # [L, k] of the third sequence
+
+    np.testing.assert_array_equal(group["seq_id"][:], np.arange(8, 16))
+    np.testing.assert_array_equal(topk_ids, written.topk_ids[8:16])
+    np.testing.assert_array_equal(logprobs, written.topk_logprobs[10].astype(np.float16))
+    assert group["pooled_5"].shape == (8, 12)
+    assert group.attrs["distill.shard_index"] == 1
+
+
+def test_layout_chunked_by_sequence(tmp_path):
+    header = make_header(fmt="zarr")
+    write_run(str(tmp_path), header)
+    group = zarr.open_group(str(tmp_path / "shard-000000.zarr"), mode="r")
+    assert group["topk_ids"].chunks == (1, 16, 4)
+    assert group["input_ids"].chunks == (1, 16)
+    assert group["seq_id"].chunks == (8,)
+    assert [c.to_dict()["name"] for c in group["topk_logprobs"].compressors] == ["blosc", "crc32c"]
+
+
+def test_same_data_same_bytes(tmp_path):
+    header = make_header(fmt="zarr")
+    a, _ = write_run(str(tmp_path / "a"), header)
+    b, _ = write_run(str(tmp_path / "b"), header)
+    assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+
+
+def test_flipped_byte_detected_without_verify(tmp_path):
+    write_run(str(tmp_path), make_header(fmt="zarr"))
+    chunk = str(tmp_path / "shard-000001.zarr" / "topk_logprobs" / "c" / "2" / "0" / "0")
+    flip_byte(chunk, os.path.getsize(chunk) // 2)
+    ds = TeacherDataset.open(str(tmp_path), verify=False)
+    ds.read_columns([9], ["topk_logprobs"])
+    with pytest.raises(ShardCorruptError, match=r"shard-000001\.zarr: cannot decode array 'topk_logprobs'"):
+        ds.read_columns([10], ["topk_logprobs"])
+    with pytest.raises(ShardCorruptError, match=r"shard-000001\.zarr: sha256"):
+        TeacherDataset.open(str(tmp_path))
+
+
+def test_truncated_chunk_detected_without_verify(tmp_path):
+    write_run(str(tmp_path), make_header(fmt="zarr"))
+    chunk = str(tmp_path / "shard-000000.zarr" / "topk_ids" / "c" / "4" / "0" / "0")
+    truncate(chunk, os.path.getsize(chunk) // 2)
+    ds = TeacherDataset.open(str(tmp_path), verify=False)
+    with pytest.raises(ShardCorruptError, match=r"shard-000000\.zarr: cannot decode array 'topk_ids'"):
+        ds.read_columns([4])
+    with pytest.raises(ShardCorruptError, match=r"shard-000000\.zarr: size is \d+ bytes"):
+        TeacherDataset.open(str(tmp_path))
+
+
+def test_missing_chunk_detected_without_verify(tmp_path):
+    """zarr would silently return the fill value for a missing chunk; the reader refuses instead."""
+    write_run(str(tmp_path), make_header(fmt="zarr"))
+    os.remove(tmp_path / "shard-000000.zarr" / "entropy" / "c" / "5" / "0")
+    ds = TeacherDataset.open(str(tmp_path), verify=False)
+    with pytest.raises(ShardCorruptError, match=r"array 'entropy' has 7 chunk files, expected 8"):
+        ds.read_columns([1])
+
+
+def test_damaged_metadata_detected_without_verify(tmp_path):
+    write_run(str(tmp_path), make_header(fmt="zarr"))
+    meta = str(tmp_path / "shard-000002.zarr" / "zarr.json")
+    truncate(meta, 10)
+    ds = TeacherDataset.open(str(tmp_path), verify=False)
+    with pytest.raises(ShardCorruptError, match=r"shard-000002\.zarr: not a readable zarr v3 group"):
+        ds.read_columns([17])

@@ -1,0 +1,50 @@
+"""Stage-one caches of two tiny random teachers, built once per test session (a few seconds)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import make_tiny_teacher, sample_texts, train_tiny_tokenizer, write_jsonl_corpus
+
+VOCAB = 512
+SEQ_LEN = 32
+
+
+@pytest.fixture(scope="session")
+def stage_one(tmp_path_factory) -> dict:
+    """Tokenizer, corpus and the caches of two tiny teachers (top-k 8 and 16, pooled last block)."""
+    import torch
+
+    from teachers.config import CorpusConfig, PrecomputeConfig, StorageConfig, TeacherConfig
+    from teachers.precompute import run_precompute
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("stage_one")
+    texts = sample_texts(400, seed=0)
+    tok = train_tiny_tokenizer(root / "tokenizer", texts, vocab_size=VOCAB)
+    corpus = write_jsonl_corpus(root / "corpus.jsonl", texts)
+    caches = []
+    for i, k in enumerate((8, 16)):
+        teacher = make_tiny_teacher(root / f"teacher{i}", VOCAB, seed=10 + i, tokenizer_dir=tok)
+        out = root / f"cache{i}"
+        run_precompute(PrecomputeConfig(
+            corpus=CorpusConfig(dataset=str(corpus)),
+            teacher=TeacherConfig(path=str(teacher), name=f"t{i}", batch_size=8, top_k=k, head_chunk_size=256,
+                                  device="cpu", pool_layers=[-1]),
+            storage=StorageConfig(output=str(out), shard_size=32),
+            seq_len=SEQ_LEN, num_shards=1, shard_index=0, progress=False))
+        caches.append(str(out))
+    torch.set_num_threads(threads)
+    return {"tokenizer": str(tok), "caches": caches, "root": root}
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run fastest on one thread, and far faster when the 2 CI cores are shared; restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

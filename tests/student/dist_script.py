@@ -1,0 +1,36 @@
+"""Run `cli.py train-student ARGS` (under torchrun or alone) and record the seq ids each rank trains on.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/student/dist_script.py SEEN_DIR ARGS...
+
+Writes SEEN_DIR/seen-rank{R}.json: one list of seq ids per micro-batch, in order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import student.trainer as trainer_mod  # noqa: E402
+from cli import main  # noqa: E402
+
+seen: list[list[int]] = []
+_original = trainer_mod.Trainer._losses
+
+
+def _recording(self, batch, *, train):
+    if train:
+        seen.append(batch["seq_ids"].tolist())
+    return _original(self, batch, train=train)
+
+
+if __name__ == "__main__":
+    out_dir, args = sys.argv[1], sys.argv[2:]
+    trainer_mod.Trainer._losses = _recording
+    try:
+        main(["train-student", *args], standalone_mode=False)
+    finally:
+        with open(os.path.join(out_dir, f"seen-rank{os.environ.get('RANK', '0')}.json"), "w") as f:
+            json.dump(seen, f)

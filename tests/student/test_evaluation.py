@@ -1,0 +1,229 @@
+"""`evaluate` on tiny random models: every metric against an independent float64 computation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from storage.errors import ConfigError
+from student.evaluation import EvalConfig, bleu, format_table, greedy_continuations, run_evaluate
+from tests.helpers import make_tiny_teacher, sample_texts, train_tiny_tokenizer, write_jsonl_corpus
+
+VOCAB = 384
+SEQ_LEN = 48
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    texts = sample_texts(120, seed=3)
+    tok = train_tiny_tokenizer(root / "tok", texts, vocab_size=VOCAB)
+    models = {
+        name: make_tiny_teacher(root / name, VOCAB, seed=seed, tokenizer_dir=tok, hidden_size=32)
+        for name, seed in (("student", 1), ("t1", 2), ("t2", 3))
+    }
+    held_out = write_jsonl_corpus(root / "held_out.jsonl", sample_texts(30, seed=9))
+    return root, models, held_out
+
+
+def _windows(model_dir: Path, corpus: Path) -> torch.Tensor:
+    """Independent packing: each document's tokens then EOS, one stream, cut into SEQ_LEN windows."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    stream = []
+    for line in corpus.read_text().splitlines():
+        stream += tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    n = len(stream) // SEQ_LEN
+    return torch.tensor(stream[: n * SEQ_LEN]).reshape(n, SEQ_LEN)
+
+
+def _logp64(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return torch.log_softmax(model(input_ids=ids).logits.double(), dim=-1)  # [S, L, V] float64
+
+
+def _cfg(setup, **kw) -> EvalConfig:
+    _, models, held_out = setup
+    base = dict(students=[f"s={models['student']}"], data=str(held_out), seq_len=SEQ_LEN, bleu_prompts=0)
+    return EvalConfig(**{**base, **kw})
+
+
+def test_perplexity_equals_exp_of_mean_ce(setup):
+    _, models, held_out = setup
+    res = run_evaluate(_cfg(setup))
+    ids = _windows(models["student"], held_out)
+    logp = _logp64(models["student"], ids)
+    ce = -logp[:, :-1].gather(-1, ids[:, 1:, None]).mean()
+    assert res["models"]["s"]["tokens_scored"] == ids[:, 1:].numel()
+    torch.testing.assert_close(
+        torch.tensor(res["models"]["s"]["perplexity"], dtype=torch.float64), ce.exp(), rtol=1e-5, atol=0
+    )
+
+
+def test_kl_of_a_model_to_itself_is_zero_and_bleu_is_100(setup):
+    _, models, _ = setup
+    res = run_evaluate(
+        _cfg(setup, teachers=[f"self={models['student']}"], bleu_prompts=4, prompt_tokens=8, new_tokens=8)
+    )
+    m = res["models"]["s"]
+    assert m["kl"]["self"] == pytest.approx(0.0, abs=1e-5)
+    assert m["kl_fused"] == pytest.approx(0.0, abs=1e-5)
+    assert m["top1_agreement"] == 1.0
+    assert m["bleu"]["teachers"] == pytest.approx(100.0)
+    assert res["models"]["self"]["perplexity"] == pytest.approx(m["perplexity"], rel=1e-6)
+
+
+def test_bleu_of_identical_texts_is_100_and_of_disjoint_texts_is_0():
+    hyps = ["the cat sat on the mat today", "a quick brown fox jumps over it"]
+    assert bleu(hyps, [hyps]) == pytest.approx(100.0)
+    assert bleu(hyps, [["zz yy xx ww vv uu tt", "qq pp oo nn mm ll kk"]]) == pytest.approx(0.0)
+
+
+def test_full_kl_and_agreement_match_float64_reference_with_entropy_weights(setup):
+    _, models, held_out = setup
+    res = run_evaluate(_cfg(setup, teachers=[str(models["t1"]), str(models["t2"])]))
+    ids = _windows(models["student"], held_out)
+    q = _logp64(models["student"], ids).reshape(-1, VOCAB)
+    ps = [_logp64(models[t], ids).reshape(-1, VOCAB) for t in ("t1", "t2")]
+    kls = [(p.exp() * (p - q)).sum(-1).mean() for p in ps]
+    inv = torch.stack([1.0 / (-(p.exp() * p).sum(-1) + 1e-3) for p in ps], dim=1)  # entropy weights, eps 1e-3
+    alpha = inv / inv.sum(1, keepdim=True)
+    fused = alpha[:, :1] * ps[0].exp() + alpha[:, 1:] * ps[1].exp()
+    kl_fused = (fused * (fused.log() - q)).sum(-1).mean()
+    agree = (q.argmax(-1) == fused.argmax(-1)).double().mean()
+    m = res["models"]["s"]
+    got = torch.tensor(
+        [m["kl"]["t1"], m["kl"]["t2"], m["kl_fused"], m["top1_agreement"]], dtype=torch.float64
+    )
+    torch.testing.assert_close(got, torch.stack([*kls, kl_fused, agree]), rtol=1e-4, atol=1e-6)
+    assert "KL fused" in format_table(res) and "| s (student) |" in format_table(res)
+
+
+def test_greedy_continuation_with_kv_cache_equals_recomputing_from_scratch(setup):
+    from transformers import AutoModelForCausalLM
+
+    _, models, held_out = setup
+    model = AutoModelForCausalLM.from_pretrained(str(models["t1"]), dtype=torch.float32).eval()
+    prompts = _windows(models["student"], held_out)[:3, :10]
+    got = greedy_continuations(model, prompts, 6)
+    seq = prompts.clone()
+    with torch.no_grad():
+        for _ in range(6):
+            seq = torch.cat([seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(got, seq[:, 10:])
+
+
+def _write_full_cache(out: Path, teacher: Path, ids: torch.Tensor, tok_dir: Path) -> None:
+    """A cache with k = vocab (so the top-k + tail KL is the full KL), written by the storage writer."""
+    from transformers import AutoTokenizer
+
+    from storage.manifest import Manifest, TeacherInfo
+    from storage.records import TeacherTargets
+    from storage.writer import TargetsWriter
+    from teachers.packing import tokenizer_fingerprint
+
+    logp = _logp64(teacher, ids).float()  # [S, L, V]
+    top = logp.sort(dim=-1, descending=True)
+    header = Manifest(
+        teacher=TeacherInfo(name=teacher.name, path=str(teacher)),
+        logprob_dtype="float32",
+        tokenizer_fingerprint=tokenizer_fingerprint(AutoTokenizer.from_pretrained(str(tok_dir))),
+        vocab_size=VOCAB,
+        seq_len=SEQ_LEN,
+        top_k=VOCAB,
+        corpus_fingerprint="held-out",
+        shard_size=1000,
+    )
+    targets = TeacherTargets(
+        seq_ids=np.arange(len(ids), dtype=np.int64),
+        input_ids=ids.numpy().astype(np.int32),
+        topk_ids=top.indices.numpy().astype(np.int32),
+        topk_logprobs=top.values.numpy(),
+        entropy=(-(logp.exp() * logp).sum(-1)).numpy().astype(np.float32),
+    )
+    with TargetsWriter(str(out), header, background=False) as w:
+        w.write_shard(0, targets)
+
+
+def test_cache_mode_with_full_topk_agrees_with_teacher_models(setup, tmp_path):
+    pytest.importorskip("storage.reader")
+    _, models, held_out = setup
+    ids = _windows(models["student"], held_out)
+    for t in ("t1", "t2"):
+        _write_full_cache(tmp_path / t, models[t], ids, models["student"])
+    from_models = run_evaluate(_cfg(setup, teachers=[str(models["t1"]), str(models["t2"])]))
+    from_caches = run_evaluate(
+        _cfg(setup, data=None, teacher_data=[str(tmp_path / "t1"), str(tmp_path / "t2")])
+    )
+    assert from_caches["kl_kind"] == "topk+tail"
+    a, b = from_models["models"]["s"], from_caches["models"]["s"]
+    assert b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-5)
+    for t in ("t1", "t2"):
+        assert b["kl"][t] == pytest.approx(a["kl"][t], rel=1e-3, abs=1e-5)
+    assert b["kl_fused"] == pytest.approx(a["kl_fused"], rel=1e-3, abs=1e-5)
+    assert b["top1_agreement"] == pytest.approx(a["top1_agreement"], abs=0.01)
+
+
+def test_config_refuses_both_or_neither_source(setup):
+    with pytest.raises(ConfigError, match="exactly one"):
+        _cfg(setup, teacher_data=["somewhere"])
+    with pytest.raises(ConfigError, match="exactly one"):
+        _cfg(setup, data=None)
+    with pytest.raises(ConfigError, match="one weight per teacher"):
+        _cfg(setup, teachers=["a", "b"], weighting="fixed", fixed_weights=[1.0])
+
+
+def test_cli_prints_table_writes_json_and_reports_user_errors_in_one_line(setup, tmp_path):
+    from cli import main
+
+    _, models, held_out = setup
+    out = tmp_path / "eval.json"
+    args = [
+        "evaluate",
+        "--student",
+        str(models["student"]),
+        "--data",
+        str(held_out),
+        "--seq-len",
+        str(SEQ_LEN),
+        "--teacher",
+        str(models["t1"]),
+        "--bleu-prompts",
+        "2",
+        "--prompt-tokens",
+        "8",
+        "--new-tokens",
+        "8",
+        "--output",
+        str(out),
+    ]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "| student (student) |" in r.output and "| t1 (teacher) |" in r.output
+    saved = json.loads(out.read_text())
+    assert math.isfinite(saved["models"]["student"]["kl"]["t1"])
+    bad = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--student",
+            str(models["student"]),
+            "--data",
+            str(held_out),
+            "--seq-len",
+            "100000",
+            "--bleu-prompts",
+            "0",
+        ],
+    )
+    assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "fewer than seq_len" in bad.output

@@ -1,0 +1,101 @@
+"""Corpus readers: jsonl, jsonl.gz, parquet, txt, globs; clear one-line errors; fingerprints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from teachers.config import CorpusConfig
+from teachers.corpus import corpus_fingerprint, iter_documents
+from teachers.errors import CorpusError
+from tests.helpers import sample_texts, write_jsonl_corpus
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _docs(dataset: str, **kw) -> list[str]:
+    return list(iter_documents(CorpusConfig(dataset=dataset, **kw)))
+
+
+def test_local_formats_give_the_same_documents(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = sample_texts(30, seed=1)
+    write_jsonl_corpus(tmp_path / "a.jsonl", texts)
+    write_jsonl_corpus(tmp_path / "b.jsonl.gz", texts)
+    pq.write_table(pa.table({"body": texts, "n": list(range(30))}), tmp_path / "c.parquet", row_group_size=7)
+    assert _docs(str(tmp_path / "a.jsonl")) == texts
+    assert _docs(str(tmp_path / "b.jsonl.gz")) == texts
+    assert _docs(str(tmp_path / "c.parquet"), text_field="body") == texts
+    # glob and comma list: sorted file order, documents concatenated
+    assert _docs(str(tmp_path / "*.jsonl*")) == texts + texts
+    assert _docs(f"{tmp_path / 'b.jsonl.gz'},{tmp_path / 'a.jsonl'}") == texts + texts
+    assert _docs(str(tmp_path / "a.jsonl"), max_documents=5) == texts[:5]
+
+
+def test_txt_gives_one_document_per_paragraph(tmp_path: Path) -> None:
+    (tmp_path / "t.txt").write_text("First para\nstill first.\n\n  \nSecond.\n\n\nThird\n", encoding="utf-8")
+    assert _docs(str(tmp_path / "t.txt")) == ["First para\nstill first.", "Second.", "Third"]
+
+
+def test_errors_name_file_row_and_field(tmp_path: Path) -> None:
+    with pytest.raises(CorpusError, match="does not exist"):
+        _docs(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(CorpusError, match="no file matches"):
+        _docs(str(tmp_path / "*.parquet"))
+    (tmp_path / "empty.jsonl").write_text("", encoding="utf-8")
+    with pytest.raises(CorpusError, match="no documents"):
+        _docs(str(tmp_path / "empty.jsonl"))
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n', encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"row 1: field 'text' is missing"):
+        _docs(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "num.jsonl").write_text('{"text": 3}\n', encoding="utf-8")
+    with pytest.raises(CorpusError, match="num.jsonl"):
+        _docs(str(tmp_path / "num.jsonl"))
+
+
+def test_fingerprint_follows_content_and_limits(tmp_path: Path) -> None:
+    path = write_jsonl_corpus(tmp_path / "x" / "a.jsonl", ["one", "two"])
+    fp, desc = corpus_fingerprint(CorpusConfig(dataset=str(path)))
+    assert desc["source"] == "local" and desc["files"][0]["name"] == "a.jsonl"
+    moved = write_jsonl_corpus(tmp_path / "y" / "a.jsonl", ["one", "two"])  # same content elsewhere
+    assert corpus_fingerprint(CorpusConfig(dataset=str(moved)))[0] == fp
+    assert corpus_fingerprint(CorpusConfig(dataset=str(path), max_documents=1))[0] != fp
+    write_jsonl_corpus(path, ["one", "three"])
+    assert corpus_fingerprint(CorpusConfig(dataset=str(path)))[0] != fp
+    hub_fp, hub = corpus_fingerprint(CorpusConfig(dataset="allenai/c4", dataset_config="en"))
+    assert hub == {"source": "hub", "dataset": "allenai/c4", "config": "en", "split": "train", "revision": None,
+                   "text_field": "text", "max_documents": None, "max_tokens": None}
+    assert len(hub_fp) == 64
+
+
+def test_cli_reports_a_missing_corpus_in_one_line(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "cli.py", "precompute", "--teacher", str(tmp_path), "--dataset",
+                        str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "out")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: corpus file {str(tmp_path / 'nope.jsonl')!r} does not exist"]
+
+
+def test_hub_path_streams_and_checks_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    calls = {}
+
+    def fake_load_dataset(name, config, *, split, revision, streaming):
+        calls.update(name=name, config=config, split=split, revision=revision, streaming=streaming)
+        if name == "nobody/missing":
+            raise FileNotFoundError("Dataset 'nobody/missing' doesn't exist on the Hub\nmore detail")
+        return iter([{"text": "first", "url": "a"}, {"text": "second", "url": "b"}, {"url": "c"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert _docs("allenai/c4", dataset_config="en", max_documents=2) == ["first", "second"]
+    assert calls == dict(name="allenai/c4", config="en", split="train", revision=None, streaming=True)
+    with pytest.raises(CorpusError, match=r"row 2: field 'text' is missing \(fields: url\)"):
+        _docs("allenai/c4", dataset_config="en")
+    with pytest.raises(CorpusError, match="cannot open hub dataset 'nobody/missing': Dataset 'nobody/missing' doesn't exist on the Hub$"):
+        _docs("nobody/missing")

@@ -1,0 +1,171 @@
+"""run_precompute end to end on a tiny random Llama teacher: stored targets against a float64 dense
+reference, slices against an unsliced run, resume, refusal of a different configuration."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from storage.errors import MismatchError
+from storage.reader import TeacherDataset
+from teachers.config import PrecomputeConfig, tiny
+from teachers.precompute import run_precompute
+from tests.helpers import make_tiny_setup
+
+SEQ_LEN, WINDOWS = 32, 30  # 30 windows in shards of 4: 8 shards, the last one partial
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("precompute")
+    teacher, corpus = make_tiny_setup(root, n_docs=80, vocab=512, seed=3)
+    return root, teacher, corpus
+
+
+def _cfg(setup, out: str, **kw) -> PrecomputeConfig:
+    root, teacher, corpus = setup
+    cfg = tiny(str(teacher), str(corpus), str(root / out), **{k: v for k, v in kw.items() if k in ("num_shards", "shard_index")})
+    cfg.corpus.max_tokens = SEQ_LEN * WINDOWS
+    for key, value in kw.items():
+        if key in ("top_k", "temperature", "pool_layers", "head_chunk_size", "batch_size"):
+            setattr(cfg.teacher, key, value)
+        elif key in ("logprob_dtype", "format", "shard_size"):
+            setattr(cfg.storage, key, value)
+    return cfg
+
+
+def _shard_hashes(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("shard-*.parquet"))}
+
+
+def _reference(teacher: Path, input_ids: np.ndarray, temperature: float, k: int):
+    """Dense float64: full log-softmax over the vocab, entropy, top-k, pooled hidden states."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float64).eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(input_ids).long(), output_hidden_states=True)
+    logp = torch.log_softmax(out.logits / temperature, dim=-1)  # [B, L, V]
+    entropy = -(logp.exp() * logp).sum(-1)
+    top_lp, top_ids = torch.topk(logp, k, dim=-1)
+    pooled = {i: out.hidden_states[i + 1].mean(1) for i in range(len(out.hidden_states) - 1)}
+    return logp, top_ids, top_lp, entropy, pooled
+
+
+@pytest.mark.parametrize(("logprob_dtype", "temperature", "atol"), [("float32", 1.0, 2e-5), ("float16", 0.7, 1.6e-2)])
+def test_stored_targets_match_float64_reference(setup, logprob_dtype: str, temperature: float, atol: float) -> None:
+    cfg = _cfg(setup, f"ref-{logprob_dtype}", logprob_dtype=logprob_dtype, temperature=temperature,
+               pool_layers=[0, -1], top_k=8, head_chunk_size=13)
+    manifest = run_precompute(cfg)
+    assert manifest.num_sequences == WINDOWS and len(manifest.shards) == 8 and manifest.shards[-1].rows == 2
+    assert manifest.pooled_layers == [0, 1] and manifest.entropy_kind == "exact"
+    assert manifest.notes["packing"]["windows"] == WINDOWS and manifest.notes["packing"]["dropped_tokens"] == 0
+    ds = TeacherDataset.open(str(setup[0] / f"ref-{logprob_dtype}"))
+    data = ds.read_columns(np.arange(len(ds)))
+    np.testing.assert_array_equal(data["seq_id"], np.arange(WINDOWS))
+    assert data["topk_logprobs"].dtype == np.dtype(logprob_dtype)
+    logp, ref_ids, ref_lp, ref_ent, pooled = _reference(setup[1], data["input_ids"], temperature, 8)
+    ids = torch.from_numpy(data["topk_ids"]).long()
+    lp = torch.from_numpy(data["topk_logprobs"].astype(np.float64))
+    gaps = ref_lp[..., :-1] - ref_lp[..., 1:]
+    clear = torch.cat([gaps > 1e-4, torch.ones_like(gaps[..., :1], dtype=torch.bool)], -1)
+    clear &= torch.cat([torch.ones_like(gaps[..., :1], dtype=torch.bool), gaps > 1e-4], -1)
+    assert clear.float().mean() > 0.95
+    torch.testing.assert_close(ids[clear], ref_ids[clear], rtol=0, atol=0)
+    torch.testing.assert_close(lp, logp.gather(-1, ids), rtol=1e-3 if logprob_dtype == "float16" else 0, atol=atol)
+    torch.testing.assert_close(torch.from_numpy(data["entropy"]).double(), ref_ent, rtol=1e-4, atol=1e-6)
+    for layer in (0, 1):
+        torch.testing.assert_close(torch.from_numpy(data[f"pooled_{layer}"]).double(), pooled[layer],
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_two_slices_equal_one_unsliced_run(setup) -> None:
+    root = setup[0]
+    whole = run_precompute(_cfg(setup, "whole"))
+    for s in (0, 1):
+        m = run_precompute(_cfg(setup, "sliced", num_shards=2, shard_index=s))
+        assert [i.index % 2 for i in m.shards] == [s] * 4
+    assert (root / "sliced" / "manifest-slice-00000-of-00002.json").exists()
+    assert _shard_hashes(root / "sliced") == _shard_hashes(root / "whole")
+    a, b = TeacherDataset.open(str(root / "whole")), TeacherDataset.open(str(root / "sliced"))
+    assert len(a) == len(b) == whole.num_sequences == WINDOWS
+    ra, rb = a.read_columns(np.arange(WINDOWS)), b.read_columns(np.arange(WINDOWS))
+    assert ra.keys() == rb.keys()
+    for name in ra:
+        np.testing.assert_array_equal(ra[name], rb[name], err_msg=name)
+
+
+def test_rerun_resumes_and_a_different_config_is_refused(setup) -> None:
+    root = setup[0]
+    first = run_precompute(_cfg(setup, "resume"))
+    hashes = _shard_hashes(root / "resume")
+    run = first.notes["this_run"]
+    assert 0.0 <= run["writer_wait_s"] <= run["loop_seconds"]  # producer time inside write_shard, within the loop
+    again = run_precompute(_cfg(setup, "resume"))
+    assert again.notes["this_run"] == {**again.notes["this_run"], "sequences": 0, "shards": 0, "skipped_completed": 8}
+    assert [s.sha256 for s in again.shards] == [s.sha256 for s in first.shards]
+    assert _shard_hashes(root / "resume") == hashes
+    with pytest.raises(MismatchError, match="top_k") as err:
+        run_precompute(_cfg(setup, "resume", top_k=4))
+    assert err.value.field == "top_k"
+    manifest = json.loads((root / "resume" / "manifest.json").read_text())
+    assert manifest["top_k"] == 8  # the refused run left the output as it was
+
+
+def test_zarr_holds_the_same_rows_as_parquet(setup) -> None:
+    root = setup[0]
+    run_precompute(_cfg(setup, "pq", shard_size=8))
+    run_precompute(_cfg(setup, "zarr", shard_size=8, format="zarr"))
+    assert (root / "zarr" / "shard-000000.zarr").is_dir()
+    a, b = TeacherDataset.open(str(root / "pq")), TeacherDataset.open(str(root / "zarr"))
+    ra, rb = a.read_columns(np.arange(WINDOWS)), b.read_columns(np.arange(WINDOWS))
+    for name in ra:
+        np.testing.assert_array_equal(ra[name], rb[name], err_msg=name)
+
+
+def test_backend_selection_and_options_are_checked(setup) -> None:
+    import importlib.util
+
+    from storage.errors import ConfigError
+    from teachers.backends import create_backend
+    from teachers.config import TeacherConfig
+    from teachers.errors import TeacherLoadError
+
+    teacher = str(setup[1])
+    with pytest.raises(ConfigError, match="no backend options"):
+        create_backend(TeacherConfig(path=teacher, device="cpu", backend_options={"x": 1}), seq_len=32)
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(TeacherLoadError, match="vllm"):
+            create_backend(TeacherConfig(path=teacher, backend="vllm"), seq_len=32)
+    with pytest.raises(ConfigError, match="out of range"):
+        create_backend(TeacherConfig(path=teacher, device="cpu", pool_layers=[5]), seq_len=32)
+
+
+def test_cli_maps_options_onto_the_config(setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    import teachers.precompute
+    from cli import main
+
+    seen = {}
+
+    def fake_run(cfg: PrecomputeConfig, **kw):
+        seen["cfg"] = cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr(teachers.precompute, "run_precompute", fake_run)
+    r = CliRunner().invoke(main, ["precompute", "--teacher", "t", "--dataset", "allenai/c4", "--dataset-config", "en",
+                                  "--output", "o", "--pool-layers", "0,-2", "--top-k", "5", "--temperature", "2",
+                                  "--backend-option", "tensor_parallel_size=2", "--num-shards", "3",
+                                  "--shard-index", "1", "--format", "zarr", "--batch-tokens", "4096"])
+    assert r.exit_code == 0, r.output
+    cfg = seen["cfg"]
+    assert cfg.teacher.pool_layers == [0, -2] and cfg.teacher.top_k == 5 and cfg.teacher.temperature == 2.0
+    assert cfg.teacher.backend_options == {"tensor_parallel_size": 2}
+    assert (cfg.num_shards, cfg.shard_index, cfg.storage.format) == (3, 1, "zarr")
+    assert cfg.corpus.dataset_config == "en" and cfg.batch_size == 2
