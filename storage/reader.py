@@ -29,7 +29,7 @@ from storage.schema import columns as schema_columns
 from storage.schema import from_columns
 
 MAX_OPEN_SHARDS = 64
-"""Open shard readers kept per process (least recently used are closed)."""
+"""Open shard readers kept per process (least recently used are dropped, and closed once no read uses them)."""
 
 
 class TeacherDataset:
@@ -48,7 +48,7 @@ class TeacherDataset:
         self._seq_ids.setflags(write=False)
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._readers: OrderedDict[int, object] = OrderedDict()
+        self._readers: OrderedDict[int, tuple[object, threading.Lock]] = OrderedDict()
 
     @classmethod
     def open(cls, path: str, *, verify: bool = True) -> TeacherDataset:
@@ -115,7 +115,9 @@ class TeacherDataset:
         for shard in np.unique(shard_of):
             mask = shard_of == shard
             local, inverse = np.unique(pos[mask] - self._starts[shard], return_inverse=True)
-            got = self._reader(int(shard)).read(local, names)
+            reader, lock = self._reader(int(shard))
+            with lock:  # one open file, one position: threads sharing a shard take turns (pyarrow crashes otherwise)
+                got = reader.read(local, names)
             for n in names:
                 out[n][mask] = got[n][inverse]
         return out
@@ -124,27 +126,31 @@ class TeacherDataset:
         """All columns at `positions` as a TeacherTargets."""
         return from_columns(self.read_columns(positions), self.manifest)
 
-    def _reader(self, shard: int):
+    def _reader(self, shard: int) -> tuple[object, threading.Lock]:
+        """(open reader, its lock) for a shard of this process; reads through one reader must hold its lock."""
         if os.getpid() != self._pid:  # forked into a worker: never share the parent's open files
             self._readers = OrderedDict()
             self._lock = threading.Lock()
             self._pid = os.getpid()
         with self._lock:
-            reader = self._readers.get(shard)
-            if reader is None:
+            entry = self._readers.get(shard)
+            if entry is None:
                 reader = shard_io.open_shard(self.fs, self.root, self.manifest, self.manifest.shards[shard])
-                self._readers[shard] = reader
+                entry = self._readers[shard] = (reader, threading.Lock())
                 while len(self._readers) > MAX_OPEN_SHARDS:
-                    self._readers.popitem(last=False)[1].close()
+                    # dropped, not closed: a thread may be reading through it right now; its file closes
+                    # when the last reference goes
+                    self._readers.popitem(last=False)
             else:
                 self._readers.move_to_end(shard)
-            return reader
+            return entry
 
     def close(self) -> None:
         """Close the shard files this process opened."""
         if os.getpid() == self._pid:
-            for reader in self._readers.values():
-                reader.close()
+            for reader, lock in self._readers.values():
+                with lock:  # wait for a read in flight
+                    reader.close()
         self._readers = OrderedDict()
 
     def __getstate__(self) -> dict:

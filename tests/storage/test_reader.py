@@ -189,14 +189,22 @@ def test_no_flipped_byte_returns_garbage(tmp_path, fmt):
     assert outcomes["error"] > 0.5 * sum(outcomes.values())
 
 
-def test_threads_share_one_dataset(teacher):
+@pytest.mark.parametrize("max_open", [64, 1])
+def test_threads_share_one_dataset(teacher, monkeypatch, max_open):
+    """Many threads on one dataset: reads of one shard take turns, evicted shards stay usable mid-read."""
     from concurrent.futures import ThreadPoolExecutor
 
+    import storage.reader
+
+    monkeypatch.setattr(storage.reader, "MAX_OPEN_SHARDS", max_open)
     path, _, _, written = teacher
     ds = TeacherDataset.open(str(path))
     rng = np.random.default_rng(0)
-    picks = [rng.integers(0, 19, 4) for _ in range(40)]
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda p: ds.read_columns(p, ["topk_ids"])["topk_ids"], picks))
+    picks = [rng.integers(0, 19, 4) for _ in range(400)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda p: ds.read_columns(p, ["topk_ids", "topk_logprobs"]), picks))
     for p, got in zip(picks, results, strict=True):
-        np.testing.assert_array_equal(got, written.topk_ids[p])
+        np.testing.assert_array_equal(got["topk_ids"], written.topk_ids[p])
+        np.testing.assert_array_equal(got["topk_logprobs"], written.topk_logprobs[p].astype(np.float16))
+    assert len(ds._readers) <= max_open
+    ds.close()
