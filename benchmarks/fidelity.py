@@ -1,4 +1,4 @@
-"""Fidelity of the stored top-k log-probs: float16 round trip, storage round trip, bf16 top-k sets (SmolLM2).
+"""Fidelity of the stored top-k log-probs: float16 and mantissa rounding, storage round trip, bf16 top-k sets.
 
     python benchmarks/fidelity.py                                 # 8 x 128 tokens of data/corpus/validation.jsonl
     python benchmarks/fidelity.py --sequences 16 --seq-len 256 --threads 1
@@ -8,16 +8,17 @@ SmolLM2-135M-Instruct (GGUF, dequantised to float32) for windows spread evenly o
 for each k reports, per position:
 
 - KL(p || p16) between the exact top-k distribution renormalised over the top-k (float64 from the float32
-  log-probs the head returns) and the same after a float16 round trip of the log-probs (what storage keeps
-  with `--logprob-dtype float16`); mean and max over positions. Target: < 1e-3.
+  log-probs the head returns) and the same after what storage keeps with `--logprob-dtype float16` and
+  `--logprob-bits B` (B = 10: the plain float16 cast; fewer: rounded to B mantissa bits, default 7); mean and
+  max over positions. Target: < 1e-3.
 - the same on the coarse-grained support top-k + tail bucket that training uses (`student.fusion`), and the
   largest absolute change of the tail mass 1 - sum exp(top-k log-probs);
 - the tail mass itself (mean, median, max): what a top-k cache leaves out;
 - the float32 head against a float64 dense reference (max |log-prob error|, mean KL over top-k) for scale.
 
-Then writes the k = max(--k) targets through `storage.writer.TargetsWriter` (Parquet, logprob_dtype float16),
-reads them back with `storage.reader.TeacherDataset` and checks the stored values equal the float16 cast
-bit for bit. Finally, top-k set agreement between logits from a bf16 matmul and from a float32 matmul (the
+Then writes the k = max(--k) targets through `storage.writer.TargetsWriter` (Parquet, float16) once per B,
+reads them back with `storage.reader.TeacherDataset`, checks the stored values equal the rounding above bit
+for bit, and reports bytes/token of the shard and of its `topk_logprobs` column. Finally, top-k set agreement between logits from a bf16 matmul and from a float32 matmul (the
 head's bf16 option on GPU): the share of positions whose top-k id sets are identical, and the mean overlap.
 """
 
@@ -73,6 +74,8 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=8, help="windows to run")
     ap.add_argument("--seq-len", type=int, default=128, help="tokens per window")
     ap.add_argument("--k", type=int, nargs="+", default=[32, 64], help="top-k sizes")
+    ap.add_argument("--bits", type=int, nargs="+", default=[10, 8, 7, 6, 5],
+                    help="float16 mantissa bits kept (10 = plain float16)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op CPU threads")
     ap.add_argument("--corpus", default=str(ROOT / "data" / "corpus" / "validation.jsonl"))
     args = ap.parse_args()
@@ -84,6 +87,7 @@ def main() -> None:
     from storage.manifest import Manifest, TeacherInfo
     from storage.reader import TeacherDataset
     from storage.records import TeacherTargets
+    from storage.schema import round_mantissa
     from storage.writer import TargetsWriter
     from teachers.head import dense_reference, targets_head
     from teachers.packing import load_tokenizer, tokenizer_fingerprint
@@ -107,7 +111,8 @@ def main() -> None:
         ref_ids, ref_lp, ref_ent, _ = dense_reference(hidden, weight, k=kmax)
     n, vocab = hidden.shape[0], weight.shape[0]
     lp32 = top_lp.numpy()  # [N, kmax] float32, true log-probs over the full vocab
-    lp16 = lp32.astype(np.float16)
+    stored_as = {bits: (round_mantissa(lp32, bits).astype(np.float16) if bits < 10 else lp32.astype(np.float16))
+                 for bits in args.bits}
 
     print(f"SmolLM2-135M-Instruct ({GGUF}, float32), vocab {vocab}; {args.sequences} x {args.seq_len} = {n} "
           f"positions of {Path(args.corpus).name}; torch threads={torch.get_num_threads()} cores={os.cpu_count()}; "
@@ -116,47 +121,61 @@ def main() -> None:
           f"max |entropy err| {(ent.double() - ref_ent).abs().max().item():.2e} nats, "
           f"top-{kmax} ids equal at {(top_ids.long() == ref_ids).all(1).double().mean().item():.1%} of positions")
     print()
-    hdr = (f"{'k':>4} {'KL top-k mean':>14} {'KL top-k max':>13} {'KL +tail mean':>14} {'KL +tail max':>13} "
-           f"{'max |dtail|':>12} {'tail mean':>10} {'tail median':>12} {'tail max':>9} {'KL f32 vs f64':>14}")
+    hdr = (f"{'k':>4} {'bits':>4} {'KL top-k mean':>14} {'KL top-k max':>13} {'KL +tail mean':>14} "
+           f"{'KL +tail max':>13} {'max |dtail|':>12} {'tail mean':>10} {'tail median':>12} {'tail max':>9} "
+           f"{'KL f32 vs f64':>14}")
     print(hdr)
     for k in sorted(args.k):
-        a, b = lp32[:, :k], lp16[:, :k]
-        kl = kl_rows(renorm(a), renorm(b))
-        klc = kl_rows(coarse(a), coarse(b))
+        a = lp32[:, :k]
         tail = 1.0 - np.exp(a.astype(np.float64)).sum(-1)
-        dtail = np.abs(tail - (1.0 - np.exp(b.astype(np.float64)).sum(-1)))
         kl_ref = kl_rows(renorm(ref_lp.numpy()[:, :k]), renorm(a))
-        print(f"{k:>4} {kl.mean():>14.2e} {kl.max():>13.2e} {klc.mean():>14.2e} {klc.max():>13.2e} "
-              f"{dtail.max():>12.2e} {tail.mean():>10.4f} {np.median(tail):>12.4f} {tail.max():>9.4f} "
-              f"{kl_ref.mean():>14.2e}")
+        for bits in args.bits:
+            b = stored_as[bits][:, :k]
+            kl = kl_rows(renorm(a), renorm(b))
+            klc = kl_rows(coarse(a), coarse(b))
+            dtail = np.abs(tail - (1.0 - np.exp(b.astype(np.float64)).sum(-1)))
+            print(f"{k:>4} {bits:>4} {kl.mean():>14.2e} {kl.max():>13.2e} {klc.mean():>14.2e} {klc.max():>13.2e} "
+                  f"{dtail.max():>12.2e} {tail.mean():>10.4f} {np.median(tail):>12.4f} {tail.max():>9.4f} "
+                  f"{kl_ref.mean():>14.2e}")
 
-    # through storage: what TargetsWriter writes with logprob_dtype float16 and TeacherDataset reads back
+    # through storage: what TargetsWriter writes (float16, B mantissa bits) and TeacherDataset reads back
+    import pyarrow.parquet as pq
+
     b, L = ids.shape
-    header = Manifest(
-        format="parquet", teacher=TeacherInfo(name="smollm2", path=d, gguf_file=GGUF),
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), vocab_size=vocab, seq_len=L, top_k=kmax,
-        logprob_dtype="float16", entropy_kind="exact", pooled_layers=[], pooled_dims={},
-        corpus_fingerprint="fidelity-benchmark", shard_size=b, slice_index=0, num_slices=1,
-    )
     targets = TeacherTargets(seq_ids=np.arange(b, dtype=np.int64), input_ids=ids.astype(np.int32),
                              topk_ids=top_ids.numpy().reshape(b, L, kmax), topk_logprobs=lp32.reshape(b, L, kmax),
                              entropy=ent.numpy().reshape(b, L), pooled={})
-    with tempfile.TemporaryDirectory(prefix="bench-fidelity-") as tmp:
-        with TargetsWriter(tmp, header) as writer:
-            writer.write_shard(0, targets)
-        writer.close()
-        ds = TeacherDataset.open(tmp)
-        back = ds.read(np.arange(b))
-        ds.close()
-    stored = np.asarray(back.topk_logprobs).reshape(n, kmax)
-    same_bits = stored.dtype == np.float16 and np.array_equal(stored.view(np.uint16), lp16.view(np.uint16))
-    ids_equal = np.array_equal(np.asarray(back.topk_ids).reshape(n, kmax), top_ids.numpy())
-    kl_store = kl_rows(renorm(lp32), renorm(stored))
     print()
-    print(f"storage round trip (parquet, logprob_dtype float16, k={kmax}): read dtype {stored.dtype}, "
-          f"bit-identical to the float16 cast: {same_bits}, ids identical: {ids_equal}, "
-          f"max |stored - float32| {np.abs(stored.astype(np.float64) - lp32).max():.2e}, "
-          f"KL top-{kmax} mean {kl_store.mean():.2e} max {kl_store.max():.2e}")
+    print(f"storage round trip (parquet, float16, k={kmax}, {n} tokens; bytes/token of a small shard, so "
+          f"indicative):")
+    print(f"{'bits':>4} {'bit-identical':>14} {'ids equal':>10} {'max |stored-f32|':>17} {'KL mean':>9} "
+          f"{'KL max':>9} {'shard B/token':>14} {'log-probs B/token':>18}")
+    for bits in args.bits:
+        header = Manifest(
+            format="parquet", teacher=TeacherInfo(name="smollm2", path=d, gguf_file=GGUF),
+            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), vocab_size=vocab, seq_len=L, top_k=kmax,
+            logprob_dtype="float16", logprob_mantissa_bits=None if bits == 10 else bits, entropy_kind="exact",
+            pooled_layers=[], pooled_dims={}, corpus_fingerprint="fidelity-benchmark", shard_size=b,
+            slice_index=0, num_slices=1,
+        )
+        with tempfile.TemporaryDirectory(prefix="bench-fidelity-") as tmp:
+            with TargetsWriter(tmp, header) as writer:
+                writer.write_shard(0, targets)
+            m = writer.close()
+            ds = TeacherDataset.open(tmp)
+            back = ds.read(np.arange(b))
+            ds.close()
+            meta = pq.ParquetFile(os.path.join(tmp, m.shards[0].file)).metadata
+            col = [meta.schema.column(i).path for i in range(meta.num_columns)].index("topk_logprobs.list.element")
+            lp_bytes = sum(meta.row_group(g).column(col).total_compressed_size for g in range(meta.num_row_groups))
+        stored = np.asarray(back.topk_logprobs).reshape(n, kmax)
+        want = stored_as[bits]
+        same_bits = stored.dtype == np.float16 and np.array_equal(stored.view(np.uint16), want.view(np.uint16))
+        ids_equal = np.array_equal(np.asarray(back.topk_ids).reshape(n, kmax), top_ids.numpy())
+        kl_store = kl_rows(renorm(lp32), renorm(stored))
+        print(f"{bits:>4} {str(same_bits):>14} {str(ids_equal):>10} "
+              f"{np.abs(stored.astype(np.float64) - lp32).max():>17.2e} {kl_store.mean():>9.2e} "
+              f"{kl_store.max():>9.2e} {m.total_bytes / m.num_tokens:>14.1f} {lp_bytes / m.num_tokens:>18.1f}")
 
     # bf16 logits: does the top-k id set survive?
     with torch.inference_mode():

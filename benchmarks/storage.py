@@ -2,6 +2,12 @@
 
     python benchmarks/storage.py                 # L=512, k=64, vocab 49152, 256 sequences, float16 log-probs
     python benchmarks/storage.py --sequences 64  # quicker
+    python benchmarks/storage.py --from-cache caches/smollm2 --remap-vocab 151936   # a real teacher's targets
+
+With --from-cache, the targets are those of an existing teacher cache (best written with
+`precompute --logprob-dtype float32`, so the rounding variants start from exact values); --remap-vocab N maps
+its token ids through a random one-to-one map into 0..N-1, to see what a larger vocabulary (Qwen: 151,936)
+costs in id bytes.
 
 Data is synthetic but LM-like (not uniform noise): input tokens follow a Zipf law over the vocab; each
 position's next-token distribution is Zipf-like over ranks, p(r) ~ r^-s with a per-position sharpness s
@@ -14,6 +20,7 @@ heavy-tailed per-dimension scales. MB/s are over the raw (uncompressed) array by
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -70,10 +77,29 @@ def zipf_targets(n: int, L: int, k: int, vocab: int, d: int, seed: int = 0) -> T
     )
 
 
-def header(fmt: str, L: int, k: int, vocab: int, d: int, shard_size: int) -> Manifest:
+def header(fmt: str, targets: TeacherTargets, vocab: int, shard_size: int, bits: int | None = None) -> Manifest:
+    _, L, k = targets.topk_ids.shape
     return Manifest(format=fmt, teacher=TeacherInfo(name="bench", path="synthetic"), tokenizer_fingerprint="t",
-                    vocab_size=vocab, seq_len=L, top_k=k, logprob_dtype="float16", entropy_kind="exact",
-                    pooled_layers=[12], pooled_dims={12: d}, corpus_fingerprint="c", shard_size=shard_size)
+                    vocab_size=vocab, seq_len=L, top_k=k, logprob_dtype="float16", logprob_mantissa_bits=bits,
+                    entropy_kind="exact" if targets.entropy is not None else "absent",
+                    pooled_layers=sorted(targets.pooled),
+                    pooled_dims={layer: a.shape[1] for layer, a in targets.pooled.items()},
+                    corpus_fingerprint="c", shard_size=shard_size)
+
+
+def from_cache(path: str, sequences: int, remap_vocab: int | None) -> tuple[TeacherTargets, int]:
+    """The first `sequences` sequences of a teacher cache (log-probs as stored) and its vocab size."""
+    ds = TeacherDataset.open(path)
+    t = ds.read(np.arange(min(sequences, len(ds))))
+    vocab = ds.manifest.vocab_size
+    if remap_vocab is not None:
+        if remap_vocab < vocab:
+            raise SystemExit(f"--remap-vocab {remap_vocab} is smaller than the cache's vocab {vocab}")
+        mapping = np.random.default_rng(0).permutation(remap_vocab)[:vocab].astype(np.int32)
+        t = dataclasses.replace(t, input_ids=mapping[t.input_ids], topk_ids=mapping[t.topk_ids])
+        vocab = remap_vocab
+    t = dataclasses.replace(t, seq_ids=np.arange(len(t), dtype=np.int64))
+    return t, vocab
 
 
 @contextmanager
@@ -93,7 +119,7 @@ def _blosc(shuffle: str):
 
 
 VARIANTS = {
-    # name: (format, module, attribute, value)
+    # name: (format, module, attribute, value[, log-prob mantissa bits])
     "parquet / no BSS": ("parquet", parquet, "BYTE_STREAM_SPLIT", ()),
     "parquet / BSS floats": ("parquet", parquet, "BYTE_STREAM_SPLIT", ("topk_logprobs", "entropy", "pooled_*")),
     "parquet / BSS ints": ("parquet", parquet, "BYTE_STREAM_SPLIT", ("input_ids", "topk_ids")),
@@ -101,18 +127,21 @@ VARIANTS = {
                          ("input_ids", "topk_ids", "topk_logprobs", "entropy", "pooled_*")),
     "parquet / default (BSS on ints, log-probs, entropy)": ("parquet", parquet, "BYTE_STREAM_SPLIT", None),
     "parquet / default / 16 seq per row group": ("parquet", parquet, "ROWS_PER_ROW_GROUP", 16),
+    "parquet / default, log-probs 8 mantissa bits": ("parquet", parquet, "BYTE_STREAM_SPLIT", None, 8),
+    "parquet / default, log-probs 7 mantissa bits": ("parquet", parquet, "BYTE_STREAM_SPLIT", None, 7),
     "zarr / zstd + checksum": ("zarr", zarr_shard, "default_compressors", zarr_shard.zstd_compressors),
     "zarr / default (blosc-zstd shuffle + crc32c)": ("zarr", zarr_shard, "default_compressors", None),
     "zarr / blosc-zstd bitshuffle + crc32c": ("zarr", zarr_shard, "default_compressors", _blosc("bitshuffle")),
+    "zarr / default, log-probs 8 mantissa bits": ("zarr", zarr_shard, "default_compressors", None, 8),
 }
 
 
 def run_variant(name: str, targets: TeacherTargets, args, root: str) -> dict:
-    fmt, module, attr, value = VARIANTS[name]
-    h = header(fmt, args.seq_len, args.top_k, args.vocab, args.dim, args.shard_size)
+    fmt, module, attr, value, *bits = VARIANTS[name]
+    h = header(fmt, targets, args.vocab, args.shard_size, bits[0] if bits else None)
     out = os.path.join(root, "".join(c if c.isalnum() else "_" for c in name))
     raw = sum(a.nbytes for a in (targets.seq_ids, targets.input_ids, targets.topk_ids, targets.topk_logprobs,
-                                 targets.entropy, *targets.pooled.values()))
+                                 targets.entropy, *targets.pooled.values()) if a is not None)
     with patched(module, attr, getattr(module, attr) if value is None else value):
         t0 = time.perf_counter()
         with TargetsWriter(out, h) as w:
@@ -167,14 +196,26 @@ def main() -> None:
     ap.add_argument("--random-reads", type=int, default=200, help="random single-sequence reads timed")
     ap.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--variants", default=";".join(VARIANTS), help="subset of the variants, separated by ;")
+    ap.add_argument("--from-cache", default=None, help="use the targets of this teacher cache, not synthetic ones")
+    ap.add_argument("--remap-vocab", type=int, default=None,
+                    help="with --from-cache: map token ids one-to-one into a vocab of this size")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    targets = zipf_targets(args.sequences, args.seq_len, args.top_k, args.vocab, args.dim)
+    if args.from_cache:
+        targets, args.vocab = from_cache(args.from_cache, args.sequences, args.remap_vocab)
+        source = f"teacher cache {args.from_cache}" + (f", ids remapped into {args.vocab}" if args.remap_vocab else "")
+    else:
+        targets = zipf_targets(args.sequences, args.seq_len, args.top_k, args.vocab, args.dim)
+        source = "synthetic Zipf targets"
+    n, L, k = targets.topk_ids.shape
+    args.shard_size = min(args.shard_size, n)
     mass = np.exp(targets.topk_logprobs.astype(np.float64)).sum(-1)
     top1 = np.exp(targets.topk_logprobs[..., 0].astype(np.float64))
-    print(f"data: {args.sequences} x {args.seq_len} tokens, k={args.top_k}, vocab={args.vocab}, d={args.dim}; "
+    entropy = f"{targets.entropy.mean():.2f} nats" if targets.entropy is not None else "absent"
+    print(f"data ({source}): {n} x {L} tokens, k={k}, vocab={args.vocab}, "
+          f"pooled {({layer: a.shape[1] for layer, a in targets.pooled.items()})}, log-probs {targets.topk_logprobs.dtype}; "
           f"median top-1 prob {np.median(top1):.2f}, median top-k mass {np.median(mass):.3f}, "
-          f"mean entropy {targets.entropy.mean():.2f} nats ({time.perf_counter() - t0:.1f} s to generate)")
+          f"mean entropy {entropy} ({time.perf_counter() - t0:.1f} s to load)")
     root = args.dir or tempfile.mkdtemp(prefix="storage-bench-")
     rows = [run_variant(name, targets, args, root) for name in args.variants.split(";")]
     if args.dir is None:

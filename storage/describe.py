@@ -46,6 +46,7 @@ def describe(path: str, *, rows: int = 0, position: int = 0, verify: bool = True
         "path": path, "kind": kind, "format": m.format, "schema_version": m.schema_version,
         "teacher": copy.deepcopy(m.teacher.__dict__), "vocab_size": m.vocab_size, "seq_len": m.seq_len,
         "top_k": m.top_k, "temperature": m.temperature, "logprob_dtype": m.logprob_dtype,
+        "logprob_mantissa_bits": m.logprob_mantissa_bits,
         "entropy_kind": m.entropy_kind, "pooled_dims": {str(k): v for k, v in m.pooled_dims.items()},
         "tokenizer_fingerprint": m.tokenizer_fingerprint, "corpus_fingerprint": m.corpus_fingerprint,
         "corpus": m.corpus, "shard_size": m.shard_size, "num_slices": m.notes.get("merged_from_slices", m.num_slices),
@@ -140,7 +141,9 @@ def format_report(r: dict[str, Any]) -> str:
         f"{r['shard_size']} sequences, {r['num_slices']} slice(s)",
         f"size         {r['sequences']} sequences, {r['tokens']} tokens, {_size(r['bytes'])}, {bpt} bytes/token",
         f"targets      seq_len={r['seq_len']}  top_k={r['top_k']}  vocab={r['vocab_size']}  "
-        f"temperature={r['temperature']}  log-probs={r['logprob_dtype']}  entropy={r['entropy_kind']}",
+        f"temperature={r['temperature']}  log-probs={r['logprob_dtype']}"
+        + (f" ({r['logprob_mantissa_bits']} mantissa bits)" if r.get("logprob_mantissa_bits") else "")
+        + f"  entropy={r['entropy_kind']}",
         f"pooled       {pooled}",
         f"fingerprints tokenizer={r['tokenizer_fingerprint'][:16]}  corpus={r['corpus_fingerprint'][:16]}",
         "columns",

@@ -24,6 +24,8 @@ from storage.errors import ManifestError, MismatchError
 SCHEMA_VERSION = 1
 FORMATS = ("parquet", "zarr")
 LOGPROB_DTYPES = ("float16", "float32")
+MANTISSA_BITS = {"float16": 10, "float32": 23}
+"""Explicit mantissa bits of each log-prob storage dtype (the most `logprob_mantissa_bits` can keep)."""
 ENTROPY_KINDS = ("exact", "estimate", "absent")
 MANIFEST_NAME = "manifest.json"
 
@@ -104,6 +106,9 @@ class Manifest:
     """Temperature tau the log-probs were normalised at."""
     logprob_dtype: str = "float16"
     """Storage dtype of `topk_logprobs`."""
+    logprob_mantissa_bits: int | None = None
+    """Mantissa bits kept in each stored log-prob (rounded to nearest, ties to even; the dropped low bits are
+    zero, so the column compresses better). None: the dtype's full precision (float16 10, float32 23)."""
     entropy_kind: str = "exact"
     """`exact` (full-vocab entropy), `estimate` (from top-k plus tail; see notes) or `absent`."""
     pooled_layers: list[int] = field(default_factory=list)
@@ -211,6 +216,11 @@ class Manifest:
             raise bad("format", f"is {self.format!r}, expected one of {FORMATS}")
         if self.logprob_dtype not in LOGPROB_DTYPES:
             raise bad("logprob_dtype", f"is {self.logprob_dtype!r}, expected one of {LOGPROB_DTYPES}")
+        bits = self.logprob_mantissa_bits
+        if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int)
+                                 or not 1 <= bits <= MANTISSA_BITS[self.logprob_dtype]):
+            raise bad("logprob_mantissa_bits", f"is {bits!r}, expected null or an integer in "
+                      f"1..{MANTISSA_BITS[self.logprob_dtype]} for {self.logprob_dtype}")
         if self.entropy_kind not in ENTROPY_KINDS:
             raise bad("entropy_kind", f"is {self.entropy_kind!r}, expected one of {ENTROPY_KINDS}")
         for name in ("vocab_size", "seq_len", "top_k", "shard_size", "num_slices"):
@@ -252,7 +262,7 @@ class Manifest:
 RUN_FIELDS: tuple[str, ...] = (
     "schema_version", "format", "teacher.name", "teacher.path", "teacher.revision", "teacher.gguf_file",
     "teacher.dtype", "teacher.backend", "tokenizer_fingerprint", "vocab_size", "seq_len", "top_k",
-    "temperature", "logprob_dtype", "entropy_kind", "pooled_layers", "corpus_fingerprint", "shard_size",
+    "temperature", "logprob_dtype", "logprob_mantissa_bits", "entropy_kind", "pooled_layers", "corpus_fingerprint", "shard_size",
 )
 
 # Fields that must agree between teachers that are trained from together.

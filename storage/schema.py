@@ -4,7 +4,7 @@
 | seq_id          | int64                        | ()               |
 | input_ids       | int32                        | (L,)             |
 | topk_ids        | int32                        | (L, k)           |
-| topk_logprobs   | manifest.logprob_dtype       | (L, k)           |
+| topk_logprobs   | manifest.logprob_dtype       | (L, k)           |  (rounded to manifest.logprob_mantissa_bits)
 | entropy         | float32 (absent if entropy_kind == "absent") | (L,) |
 | pooled_<layer>  | float32 (float16 if manifest.notes["pooled_dtype"] == "float16") | (d,) |
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from storage.errors import ShardCorruptError, StorageError
-from storage.manifest import Manifest, ShardInfo
+from storage.manifest import MANTISSA_BITS, Manifest, ShardInfo
 from storage.records import TeacherTargets
 
 HEADER_KEY = "distill.manifest"
@@ -70,10 +70,36 @@ def shard_header(m: Manifest) -> dict:
     return d
 
 
+def round_mantissa(values: np.ndarray, bits: int) -> np.ndarray:
+    """float16 / float32 / float64 `values` rounded to `bits` explicit mantissa bits (to nearest, ties to even).
+
+    The result has the same dtype; its dropped low mantissa bits are zero. Relative error <= 2**-(bits + 1)
+    for normal numbers; a value may round up into the next binade (and the largest finite ones to inf, as
+    in IEEE rounding). NaN and inf pass unchanged. Returns a new array.
+    """
+    values = np.asarray(values)
+    utypes = {np.dtype(np.float16): np.uint16, np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64}
+    if values.dtype not in utypes:
+        raise TypeError(f"round_mantissa takes float16, float32 or float64, got {values.dtype}")
+    full = np.finfo(values.dtype).nmant
+    if not 1 <= bits <= full:
+        raise ValueError(f"bits must be in 1..{full} for {values.dtype}, got {bits}")
+    if bits == full:
+        return values.copy()
+    drop = full - bits
+    utype = utypes[values.dtype]
+    u = values.view(utype)
+    # sign and magnitude: adding to the magnitude bits rounds |x|; a carry moves into the exponent
+    lsb = (u >> utype(drop)) & utype(1)
+    rounded = ((u + utype((1 << (drop - 1)) - 1) + lsb) >> utype(drop)) << utype(drop)
+    return np.where(np.isfinite(values), rounded, u).astype(utype).view(values.dtype)
+
+
 def to_columns(targets: TeacherTargets, m: Manifest) -> dict[str, np.ndarray]:
     """Validate `targets` against the manifest and return C-contiguous arrays [N, *shape] per column.
 
-    Casts log-probs to manifest.logprob_dtype (and pooled states to the pooled dtype); raises StorageError
+    Casts log-probs to manifest.logprob_dtype and rounds them to manifest.logprob_mantissa_bits (and casts
+    pooled states to the pooled dtype); raises StorageError
     naming the first field whose shape does not fit the manifest.
     """
     n = len(targets)
@@ -110,6 +136,14 @@ def to_columns(targets: TeacherTargets, m: Manifest) -> dict[str, np.ndarray]:
             raise StorageError(f"{name} has dtype {arr.dtype}, expected a numeric dtype")
         # always copy: the caller may reuse its buffers while a background thread writes this shard
         out[name] = np.array(arr, dtype=col.dtype, order="C", copy=True)
+    bits = m.logprob_mantissa_bits
+    if bits is not None and bits < MANTISSA_BITS[m.logprob_dtype]:
+        given_lp = np.asarray(targets.topk_logprobs)
+        if given_lp.dtype.itemsize > out["topk_logprobs"].dtype.itemsize and given_lp.dtype.kind == "f":
+            # round once, in the given precision (a cast first would round twice); the cast is then exact
+            # except below float16's normal range, which the second rounding puts on the coarser grid
+            out["topk_logprobs"] = round_mantissa(given_lp, bits).astype(out["topk_logprobs"].dtype)
+        out["topk_logprobs"] = round_mantissa(out["topk_logprobs"], bits)
     return out
 
 

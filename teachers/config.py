@@ -8,11 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from storage.errors import ConfigError
+from storage.manifest import FORMATS, LOGPROB_DTYPES, MANTISSA_BITS
 
 BACKENDS = ("hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-FORMATS = ("parquet", "zarr")
-LOGPROB_DTYPES = ("float16", "float32")
 
 
 def _positive(name: str, value: int | None, *, optional: bool = False) -> None:
@@ -126,12 +125,25 @@ class StorageConfig:
     """Sequences per shard file (the last shard may hold fewer)."""
     logprob_dtype: str = "float16"
     """Storage dtype of the top-k log-probs: `float16` or `float32`."""
+    logprob_mantissa_bits: int | None = None
+    """Mantissa bits kept per stored log-prob, rounded to nearest (1..10 for float16, 1..23 for float32).
+    None or the maximum: the dtype's full precision. Fewer bits compress better at a measured fidelity cost
+    (benchmarks/fidelity.py, RESULTS.md)."""
 
     def __post_init__(self) -> None:
         if not self.output:
             raise ConfigError("output must not be empty")
         _choice("format", self.format, FORMATS)
         _choice("logprob_dtype", self.logprob_dtype, LOGPROB_DTYPES)
+        bits, full = self.logprob_mantissa_bits, MANTISSA_BITS[self.logprob_dtype]
+        if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= full):
+            raise ConfigError(f"logprob_mantissa_bits must be in 1..{full} for {self.logprob_dtype}, got {bits!r}")
+
+    @property
+    def manifest_mantissa_bits(self) -> int | None:
+        """The manifest's `logprob_mantissa_bits`: None when the dtype keeps its full precision."""
+        bits = self.logprob_mantissa_bits
+        return None if bits == MANTISSA_BITS[self.logprob_dtype] else bits
         _positive("shard_size", self.shard_size)
 
 

@@ -130,7 +130,8 @@ def run_precompute(cfg: PrecomputeConfig, *, backend: TeacherBackend | None = No
     header = Manifest(
         format=s_cfg.format, teacher=backend.info(), tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         vocab_size=backend.vocab_size, seq_len=cfg.seq_len, top_k=t_cfg.top_k, temperature=t_cfg.temperature,
-        logprob_dtype=s_cfg.logprob_dtype, entropy_kind=backend.entropy_kind,
+        logprob_dtype=s_cfg.logprob_dtype, logprob_mantissa_bits=s_cfg.manifest_mantissa_bits,
+        entropy_kind=backend.entropy_kind,
         pooled_layers=sorted(backend.pooled_dims), pooled_dims=dict(backend.pooled_dims),
         corpus_fingerprint=corpus_fp, corpus=corpus_desc, shard_size=s_cfg.shard_size,
         slice_index=slice_index, num_slices=num_slices,

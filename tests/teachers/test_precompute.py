@@ -34,7 +34,7 @@ def _cfg(setup, out: str, **kw) -> PrecomputeConfig:
     for key, value in kw.items():
         if key in ("top_k", "temperature", "pool_layers", "head_chunk_size", "batch_size"):
             setattr(cfg.teacher, key, value)
-        elif key in ("logprob_dtype", "format", "shard_size"):
+        elif key in ("logprob_dtype", "logprob_mantissa_bits", "format", "shard_size"):
             setattr(cfg.storage, key, value)
     return cfg
 
@@ -57,15 +57,25 @@ def _reference(teacher: Path, input_ids: np.ndarray, temperature: float, k: int)
     return logp, top_ids, top_lp, entropy, pooled
 
 
-@pytest.mark.parametrize(("logprob_dtype", "temperature", "atol"), [("float32", 1.0, 2e-5), ("float16", 0.7, 1.6e-2)])
-def test_stored_targets_match_float64_reference(setup, logprob_dtype: str, temperature: float, atol: float) -> None:
-    cfg = _cfg(setup, f"ref-{logprob_dtype}", logprob_dtype=logprob_dtype, temperature=temperature,
+# (dtype, mantissa bits asked (None: default), bits in the manifest, relative tolerance of stored log-probs)
+@pytest.mark.parametrize(("logprob_dtype", "bits", "stored_bits", "temperature", "rtol"), [
+    ("float32", None, None, 1.0, 0.0),
+    ("float16", None, None, 0.7, 2.0 ** -11),  # default: exact float16, rounding of the cast only
+    ("float16", 7, 7, 0.7, 2.0 ** -8),        # 7 of float16's 10 bits, relative error <= 2**-8
+    ("float16", 10, None, 0.7, 2.0 ** -11),   # all 10 = the default
+    ("float32", 12, 12, 1.0, 2.0 ** -13),
+])
+def test_stored_targets_match_float64_reference(setup, logprob_dtype: str, bits, stored_bits, temperature: float,
+                                                rtol: float) -> None:
+    out = f"ref-{logprob_dtype}-{bits}"
+    cfg = _cfg(setup, out, logprob_dtype=logprob_dtype, logprob_mantissa_bits=bits, temperature=temperature,
                pool_layers=[0, -1], top_k=8, head_chunk_size=13)
     manifest = run_precompute(cfg)
+    assert manifest.logprob_mantissa_bits == stored_bits
     assert manifest.num_sequences == WINDOWS and len(manifest.shards) == 8 and manifest.shards[-1].rows == 2
     assert manifest.pooled_layers == [0, 1] and manifest.entropy_kind == "exact"
     assert manifest.notes["packing"]["windows"] == WINDOWS and manifest.notes["packing"]["dropped_tokens"] == 0
-    ds = TeacherDataset.open(str(setup[0] / f"ref-{logprob_dtype}"))
+    ds = TeacherDataset.open(str(setup[0] / out))
     data = ds.read_columns(np.arange(len(ds)))
     np.testing.assert_array_equal(data["seq_id"], np.arange(WINDOWS))
     assert data["topk_logprobs"].dtype == np.dtype(logprob_dtype)
@@ -77,7 +87,8 @@ def test_stored_targets_match_float64_reference(setup, logprob_dtype: str, tempe
     clear &= torch.cat([torch.ones_like(gaps[..., :1], dtype=torch.bool), gaps > 1e-4], -1)
     assert clear.float().mean() > 0.95
     torch.testing.assert_close(ids[clear], ref_ids[clear], rtol=0, atol=0)
-    torch.testing.assert_close(lp, logp.gather(-1, ids), rtol=1e-3 if logprob_dtype == "float16" else 0, atol=atol)
+    # float32 head vs float64: ~2e-5 absolute; storage rounding: relative, at most rtol
+    torch.testing.assert_close(lp, logp.gather(-1, ids), rtol=rtol, atol=2e-5)
     torch.testing.assert_close(torch.from_numpy(data["entropy"]).double(), ref_ent, rtol=1e-4, atol=1e-6)
     for layer in (0, 1):
         torch.testing.assert_close(torch.from_numpy(data[f"pooled_{layer}"]).double(), pooled[layer],
@@ -169,3 +180,16 @@ def test_cli_maps_options_onto_the_config(setup, monkeypatch: pytest.MonkeyPatch
     assert cfg.teacher.backend_options == {"tensor_parallel_size": 2}
     assert (cfg.num_shards, cfg.shard_index, cfg.storage.format) == (3, 1, "zarr")
     assert cfg.corpus.dataset_config == "en" and cfg.batch_size == 2
+    assert cfg.storage.logprob_mantissa_bits is None and cfg.storage.manifest_mantissa_bits is None  # exact
+
+    r = CliRunner().invoke(main, ["precompute", "--teacher", "t", "--dataset", "d.jsonl", "--output", "o",
+                                  "--logprob-dtype", "float32", "--logprob-bits", "12"])
+    assert r.exit_code == 0, r.output
+    assert seen["cfg"].storage.manifest_mantissa_bits == 12
+    r = CliRunner().invoke(main, ["precompute", "--teacher", "t", "--dataset", "d.jsonl", "--output", "o",
+                                  "--logprob-bits", "10"])
+    assert r.exit_code == 0 and seen["cfg"].storage.manifest_mantissa_bits is None  # float16's all: exact
+    r = CliRunner().invoke(main, ["precompute", "--teacher", "t", "--dataset", "d.jsonl", "--output", "o",
+                                  "--logprob-bits", "12"])
+    assert r.exit_code == 2 and "logprob_mantissa_bits must be in 1..10 for float16, got 12" in r.output
+    assert "Traceback" not in r.output
