@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from storage.errors import ShardCorruptError, StorageError
-from storage.manifest import MANTISSA_BITS, Manifest, ShardInfo
+from storage.manifest import Manifest, ShardInfo
 from storage.records import TeacherTargets
 
 HEADER_KEY = "distill.manifest"
@@ -135,16 +135,22 @@ def to_columns(targets: TeacherTargets, m: Manifest) -> dict[str, np.ndarray]:
         if not np.issubdtype(arr.dtype, np.number):
             raise StorageError(f"{name} has dtype {arr.dtype}, expected a numeric dtype")
         # always copy: the caller may reuse its buffers while a background thread writes this shard
-        out[name] = np.array(arr, dtype=col.dtype, order="C", copy=True)
-    bits = m.logprob_mantissa_bits
-    if bits is not None and bits < MANTISSA_BITS[m.logprob_dtype]:
-        given_lp = np.asarray(targets.topk_logprobs)
-        if given_lp.dtype.itemsize > out["topk_logprobs"].dtype.itemsize and given_lp.dtype.kind == "f":
-            # round once, in the given precision (a cast first would round twice); the cast is then exact
-            # except below float16's normal range, which the second rounding puts on the coarser grid
-            out["topk_logprobs"] = round_mantissa(given_lp, bits).astype(out["topk_logprobs"].dtype)
-        out["topk_logprobs"] = round_mantissa(out["topk_logprobs"], bits)
+        if name == "topk_logprobs":
+            out[name] = _stored_logprobs(arr, col.dtype, m.logprob_mantissa_bits)
+        else:
+            out[name] = np.array(arr, dtype=col.dtype, order="C", copy=True)
     return out
+
+
+def _stored_logprobs(arr: np.ndarray, dtype: np.dtype, bits: int | None) -> np.ndarray:
+    """A new C-contiguous array: `arr` cast to `dtype` and rounded to `bits` mantissa bits (None: exact cast)."""
+    if bits is None or bits >= np.finfo(dtype).nmant:
+        return np.array(arr, dtype=dtype, order="C", copy=True)
+    if arr.dtype.kind == "f" and arr.dtype.itemsize > dtype.itemsize:
+        # round once, in the given precision (casting first would round twice); the cast below is then exact,
+        # except below float16's normal range, where the second rounding puts values on the coarser grid
+        arr = round_mantissa(arr, bits)
+    return round_mantissa(np.ascontiguousarray(arr, dtype=dtype), bits)
 
 
 def from_columns(data: dict[str, np.ndarray], m: Manifest) -> TeacherTargets:
