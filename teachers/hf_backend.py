@@ -10,6 +10,7 @@ refuses a model that applies anything else.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any
 
@@ -115,9 +116,13 @@ class HFBackend:
         """When True, `timings` accumulates seconds in the backbone and in the head (synchronising CUDA)."""
         self.timings = {"backbone_s": 0.0, "head_s": 0.0, "tokens": 0}
         self.num_params = sum(p.numel() for p in model.parameters())
+        # auto: compiled on CUDA where inductor can emit its GPU kernels (Triton importable), eager elsewhere
+        self.compile_head = cfg.compile_head == "on" or (
+            cfg.compile_head == "auto" and self.weight.is_cuda and importlib.util.find_spec("triton") is not None)
         self.notes: dict[str, Any] = {
             "transformers": transformers.__version__, "torch": torch.__version__, "device": self.device,
             "head_chunk_size": cfg.head_chunk_size, "model_class": type(model).__name__,
+            "head_lse_entropy": "torch.compile" if self.compile_head else "eager",
             "pooled_layer_meaning": "mean over the sequence of transformers output_hidden_states[i + 1]",
             "logit_transforms": {"bias": self.bias is not None, "logit_scale": self.logit_scale,
                                  "softcap": self.softcap},
@@ -157,7 +162,7 @@ class HFBackend:
             top_ids, top_lp, entropy = targets_head(
                 hidden.reshape(b * seq_len, -1).to(self.weight.device), self.weight, k=k,
                 temperature=self.cfg.temperature, chunk_size=self.cfg.head_chunk_size, bias=self.bias,
-                logit_scale=self.logit_scale, softcap=self.softcap)
+                logit_scale=self.logit_scale, softcap=self.softcap, compile=self.compile_head)
             if self.profile:
                 self.timings["backbone_s"] += t1 - t0
                 self.timings["head_s"] += self._clock() - t1

@@ -85,3 +85,29 @@ def test_entropy_stays_accurate_at_a_realistic_vocab() -> None:
     _, _, ent = targets_head(hidden, weight, k=4, chunk_size=32)
     _, _, ref_ent, _ = dense_reference(hidden, weight, k=4)
     torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_lse_entropy_matches_eager_and_float64_reference() -> None:
+    """compile=True (torch.compile of logsumexp + entropy; one compile per process, dynamic shapes) against
+    the float64 dense reference and the eager head: temperatures, logit transforms, ragged last chunks, and
+    a realistic vocab for the float32 accumulation."""
+    import teachers.head
+
+    hidden, weight = _inputs(seed=7)
+    for temperature, chunk in ((1.0, 32), (0.7, 95), (2.5, 1000), (1.3, 1)):
+        got = targets_head(hidden, weight, k=16, temperature=temperature, chunk_size=chunk, compile=True)
+        assert_matches_reference(*got, *dense_reference(hidden, weight, k=16, temperature=temperature))
+        eager = targets_head(hidden, weight, k=16, temperature=temperature, chunk_size=chunk)
+        torch.testing.assert_close(got[0], eager[0], rtol=0, atol=0)
+        torch.testing.assert_close(got[1], eager[1], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got[2], eager[2], rtol=1e-5, atol=1e-6)
+    assert teachers.head._COMPILED is not None  # the compiled path really ran
+    hidden, weight = _inputs(n=40, v=300, seed=2)
+    kwargs = dict(bias=torch.randn(300, generator=torch.Generator().manual_seed(3)), logit_scale=0.8, softcap=5.0)
+    got = targets_head(hidden, weight, k=10, temperature=0.9, chunk_size=16, compile=True, **kwargs)
+    assert_matches_reference(*got, *dense_reference(hidden, weight, k=10, temperature=0.9, **kwargs))
+    g = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(64, 64, generator=g), torch.randn(49152, 64, generator=g) * 0.5
+    _, _, ent = targets_head(hidden, weight, k=4, chunk_size=48, compile=True)
+    torch.testing.assert_close(ent.double(), dense_reference(hidden, weight, k=4)[2], rtol=1e-5, atol=1e-6)

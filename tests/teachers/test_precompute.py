@@ -173,13 +173,14 @@ def test_cli_maps_options_onto_the_config(setup, monkeypatch: pytest.MonkeyPatch
     r = CliRunner().invoke(main, ["precompute", "--teacher", "t", "--dataset", "allenai/c4", "--dataset-config", "en",
                                   "--output", "o", "--pool-layers", "0,-2", "--top-k", "5", "--temperature", "2",
                                   "--backend-option", "tensor_parallel_size=2", "--num-shards", "3",
-                                  "--shard-index", "1", "--format", "zarr", "--batch-tokens", "4096"])
+                                  "--shard-index", "1", "--format", "zarr", "--batch-tokens", "4096",
+                                  "--compile-head", "on"])
     assert r.exit_code == 0, r.output
     cfg = seen["cfg"]
     assert cfg.teacher.pool_layers == [0, -2] and cfg.teacher.top_k == 5 and cfg.teacher.temperature == 2.0
     assert cfg.teacher.backend_options == {"tensor_parallel_size": 2}
     assert (cfg.num_shards, cfg.shard_index, cfg.storage.format) == (3, 1, "zarr")
-    assert cfg.corpus.dataset_config == "en" and cfg.batch_size == 2
+    assert cfg.corpus.dataset_config == "en" and cfg.batch_size == 2 and cfg.teacher.compile_head == "on"
     assert cfg.storage.logprob_mantissa_bits is None and cfg.storage.manifest_mantissa_bits is None  # exact
 
     r = CliRunner().invoke(main, ["precompute", "--teacher", "t", "--dataset", "d.jsonl", "--output", "o",
@@ -193,3 +194,20 @@ def test_cli_maps_options_onto_the_config(setup, monkeypatch: pytest.MonkeyPatch
                                   "--logprob-bits", "12"])
     assert r.exit_code == 2 and "logprob_mantissa_bits must be in 1..10 for float16, got 12" in r.output
     assert "Traceback" not in r.output
+
+
+@pytest.mark.slow
+def test_compiled_head_stores_the_same_targets(setup) -> None:
+    eager = run_precompute(_cfg(setup, "head-eager", top_k=8))
+    cfg = _cfg(setup, "head-compiled", top_k=8)
+    cfg.teacher.compile_head = "on"
+    compiled = run_precompute(cfg)
+    assert eager.notes["backend"]["head_lse_entropy"] == "eager"  # auto on CPU
+    assert compiled.notes["backend"]["head_lse_entropy"] == "torch.compile"
+    a = TeacherDataset.open(str(setup[0] / "head-eager")).read_columns(np.arange(WINDOWS))
+    b = TeacherDataset.open(str(setup[0] / "head-compiled")).read_columns(np.arange(WINDOWS))
+    np.testing.assert_array_equal(a["topk_ids"], b["topk_ids"])
+    # float16 storage: the float32 differences (~1e-6) flip at most the last bit of a stored value
+    np.testing.assert_allclose(a["topk_logprobs"].astype(np.float32), b["topk_logprobs"].astype(np.float32),
+                               rtol=2.0 ** -10, atol=1e-5)
+    np.testing.assert_allclose(a["entropy"], b["entropy"], rtol=1e-5, atol=1e-6)
