@@ -159,10 +159,7 @@ class HFBackend:
             t0 = self._clock()
             hidden = self.final_hidden(ids)  # [B, L, H] model dtype
             t1 = self._clock()
-            top_ids, top_lp, entropy = targets_head(
-                hidden.reshape(b * seq_len, -1).to(self.weight.device), self.weight, k=k,
-                temperature=self.cfg.temperature, chunk_size=self.cfg.head_chunk_size, bias=self.bias,
-                logit_scale=self.logit_scale, softcap=self.softcap, compile=self.compile_head)
+            top_ids, top_lp, entropy = self._head(hidden.reshape(b * seq_len, -1).to(self.weight.device), k)
             if self.profile:
                 self.timings["backbone_s"] += t1 - t0
                 self.timings["head_s"] += self._clock() - t1
@@ -199,6 +196,21 @@ class HFBackend:
             hidden = self.final_hidden(ids)
             return {layer: (hidden.float().mean(dim=1) if layer == self.num_layers - 1 else self._captured[layer])
                     .cpu().numpy() for layer in self.pooled_layers}
+
+    def _head(self, hidden: Any, k: int) -> tuple[Any, Any, Any]:
+        import torch._dynamo.exc
+        import torch._inductor.exc
+
+        try:
+            return targets_head(hidden, self.weight, k=k, temperature=self.cfg.temperature,
+                                chunk_size=self.cfg.head_chunk_size, bias=self.bias, logit_scale=self.logit_scale,
+                                softcap=self.softcap, compile=self.compile_head)
+        except (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError) as e:
+            if not self.compile_head:
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise TeacherLoadError(f"torch.compile of the targets head failed on {self.device} "
+                                   f"({type(e).__name__}: {first}); rerun with --compile-head off") from e
 
     def _self_check(self, ids: Any) -> None:
         """Refuse a model whose logits are not lm_head(final hidden) with the known transforms."""

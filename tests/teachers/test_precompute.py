@@ -211,3 +211,23 @@ def test_compiled_head_stores_the_same_targets(setup) -> None:
     np.testing.assert_allclose(a["topk_logprobs"].astype(np.float32), b["topk_logprobs"].astype(np.float32),
                                rtol=2.0 ** -10, atol=1e-5)
     np.testing.assert_allclose(a["entropy"], b["entropy"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_failing_compile_names_the_way_out(setup, monkeypatch) -> None:
+    import torch._dynamo.exc
+
+    import teachers.head
+    from teachers.errors import TeacherLoadError
+
+    def broken():
+        def fail(z):
+            raise torch._dynamo.exc.TorchDynamoException("no backend for this device\nlong trace")
+        return fail
+
+    monkeypatch.setattr(teachers.head, "_compiled_lse_entropy", broken)
+    cfg = _cfg(setup, "head-broken", top_k=8)
+    cfg.teacher.compile_head = "on"
+    with pytest.raises(TeacherLoadError, match=r"torch.compile of the targets head failed on cpu "
+                                               r"\(TorchDynamoException: no backend for this device\); "
+                                               r"rerun with --compile-head off"):
+        run_precompute(cfg)
