@@ -10,14 +10,14 @@ with N * V. One exp pass over the vocab per token. Per token:
     entropy = lse - sum_v p_v z_v  (p = softmax(z)), evaluated on z - max z so no large terms cancel
 
 The matmul runs in the dtype of `hidden`/`weight` (bf16 on GPU, like the model's own lm_head); everything
-after it runs in float32.
+after it runs in float32. Optional logit transforms are applied in the model's order before tau:
+`+ bias`, `* logit_scale`, then soft-capping `cap * tanh(z / cap)`.
 
 `compile=True` computes lse and entropy with a `torch.compile`d function (`_lse_entropy`): inductor fuses
 max, exp and both sums into reductions over z, with no [C, V] temporaries. Same formulas, so results agree
-with the eager path to float32 rounding (tests/teachers/test_head.py); measured 8x faster for that part on
-CPU and about 12x on an H100 (benchmarks/RESULTS.md; shared reference notes). The first call compiles
-(~15-20 s on CPU), so it pays off on long runs only. Optional logit transforms are applied in the model's order before tau:
-`+ bias`, `* logit_scale`, then soft-capping `cap * tanh(z / cap)`.
+with the eager path to float32 rounding (tests/teachers/test_head.py). That part measured 8x faster on CPU
+(benchmarks/RESULTS.md); the team's reference notes report about 12x on an H100. The first call compiles
+(~5 s with inductor's cache warm, ~17 s cold, on CPU), so it pays off on long runs only.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ def targets_head(
     """Top-k ids, top-k log-probs and exact entropies of softmax(lm_head(hidden) / temperature).
 
     hidden: [N, H] final hidden states (after the model's final norm); weight: [V, H] output embedding;
-    bias: [V] or None; compile: lse and entropy through the compiled `_lse_entropy`. Returns (topk_ids [N, k] int32, topk_logprobs [N, k] float32, entropy [N] float32),
-    on hidden's device; ids within a row are sorted by descending log-prob.
+    bias: [V] or None; compile: lse and entropy through the compiled `_lse_entropy`.
+    Returns (topk_ids [N, k] int32, topk_logprobs [N, k] float32, entropy [N] float32), on hidden's device;
+    ids within a row are sorted by descending log-prob.
     """
     import torch
 
