@@ -231,3 +231,17 @@ def test_a_failing_compile_names_the_way_out(setup, monkeypatch) -> None:
                                                r"\(TorchDynamoException: no backend for this device\); "
                                                r"rerun with --compile-head off"):
         run_precompute(cfg)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(shard_size=0), "shard_size"),
+    (dict(logprob_mantissa_bits=11), r"logprob_mantissa_bits must be in 1\.\.10 for float16, got 11"),
+    (dict(logprob_dtype="float32", logprob_mantissa_bits=24), r"1\.\.23 for float32"),
+    (dict(format="hdf5"), "format"),
+])
+def test_storage_config_refuses_bad_values(kwargs, message) -> None:
+    from storage.errors import ConfigError
+    from teachers.config import StorageConfig
+
+    with pytest.raises(ConfigError, match=message):
+        StorageConfig(output="o", **kwargs)
