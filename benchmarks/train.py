@@ -117,8 +117,7 @@ def _fused_batch(targets, ids, cfg, sdata) -> dict:
     alpha = teacher_weights(ent, cfg.loss.teacher_weighting, eps=cfg.loss.entropy_eps)
     fused = fuse_topk([torch.from_numpy(t.topk_ids).reshape(n, -1) for t in targets],
                       [torch.from_numpy(t.topk_logprobs).reshape(n, -1) for t in targets], alpha)
-    return {"input_ids": torch.from_numpy(ids.astype(np.int64)), "fused_ids": fused.ids, "fused_probs": fused.probs,
-            "fused_tail": fused.tail, "fused_mask": fused.mask, "alpha": fused.weights,
+    return {"input_ids": torch.from_numpy(ids.astype(np.int64)), **fused.to_batch(),
             "pooled": [None] * len(targets), "mismatch": torch.tensor(-1)}
 
 

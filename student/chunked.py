@@ -40,13 +40,12 @@ def check_plain_head(model: torch.nn.Module, vocab_size: int) -> None:
                           f"(max difference {(logits - mine).abs().max().item():.2e})")
 
 
-def _chunk_sums(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor,
-                probs: torch.Tensor, tail: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor,
+def _chunk_sums(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, fused: FusedTargets,
                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of CE over valid labels, sum of per-position KD) for one chunk [C, H]."""
-    z = (h @ weight.T).float()  # [C, V]
+    """(sum of CE over valid labels, sum of per-position KD) for one chunk [C, H]; `fused` holds its C rows."""
+    z = h @ weight.T  # [C, V]
+    z = z.to(torch.promote_types(torch.float32, z.dtype))
     ce = F.cross_entropy(z, labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    fused = FusedTargets(ids=ids, probs=probs, tail=tail, mask=mask, weights=weights)
     kd = sparse_kl(z, fused, temperature=temperature, reduction="none").sum()
     return ce, kd
 
@@ -61,8 +60,8 @@ def chunked_ce_kd(
     chunk_size: int = 512,
     with_kd: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(CE, KD) as `next_token_ce` and `sparse_kl` (mean over positions, mask None) give them for
-    `logits = hidden @ weight.T`.
+    """(CE, KD) as `next_token_ce` and `sparse_kl` (mean over positions with a target, mask None) give them
+    for `logits = hidden @ weight.T`.
 
     hidden [B, L, H]; weight [V, H] (the output embedding; no bias); input_ids [B, L]; fused: N = B * L rows.
     with_kd False: KD is returned as a zero and not computed (CE-only training).
@@ -78,17 +77,19 @@ def chunked_ce_kd(
     grad = torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad)
     for s in range(0, n, chunk_size):
         e = min(n, s + chunk_size)
-        args = (flat[s:e], weight, labels[s:e], fused.ids[s:e], fused.probs[s:e], fused.tail[s:e],
-                fused.mask[s:e], fused.weights[s:e], temperature)
         if not with_kd:
-            ce_sum = ce_sum + (checkpoint(_chunk_ce, *args[:3], use_reentrant=False) if grad
-                               else _chunk_ce(*args[:3]))
+            args = (flat[s:e], weight, labels[s:e])
+            ce_sum = ce_sum + (checkpoint(_chunk_ce, *args, use_reentrant=False) if grad else _chunk_ce(*args))
             continue
+        args = (flat[s:e], weight, labels[s:e], fused.rows(s, e), temperature)
         ce, kd = checkpoint(_chunk_sums, *args, use_reentrant=False) if grad else _chunk_sums(*args)
         ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
     count = (labels != IGNORE_INDEX).sum().clamp_min(1)
-    return ce_sum / count, kd_sum / max(n, 1)
+    targets = fused.has_target.sum().clamp_min(1) if with_kd else 1
+    return ce_sum / count, kd_sum / targets
 
 
 def _chunk_ce(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy((h @ weight.T).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    z = h @ weight.T  # [C, V]
+    return F.cross_entropy(z.to(torch.promote_types(torch.float32, z.dtype)), labels, ignore_index=IGNORE_INDEX,
+                           reduction="sum")

@@ -4,10 +4,10 @@ Join rules (refused with MismatchError naming the field and both values): tokeni
 corpus fingerprint and vocab size (JOIN_FIELDS), the sequence ids, and the precompute temperature.
 input_ids are compared on a seeded spot-check of sequences at join time (fast failure without reading a
 whole cache), and again for every batch the loader reads (the column costs 4 bytes per token against
-~200 for the targets), so every sequence trained on is verified. top-k may differ between teachers: the
-union-of-top-k fusion handles different k exactly.
+~200 for the targets), so every sequence trained on is verified. top-k may differ between teachers: each
+teacher's target is its own top-k plus its own tail (student/fusion.py), so different k are exact.
 
-Batches are dicts of tensors; the fusion (sort / unique over the concatenated top-k ids) runs in the
+Batches are dicts of tensors; the fusion (per-teacher probabilities, tails and weights) runs in the
 DataLoader workers, so the training process only receives the fused sparse target.
 """
 
@@ -54,7 +54,7 @@ def join_teachers(paths: Sequence[str], *, spot_check: int = 16, seed: int = 0) 
                                     "input_ids", (ref_path, path))
     ks = [t.manifest.top_k for t in teachers]
     if len(set(ks)) > 1:
-        log.info("teachers store different top-k %s; the fused target uses the union of their ids", ks)
+        log.info("teachers store different top-k %s; each is compared on its own top-k plus tail", ks)
     return teachers
 
 
@@ -170,8 +170,7 @@ class DistillDataset(Dataset):
         return {
             "seq_ids": torch.from_numpy(self.teachers[0].seq_ids[pos].copy()),  # [B] int64
             "input_ids": torch.from_numpy(input_ids.astype(np.int64)),  # [B, L] int64
-            "fused_ids": fused.ids, "fused_probs": fused.probs, "fused_tail": fused.tail,
-            "fused_mask": fused.mask, "alpha": fused.weights,  # [N, M], [N, M], [N], [N, M], [N, K]
+            **fused.to_batch(),  # fused_ids, fused_probs [N, T], fused_tail, alpha [N, K], fused_sizes (K ints)
             "pooled": pooled,  # per teacher [B, d_k] float32 or None
             "mismatch": torch.tensor(mismatch),  # seq id whose input_ids differ between teachers, or -1
         }

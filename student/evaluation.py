@@ -7,11 +7,14 @@ Two sources of held-out sequences:
   run on the same windows and the KL is the full-vocab KL(P_T || P_S); their greedy continuations of
   held-out prompts are the references for BLEU.
 - `--teacher-data DIR` (caches precomputed on held-out text): the windows are the caches' `input_ids` and
-  the KL is computed over each teacher's top-k plus one tail bucket (`student.losses.sparse_kl`), at the
-  temperature the caches were written with.
+  the KL compares each teacher's top-k plus its own tail bucket with the student's view on the same
+  partition (`student.losses.sparse_kl`), at the temperature the caches were written with.
 
 The fused target uses the same weighting as training (`student.fusion.teacher_weights`): per-position
-entropy weights by default. Position t of a window predicts token t + 1: KL and agreement use every position
+entropy weights by default. "KL fused" is the training KD quantity sum_k alpha_k KL_k, the weighted KL to
+each teacher (from models, the full KL; from caches, each teacher's top-k plus tail); it is 0 when the student
+equals every teacher and differs from KL(mixture || student) by a constant in the student (the teachers'
+weighted Jensen-Shannon divergence). Position t of a window predicts token t + 1: KL and agreement use every position
 (the teacher target exists for all of them), perplexity uses positions 0..L-2 of each window.
 """
 
@@ -258,6 +261,7 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     from student.fusion import fuse_topk, teacher_weights
+    from student.fusion import fused_top1 as known_top1
     from student.losses import sparse_kl
     from teachers.packing import tokenizer_fingerprint
 
@@ -355,7 +359,7 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 ent = torch.stack([-t[1] for t in targets.values()], dim=1)  # [N, K] entropies
                 alpha = teacher_weights(ent, cfg.weighting, fixed)
                 fused_p = sum(alpha[:, i : i + 1] * t[0] for i, t in enumerate(targets.values()))
-                fused = dense_target(fused_p)
+                fused = fused_p  # [N, V] the mixture; its argmax is the top-1 target
                 fused_top1 = fused_p.argmax(dim=-1)
             elif caches:
                 k_ids = [torch.from_numpy(c["topk_ids"]).reshape(n_pos, -1).to(device) for c in cols]
@@ -375,7 +379,7 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
                     n: fuse_topk([i], [lp], ones) for n, i, lp in zip(cache_names, k_ids, k_lp, strict=True)
                 }
                 fused = fuse_topk(k_ids, k_lp, alpha)
-                fused_top1 = fused.ids.gather(1, fused.probs.argmax(dim=1, keepdim=True)).squeeze(1)
+                fused_top1 = known_top1(fused)
 
             for label, model in student_models.items():
                 acc = accs[label]
@@ -390,9 +394,12 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 acc.agree += int((flat.argmax(dim=-1) == fused_top1).sum())
                 if teacher_models:
                     q = torch.log_softmax(flat, dim=-1)
-                    for name, target in targets.items():
-                        acc.add_kl(name, float(full_kl(target, q).sum()))
-                    acc.kl_fused += float(full_kl(fused, q).sum())
+                    kl_fused = torch.zeros(n_pos, device=q.device)  # sum_k alpha_k KL_k, as sparse_kl
+                    for i, (name, target) in enumerate(targets.items()):
+                        kl_k = full_kl(target, q)  # [N]
+                        acc.add_kl(name, float(kl_k.sum()))
+                        kl_fused += alpha[:, i] * kl_k
+                    acc.kl_fused += float(kl_fused.sum())
                 else:
                     for name, f in per_teacher_fused.items():
                         acc.add_kl(

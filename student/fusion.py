@@ -1,17 +1,28 @@
-"""Fused multi-teacher target over the union of the teachers' top-k ids plus one tail bucket.
+"""The fused multi-teacher target, kept per teacher: each teacher's own top-k plus its own tail bucket.
 
-Per position (N positions, K teachers, teacher k stores its top k_k ids S_k with log-probs over the full
-vocab), with weights alpha [N, K] summing to 1 over teachers:
+Per position (N positions, K teachers), teacher k's cache is a coarse-grained distribution over its own top-k
+ids S_k (log-probs over the full vocab) plus one bucket for the rest of the vocab:
 
-    P_T(y)    = sum_{k: y in S_k} alpha_k p_k(y)        for y in U = union_k S_k
-    P_T(tail) = 1 - sum_{y in U} P_T(y)
+    p_k(y) for y in S_k,      tail_k = 1 - sum_{y in S_k} p_k(y)
 
-Teacher k's mass outside S_k (its own tail, 1 - sum_{S_k} p_k) ends up in the fused tail even when another
-teacher lists those ids: the cache does not know p_k(y) for y outside S_k, and guessing it would invent
-data. Teachers may store different k; the union handles it (the concatenation is just wider).
+The loss (student/losses.py) compares each teacher's coarse view with the student's view on the same
+partition, and mixes the teachers with per-position weights alpha [N, K]:
 
-Everything is vectorised: ids of all teachers are concatenated to [N, T] (T = sum_k k_k), sorted per row,
-and duplicates are collapsed with a cumulative "new id" counter and a scatter-add. No loop over positions.
+    CE_k = - sum_{y in S_k} p_k(y) log q(y) - tail_k log(1 - sum_{y in S_k} q(y))
+    loss = sum_k alpha_k CE_k
+
+This is linear in the target, so with top-k = vocab it is the cross-entropy to the mixture sum_k alpha_k p_k.
+The fusion therefore does not merge the teachers' lists: it places them side by side ([N, T] with
+T = sum_k k_k; teacher k owns columns `columns(k)`), normalises the weights and zeroes the teachers that have
+no target at a position. (Merging the lists over their union U with one shared tail would be wrong whenever
+the top-k sets differ: teacher k's mass on ids in U outside S_k would land in a tail that the student's
+q(V \\ U) cannot match.)
+
+Validity: an optional [N, K] bool mask says which teachers have a target at each position; the others carry
+no KD there, and alpha is renormalised over the rest. A position where no teacher (with a positive weight)
+has a target carries no KD at all (`has_target` False; the losses leave it out of their averages).
+
+Teachers may store different k. Everything is vectorised over positions.
 """
 
 from __future__ import annotations
@@ -22,26 +33,65 @@ from dataclasses import dataclass
 import torch
 
 WEIGHTINGS = ("entropy", "uniform", "fixed")
+BATCH_KEYS = ("fused_ids", "fused_probs", "fused_tail", "alpha", "fused_sizes")
 
 
 @dataclass
 class FusedTargets:
-    """The fused sparse target for N positions (flattened [B * L])."""
+    """Per-teacher sparse targets for N positions (flattened [B * L]), side by side."""
 
     ids: torch.Tensor
-    """[N, M] int64 union ids (padding slots hold id 0; see `mask`). M = largest union size in the batch."""
+    """[N, T] int64 top-k ids of all teachers, teacher k in columns `columns(k)` (0 where it has no target)."""
     probs: torch.Tensor
-    """[N, M] float32 fused P_T(y) at `ids` (0 at padding slots)."""
+    """[N, T] float32 (or float64 when built from float64 log-probs) p_k(y) at `ids`, unweighted (0 where the
+    teacher has no target)."""
     tail: torch.Tensor
-    """[N] float32 P_T(tail) = 1 - sum of `probs`, clamped at 0 (float32 rounding)."""
-    mask: torch.Tensor
-    """[N, M] bool, True where the slot holds a real union id."""
+    """[N, K] teacher k's tail mass 1 - sum_{S_k} p_k, clamped to [0, 1] (0 where it has no target)."""
     weights: torch.Tensor
-    """[N, K] float32 teacher weights alpha used for the fusion (rows sum to 1)."""
+    """[N, K] float32 (float64 when given float64) alpha: 0 for teachers without a target, the rest sums to 1
+    (all 0: no target here)."""
+    sizes: tuple[int, ...]
+    """Per-teacher widths k_k (sum = T)."""
+
+    def __post_init__(self) -> None:
+        self.sizes = tuple(int(s) for s in self.sizes)  # a DataLoader's pin_memory turns tuples into lists
+
+    @property
+    def num_teachers(self) -> int:
+        return len(self.sizes)
+
+    def columns(self, k: int) -> slice:
+        """Teacher k's columns in `ids` / `probs`."""
+        start = sum(self.sizes[:k])
+        return slice(start, start + self.sizes[k])
+
+    def column_teacher(self) -> torch.Tensor:
+        """[T] int64: the teacher owning each column."""
+        return torch.repeat_interleave(torch.arange(len(self.sizes), device=self.ids.device),
+                                       torch.tensor(self.sizes, device=self.ids.device))
+
+    @property
+    def has_target(self) -> torch.Tensor:
+        """[N] bool: some teacher carries KD at this position."""
+        return self.weights.sum(dim=1) > 0
+
+    def rows(self, start: int, stop: int) -> FusedTargets:
+        """Positions start..stop-1."""
+        return FusedTargets(ids=self.ids[start:stop], probs=self.probs[start:stop], tail=self.tail[start:stop],
+                            weights=self.weights[start:stop], sizes=self.sizes)
 
     def to(self, device: torch.device | str) -> FusedTargets:
-        return FusedTargets(*(t.to(device, non_blocking=True) for t in
-                              (self.ids, self.probs, self.tail, self.mask, self.weights)))
+        return FusedTargets(*(t.to(device, non_blocking=True) for t in (self.ids, self.probs, self.tail,
+                                                                           self.weights)), sizes=self.sizes)
+
+    def to_batch(self) -> dict[str, object]:
+        """The fields under BATCH_KEYS, for a DataLoader batch dict."""
+        return dict(zip(BATCH_KEYS, (self.ids, self.probs, self.tail, self.weights, self.sizes), strict=True))
+
+    @classmethod
+    def from_batch(cls, batch: dict, device: torch.device | str | None = None) -> FusedTargets:
+        fused = cls(*(batch[k] for k in BATCH_KEYS))
+        return fused if device is None else fused.to(device)
 
 
 def teacher_weights(
@@ -51,58 +101,96 @@ def teacher_weights(
     *,
     num_teachers: int | None = None,
     eps: float = 1e-3,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-position teacher weights alpha [N, K] float32, rows summing to 1.
 
     entropy: alpha_k ∝ 1 / (H_k + eps) from `entropies` [N, K] (nats; eps guards H -> 0).
     uniform: 1 / K everywhere (`entropies` [N, K] or `num_teachers` plus a shape from `entropies`).
     fixed:   the given weights, normalised to sum to 1, the same at every position.
+    valid:   optional [N, K] bool, teachers with a target at each position: the others get weight 0 and the
+             rest is renormalised (a row with no valid teacher, or only zero weights, is all 0). Entropies
+             of invalid entries are ignored (they may be NaN).
     """
     if mode == "entropy":
         if entropies is None:
             raise ValueError("entropy weighting needs entropies")
-        inv = 1.0 / (entropies.float().clamp_min(0.0) + eps)  # [N, K]
-        return inv / inv.sum(dim=-1, keepdim=True)
+        ent = entropies.float()
+        if valid is not None:
+            ent = torch.where(valid, ent, torch.zeros_like(ent))
+        inv = 1.0 / (ent.clamp_min(0.0) + eps)  # [N, K]
+        return _renormalise(inv, valid)
     if entropies is None:
         raise ValueError("teacher_weights needs entropies [N, K] (or a tensor of that shape) for the shape")
     n, k = entropies.shape
     if mode == "uniform":
-        return torch.full((n, k), 1.0 / k, dtype=torch.float32, device=entropies.device)
+        return _renormalise(torch.ones((n, k), dtype=torch.float32, device=entropies.device), valid)
     if mode == "fixed":
         if fixed is None or len(fixed) != k:
             raise ValueError(f"fixed weighting needs {k} weights, got {fixed!r}")
         w = torch.tensor(list(fixed), dtype=torch.float32, device=entropies.device)
-        return (w / w.sum()).expand(n, k).contiguous()
+        return _renormalise(w.expand(n, k), valid)
     raise ValueError(f"unknown weighting {mode!r}; expected one of {WEIGHTINGS}")
+
+
+def _renormalise(w: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """w [N, K] >= 0 with invalid entries zeroed, divided by its row sum (rows summing to 0 stay 0)."""
+    if valid is not None:
+        w = torch.where(valid, w, torch.zeros_like(w))
+    total = w.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, w / total.clamp_min(torch.finfo(w.dtype).tiny), torch.zeros_like(w))
 
 
 def fuse_topk(
     topk_ids: Sequence[torch.Tensor],
     topk_logprobs: Sequence[torch.Tensor],
     weights: torch.Tensor,
+    valid: torch.Tensor | None = None,
 ) -> FusedTargets:
-    """Fuse K teachers' top-k lists into one sparse target.
+    """Place K teachers' top-k lists side by side with their tails and weights.
 
-    topk_ids[k]: [N, k_k] integer ids (distinct within a row); topk_logprobs[k]: [N, k_k] log-probs over
-    the full vocab (float16/32); weights: [N, K] float32 alpha, rows summing to 1.
+    topk_ids[k]: [N, k_k] integer ids (distinct within a row); topk_logprobs[k]: [N, k_k] log-probs over the
+    full vocab (float16/32; float64 stays float64, for references); weights: [N, K] alpha >= 0; valid:
+    optional [N, K] bool (None: every teacher has a target everywhere). Weights are zeroed where a teacher has
+    no target and renormalised per row; that teacher's ids, probs and tail are zeroed there (its ids and
+    log-probs may hold anything, e.g. padding or NaN).
     """
     assert len(topk_ids) == len(topk_logprobs) == weights.shape[1], "one id/log-prob pair per teacher"
-    ids = torch.cat([t.long() for t in topk_ids], dim=1)  # [N, T] int64
-    probs = torch.cat(
-        [lp.float().exp() * weights[:, i : i + 1] for i, lp in enumerate(topk_logprobs)], dim=1
-    )  # [N, T] float32, alpha_k p_k(y)
-    sorted_ids, order = ids.sort(dim=1)
-    sorted_probs = probs.gather(1, order)
+    dtype = torch.promote_types(torch.float32, topk_logprobs[0].dtype) if topk_logprobs else torch.float32
+    ids, probs, tails = [], [], []
+    for k, (i, lp) in enumerate(zip(topk_ids, topk_logprobs, strict=True)):
+        p = lp.to(dtype).exp()  # [N, k_k]
+        i = i.long()
+        tail = (1.0 - p.sum(dim=1)).clamp(0.0, 1.0)  # [N]; rounding can push the sum past 1
+        if valid is not None:
+            ok = valid[:, k : k + 1]
+            p = torch.where(ok, p, torch.zeros_like(p))
+            i = torch.where(ok, i, torch.zeros_like(i))
+            tail = torch.where(ok[:, 0], tail, torch.zeros_like(tail))
+        ids.append(i)
+        probs.append(p)
+        tails.append(tail)
+    return FusedTargets(
+        ids=torch.cat(ids, dim=1),  # [N, T] int64
+        probs=torch.cat(probs, dim=1),  # [N, T]
+        tail=torch.stack(tails, dim=1),  # [N, K]
+        weights=_renormalise(weights.to(torch.promote_types(torch.float32, weights.dtype)), valid),  # [N, K]
+        sizes=tuple(i.shape[1] for i in topk_ids),
+    )
+
+
+def fused_top1(fused: FusedTargets) -> torch.Tensor:
+    """[N] int64: the id with the largest known mixture mass sum_{k: y in S_k} alpha_k p_k(y).
+
+    A teacher's mass on ids outside its own top-k is unknown, so this is the argmax of a lower bound on the
+    mixture; with top-k = vocab it is the mixture's argmax. Positions without a target give the first id.
+    """
+    w = fused.weights.to(fused.probs.dtype).index_select(1, fused.column_teacher()) * fused.probs  # [N, T]
+    sorted_ids, order = fused.ids.sort(dim=1)
+    sorted_w = w.gather(1, order)
     new = torch.ones_like(sorted_ids, dtype=torch.bool)
     new[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
-    slot = new.long().cumsum(dim=1) - 1  # [N, T] slot of each entry in the union row
-    width = int(new.sum(dim=1).max()) if ids.shape[0] else 0
-    n = ids.shape[0]
-    union_ids = torch.zeros((n, width), dtype=torch.int64, device=ids.device)
-    union_ids.scatter_(1, slot, sorted_ids)  # duplicates write the same id
-    union_probs = torch.zeros((n, width), dtype=torch.float32, device=ids.device)
-    union_probs.scatter_add_(1, slot, sorted_probs)
-    mask = torch.zeros((n, width), dtype=torch.bool, device=ids.device)
-    mask.scatter_(1, slot, True)
-    tail = (1.0 - union_probs.sum(dim=1)).clamp_min(0.0)
-    return FusedTargets(ids=union_ids, probs=union_probs, tail=tail, mask=mask, weights=weights.float())
+    slot = new.long().cumsum(dim=1) - 1  # [N, T] slot of each entry among the distinct ids of its row
+    mass = torch.zeros_like(sorted_w).scatter_add_(1, slot, sorted_w)  # [N, T], unused slots 0
+    distinct = torch.zeros_like(sorted_ids).scatter_(1, slot, sorted_ids)
+    return distinct.gather(1, mass.argmax(dim=1, keepdim=True)).squeeze(1)

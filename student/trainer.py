@@ -52,9 +52,9 @@ class DistillModule(torch.nn.Module):
             [torch.nn.Linear(width, d) if d is not None else torch.nn.Identity() for d in proj_dims])
         self.has_proj = [d is not None for d in proj_dims]
 
-    def forward(self, input_ids: torch.Tensor, want_pooled: bool, fused: tuple[torch.Tensor, ...] | None = None,
+    def forward(self, input_ids: torch.Tensor, want_pooled: bool, fused: FusedTargets | None = None,
                 chunk_size: int | None = None, temperature: float = 1.0) -> tuple[Any, torch.Tensor | None]:
-        """(logits [B, L, V], pooled); with `chunk_size` (and `fused`, the FusedTargets fields as a tuple):
+        """(logits [B, L, V], pooled); with `chunk_size` (and `fused`):
         ((CE, KD) computed in chunks from the final hidden states, pooled). The losses are computed inside
         forward so DDP sees every use of the parameters."""
         # hidden_states[0] is the embedding output, hidden_states[i + 1] the output of block i
@@ -69,7 +69,7 @@ class DistillModule(torch.nn.Module):
         out = self.student.base_model(input_ids=input_ids, output_hidden_states=want_pooled, use_cache=False)
         pooled = out.hidden_states[index].float().mean(dim=1) if want_pooled else None
         weight = self.student.get_output_embeddings().weight
-        terms = chunked_ce_kd(out.last_hidden_state, weight, input_ids, FusedTargets(*fused),
+        terms = chunked_ce_kd(out.last_hidden_state, weight, input_ids, fused,
                               temperature=temperature, chunk_size=chunk_size)
         return terms, pooled
 
@@ -210,13 +210,11 @@ class Trainer:
             sid = int(batch["mismatch"])
             raise MismatchError(f"teachers differ in 'input_ids' at seq id {sid}", "input_ids", (sid, sid))
         input_ids = batch["input_ids"].to(dev, non_blocking=True)  # [B, L]
-        fused = FusedTargets(*(batch[k].to(dev, non_blocking=True) for k in
-                               ("fused_ids", "fused_probs", "fused_tail", "fused_mask", "alpha")))
+        fused = FusedTargets.from_batch(batch, dev)
         want_feat = self.use_feat and lc.gamma_feat > 0 and train
         if lc.chunk_size is not None:  # KD always in the graph here (times 0 when lambda_kd = 0)
-            fields = (fused.ids, fused.probs, fused.tail, fused.mask, fused.weights)
             with self.autocast:
-                (ce, kd), pooled = self.model(input_ids, want_feat, fields, lc.chunk_size, self.temperature)
+                (ce, kd), pooled = self.model(input_ids, want_feat, fused, lc.chunk_size, self.temperature)
             return self._total({"ce": ce, "kd": kd}, batch, fused, pooled, want_feat)
         with self.autocast:
             logits, pooled = self.model(input_ids, want_feat)  # [B, L, V]

@@ -123,4 +123,6 @@ def test_dataset_batches_match_direct_fusion(caches):
     assert torch.equal(got["seq_ids"], torch.tensor([9, 5]))
     assert torch.equal(got["input_ids"], torch.from_numpy(cols[0]["input_ids"]).long())
     assert torch.equal(got["fused_ids"], ref.ids) and torch.equal(got["fused_probs"], ref.probs)
+    assert torch.equal(got["fused_tail"], ref.tail) and torch.equal(got["alpha"], ref.weights)
+    assert tuple(got["fused_sizes"]) == ref.sizes == (8, 5)
     assert got["pooled"][0].shape == (2, 12) and got["pooled"][1] is None

@@ -99,7 +99,12 @@ def test_full_kl_and_agreement_match_float64_reference_with_entropy_weights(setu
     inv = torch.stack([1.0 / (-(p.exp() * p).sum(-1) + 1e-3) for p in ps], dim=1)  # entropy weights, eps 1e-3
     alpha = inv / inv.sum(1, keepdim=True)
     fused = alpha[:, :1] * ps[0].exp() + alpha[:, 1:] * ps[1].exp()
-    kl_fused = (fused * (fused.log() - q)).sum(-1).mean()
+    # KL fused is the training KD quantity, sum_k alpha_k KL(P_Tk || P_S) per position: the KL to the
+    # mixture plus the teachers' weighted Jensen-Shannon divergence H(mixture) - sum_k alpha_k H_k
+    per_teacher = [(p.exp() * (p - q)).sum(-1) for p in ps]
+    kl_fused = (alpha[:, 0] * per_teacher[0] + alpha[:, 1] * per_teacher[1]).mean()
+    jsd = -torch.xlogy(fused, fused).sum(-1) - sum(alpha[:, i] * -(p.exp() * p).sum(-1) for i, p in enumerate(ps))
+    torch.testing.assert_close(kl_fused, ((fused * (fused.log() - q)).sum(-1) + jsd).mean())
     agree = (q.argmax(-1) == fused.argmax(-1)).double().mean()
     m = res["models"]["s"]
     got = torch.tensor(

@@ -1,11 +1,13 @@
-"""Fused target against a naive float64 reference (dense teacher distributions, loops over positions)."""
+"""Fused per-teacher targets and weights against naive float64 references (loops over positions)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from student.fusion import fuse_topk, teacher_weights
+from student.fusion import FusedTargets, fuse_topk, fused_top1, teacher_weights
 
 
 def _teachers(n: int, v: int, ks: list[int], seed: int = 0, temperature: float = 1.0):
@@ -22,45 +24,85 @@ def _teachers(n: int, v: int, ks: list[int], seed: int = 0, temperature: float =
     return dense, ids, lps
 
 
-def _naive_fused(ids, lps, alpha):
-    """Per-position dict {id: P_T(id)} and tail, in float64, by plain loops."""
-    out = []
-    for pos in range(alpha.shape[0]):
-        p: dict[int, float] = {}
-        for k in range(len(ids)):
-            for y, lp in zip(ids[k][pos].tolist(), lps[k][pos].double().tolist(), strict=True):
-                p[y] = p.get(y, 0.0) + float(alpha[pos, k]) * torch.tensor(lp).exp().item()
-        out.append((p, 1.0 - sum(p.values())))
-    return out
-
-
 @pytest.mark.parametrize("ks", [[5, 5], [3, 7, 4], [16, 1]])
-def test_union_and_probs_match_naive(ks):
+def test_teachers_side_by_side_match_naive(ks):
     dense, ids, lps = _teachers(9, 16, ks)
     ent = torch.stack([-(lp.exp() * lp).sum(-1) for lp in dense], dim=1)
     alpha = teacher_weights(ent, "entropy")
     fused = fuse_topk(ids, lps, alpha)
-    for pos, (p, tail) in enumerate(_naive_fused(ids, lps, alpha)):
-        got_ids = fused.ids[pos][fused.mask[pos]].tolist()
-        assert sorted(got_ids) == sorted(p)  # every union id exactly once
-        got = dict(zip(got_ids, fused.probs[pos][fused.mask[pos]].tolist(), strict=True))
-        torch.testing.assert_close(
-            torch.tensor([got[y] for y in sorted(p)], dtype=torch.float64),
-            torch.tensor([p[y] for y in sorted(p)], dtype=torch.float64), rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(fused.tail[pos].double(), torch.tensor(max(tail, 0.0), dtype=torch.float64),
-                                   rtol=1e-4, atol=1e-6)
-    assert torch.all(fused.probs[~fused.mask] == 0)
+    assert fused.sizes == tuple(ks) and fused.ids.shape == fused.probs.shape == (9, sum(ks))
+    assert fused.ids.dtype == torch.int64 and fused.probs.dtype == torch.float32
+    assert fused.tail.shape == fused.weights.shape == (9, len(ks))
+    assert fused.column_teacher().tolist() == [k for k, w in enumerate(ks) for _ in range(w)]
+    for pos in range(9):
+        for k in range(len(ks)):
+            cols = fused.columns(k)
+            assert fused.ids[pos, cols].tolist() == ids[k][pos].tolist()  # teacher k's own list, in order
+            p = [math.exp(x) for x in lps[k][pos].double().tolist()]
+            torch.testing.assert_close(fused.probs[pos, cols].double(), torch.tensor(p, dtype=torch.float64),
+                                       rtol=1e-6, atol=1e-8)
+            # the tail is the teacher's own: everything outside its top-k, from the dense distribution
+            outside = dense[k][pos].exp().sum() - dense[k][pos, ids[k][pos].long()].exp().sum()
+            torch.testing.assert_close(fused.tail[pos, k].double(), outside, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fused.weights, alpha)
+    assert torch.equal(fused.has_target, torch.ones(9, dtype=torch.bool))
 
 
-def test_full_vocab_union_is_dense_mixture():
+def test_validity_mask_zeroes_teachers_and_renormalises_weights():
+    dense, ids, lps = _teachers(6, 12, [3, 4, 2])
+    valid = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 0, 1], [0, 0, 0], [0, 1, 0], [1, 1, 0]], dtype=torch.bool)
+    ent = torch.stack([-(lp.exp() * lp).sum(-1) for lp in dense], dim=1).float()
+    ent_garbage = torch.where(valid, ent, torch.full_like(ent, float("nan")))
+    for mode, fixed in (("entropy", None), ("uniform", None), ("fixed", [0.5, 0.3, 0.2])):
+        alpha = teacher_weights(ent_garbage, mode, fixed, valid=valid)
+        full = teacher_weights(ent, mode, fixed)
+        ref = full * valid
+        ref = torch.where(ref.sum(1, keepdim=True) > 0, ref / ref.sum(1, keepdim=True).clamp_min(1e-30), ref)
+        torch.testing.assert_close(alpha, ref)
+        ids_g = [torch.where(valid[:, k : k + 1], i, torch.full_like(i, -7)) for k, i in enumerate(ids)]
+        lps_g = [torch.where(valid[:, k : k + 1], lp, torch.full_like(lp, float("nan"))) for k, lp in enumerate(lps)]
+        fused = fuse_topk(ids_g, lps_g, full, valid=valid)  # unmasked weights in: fuse_topk masks them itself
+        torch.testing.assert_close(fused.weights, ref)
+        assert fused.has_target.tolist() == [True, True, True, False, True, True]
+        for k in range(3):
+            cols = fused.columns(k)
+            off = ~valid[:, k]
+            assert (fused.ids[off, cols] == 0).all() and (fused.probs[off, cols] == 0).all()
+            assert (fused.tail[off, k] == 0).all() and torch.isfinite(fused.probs).all()
+            assert torch.equal(fused.ids[~off, cols], ids[k][~off].long())
+
+
+def test_batch_round_trip_and_rows():
+    dense, ids, lps = _teachers(5, 10, [3, 2])
+    fused = fuse_topk(ids, lps, teacher_weights(torch.ones(5, 2), "uniform"))
+    batch = fused.to_batch()
+    batch["fused_sizes"] = list(batch["fused_sizes"])  # what a DataLoader's pin_memory makes of a tuple
+    back = FusedTargets.from_batch(batch, "cpu")
+    assert back.sizes == (3, 2)
+    for a, b in ((back.ids, fused.ids), (back.probs, fused.probs), (back.tail, fused.tail),
+                 (back.weights, fused.weights)):
+        assert torch.equal(a, b)
+    part = fused.rows(1, 4)
+    assert part.ids.shape == (3, 5) and torch.equal(part.tail, fused.tail[1:4]) and part.sizes == (3, 2)
+
+
+def test_fused_top1_is_the_largest_known_mixture_mass():
+    dense, ids, lps = _teachers(11, 16, [3, 5, 2])
+    alpha = teacher_weights(torch.rand(11, 3, generator=torch.Generator().manual_seed(1)), "entropy")
+    got = fused_top1(fuse_topk(ids, lps, alpha))
+    for pos in range(11):
+        mass: dict[int, float] = {}
+        for k in range(3):
+            for y, lp in zip(ids[k][pos].tolist(), lps[k][pos].double().tolist(), strict=True):
+                mass[y] = mass.get(y, 0.0) + float(alpha[pos, k]) * math.exp(lp)
+        assert int(got[pos]) == max(mass, key=mass.get)
+
+
+def test_fused_top1_at_full_vocab_is_the_mixture_argmax():
     dense, ids, lps = _teachers(7, 12, [12, 12])
     alpha = teacher_weights(torch.ones(7, 2), "fixed", [0.7, 0.3])
-    fused = fuse_topk(ids, lps, alpha)
-    dense_fused = torch.zeros(7, 12, dtype=torch.float64)
-    dense_fused.scatter_(1, fused.ids, fused.probs.double())
-    ref = 0.7 * dense[0].exp() + 0.3 * dense[1].exp()
-    torch.testing.assert_close(dense_fused, ref, rtol=1e-5, atol=1e-7)
-    assert float(fused.tail.max()) < 1e-5
+    ref = (0.7 * dense[0].exp() + 0.3 * dense[1].exp()).argmax(-1)
+    assert torch.equal(fused_top1(fuse_topk(ids, lps, alpha)), ref)
 
 
 def test_entropy_weights_sum_to_one_and_favour_low_entropy():
