@@ -4,7 +4,7 @@
     python benchmarks/loss_overhead.py --presets small --steps 9 --teachers 3 --top-k 64
 
 Times, on the same batch, `loss.backward()` of (a) `next_token_ce` alone and (b) `0.5 * CE + 0.5 * sparse_kl`
-against the fusion of K teachers' top-k (union of their ids plus a tail bucket, entropy weights), as the
+against K teachers' top-k (each teacher's own top-k plus its own tail bucket, entropy weights), as the
 trainer's `_losses` computes them. Steps alternate between (a) and (b) so a noisy machine slows both alike;
 each figure is the median over --steps steps after one warm-up step each. The fusion itself runs in the data
 loader workers, off the step, and is timed separately.
@@ -124,8 +124,9 @@ def main() -> None:
     input_ids = torch.randint(0, V, (b, L), generator=g)
     fused, fuse_s = make_fused(n, V, args.teachers, args.top_k, seed=1)
     print(f"CPU, torch {torch.__version__}, threads={torch.get_num_threads()}, cores={os.cpu_count()}; "
-          f"batch {b} x {L}, vocab {V}; {args.teachers} teachers x top-{args.top_k} fused to {fused.ids.shape[1]} "
-          f"union slots + tail (fusion {fuse_s * 1e3:.0f} ms, in the loader workers); median of {args.steps} steps")
+          f"batch {b} x {L}, vocab {V}; {args.teachers} teachers x top-{args.top_k} = {fused.ids.shape[1]} "
+          f"slots + {fused.num_teachers} tails (fusion {fuse_s * 1e3:.0f} ms, in the loader workers); "
+          f"median of {args.steps} steps")
 
     def kd_loss(logits: torch.Tensor) -> torch.Tensor:
         return 0.5 * next_token_ce(logits, input_ids) + 0.5 * sparse_kl(logits.reshape(n, V), fused)

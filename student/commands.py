@@ -22,8 +22,8 @@ def parse_floats(option: str, text: str | None) -> tuple[float, ...] | None:
 @click.command("train-student")
 @click.option("--teacher-data", "teacher_data", multiple=True, required=True,
               help="A teacher cache directory from `precompute`; repeat for K teachers. They must share tokenizer, "
-                   "seq_len, corpus, sequence ids and temperature; their top-k may differ (the fused target uses "
-                   "the union of their ids).")
+                   "seq_len, corpus, sequence ids and temperature; their top-k may differ (each teacher is compared "
+                   "on its own top-k plus its own tail).")
 @click.option("--output", required=True, help="Run directory (checkpoints/, metrics.jsonl, final/).")
 @click.option("--student", default="tiny", show_default=True,
               help="Model directory, JSON config file ({\"model_type\": \"llama\", ...}) or preset (tiny, small). "
@@ -82,8 +82,8 @@ def train_student_cmd(**kw) -> None:
     Single process:  python cli.py train-student --teacher-data A --teacher-data B --output runs/s
     Multi-process:   torchrun --nproc-per-node 2 cli.py train-student ... (DDP; --fsdp to shard)
 
-    The KD target per position is the fusion of the teachers' top-k over the union of their ids plus a tail
-    bucket; the KD term uses all L positions, CE/DKD the L-1 positions that have a next token.
+    The KD term per position is sum_k alpha_k KL_k: each teacher's top-k plus its own tail bucket against the
+    student's view on the same partition; it uses all L positions, CE/DKD the L-1 that have a next token.
     """
     import logging
 
