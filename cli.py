@@ -1,7 +1,8 @@
 """Command line: `python cli.py COMMAND --help` (or the `distill` console script).
 
 The CLI is thin: each command builds a config dataclass and calls one `run_*` function. Errors caused by
-user input (storage.errors.UserError) are printed as one line and exit with code 2.
+user input (storage.errors.UserError) and bad option values (click.UsageError) are printed as one line
+and exit with code 2.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except UserError as e:
             click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+        except click.UsageError as e:  # a bad option value of a command: the same one line, not a usage dump
+            hint = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
             ctx.exit(2)
 
 

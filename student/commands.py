@@ -7,16 +7,18 @@ import os
 import click
 
 from storage.errors import ConfigError
+from storage.params import FINITE_FLOAT, FLOAT_LIST, parse_float_list
 
 
 def parse_floats(option: str, text: str | None) -> tuple[float, ...] | None:
-    """'0.5,0.3,0.2' -> (0.5, 0.3, 0.2); None stays None; anything else is a ConfigError naming `option`."""
+    """'0.5,0.3,0.2' -> (0.5, 0.3, 0.2); None stays None; anything else (not a number, NaN, infinity) is a
+    ConfigError naming `option`."""
     if text is None:
         return None
     try:
-        return tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise ConfigError(f"{option} must be comma-separated numbers, got {text!r}") from None
+        return parse_float_list(text)
+    except ValueError as e:
+        raise ConfigError(f"{option}: {e}") from None
 
 
 @click.command("train-student")
@@ -31,11 +33,11 @@ def parse_floats(option: str, text: str | None) -> tuple[float, ...] | None:
 @click.option("--tokenizer", default=None, help="Tokenizer directory saved beside the final student.")
 @click.option("--loss", "loss_name", type=click.Choice(["kd", "dkd"]), default="kd", show_default=True,
               help="Distillation term: sparse KL to the fused target, or decoupled KD (baseline).")
-@click.option("--lambda-kd", type=float, default=0.5, show_default=True,
+@click.option("--lambda-kd", type=FINITE_FLOAT, default=0.5, show_default=True,
               help="L = lambda*KD + (1-lambda)*CE + gamma*feat; 0 = CE only.")
-@click.option("--gamma-feat", type=float, default=0.0, show_default=True,
+@click.option("--gamma-feat", type=FINITE_FLOAT, default=0.0, show_default=True,
               help="Weight of pooled-feature alignment (0: off).")
-@click.option("--feat-weights", default=None, help="beta_k per teacher for the feature loss, e.g. 1,0.5 (default 1 each).")
+@click.option("--feat-weights", type=FLOAT_LIST, default=None, help="beta_k per teacher for the feature loss, e.g. 1,0.5 (default 1 each).")
 @click.option("--teacher-pool-layer", type=int, default=None,
               help="Teacher pooled layer to align to (default: each teacher's highest stored layer); teachers "
                    "without it get no feature loss (with a warning).")
@@ -43,24 +45,24 @@ def parse_floats(option: str, text: str | None) -> tuple[float, ...] | None:
               help="Student decoder block whose output is mean-pooled (0-based, negative from the end).")
 @click.option("--teacher-weighting", type=click.Choice(["entropy", "uniform", "fixed"]), default="entropy",
               show_default=True, help="Per-position teacher weights: 1/(H+eps) normalised, 1/K, or --teacher-weights.")
-@click.option("--teacher-weights", default=None, help="Fixed weights in --teacher-data order, e.g. 0.5,0.3,0.2.")
-@click.option("--temperature", type=float, default=None,
+@click.option("--teacher-weights", type=FLOAT_LIST, default=None, help="Fixed weights in --teacher-data order, e.g. 0.5,0.3,0.2.")
+@click.option("--temperature", type=FINITE_FLOAT, default=None,
               help="Must equal the caches' precompute temperature (the default); the KL is scaled by tau^2.")
-@click.option("--dkd-alpha", type=float, default=1.0, show_default=True, help="DKD target-class (TCKD) weight.")
-@click.option("--dkd-beta", type=float, default=8.0, show_default=True, help="DKD non-target (NCKD) weight.")
+@click.option("--dkd-alpha", type=FINITE_FLOAT, default=1.0, show_default=True, help="DKD target-class (TCKD) weight.")
+@click.option("--dkd-beta", type=FINITE_FLOAT, default=8.0, show_default=True, help="DKD non-target (NCKD) weight.")
 @click.option("--loss-chunk-size", type=int, default=None,
               help="Compute the student's logits, CE and KD in chunks of this many positions (never the full "
                    "[batch*seq, vocab] logits; --loss kd, not --fsdp). Default: unchunked.")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak AdamW learning rate.")
-@click.option("--weight-decay", type=float, default=0.01, show_default=True, help="AdamW weight decay.")
+@click.option("--lr", type=FINITE_FLOAT, default=1e-3, show_default=True, help="Peak AdamW learning rate.")
+@click.option("--weight-decay", type=FINITE_FLOAT, default=0.01, show_default=True, help="AdamW weight decay.")
 @click.option("--warmup-steps", type=int, default=10, show_default=True, help="Linear warmup steps before cosine decay.")
-@click.option("--grad-clip", type=float, default=1.0, show_default=True, help="Global grad-norm clip (0: off).")
+@click.option("--grad-clip", type=FINITE_FLOAT, default=1.0, show_default=True, help="Global grad-norm clip (0: off).")
 @click.option("--max-steps", type=int, default=200, show_default=True, help="Optimizer steps (schedule length).")
 @click.option("--stop-after", type=int, default=None,
               help="Stop with a checkpoint after this many steps (time-limited jobs); continue with --resume.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per micro-batch per process.")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
-@click.option("--eval-fraction", type=float, default=0.05, show_default=True,
+@click.option("--eval-fraction", type=FINITE_FLOAT, default=0.05, show_default=True,
               help="Fraction of cached sequences held out (never trained on) for evaluation.")
 @click.option("--eval-sequences", type=int, default=None, help="Held-out sequence count (overrides --eval-fraction).")
 @click.option("--eval-every", type=int, default=50, show_default=True,
@@ -93,8 +95,8 @@ def train_student_cmd(**kw) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     loss = LossConfig(
         loss=kw["loss_name"], lambda_kd=kw["lambda_kd"], gamma_feat=kw["gamma_feat"], temperature=kw["temperature"],
-        teacher_weighting=kw["teacher_weighting"], teacher_weights=parse_floats("--teacher-weights", kw["teacher_weights"]),
-        feat_weights=parse_floats("--feat-weights", kw["feat_weights"]), teacher_pool_layer=kw["teacher_pool_layer"],
+        teacher_weighting=kw["teacher_weighting"], teacher_weights=kw["teacher_weights"],
+        feat_weights=kw["feat_weights"], teacher_pool_layer=kw["teacher_pool_layer"],
         student_pool_layer=kw["student_pool_layer"], dkd_alpha=kw["dkd_alpha"], dkd_beta=kw["dkd_beta"],
         chunk_size=kw["loss_chunk_size"])
     optim = OptimConfig(lr=kw["lr"], weight_decay=kw["weight_decay"], warmup_steps=kw["warmup_steps"],
@@ -114,7 +116,8 @@ def train_student_cmd(**kw) -> None:
 
 @click.command("plot")
 @click.argument("run_dir")
-@click.option("--out", default=None, help="PNG path (default RUN_DIR/curves.png).")
+@click.option("--out", default=None,
+              help="Image path (default RUN_DIR/curves.png); .png is appended when it has no extension.")
 def plot_cmd(run_dir: str, out: str | None) -> None:
     """Draw the training and held-out curves of RUN_DIR (its metrics.jsonl) to a PNG."""
     from student.plotting import plot_run

@@ -10,10 +10,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from storage.errors import ConfigError
+from storage.params import check_finite, check_weights
 
 LOSSES = ("kd", "dkd")
 WEIGHTINGS = ("entropy", "uniform", "fixed")
 DEVICES = ("auto", "cpu", "cuda")
+MAX_WORKERS = 256
+"""More DataLoader workers than this is refused as a typo (each is a process)."""
+MAX_LR = 1e6
+"""Larger learning rates are refused: AdamW's first step is lr / (1 - beta1) and overflows float32 near 1e37."""
+MAX_SEED = 2**63 - 1
+"""Seeds are in 0..MAX_SEED (torch.manual_seed takes 64-bit seeds; numpy refuses negative ones)."""
 
 
 @dataclass(kw_only=True)
@@ -49,6 +56,7 @@ class LossConfig:
     (student/chunked.py), so the [B·L, V] logits never exist; None: the unchunked loss. `kd` only, not FSDP."""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.loss not in LOSSES:
             raise ConfigError(f"--loss must be one of {LOSSES}, got {self.loss!r}")
         if not 0.0 <= self.lambda_kd <= 1.0:
@@ -61,10 +69,7 @@ class LossConfig:
             raise ConfigError(f"--teacher-weighting must be one of {WEIGHTINGS}, got {self.teacher_weighting!r}")
         if (self.teacher_weighting == "fixed") != (self.teacher_weights is not None):
             raise ConfigError("--teacher-weights is required with --teacher-weighting fixed, and only then")
-        if self.teacher_weights is not None and (
-            any(w < 0 for w in self.teacher_weights) or sum(self.teacher_weights) <= 0
-        ):
-            raise ConfigError(f"--teacher-weights must be >= 0 with a positive sum, got {self.teacher_weights}")
+        check_weights("--teacher-weights", self.teacher_weights)
         if self.feat_weights is not None and any(b < 0 for b in self.feat_weights):
             raise ConfigError(f"--feat-weights must be >= 0, got {self.feat_weights}")
         if not self.entropy_eps > 0:
@@ -96,8 +101,9 @@ class OptimConfig:
     """Clip the global gradient norm to this (0: no clipping)."""
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        check_finite(self)
+        if not 0 < self.lr <= MAX_LR:
+            raise ConfigError(f"--lr must be in (0, {MAX_LR:g}], got {self.lr}")
         if self.weight_decay < 0:
             raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.warmup_steps < 0:
@@ -160,6 +166,7 @@ class TrainConfig:
     """Shard the student with FSDP2 `fully_shard` instead of DDP (under torchrun)."""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if not self.teacher_data:
             raise ConfigError("at least one --teacher-data directory is required")
         for name in ("max_steps", "batch_size", "grad_accum", "prefetch_factor", "log_every"):
@@ -168,6 +175,11 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "num_workers", "spot_check"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.num_workers > MAX_WORKERS:
+            raise ConfigError(f"--num-workers must be <= {MAX_WORKERS}, got {self.num_workers}")
+        for name in ("seed", "split_seed"):
+            if not 0 <= getattr(self, name) <= MAX_SEED:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in 0..2**63-1, got {getattr(self, name)}")
         if self.stop_after is not None and not 1 <= self.stop_after <= self.max_steps:
             raise ConfigError(f"--stop-after must be in 1..{self.max_steps}, got {self.stop_after}")
         if not 0.0 <= self.eval_fraction < 1.0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from storage.params import FINITE_FLOAT, non_finite
 from teachers.config import BACKENDS, COMPILE_CHOICES, DTYPES, FORMATS, LOGPROB_DTYPES
 
 
@@ -28,6 +29,8 @@ def _options(ctx: click.Context, param: click.Parameter, value: tuple[str, ...])
             out[key.strip()] = json.loads(raw)  # numbers, true/false, null
         except json.JSONDecodeError:
             out[key.strip()] = raw
+        if non_finite(out[key.strip()]) is not None:  # json.loads reads NaN and Infinity
+            raise click.BadParameter(f"{item!r}: {raw} is not a finite number")
     return out
 
 
@@ -58,7 +61,7 @@ def _options(ctx: click.Context, param: click.Parameter, value: tuple[str, ...])
 @click.option("--max-tokens", type=int, default=None, help="Truncate the packed token stream at this many tokens.")
 @click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per packed sequence.")
 @click.option("--top-k", type=int, default=64, show_default=True, help="Top-k log-probs stored per token.")
-@click.option("--temperature", type=float, default=1.0, show_default=True,
+@click.option("--temperature", type=FINITE_FLOAT, default=1.0, show_default=True,
               help="Store log-probs and entropy of softmax(logits / temperature).")
 @click.option("--pool-layers", default="-1", show_default=True, callback=_layers,
               help="Decoder blocks to mean-pool per sequence: comma list, negative from the end, 'none' for "

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from storage.errors import ConfigError
 from storage.manifest import FORMATS, LOGPROB_DTYPES, MANTISSA_BITS
+from storage.params import check_finite
 
 BACKENDS = ("hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -100,6 +101,7 @@ class TeacherConfig:
     `tensor_parallel_size=2`); a backend refuses keys it does not know."""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if not self.path:
             raise ConfigError("teacher path must not be empty")
         if self.name is None:
@@ -113,8 +115,9 @@ class TeacherConfig:
         _positive("top_k", self.top_k)
         _positive("head_chunk_size", self.head_chunk_size)
         _choice("compile_head", self.compile_head, COMPILE_CHOICES)
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            raise ConfigError(f"temperature must be > 0, got {self.temperature!r}")
+        if not (isinstance(self.temperature, (int, float)) and 0.01 <= self.temperature <= 100):
+            # outside this range float32 softmax(logits / temperature) is one-hot or uniform, not a target
+            raise ConfigError(f"temperature must be in [0.01, 100], got {self.temperature!r}")
         self.temperature = float(self.temperature)
         if len(set(self.pool_layers)) != len(self.pool_layers):
             raise ConfigError(f"pool_layers has duplicates: {self.pool_layers}")
