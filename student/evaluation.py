@@ -29,7 +29,8 @@ from typing import Any
 
 import click
 
-from storage.errors import ConfigError, MismatchError, UserError
+from storage.errors import ConfigError, MismatchError, StorageError, UserError
+from storage.params import FLOAT_LIST, check_device, check_finite, check_weights
 
 WEIGHTINGS = ("entropy", "uniform", "fixed")
 
@@ -72,6 +73,7 @@ class EvalConfig:
     """`cpu`, `cuda`, `cuda:N` or `auto`."""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if not self.students:
             raise ConfigError("give at least one --student")
         if (self.data is None) == (not self.teacher_data):
@@ -89,6 +91,8 @@ class EvalConfig:
             self.fixed_weights is None or len(self.fixed_weights) != n_teachers
         ):
             raise ConfigError(f"fixed weighting needs one weight per teacher ({n_teachers})")
+        check_weights("--teacher-weights", self.fixed_weights)
+        check_device("--device", self.device)
         for name in ("seq_len", "batch_size", "prompt_tokens", "new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -265,6 +269,8 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from student.losses import sparse_kl
     from teachers.packing import tokenizer_fingerprint
 
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {cfg.device}: CUDA is not available on this machine")
     device = torch.device(
         "cuda"
         if cfg.device == "auto" and torch.cuda.is_available()
@@ -272,6 +278,8 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
         if cfg.device == "auto"
         else cfg.device
     )
+    if cfg.output:
+        _check_output_file(cfg.output)
     students = [split_label(s) for s in cfg.students]
     teachers = [split_label(t) for t in cfg.teachers]
     tokenizer = load_tokenizer(cfg.tokenizer or students[0][1])
@@ -308,6 +316,12 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 f"teacher {label} ({path}) uses a different tokenizer than the student",
                 "tokenizer_fingerprint",
                 (fingerprint, tokenizer_fingerprint(tok)),
+            )
+    for label, model in {**student_models, **teacher_models}.items():
+        max_pos = getattr(model.config, "max_position_embeddings", None)
+        if max_pos is not None and max_pos < seq_len:
+            raise ConfigError(
+                f"{label} has max_position_embeddings {max_pos} < seq_len {seq_len}; lower --seq-len"
             )
     vocab = {label: _vocab(m) for label, m in {**student_models, **teacher_models}.items()}
     if caches:
@@ -473,9 +487,28 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "config": asdict(cfg),
     }
     if cfg.output:
-        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.output).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        try:
+            Path(cfg.output).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise StorageError(f"cannot write --output {cfg.output}: {e.strerror or e}") from e
     return result
+
+
+def _check_output_file(path: str) -> None:
+    """Create the parent directory of the results file and check it can be written, before any work;
+    ConfigError naming the path when it is a directory, under a file, or not writable."""
+    out = Path(path)
+    if out.is_dir():
+        raise ConfigError(f"--output {path} is a directory; give a file name for the JSON results")
+    existed = out.exists()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a", encoding="utf-8"):
+            pass
+        if not existed:
+            out.unlink()
+    except OSError as e:
+        raise ConfigError(f"--output {path} cannot be written: {e.strerror or e}") from None
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -539,11 +572,11 @@ def format_table(result: dict[str, Any]) -> str:
     default=None,
     help="Tokenizer directory or .gguf file (default: the first student's directory).",
 )
-@click.option("--seq-len", default=256, show_default=True, help="Tokens per packed window (--data only).")
+@click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per packed window (--data only).")
 @click.option(
     "--max-tokens", type=int, default=None, help="Evaluate at most this many tokens (whole windows)."
 )
-@click.option("--batch-size", default=4, show_default=True, help="Windows per forward pass.")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Windows per forward pass.")
 @click.option(
     "--teacher-weighting",
     "weighting",
@@ -553,17 +586,18 @@ def format_table(result: dict[str, Any]) -> str:
     help="Teacher weights of the fused target (per-position entropy, uniform, or --teacher-weights).",
 )
 @click.option(
-    "--teacher-weights", "fixed_weights", default=None,
+    "--teacher-weights", "fixed_weights", type=FLOAT_LIST, default=None,
     help="Fixed weights in teacher order, e.g. 0.5,0.3,0.2 (with --teacher-weighting fixed; same option as train-student).",
 )
 @click.option(
     "--bleu-prompts",
+    type=int,
     default=16,
     show_default=True,
     help="Held-out prompts continued greedily for BLEU (0: skip).",
 )
-@click.option("--prompt-tokens", default=32, show_default=True, help="Tokens per BLEU prompt.")
-@click.option("--new-tokens", default=32, show_default=True, help="Tokens of each greedy continuation.")
+@click.option("--prompt-tokens", type=int, default=32, show_default=True, help="Tokens per BLEU prompt.")
+@click.option("--new-tokens", type=int, default=32, show_default=True, help="Tokens of each greedy continuation.")
 @click.option("--output", default=None, help="Write the results as JSON to this file.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 def evaluate_cmd(
@@ -577,7 +611,7 @@ def evaluate_cmd(
     max_tokens: int | None,
     batch_size: int,
     weighting: str,
-    fixed_weights: str | None,
+    fixed_weights: tuple[float, ...] | None,
     bleu_prompts: int,
     prompt_tokens: int,
     new_tokens: int,
@@ -586,10 +620,7 @@ def evaluate_cmd(
 ) -> None:
     """Evaluate students on held-out text: perplexity, KL to each teacher and to the fused target,
     top-1 agreement with the fused target, BLEU of greedy continuations."""
-    from student.commands import parse_floats
-
-    parsed = parse_floats("--teacher-weights", fixed_weights or None)
-    weights = list(parsed) if parsed else None
+    weights = list(fixed_weights) if fixed_weights else None
     cfg = EvalConfig(
         students=list(students),
         data=data,

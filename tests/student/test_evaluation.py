@@ -232,3 +232,48 @@ def test_cli_prints_table_writes_json_and_reports_user_errors_in_one_line(setup,
         ],
     )
     assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "fewer than seq_len" in bad.output
+
+
+def _evaluate(setup, *extra: str):
+    from cli import main
+
+    _, models, held_out = setup
+    return CliRunner().invoke(main, ["evaluate", "--student", str(models["student"]), "--data", str(held_out),
+                                     "--seq-len", str(SEQ_LEN), "--bleu-prompts", "0", *extra])
+
+
+def _one_error_line(result, *needles: str) -> None:
+    assert result.exit_code == 2 and "Traceback" not in result.output, (result.output, result.exception)
+    lines = [x for x in result.output.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and all(n in lines[0] for n in needles), result.output
+
+
+def test_cli_refuses_non_finite_weights_bad_devices_and_outputs(setup, tmp_path):
+    _, models, _ = setup
+    _one_error_line(_evaluate(setup, "--teacher", str(models["t1"]), "--teacher", str(models["t2"]),
+                              "--teacher-weighting", "fixed", "--teacher-weights", "nan,1"), "'nan'", "finite")
+    _one_error_line(_evaluate(setup, "--teacher", str(models["t1"]), "--teacher", str(models["t2"]),
+                              "--teacher-weighting", "fixed", "--teacher-weights", "-1,2"), "--teacher-weights")
+    _one_error_line(_evaluate(setup, "--device", "bogus"), "--device", "bogus")
+    if not torch.cuda.is_available():
+        _one_error_line(_evaluate(setup, "--device", "cuda:0"), "CUDA is not available")
+    _one_error_line(_evaluate(setup, "--output", str(tmp_path)), "is a directory")
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    _one_error_line(_evaluate(setup, "--output", str(blocker / "res.json")), "cannot be written")
+
+
+def test_cli_refuses_windows_longer_than_the_model_positions(setup, tmp_path):
+    import shutil
+
+    _, models, held_out = setup
+    short = tmp_path / "short"
+    shutil.copytree(models["student"], short)
+    config = json.loads((short / "config.json").read_text())
+    config["max_position_embeddings"] = SEQ_LEN - 8
+    (short / "config.json").write_text(json.dumps(config))
+    from cli import main
+
+    r = CliRunner().invoke(main, ["evaluate", "--student", str(short), "--data", str(held_out),
+                                  "--seq-len", str(SEQ_LEN), "--bleu-prompts", "0"])
+    _one_error_line(r, f"max_position_embeddings {SEQ_LEN - 8} < seq_len {SEQ_LEN}", "--seq-len")
