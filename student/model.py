@@ -26,8 +26,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 """Llama-style presets (tied embeddings), sized by the teachers' vocab and seq_len."""
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 def build_student(spec: str, *, vocab_size: int, seq_len: int, seed: int = 0,
@@ -44,7 +44,7 @@ def build_student(spec: str, *, vocab_size: int, seq_len: int, seed: int = 0,
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(f"--student {spec}: directory has no config.json")
-        if any((path / f).is_file() for f in _WEIGHT_FILES):
+        if any((path / f).is_file() for f in WEIGHT_FILES):
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
         else:
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))

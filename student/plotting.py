@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from storage.errors import ConfigError
+from storage.errors import ConfigError, StorageError
 
 
 def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
@@ -27,7 +27,8 @@ def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
 
 
 def plot_run(run_dir: str, out: str | None = None) -> str:
-    """Write the curves PNG and return its path."""
+    """Write the curves image and return the path written: `out` (default RUN_DIR/curves.png), with `.png`
+    appended when it has no extension; its format follows the extension (png, pdf, svg, ...)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,6 +38,18 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     if not train and not evals:
         raise ConfigError(f"{run_dir}: metrics.jsonl holds no records")
     out = out or os.path.join(run_dir, "curves.png")
+    ext = os.path.splitext(out)[1].lower().lstrip(".")
+    if not ext:
+        out, ext = out + ".png", "png"
+    if ext not in plt.figure().canvas.get_supported_filetypes():
+        plt.close("all")
+        raise ConfigError(f"--out {out}: unsupported image format {ext!r} (use .png, .pdf or .svg)")
+    plt.close("all")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--out {out}: directory {parent} does not exist")
+    if os.path.isdir(out):
+        raise ConfigError(f"--out {out} is a directory; give a file name")
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     steps = [r["step"] for r in train]
     ax = axes[0, 0]
@@ -70,6 +83,10 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     ax3.legend(loc="upper right")
     ax.set(title="learning rate and throughput", xlabel="step")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=100, format=ext)
+    except OSError as e:
+        raise StorageError(f"cannot write {out}: {e.strerror or e}") from e
+    finally:
+        plt.close(fig)
     return out

@@ -8,17 +8,27 @@ One process per device; under torchrun the student is wrapped in DDP (gloo on CP
     config.json                      the TrainConfig
     metrics.jsonl                    one JSON object per logged step ("split": "train") or evaluation ("eval")
     checkpoints/step-NNNNNNN/state.pt  model + projections, optimizer, scheduler, RNG (every rank), data position
+    checkpoints/step-NNNNNNN/checkpoint.json  step, bytes and sha256 of state.pt (written before the rename)
     final/                           save_pretrained student (+ tokenizer)
+
+What is trusted: checkpoints hold tensors and plain Python values only and are loaded with
+`torch.load(weights_only=True)`, so a state.pt carrying other objects is refused, never unpickled. A
+checkpoint whose sha256 differs from its checkpoint.json, or that cannot be read, is skipped with a
+warning for the previous one. A non-finite loss or gradient norm stops training before the optimizer step,
+and a checkpoint or final model with a non-finite weight is never written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
 import json
 import logging
 import math
 import os
 import random
+import re
 import shutil
 import time
 from contextlib import nullcontext
@@ -29,7 +39,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from storage.errors import ConfigError, MismatchError
+from storage.errors import ConfigError, MismatchError, StorageError, UserError
+from storage.params import non_finite
 from student import data as sdata
 from student import model as smodel
 from student.config import TrainConfig
@@ -38,6 +49,18 @@ from student.losses import dkd_loss, feature_loss, next_token_ce, next_token_lab
 
 log = logging.getLogger("student")
 KEEP_CHECKPOINTS = 2
+
+
+class DivergedError(UserError):
+    """Training produced a non-finite loss, gradient norm or weight; nothing non-finite was saved."""
+
+
+class CheckpointError(StorageError):
+    """A checkpoint cannot be written, or no checkpoint of the run can be trusted and read."""
+
+
+class _Damaged(Exception):
+    """Internal: one checkpoint cannot be used (the caller falls back to an older one)."""
 
 
 class DistillModule(torch.nn.Module):
@@ -94,6 +117,8 @@ class Trainer:
     def setup(self) -> None:
         cfg, lc = self.cfg, self.cfg.loss
         self._setup_distributed()
+        if self.rank == 0:
+            _prepare_output(cfg.output)
         self.teachers = sdata.join_teachers(cfg.teacher_data, spot_check=cfg.spot_check, seed=cfg.seed)
         m0 = self.teachers[0].manifest
         self.names = _unique_names([t.manifest.teacher.name for t in self.teachers])
@@ -133,6 +158,10 @@ class Trainer:
                                        seed=cfg.seed, special_ids=self.special_ids)
         proj_dims = [None if layer is None else t.manifest.pooled_dims[layer]
                      for t, layer in zip(self.teachers, self.pool_layers, strict=True)]
+        blocks = smodel.num_layers(student)
+        if self.use_feat and not -blocks <= lc.student_pool_layer < blocks:
+            raise ConfigError(f"--student-pool-layer {lc.student_pool_layer} is outside the student's {blocks} "
+                              f"blocks (use {-blocks}..{blocks - 1})")
         self.module = DistillModule(student, proj_dims, lc.student_pool_layer).to(self.device)
         if lc.chunk_size is not None:
             from student.chunked import check_plain_head
@@ -143,11 +172,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(cfg))
         self._maybe_resume()
         if self.rank == 0:
-            os.makedirs(cfg.output, exist_ok=True)
-            with open(os.path.join(cfg.output, "config.json"), "w") as f:
-                json.dump(dataclasses.asdict(cfg), f, indent=2)
-            if not self.resumed:  # a fresh run starts a fresh log
-                open(os.path.join(cfg.output, "metrics.jsonl"), "w").close()
+            with _writing(cfg.output):
+                with open(os.path.join(cfg.output, "config.json"), "w") as f:
+                    json.dump(dataclasses.asdict(cfg), f, indent=2)
+                if not self.resumed:  # a fresh run starts a fresh log
+                    open(os.path.join(cfg.output, "metrics.jsonl"), "w").close()
         if not self.resumed:  # a resumed run restores every RNG from the checkpoint instead
             _seed_everything(cfg.seed + self.rank)
 
@@ -250,9 +279,16 @@ class Trainer:
         cfg = self.cfg
         stop = cfg.stop_after if cfg.stop_after is not None else cfg.max_steps
         stream = self._micro_batches()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", disable=self.rank != 0,
-                   dynamic_ncols=True)
+        bar = self.bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
+                              disable=self.rank != 0, dynamic_ncols=True)
         last: dict[str, float] = {}
+        if self.step >= cfg.max_steps:  # resumed a finished run: its final evaluation is already logged
+            log.info("the run in %s is already finished (step %d of %d); nothing to train", cfg.output,
+                     self.step, cfg.max_steps)
+            bar.close()
+            if not any(os.path.isfile(os.path.join(cfg.output, "final", f)) for f in smodel.WEIGHT_FILES):
+                self._save_final()  # killed between the last checkpoint and the final save
+            return self._last_logged()
         if self.step == 0 and cfg.eval_every and self.eval_set.positions.size:
             last = self._log_eval()
         t_log, steps_since_log = time.perf_counter(), 0
@@ -268,8 +304,10 @@ class Trainer:
                     (terms["loss"] / cfg.grad_accum).backward()
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0) + v.detach() / cfg.grad_accum
-            grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-                         if cfg.optim.grad_clip > 0 else torch.zeros(()))
+            # the norm is measured even without clipping (max_norm=inf scales by exactly 1) to catch inf/NaN
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                       cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+            self._check_finite(sums["loss"], grad_norm)
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
@@ -338,8 +376,13 @@ class Trainer:
         return self.module.state_dict(), self.optimizer.state_dict()
 
     def save_checkpoint(self) -> str:
-        """Write checkpoints/step-NNNNNNN/state.pt (rank 0), atomically; keeps the last KEEP_CHECKPOINTS."""
+        """Write checkpoints/step-NNNNNNN/ (rank 0), atomically; keeps the last KEEP_CHECKPOINTS.
+
+        state.pt holds only tensors and plain Python values (loadable with weights_only=True); checkpoint.json
+        records its size and sha256. A failed write (disk full) removes the partial directory and raises
+        CheckpointError; the previous checkpoints stay as they were."""
         model_sd, optim_sd = self._state_dicts()
+        self._check_weights_finite(model_sd)
         rng = _rng_state()
         rngs = [None] * self.world
         if self.distributed:
@@ -351,13 +394,23 @@ class Trainer:
         if self.rank == 0:
             tmp = final + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-            torch.save({"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
-                        "rng": rngs, "step": self.step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
-                        "world_size": self.world, "config": dataclasses.asdict(self.cfg)},
-                       os.path.join(tmp, "state.pt"))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            state = {"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
+                     "rng": rngs, "step": self.step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
+                     "world_size": self.world, "config": dataclasses.asdict(self.cfg)}
+            try:
+                os.makedirs(tmp)
+                torch.save(state, os.path.join(tmp, "state.pt"))
+                size, digest = _sha256(os.path.join(tmp, "state.pt"))
+                with open(os.path.join(tmp, "checkpoint.json"), "w") as f:
+                    json.dump({"step": self.step, "bytes": size, "sha256": digest}, f)
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                kept = sorted(_checkpoints(root)) if os.path.isdir(root) else []
+                raise CheckpointError(f"cannot write checkpoint {final}: {_reason(e)}; "
+                                      + (f"the previous checkpoint {kept[-1]} is intact, continue with --resume "
+                                         "once there is room" if kept else "no earlier checkpoint exists")) from e
             for old in sorted(_checkpoints(root))[:-KEEP_CHECKPOINTS]:
                 shutil.rmtree(os.path.join(root, old), ignore_errors=True)
         self._barrier()
@@ -375,8 +428,7 @@ class Trainer:
         if not found:
             log.warning("--resume: no checkpoint in %s, starting from step 0", root)
             return
-        path = os.path.join(root, found[-1], "state.pt")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        path, state = _load_latest(root, found)
         _check_resume_config(state["config"], dataclasses.asdict(self.cfg), path)
         if state["world_size"] != self.world:
             raise ConfigError(f"{path} was written by {state['world_size']} ranks, this run has {self.world}; "
@@ -401,6 +453,7 @@ class Trainer:
     def _save_final(self) -> None:
         if self.cfg.fsdp and self.distributed:
             model_sd, _ = self._state_dicts()
+        self._check_weights_finite(model_sd if self.cfg.fsdp and self.distributed else self.module.state_dict())
         if self.rank == 0:
             student = self.module.student
             if self.cfg.fsdp and self.distributed:  # rebuild an unsharded copy from the full state dict
@@ -409,7 +462,8 @@ class Trainer:
                                                special_ids=self.special_ids)
                 student.load_state_dict({k[len("student."):]: v for k, v in model_sd.items()
                                          if k.startswith("student.")})
-            smodel.save_student(student, os.path.join(self.cfg.output, "final"), self.cfg.tokenizer)
+            with _writing(os.path.join(self.cfg.output, "final")):
+                smodel.save_student(student, os.path.join(self.cfg.output, "final"), self.cfg.tokenizer)
         self._barrier()
 
     # ---- helpers -------------------------------------------------------------------------------
@@ -425,11 +479,51 @@ class Trainer:
             dist.barrier()
 
     def _write_metrics(self, rec: dict) -> None:
+        bad = non_finite([v for k, v in rec.items() if k != "tokens_per_s"])
+        if bad is not None:  # e.g. a held-out loss of weights that went to inf in the last optimizer step
+            raise DivergedError(f"step {self.step}: {rec.get('split')} metrics are not finite ({bad}); nothing "
+                                "was saved from this step; lower --lr or the loss weights")
         if self.rank == 0:
-            with open(os.path.join(self.cfg.output, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            path = os.path.join(self.cfg.output, "metrics.jsonl")
+            with _writing(path), open(path, "a") as f:
+                f.write(json.dumps(rec, allow_nan=False) + "\n")
+
+    def _last_logged(self) -> dict:
+        """The last metrics.jsonl record (the final evaluation of a finished run)."""
+        records = _read_metrics(os.path.join(self.cfg.output, "metrics.jsonl"))
+        return records[-1] if records else {}
+
+    def _any_rank(self, bad: bool) -> bool:
+        """True on every rank when `bad` is True on any rank."""
+        flag = torch.tensor([1.0 if bad else 0.0])
+        return bool(self._all_mean(flag)[0] > 0) if self.distributed else bad
+
+    def _check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """DivergedError, before the optimizer step, when the step's loss or gradient norm is NaN or inf."""
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns the global norm as a DTensor
+            grad_norm = grad_norm.full_tensor()
+        values = torch.stack([loss.detach().float().reshape(()), grad_norm.detach().float().reshape(())])
+        if self._any_rank(not bool(torch.isfinite(values).all())):
+            saved = sorted(_checkpoints(os.path.join(self.cfg.output, "checkpoints"))) if self.rank == 0 and \
+                os.path.isdir(os.path.join(self.cfg.output, "checkpoints")) else []
+            raise DivergedError(
+                f"training diverged at step {self.step + 1}: loss {float(values[0]):.4g}, gradient norm "
+                f"{float(values[1]):.4g} (not finite); nothing was saved from this step"
+                + (f" (last checkpoint: {saved[-1]})" if saved else "")
+                + "; lower --lr or the loss weights")
+
+    def _check_weights_finite(self, state_dict: dict) -> None:
+        """DivergedError instead of saving a model or checkpoint with a NaN or inf weight."""
+        bad = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()
+               and not bool(torch.isfinite(v).all())]
+        if self._any_rank(bool(bad)):
+            raise DivergedError(f"step {self.step}: the model holds non-finite weights"
+                                + (f" ({bad[0]}{' and others' if len(bad) > 1 else ''})" if bad else "")
+                                + "; nothing was saved; lower --lr or --weight-decay")
 
     def close(self) -> None:
+        if getattr(self, "bar", None) is not None:  # ends the bar's line before an error message
+            self.bar.close()
         for t in getattr(self, "teachers", []):
             t.close()
         if self.distributed and dist.is_initialized():
@@ -483,13 +577,22 @@ def _seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every RNG's state in types torch.load(weights_only=True) accepts (tensors, ints, floats, tuples)."""
+    np_state = np.random.get_state(legacy=False)  # {'bit_generator', 'state': {'key', 'pos'}, 'has_gauss', 'gauss'}
+    return {"python": random.getstate(),
+            "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),  # [624] uint32 values
+                      "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                      "gauss": float(np_state["gauss"])},
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -513,15 +616,121 @@ def _check_resume_config(saved: dict, now: dict, path: str) -> None:
                     changed)
 
 
+_CHECKPOINT_NAME = re.compile(r"step-\d{7}")
+
+
 def _checkpoints(root: str) -> list[str]:
-    return [d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".tmp")]
+    return [d for d in os.listdir(root) if _CHECKPOINT_NAME.fullmatch(d)]
+
+
+def _prepare_output(output: str) -> None:
+    """Create the run directory; ConfigError (one line) when it is a file or cannot be written."""
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ConfigError(f"--output {output} is a file, not a run directory")
+    with _writing(output):
+        os.makedirs(output, exist_ok=True)
+        probe = os.path.join(output, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+
+
+class _writing:
+    """Context manager turning an OSError while writing `what` (disk full, read-only, not a directory)
+    into a one-line StorageError naming it."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if isinstance(exc, OSError):
+            raise StorageError(f"cannot write {self.what}: {_reason(exc)}") from exc
+
+
+def _reason(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return "no space left on the device"
+    return e.strerror or str(e)
+
+
+def _sha256(path: str) -> tuple[int, str]:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            size += len(block)
+    return size, h.hexdigest()
+
+
+def _load_checkpoint(directory: str) -> dict:
+    """The state dict of one checkpoint directory, after checking its size and sha256 against checkpoint.json.
+
+    Raises _Damaged when it is incomplete or unreadable, CheckpointError when state.pt holds anything but
+    tensors and plain values (a pickle that would run code is refused, never executed)."""
+    path = os.path.join(directory, "state.pt")
+    try:
+        with open(os.path.join(directory, "checkpoint.json")) as f:
+            meta = json.load(f)
+        size, digest = _sha256(path)
+    except (OSError, ValueError) as e:
+        raise _Damaged(f"{type(e).__name__}: {e}") from e
+    if not isinstance(meta, dict) or (size, digest) != (meta.get("bytes"), meta.get("sha256")):
+        raise _Damaged(f"state.pt has {size} bytes, sha256 {digest[:12]}..., checkpoint.json records "
+                       f"{meta.get('bytes') if isinstance(meta, dict) else '?'} bytes")
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds objects other than tensors and plain values (or was written by an "
+                              f"older version); refusing to unpickle it: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise _Damaged(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def _load_latest(root: str, found: list[str]) -> tuple[str, dict]:
+    """(path, state) of the newest usable checkpoint; a damaged one is skipped with a warning."""
+    problems = []
+    for name in reversed(found):
+        try:
+            return os.path.join(root, name, "state.pt"), _load_checkpoint(os.path.join(root, name))
+        except _Damaged as e:
+            log.warning("--resume: checkpoint %s is damaged (%s); trying the previous one", name, e)
+            problems.append(f"{name}: {e}")
+    raise CheckpointError(f"--resume: no usable checkpoint in {root} ({'; '.join(problems)})")
+
+
+def _read_metrics(path: str) -> list[dict]:
+    """metrics.jsonl records; a torn last line (killed mid-write) is dropped with a warning and cut from the
+    file; a damaged line before the last is a StorageError."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    records, good_bytes = [], 0
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            good_bytes += len(raw) + 1
+            continue
+        try:
+            records.append(json.loads(raw))
+        except ValueError:
+            if any(x.strip() for x in lines[i + 1 :]):
+                raise StorageError(f"{path}:{i + 1}: not valid JSON (only a torn last line is repaired)") from None
+            log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted write", path, len(raw))
+            with _writing(path), open(path, "r+b") as f:
+                f.truncate(good_bytes)
+            break
+        good_bytes += len(raw) + 1
+    return records
 
 
 def _truncate_metrics(path: str, step: int) -> None:
     """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(keep)
+    keep = [rec for rec in _read_metrics(path) if rec["step"] <= step]
+    with _writing(path), open(path, "w") as f:
+        f.writelines(json.dumps(rec) + "\n" for rec in keep)
