@@ -526,7 +526,7 @@ class Trainer:
             self.bar.close()
         for t in getattr(self, "teachers", []):
             t.close()
-        if self.distributed and dist.is_initialized():
+        if getattr(self, "distributed", False) and dist.is_initialized():
             dist.destroy_process_group()
 
 

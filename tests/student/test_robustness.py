@@ -132,6 +132,12 @@ def test_output_that_is_a_file_or_under_a_file(caches, tmp_path):
     assert f.read_text() == "x"
 
 
+def test_bad_device_is_one_line(caches, tmp_path):
+    one_error_line(_train(caches, tmp_path / "o", "--device", "bogus"), "--device", "bogus")
+    if not torch.cuda.is_available():
+        one_error_line(_train(caches, tmp_path / "o", "--device", "cuda"), "CUDA is not available")
+
+
 def test_disk_full_during_checkpoint_keeps_the_previous_one(caches, tmp_path, monkeypatch):
     import student.trainer as trainer_mod
 
