@@ -5,6 +5,7 @@ The CLI maps its options onto these dataclasses one to one; `tiny()` is a second
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from storage.errors import ConfigError
@@ -19,8 +20,8 @@ COMPILE_CHOICES = ("auto", "on", "off")
 def _positive(name: str, value: int | None, *, optional: bool = False) -> None:
     if value is None and optional:
         return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= sys.maxsize:
+        raise ConfigError(f"{name} must be a positive integer (at most 2**63-1), got {value!r}")
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -186,4 +186,6 @@ def _expected_sequences(cfg: PrecomputeConfig, wanted: Callable[[int], bool]) ->
         return None
     windows = cfg.corpus.max_tokens // cfg.seq_len
     size = cfg.storage.shard_size
+    if windows > 10**9:  # a huge --max-tokens caps nothing: count like an uncapped stream, not shard by shard
+        return None
     return sum(min(size, windows - g * size) for g in range(-(-windows // size)) if wanted(g))
