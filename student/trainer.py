@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -489,7 +490,9 @@ class Trainer:
                 f.write(json.dumps(rec, allow_nan=False) + "\n")
 
     def _last_logged(self) -> dict:
-        """The last metrics.jsonl record (the final evaluation of a finished run)."""
+        """The last metrics.jsonl record (the final evaluation of a finished run); {} on ranks other than 0."""
+        if self.rank != 0:
+            return {}
         records = _read_metrics(os.path.join(self.cfg.output, "metrics.jsonl"))
         return records[-1] if records else {}
 
@@ -617,6 +620,7 @@ def _check_resume_config(saved: dict, now: dict, path: str) -> None:
 
 
 _CHECKPOINT_NAME = re.compile(r"step-\d{7}")
+_STATE_KEYS = ("model", "optimizer", "scheduler", "rng", "step", "epoch", "micro_in_epoch", "world_size", "config")
 
 
 def _checkpoints(root: str) -> list[str]:
@@ -679,15 +683,17 @@ def _load_checkpoint(directory: str) -> dict:
     if not isinstance(meta, dict) or (size, digest) != (meta.get("bytes"), meta.get("sha256")):
         raise _Damaged(f"state.pt has {size} bytes, sha256 {digest[:12]}..., checkpoint.json records "
                        f"{meta.get('bytes') if isinstance(meta, dict) else '?'} bytes")
-    import pickle
-
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path} holds objects other than tensors and plain values (or was written by an "
                               f"older version); refusing to unpickle it: {str(e).splitlines()[0]}") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise _Damaged(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a train-student checkpoint (no {', '.join(missing)})")
+    return state
 
 
 def _load_latest(root: str, found: list[str]) -> tuple[str, dict]:

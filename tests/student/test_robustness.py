@@ -121,6 +121,11 @@ def test_crafted_pickle_in_checkpoint_is_refused_and_not_run(caches, tmp_path):
         json.dumps({"step": 2, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}))
     one_error_line(_train(caches, out, "--resume"), "refusing to unpickle")
     assert not marker.exists()
+    torch.save({"model": torch.zeros(1)}, state)  # loads fine, but is no checkpoint of ours
+    data = state.read_bytes()
+    (state.parent / "checkpoint.json").write_text(
+        json.dumps({"step": 2, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}))
+    one_error_line(_train(caches, out, "--resume"), "not a train-student checkpoint", "optimizer")
 
 
 # ---- defect 6: bad output paths, disk full, bad devices --------------------------------------------
