@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from storage.params import FINITE_FLOAT, non_finite
-from teachers.config import BACKENDS, COMPILE_CHOICES, DTYPES, FORMATS, LOGPROB_DTYPES
+from teachers.config import BACKENDS, COMPILE_CHOICES, DTYPES, FORMATS, HEAD_KERNELS, LOGPROB_DTYPES
 
 
 def _layers(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
@@ -74,6 +74,9 @@ def _options(ctx: click.Context, param: click.Parameter, value: tuple[str, ...])
 @click.option("--compile-head", type=click.Choice(COMPILE_CHOICES), default="auto", show_default=True,
               help="Compute the head's logsumexp and entropy with torch.compile (fused kernels; the first batch "
                    "compiles, ~15-20 s on CPU). auto = on for CUDA, off on CPU. Same results to float32 rounding.")
+@click.option("--head-kernel", type=click.Choice(HEAD_KERNELS), default="auto", show_default=True,
+              help="Targets head: torch (chunked, this option's fallback) or triton (fused kernel that never "
+                   "writes [chunk, vocab] logits; CUDA only). auto = triton on CUDA when Triton is installed.")
 @click.option("--output", required=True, help="Output teacher directory (local path or fsspec URL).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="parquet", show_default=True,
               help="Shard format.")
@@ -107,7 +110,7 @@ def precompute_cmd(**o: object) -> None:
                               dtype=o["dtype"], device=o["device"], batch_size=o["batch_size"],
                               batch_tokens=o["batch_tokens"], top_k=o["top_k"], temperature=o["temperature"],
                               head_chunk_size=o["head_chunk_size"], compile_head=o["compile_head"],
-                              pool_layers=o["pool_layers"],
+                              head_kernel=o["head_kernel"], pool_layers=o["pool_layers"],
                               trust_remote_code=o["trust_remote_code"], backend_options=o["backend_options"]),
         storage=StorageConfig(output=o["output"], format=o["fmt"], shard_size=o["shard_size"],
                               logprob_dtype=o["logprob_dtype"], logprob_mantissa_bits=o["logprob_bits"]),

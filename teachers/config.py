@@ -15,6 +15,7 @@ from storage.params import check_finite
 BACKENDS = ("hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPILE_CHOICES = ("auto", "on", "off")
+HEAD_KERNELS = ("auto", "torch", "triton")
 
 
 def _positive(name: str, value: int | None, *, optional: bool = False) -> None:
@@ -93,6 +94,11 @@ class TeacherConfig:
     CPU ~5 s with inductor's cache warm, ~17 s cold); `off`: eager; `auto`: on for CUDA devices when Triton is installed, off on CPU (where short runs do
     not repay the compile).
     Same results to float32 rounding."""
+    head_kernel: str = "auto"
+    """`torch`: the chunked head of teachers/head.py (lse/entropy compiled per `compile_head`); `triton`: the
+    fused Triton head of teachers/fused_head.py, which never writes [chunk, vocab] logits (CUDA only); `auto`:
+    triton on CUDA devices when Triton is installed, torch elsewhere. Same outputs (the fused head skips the
+    bf16 rounding of the logits, so it is slightly closer to the float64 reference)."""
     pool_layers: list[int] = field(default_factory=lambda: [-1])
     """Decoder blocks whose outputs are mean-pooled per sequence (0-based, negative from the end); [] for none."""
     trust_remote_code: bool = False
@@ -116,6 +122,7 @@ class TeacherConfig:
         _positive("top_k", self.top_k)
         _positive("head_chunk_size", self.head_chunk_size)
         _choice("compile_head", self.compile_head, COMPILE_CHOICES)
+        _choice("head_kernel", self.head_kernel, HEAD_KERNELS)
         if not (isinstance(self.temperature, (int, float)) and 0.01 <= self.temperature <= 100):
             # outside this range float32 softmax(logits / temperature) is one-hot or uniform, not a target
             raise ConfigError(f"temperature must be in [0.01, 100], got {self.temperature!r}")

@@ -39,15 +39,25 @@ def targets_head(
     logit_scale: float | None = None,
     softcap: float | None = None,
     compile: bool = False,
+    kernel: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k ids, top-k log-probs and exact entropies of softmax(lm_head(hidden) / temperature).
 
     hidden: [N, H] final hidden states (after the model's final norm); weight: [V, H] output embedding;
-    bias: [V] or None; compile: lse and entropy through the compiled `_lse_entropy`.
+    bias: [V] or None; compile: lse and entropy through the compiled `_lse_entropy`; kernel: `torch` (this
+    module) or `triton` (teachers/fused_head.py: never writes [C, V] logits; CUDA tensors only).
     Returns (topk_ids [N, k] int32, topk_logprobs [N, k] float32, entropy [N] float32), on hidden's device;
     ids within a row are sorted by descending log-prob.
     """
     import torch
+
+    if kernel == "triton":
+        from teachers.fused_head import fused_targets_head
+
+        return fused_targets_head(hidden, weight, k=k, temperature=temperature, chunk_size=chunk_size, bias=bias,
+                                  logit_scale=logit_scale, softcap=softcap)
+    if kernel != "torch":
+        raise ValueError(f"kernel must be 'torch' or 'triton', got {kernel!r}")
 
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [N, H] and [V, H]")

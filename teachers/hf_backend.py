@@ -119,10 +119,18 @@ class HFBackend:
         # auto: compiled on CUDA where inductor can emit its GPU kernels (Triton importable), eager elsewhere
         self.compile_head = cfg.compile_head == "on" or (
             cfg.compile_head == "auto" and self.weight.is_cuda and importlib.util.find_spec("triton") is not None)
+        triton_ok = importlib.util.find_spec("triton") is not None
+        if cfg.head_kernel == "triton" and not (self.weight.is_cuda and triton_ok):
+            raise TeacherLoadError(f"--head-kernel triton needs a CUDA device and the triton package (device "
+                                   f"{self.device}, triton {'installed' if triton_ok else 'not installed'})")
+        self.head_kernel = "triton" if cfg.head_kernel == "triton" or (
+            cfg.head_kernel == "auto" and self.weight.is_cuda and triton_ok) else "torch"
         self.notes: dict[str, Any] = {
             "transformers": transformers.__version__, "torch": torch.__version__, "device": self.device,
             "head_chunk_size": cfg.head_chunk_size, "model_class": type(model).__name__,
-            "head_lse_entropy": "torch.compile" if self.compile_head else "eager",
+            "head_kernel": self.head_kernel,
+            "head_lse_entropy": "fused kernel" if self.head_kernel == "triton" else (
+                "torch.compile" if self.compile_head else "eager"),
             "pooled_layer_meaning": "mean over the sequence of transformers output_hidden_states[i + 1]",
             "logit_transforms": {"bias": self.bias is not None, "logit_scale": self.logit_scale,
                                  "softcap": self.softcap},
@@ -197,12 +205,24 @@ class HFBackend:
             return {layer: (hidden.float().mean(dim=1) if layer == self.num_layers - 1 else self._captured[layer])
                     .cpu().numpy() for layer in self.pooled_layers}
 
-    def _head(self, hidden: Any, k: int) -> tuple[Any, Any, Any]:
+    def _head(self, hidden: Any, k: int, temperature: float | None = None) -> tuple[Any, Any, Any]:
         import torch._dynamo.exc
         import torch._inductor.exc
 
+        temperature = self.cfg.temperature if temperature is None else temperature
+        if self.head_kernel == "triton":
+            import triton
+
+            try:
+                return targets_head(hidden, self.weight, k=k, temperature=temperature,
+                                    chunk_size=self.cfg.head_chunk_size, bias=self.bias,
+                                    logit_scale=self.logit_scale, softcap=self.softcap, kernel="triton")
+            except triton.TritonError as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise TeacherLoadError(f"the fused Triton head failed on {self.device} ({type(e).__name__}: "
+                                       f"{first}); rerun with --head-kernel torch") from e
         try:
-            return targets_head(hidden, self.weight, k=k, temperature=self.cfg.temperature,
+            return targets_head(hidden, self.weight, k=k, temperature=temperature,
                                 chunk_size=self.cfg.head_chunk_size, bias=self.bias, logit_scale=self.logit_scale,
                                 softcap=self.softcap, compile=self.compile_head)
         except (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError) as e:
@@ -221,8 +241,10 @@ class HFBackend:
         logits = self.model(input_ids=ids, use_cache=False).logits[0].float()  # [n, V]
         ref = torch.log_softmax(logits, dim=-1)
         h = self.final_hidden(ids)[0].to(self.weight.device)
-        top_ids, top_lp, _ = targets_head(h, self.weight, k=k, temperature=1.0, chunk_size=self.cfg.head_chunk_size,
-                                          bias=self.bias, logit_scale=self.logit_scale, softcap=self.softcap)
+        # through the head this run uses (torch or fused), so a wrong kernel is refused before any shard
+        top_ids, top_lp, _ = (self._head(h, k, temperature=1.0) if self.head_kernel == "triton" else
+                              targets_head(h, self.weight, k=k, temperature=1.0, chunk_size=self.cfg.head_chunk_size,
+                                           bias=self.bias, logit_scale=self.logit_scale, softcap=self.softcap))
         ref_lp = ref.to(top_lp.device).gather(-1, top_ids.long())
         err = float((ref_lp - top_lp).abs().max())
         tol = 1e-3 if self.dtype == "float32" else 0.1
