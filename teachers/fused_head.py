@@ -47,7 +47,8 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _interpret_requested() -> bool:
+def interpret_requested() -> bool:
+    """True when TRITON_INTERPRET asks for Triton's CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
@@ -55,7 +56,7 @@ def _kernels():
     """The kernels module, rebuilt when TRITON_INTERPRET changed since it was imported."""
     from teachers import fused_head_kernels as mod
 
-    if mod.INTERPRET != _interpret_requested():
+    if mod.INTERPRET != interpret_requested():
         mod = importlib.reload(mod)
     return mod
 
@@ -70,16 +71,17 @@ def fused_targets_head(
     bias: torch.Tensor | None = None,
     logit_scale: float | None = None,
     softcap: float | None = None,
-    block_m: int = BLOCK_M,
-    block_n: int = BLOCK_N,
-    block_k: int = BLOCK_K,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
     splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k ids, top-k log-probs and exact entropies of softmax(lm_head(hidden) / temperature), fused.
 
     hidden: [N, H], weight: [V, H] (same dtype after casting hidden; bf16, fp16 or fp32), bias: [V] or None.
     chunk_size: rows per launch pair (bounds the candidate buffer); splits: vocab splits per row block
-    (default: enough programs to fill the GPU). Block sizes are powers of two >= 16.
+    (default: enough programs to fill the GPU). Block sizes are powers of two >= 16 (default: the module's
+    BLOCK_M, BLOCK_N, BLOCK_K, read at call time).
     Returns (topk_ids [N, k] int32, topk_logprobs [N, k] float32, entropy [N] float32), ids sorted by
     descending log-prob.
     """
@@ -92,10 +94,13 @@ def fused_targets_head(
         raise ValueError(f"k must be in 1..{vocab}, got {k}")
     if chunk_size < 1 or temperature <= 0:
         raise ValueError(f"chunk_size must be >= 1 and temperature > 0, got {chunk_size}, {temperature}")
+    block_m = BLOCK_M if block_m is None else block_m
+    block_n = BLOCK_N if block_n is None else block_n
+    block_k = BLOCK_K if block_k is None else block_k
     for name, b in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
         if b < 16 or b & (b - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {b}")
-    if not (hidden.is_cuda or _interpret_requested()):
+    if not (hidden.is_cuda or interpret_requested()):
         raise ValueError("the fused head runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1)")
     kern = _kernels()
     device = hidden.device

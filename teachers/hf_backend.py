@@ -22,6 +22,7 @@ from storage.records import TeacherTargets
 from teachers.backends import resolve_layers
 from teachers.config import TeacherConfig
 from teachers.errors import TeacherLoadError
+from teachers.fused_head import interpret_requested
 from teachers.head import targets_head
 from teachers.packing import PackedBatch
 
@@ -120,9 +121,10 @@ class HFBackend:
         self.compile_head = cfg.compile_head == "on" or (
             cfg.compile_head == "auto" and self.weight.is_cuda and importlib.util.find_spec("triton") is not None)
         triton_ok = importlib.util.find_spec("triton") is not None
-        if cfg.head_kernel == "triton" and not (self.weight.is_cuda and triton_ok):
-            raise TeacherLoadError(f"--head-kernel triton needs a CUDA device and the triton package (device "
-                                   f"{self.device}, triton {'installed' if triton_ok else 'not installed'})")
+        if cfg.head_kernel == "triton" and not (triton_ok and (self.weight.is_cuda or interpret_requested())):
+            raise TeacherLoadError(f"--head-kernel triton needs a CUDA device (or TRITON_INTERPRET=1, Triton's CPU "
+                                   f"interpreter, for tests) and the triton package (device {self.device}, triton "
+                                   f"{'installed' if triton_ok else 'not installed'})")
         self.head_kernel = "triton" if cfg.head_kernel == "triton" or (
             cfg.head_kernel == "auto" and self.weight.is_cuda and triton_ok) else "torch"
         self.notes: dict[str, Any] = {

@@ -104,13 +104,14 @@ def test_fused_head_refuses_cpu_tensors_without_the_interpreter(monkeypatch) -> 
         targets_head(torch.randn(4, 16), torch.randn(32, 16), k=2, kernel="cuda")
 
 
-def test_head_kernel_is_selected_only_on_cuda(tmp_path) -> None:
+def test_head_kernel_is_selected_only_on_cuda(tmp_path, monkeypatch) -> None:
     from storage.errors import ConfigError
     from teachers.config import TeacherConfig
     from teachers.errors import TeacherLoadError
     from teachers.hf_backend import HFBackend
     from tests.helpers import make_tiny_setup
 
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ConfigError, match="head_kernel"):
         TeacherConfig(path="t", head_kernel="cuda")
     teacher, _ = make_tiny_setup(tmp_path, n_docs=10, vocab=300, seed=0)
