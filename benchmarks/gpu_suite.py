@@ -5,6 +5,7 @@ here, the bundled corpus).
     python benchmarks/gpu_suite.py --out gpu_suite.json                 # one H100/H200, < 8 minutes
     python benchmarks/gpu_suite.py --smoke --out /tmp/smoke.json        # the same code paths, CPU, tiny shapes
     python benchmarks/gpu_suite.py --sections matmul,precompute --out part.json
+    bash benchmarks/gpu_deps.sh; PYTHONPATH=.gpu_deps python3 benchmarks/gpu_suite.py ...   # image without zarr
 
 Sections (each runs alone: one that fails is reported in the table and the JSON, the others still run, and
 the exit code is 1; the JSON is rewritten after every section, so a run killed midway keeps what it measured):
@@ -394,6 +395,9 @@ def section_train(s: Suite) -> None:
     from teachers.precompute import run_precompute
 
     teacher = s.backend("qwen2-1_5b")
+    best = s.get("precompute.qwen2-1_5b.best.path")  # the fastest head measured, else the configured one
+    if best is not None:
+        _set_path(teacher, best, s)
     steps, warm = (2, 1) if s.smoke else (s.args.train_steps, 3)
     n_seq = s.batch * (steps + 2)
     cache = s.tmp / "cache-train"

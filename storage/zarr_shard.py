@@ -8,11 +8,11 @@ One writer per shard: zarr-python loses data on concurrent partial writes to one
 
 Writing: zarr creates the group and array metadata; the chunks are then encoded by the same numcodecs codecs
 that zarr's codec pipeline calls (bytes little-endian -> blosc / zstd -> crc32c, read from each array's own
-metadata), in `WRITE_THREADS` threads (blosc and zstd release the GIL), and stored with one store call per
-shard. zarr-python's own `arr[...] = data` spends most of its time in per-chunk asyncio tasks (one chunk per
-sequence and column): 12-19 MB/s against 60+ on 2 cores (benchmarks/RESULTS.md "Writer throughput"). The
-bytes are the same as zarr's (tests/storage/test_zarr.py compares whole shard trees); a codec list the
-encoder does not cover falls back to zarr's own write.
+metadata), in `WRITE_THREADS` threads (blosc and zstd release the GIL), each writing its chunk files (local
+paths; other stores get one batched call per shard). zarr-python's own `arr[...] = data` spends most of its
+time in per-chunk asyncio tasks (one chunk per sequence and column); see benchmarks/RESULTS.md "Writer
+throughput". The bytes are the same as zarr's (tests/storage/test_zarr.py compares whole shard trees); a
+codec list the encoder does not cover falls back to zarr's own write.
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ from storage.schema import HEADER_KEY, INDEX_KEY, check_seq_ids, columns, shard_
 CHUNK_ROWS = 1
 """Sequences per chunk: a chunk is the unit of random access."""
 ZSTD_LEVEL = 3
-WRITE_THREADS = 2
-"""Threads encoding the chunks of one shard (the output does not depend on it: chunks are independent)."""
+WRITE_THREADS = 4
+"""Threads encoding and writing the chunks of one shard (the output does not depend on it: chunks are
+independent). More than the cores: besides encoding (GIL released), each chunk is a file of its own, whose
+creation waits on the file system."""
 
 
 def default_compressors() -> list:

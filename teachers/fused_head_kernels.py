@@ -7,11 +7,17 @@ it was imported. `INTERPRET` records the setting the kernels below were built wi
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
-from triton import knobs
 
-INTERPRET: bool = bool(knobs.runtime.interpret)
+try:  # triton >= 3.4 reads its settings through knobs
+    from triton import knobs
+
+    INTERPRET: bool = bool(knobs.runtime.interpret)
+except ImportError:
+    INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 @triton.jit
