@@ -76,7 +76,8 @@ def _options(ctx: click.Context, param: click.Parameter, value: tuple[str, ...])
                    "compiles, ~15-20 s on CPU). auto = on for CUDA, off on CPU. Same results to float32 rounding.")
 @click.option("--head-kernel", type=click.Choice(HEAD_KERNELS), default="auto", show_default=True,
               help="Targets head: torch (chunked, this option's fallback) or triton (fused kernel that never "
-                   "writes [chunk, vocab] logits; CUDA only). auto = triton on CUDA when Triton is installed.")
+                   "writes [chunk, vocab] logits; CUDA only; tested under Triton's CPU interpreter, not yet run on a GPU). auto = torch until the "
+                   "GPU suite has validated the kernel.")
 @click.option("--output", required=True, help="Output teacher directory (local path or fsspec URL).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="parquet", show_default=True,
               help="Shard format.")
