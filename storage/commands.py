@@ -35,16 +35,25 @@ def merge_cmd(path: str, verify: bool) -> None:
     """Merge the slice manifests in teacher directory PATH into manifest.json.
 
     Refuses slices that disagree on run fields, missing slices, and overlapping or missing seq-id ranges.
+    A single-slice cache already has its manifest.json: it is checked and left as it is.
     """
     from storage import fs as sfs
     from storage import shards as shard_io
-    from storage.merge import open_slices, write_merged
+    from storage.merge import open_manifest, open_slices, slice_manifest_paths, write_merged
 
+    single = not slice_manifest_paths(path)
     if verify:
         fs, root = sfs.resolve(path)
-        for info in open_slices(path).shards:
+        for info in (open_manifest(path) if single else open_slices(path)).shards:
             shard_io.check(fs, root, info)
     merged = write_merged(path)
-    click.echo(f"wrote {sfs.join(path, 'manifest.json')}: {len(merged.shards)} shards, "
+    target = sfs.join(path, "manifest.json")
+    if single:
+        click.echo(f"{target} already covers the whole cache (a single-slice run needs no merge): "
+                   f"{len(merged.shards)} shards, {merged.num_sequences} sequences, {merged.num_tokens} tokens"
+                   + (", sha256 verified" if verify else ""))
+        return
+    click.echo(f"wrote {target}: {len(merged.shards)} shards, "
                f"{merged.num_sequences} sequences, {merged.num_tokens} tokens from "
                f"{merged.notes.get('merged_from_slices', 1)} slice manifest(s)")
+

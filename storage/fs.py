@@ -5,6 +5,7 @@ Every storage path may be a local path or an fsspec URL (`memory://`, `file://`,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -14,6 +15,8 @@ from typing import Any
 import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
+
+from storage.errors import StorageError
 
 _BLOCK = 8 << 20  # bytes read per step when hashing
 
@@ -59,17 +62,33 @@ def replace(fs: AbstractFileSystem, src: str, dst: str) -> None:
 
 
 def atomic_write_bytes(fs: AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write a small file to a temporary name, then rename it into place."""
+    """Write a small file to a temporary name, then rename it into place.
+
+    StorageError naming `path` if the filesystem refuses (disk full, permissions); the temporary is removed
+    (a kill can still leave one: writers remove their own on the next run)."""
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
     tmp = temp_name(path)
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-        if is_local(fs):
-            f.flush()
-            os.fsync(f.fileno())
-    replace(fs, tmp, path)
+    try:
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+            if is_local(fs):
+                f.flush()
+                os.fsync(f.fileno())
+        replace(fs, tmp, path)
+    except OSError as e:  # disk full, permissions: a StorageError naming the file; no temporary left behind
+        with contextlib.suppress(OSError):
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        raise StorageError(f"{path}: cannot write: {os_error_reason(e)}") from e
+
+
+def os_error_reason(e: OSError) -> str:
+    """"No space left on device (errno 28)" for an OSError with an errno, else its message."""
+    if e.errno:
+        return f"{os.strerror(e.errno)} (errno {e.errno})"
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def atomic_write_text(fs: AbstractFileSystem, path: str, text: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ MANTISSA_BITS = {"float16": 10, "float32": 23}
 """Explicit mantissa bits of each log-prob storage dtype (the most `logprob_mantissa_bits` can keep)."""
 ENTROPY_KINDS = ("exact", "estimate", "absent")
 MANIFEST_NAME = "manifest.json"
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 def slice_manifest_name(slice_index: int, num_slices: int) -> str:
@@ -38,6 +40,23 @@ def slice_manifest_name(slice_index: int, num_slices: int) -> str:
 def shard_file_name(index: int, fmt: str) -> str:
     """File (Parquet) or directory (Zarr) name of global shard `index`."""
     return f"shard-{index:06d}.{fmt}"
+
+
+def check_shard_file(info: ShardInfo, fmt: str, source: str = "<manifest>") -> None:
+    """Raise ManifestError unless `info.file` is the plain name `shard-GGGGGG.<fmt>` of its index.
+
+    A manifest may only point inside its own directory: `../x`, `/etc/passwd`, `a/b`, `C:\\x`, `s3://...`
+    or any other name are refused, so no reader ever opens (or reports on) a file outside the cache."""
+    expected = shard_file_name(info.index, fmt) if isinstance(info.index, int) else None
+    if info.file == expected:
+        return
+    why = "is not a plain file name inside the cache" if not is_plain_name(info.file) else f"should be {expected!r}"
+    raise ManifestError(f"{source}: shards[{info.index}] file {info.file!r} {why}; refusing to read it")
+
+
+def is_plain_name(name: object) -> bool:
+    """True for a file name without any path part (no "/", "\\", ":", "..", nothing absolute)."""
+    return isinstance(name, str) and bool(_PLAIN_NAME.match(name)) and name not in (".", "..")
 
 
 @dataclass(kw_only=True)
@@ -237,6 +256,7 @@ class Manifest:
             raise bad("pooled_dims", f"must have one entry per pooled layer {self.pooled_layers}")
         previous = -1
         for s in self.shards:
+            check_shard_file(s, self.format, source)
             where = f"shards[{s.index}] ({s.file})"
             if s.index <= previous:
                 raise bad("shards", f"are not sorted by index at {where}")
@@ -264,6 +284,54 @@ RUN_FIELDS: tuple[str, ...] = (
     "teacher.dtype", "teacher.backend", "tokenizer_fingerprint", "vocab_size", "seq_len", "top_k",
     "temperature", "logprob_dtype", "logprob_mantissa_bits", "entropy_kind", "pooled_layers", "corpus_fingerprint", "shard_size",
 )
+
+# Settings kept in `notes` (dotted paths below `notes`) that change shard bytes without being a manifest
+# field: the head's chunking and its compiled-or-eager kernels change entropy and log-probs in the last
+# float32 bits, and so does the device type (cpu / cuda), derived from `notes.backend.device`.
+SETTING_NOTES: tuple[str, ...] = (
+    "backend.head_chunk_size", "backend.head_lse_entropy", "backend.vllm_tensor_parallel_size",
+)
+
+# Everything that must agree between two parts of one cache (slices, a resumed run and its earlier part):
+# the run fields, the pooled widths and the teacher's shape (the same path may hold other weights).
+CACHE_FIELDS: tuple[str, ...] = RUN_FIELDS + (
+    "pooled_dims", "teacher.num_params", "teacher.num_layers", "teacher.hidden_size",
+)
+
+
+def run_settings(m: Manifest) -> dict[str, Any]:
+    """The byte-changing settings recorded in `notes` ({"notes.<path>": value}; None when not recorded)."""
+    out: dict[str, Any] = {}
+    for dotted in SETTING_NOTES:
+        value: Any = m.notes
+        for part in dotted.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        out[f"notes.{dotted}"] = value
+    backend = m.notes.get("backend")
+    device = backend.get("device") if isinstance(backend, dict) else None
+    out["device type"] = device.split(":", 1)[0] if isinstance(device, str) else None
+    return out
+
+
+def run_slices(m: Manifest) -> int:
+    """How many slices the run that wrote `m` had (a merged manifest says 1 and records the original count)."""
+    merged = m.notes.get("merged_from_slices")
+    return merged if isinstance(merged, int) and m.num_slices == 1 else m.num_slices
+
+
+def compare_parts(a: Manifest, b: Manifest, what: str, *, slicing: bool = False) -> None:
+    """Raise MismatchError naming the first field, byte-changing setting or (with `slicing`) slice count
+    where `a` and `b`, two parts of one cache, differ; `what` names the two ("this run and x.json")."""
+    a.compare(b, CACHE_FIELDS, what)
+    sa, sb = run_settings(a), run_settings(b)
+    for key in sa:
+        if sa[key] != sb[key]:
+            raise MismatchError(f"{what} differ in {key!r}: {sa[key]!r} vs {sb[key]!r}", key, (sa[key], sb[key]))
+    if slicing and run_slices(a) != run_slices(b):
+        na, nb = run_slices(a), run_slices(b)
+        raise MismatchError(f"{what} differ in 'num_slices': {na} vs {nb} (a cache is written with one slice "
+                            "count; use the earlier one)", "num_slices", (na, nb))
+
 
 # Fields that must agree between teachers that are trained from together.
 JOIN_FIELDS: tuple[str, ...] = ("tokenizer_fingerprint", "seq_len", "corpus_fingerprint", "vocab_size")

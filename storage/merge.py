@@ -7,8 +7,8 @@ import re
 from collections.abc import Sequence
 
 from storage import fs as sfs
-from storage.errors import ManifestError, MismatchError
-from storage.manifest import MANIFEST_NAME, RUN_FIELDS, Manifest, ShardInfo, slice_manifest_name
+from storage.errors import ManifestError, MismatchError, StorageError
+from storage.manifest import MANIFEST_NAME, Manifest, ShardInfo, compare_parts, slice_manifest_name
 
 _SLICE_RE = re.compile(r"^manifest-slice-(\d{5})-of-(\d{5})\.json$")
 
@@ -22,7 +22,8 @@ def _range(m: Manifest, index: int, first: int | None = None, last: int | None =
 def merge_manifests(manifests: Sequence[Manifest], sources: Sequence[str] | None = None) -> Manifest:
     """Merge the manifests of every slice of one run into one manifest (slice 0 of 1, shards sorted).
 
-    Refuses (naming the field, slice or seq-id range): differing run fields or num_slices, a missing or
+    Refuses (naming the field, slice or seq-id range): differing run fields, byte-changing settings
+    (manifest.compare_parts) or num_slices, a missing or
     duplicated slice, a shard listed twice, and gaps: the shards must cover seq ids 0..max contiguously, so
     every shard but the last must be full.
     """
@@ -34,7 +35,7 @@ def merge_manifests(manifests: Sequence[Manifest], sources: Sequence[str] | None
         if m.num_slices != first.num_slices:
             raise MismatchError(f"{names[0]} and {name} differ in 'num_slices': {first.num_slices} vs "
                                 f"{m.num_slices}", "num_slices", (first.num_slices, m.num_slices))
-        first.compare(m, RUN_FIELDS + ("pooled_dims",), what=f"{names[0]} and {name}")
+        compare_parts(first, m, what=f"{names[0]} and {name}")
     seen: dict[int, str] = {}
     for m, name in zip(manifests, names, strict=True):
         if m.slice_index in seen:
@@ -98,10 +99,16 @@ def read_manifest(path: str) -> Manifest:
 def slice_manifest_paths(path: str) -> list[str]:
     """Paths of the `manifest-slice-*.json` files in teacher directory `path`, sorted."""
     fs, root = sfs.resolve(path)
+    if not fs.exists(root):
+        raise ManifestError(f"{path}: directory does not exist")
+    if not fs.isdir(root):
+        raise ManifestError(f"{path}: is a file, not a teacher directory")
     try:
         names = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
     except FileNotFoundError:
         raise ManifestError(f"{path}: directory does not exist") from None
+    except OSError as e:
+        raise StorageError(f"{path}: cannot list the directory: {e.strerror or e}") from e
     return [sfs.join(path, n) for n in sorted(names) if _SLICE_RE.match(n)]
 
 
@@ -141,8 +148,20 @@ def open_manifest(path: str) -> Manifest:
 
 
 def write_merged(path: str) -> Manifest:
-    """Merge the slice manifests of `path` and write manifest.json atomically; return the merged manifest."""
-    merged = open_slices(path)
+    """Merge the slice manifests of `path` and write manifest.json atomically; return the merged manifest.
+
+    A single-slice cache (manifest.json and no slice manifests) needs no merge: its manifest is read,
+    validated and returned unchanged. The merge holds `lock-merge.json` (storage/lock.py), and removes the
+    `manifest.json.tmp-*` a killed merge left behind before it writes."""
+    from storage.lock import MERGE_LOCK, CacheLock
+
     fs, root = sfs.resolve(path)
-    sfs.atomic_write_text(fs, sfs.join(root, MANIFEST_NAME), merged.to_json())
+    if not slice_manifest_paths(path) and fs.exists(sfs.join(root, MANIFEST_NAME)):
+        return read_manifest(sfs.join(path, MANIFEST_NAME))
+    merged = open_slices(path)
+    with CacheLock(fs, root, MERGE_LOCK, what=f"merging {path}"):
+        for full in fs.ls(root, detail=False):
+            if full.rstrip("/").rsplit("/", 1)[-1].startswith(f"{MANIFEST_NAME}.tmp-"):
+                fs.rm(full, recursive=True)
+        sfs.atomic_write_text(fs, sfs.join(root, MANIFEST_NAME), merged.to_json())
     return merged

@@ -6,8 +6,8 @@ import numpy as np
 from fsspec import AbstractFileSystem
 
 from storage import fs as sfs
-from storage.errors import ShardCorruptError
-from storage.manifest import Manifest, ShardInfo, shard_file_name
+from storage.errors import ManifestError, ShardCorruptError
+from storage.manifest import Manifest, ShardInfo, is_plain_name, shard_file_name
 
 
 def write_shard(fs: AbstractFileSystem, root: str, m: Manifest, index: int,
@@ -29,9 +29,18 @@ def write_shard(fs: AbstractFileSystem, root: str, m: Manifest, index: int,
                      last_seq_id=int(seq[-1]), bytes=sfs.size_of(fs, path), sha256=sfs.sha256_of(fs, path))
 
 
+def shard_path(root: str, info: ShardInfo) -> str:
+    """Path of a listed shard inside `root`; ManifestError if its entry is not a plain file name (manifests
+    are validated on load; this guards entries built in code)."""
+    if not is_plain_name(info.file):
+        raise ManifestError(f"shards[{info.index}] file {info.file!r} is not a plain file name inside {root}; "
+                            "refusing to read it")
+    return sfs.join(root, info.file)
+
+
 def problem(fs: AbstractFileSystem, root: str, info: ShardInfo, *, check_sha: bool = True) -> str | None:
     """Why the shard on disk does not match its manifest entry (missing, size, sha256), or None if it does."""
-    path = sfs.join(root, info.file)
+    path = shard_path(root, info)
     if not fs.exists(path):
         return "missing"
     try:
@@ -51,12 +60,12 @@ def check(fs: AbstractFileSystem, root: str, info: ShardInfo) -> None:
     """Raise ShardCorruptError naming the file and why, if the shard does not match its entry."""
     why = problem(fs, root, info)
     if why is not None:
-        raise ShardCorruptError(f"{sfs.join(root, info.file)}: {why}")
+        raise ShardCorruptError(f"{shard_path(root, info)}: {why}")
 
 
 def open_shard(fs: AbstractFileSystem, root: str, m: Manifest, info: ShardInfo):
     """A reader with `.read(sorted_local_rows, names) -> dict` and `.close()` for one shard."""
-    path = sfs.join(root, info.file)
+    path = shard_path(root, info)
     if m.format == "parquet":
         from storage.parquet import ParquetShard
 

@@ -9,14 +9,26 @@ slice manifest last.
     manifest = w.close()                      # (the `with` block calls it too)
 
 Ledger: `ledger-slice-IIIII-of-NNNNN.json` in the output directory, a manifest of the shards done so far,
-rewritten atomically after every shard. On start it is read back, its run fields compared with `header`
-(MismatchError on a difference), and every listed shard verified (exists, size, sha256); a shard that fails
-is dropped with a warning and must be written again.
+rewritten atomically after every shard. On start, before anything is written:
+
+- the slice's lock `lock-slice-IIIII-of-NNNNN.json` is taken (storage/lock.py): a second writer of the same
+  slice is refused with a message naming the holder, a stale lock of a dead process on this host is removed;
+- every manifest, slice manifest and ledger already in the directory (not only this slice's) is compared
+  with `header`: run fields, pooled widths, teacher shape, the byte-changing settings kept in notes, and the
+  slice count (MismatchError naming the first difference). A live lock of a run with another slice count is
+  refused too. So a cache is only ever extended by a run that writes the same bytes;
+- this slice's own ledger and manifest are read back and every listed shard verified (exists, size,
+  sha256); a shard that fails is dropped with a warning and must be written again;
+- temporaries this slice left when killed (half-written shards, `*.json.tmp-*`) are removed.
+
+Failing writes (disk full, permissions) raise StorageError naming the file; the shard being written is never
+recorded, so a re-run after freeing space resumes from the ledger.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import queue
 import re
 import threading
@@ -24,15 +36,18 @@ import warnings
 from types import TracebackType
 
 import numpy as np
+from fsspec import AbstractFileSystem
 
 from storage import fs as sfs
 from storage import shards as shard_io
-from storage.errors import StorageError
+from storage.errors import MismatchError, StorageError
+from storage.lock import CacheLock, live_locks, lock_name
 from storage.manifest import (
     MANIFEST_NAME,
-    RUN_FIELDS,
     Manifest,
     ShardInfo,
+    compare_parts,
+    shard_file_name,
     slice_manifest_name,
 )
 from storage.records import TeacherTargets
@@ -40,11 +55,24 @@ from storage.schema import to_columns
 
 _STOP = object()
 _TEMP_RE = re.compile(r"^shard-(\d{6,})\.(parquet|zarr)\.tmp-\d+-[0-9a-f]+$")
+_PART_RE = re.compile(r"^(manifest\.json|manifest-slice-\d{5}-of-\d{5}\.json|ledger-slice-\d{5}-of-\d{5}\.json)$")
 
 
 def ledger_name(slice_index: int, num_slices: int) -> str:
     """File name of the resume ledger of one slice."""
     return f"ledger-slice-{slice_index:05d}-of-{num_slices:05d}.json"
+
+
+def prepare_output(fs: AbstractFileSystem, root: str, output: str) -> None:
+    """Create output directory `root` (StorageError if it is a file or cannot be created)."""
+    if fs.exists(root) and not fs.isdir(root):
+        raise StorageError(f"{output}: is a file, not a directory; choose another --output")
+    try:
+        fs.makedirs(root, exist_ok=True)
+    except OSError as e:
+        raise StorageError(f"{output}: cannot create the output directory: {sfs.os_error_reason(e)}") from e
+    if sfs.is_local(fs) and not os.access(root, os.W_OK | os.X_OK):
+        raise StorageError(f"{output}: the output directory is not writable")
 
 
 def output_manifest_name(m: Manifest) -> str:
@@ -62,7 +90,7 @@ class TargetsWriter:
         self.header = copy.deepcopy(header)
         self.header.shards = []
         self.fs, self.root = sfs.resolve(output)
-        self.fs.makedirs(self.root, exist_ok=True)
+        prepare_output(self.fs, self.root, output)
         self.completed: dict[int, ShardInfo] = {}
         """Global shard index -> ShardInfo of every shard known complete (from a resumed run or this one)."""
         self._ledger = sfs.join(self.root, ledger_name(header.slice_index, header.num_slices))
@@ -72,8 +100,17 @@ class TargetsWriter:
         self._first_error: BaseException | None = None
         self._manifest: Manifest | None = None
         self._closed = False
-        self._resume()
-        self._remove_stale_temporaries()
+        self._slice_lock = CacheLock(self.fs, self.root, lock_name(header.slice_index, header.num_slices),
+                                     what=f"slice {header.slice_index} of {header.num_slices} of {output}",
+                                     slice_index=header.slice_index, num_slices=header.num_slices)
+        self._slice_lock.acquire()
+        try:
+            self._check_other_writers()
+            self._resume(self._check_directory())
+            self._remove_stale_temporaries()
+        except BaseException:
+            self._slice_lock.release()
+            raise
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         if background:
@@ -82,15 +119,45 @@ class TargetsWriter:
             self._thread.start()
 
     # ---- resume --------------------------------------------------------------------------------
-    def _resume(self) -> None:
-        found: dict[int, ShardInfo] = {}
-        for name in (output_manifest_name(self.header), ledger_name(self.header.slice_index, self.header.num_slices)):
+    def _check_other_writers(self) -> None:
+        """MismatchError if a live writer of this directory runs with another slice count."""
+        h = self.header
+        for name, holder in live_locks(self.fs, self.root).items():
+            theirs = holder.get("num_slices")
+            if isinstance(theirs, int) and theirs != h.num_slices:
+                raise MismatchError(
+                    f"this run and the writer holding {sfs.join(self.root, name)} (pid {holder.get('pid')} on "
+                    f"host {holder.get('host')}) differ in 'num_slices': {h.num_slices} vs {theirs}",
+                    "num_slices", (h.num_slices, theirs))
+
+    def _check_directory(self) -> dict[str, Manifest]:
+        """Compare `header` with every manifest, slice manifest and ledger in the directory; return them by
+        file name (MismatchError naming the file and the first difference)."""
+        parts: dict[str, Manifest] = {}
+        names = [full.rstrip("/").rsplit("/", 1)[-1] for full in self.fs.ls(self.root, detail=False)]
+        # finished manifests first (the most useful file to name), then slice manifests, then ledgers
+        for name in sorted((n for n in names if _PART_RE.match(n)), key=lambda n: (n[:3] != "man", n != MANIFEST_NAME, n)):
             path = sfs.join(self.root, name)
-            if not self.fs.exists(path):
+            try:
+                text = sfs.read_text(self.fs, path)
+            except FileNotFoundError:
+                continue  # replaced by another slice right now (atomic rename); it is compared on its next run
+            earlier = Manifest.from_json(text, source=path)
+            compare_parts(self.header, earlier, f"this run and the earlier run recorded in {path}", slicing=True)
+            parts[name] = earlier
+        return parts
+
+    def _resume(self, parts: dict[str, Manifest]) -> None:
+        h = self.header
+        found: dict[int, ShardInfo] = {}
+        for name in (output_manifest_name(h), ledger_name(h.slice_index, h.num_slices)):
+            earlier = parts.get(name)
+            if earlier is None:
                 continue
-            earlier = Manifest.from_json(sfs.read_text(self.fs, path), source=path)
-            what = f"this run and the earlier run recorded in {path}"
-            self.header.compare(earlier, RUN_FIELDS + ("pooled_dims", "slice_index", "num_slices"), what)
+            if (earlier.slice_index, earlier.num_slices) != (h.slice_index, h.num_slices):
+                raise MismatchError(f"this run and the earlier run recorded in {sfs.join(self.root, name)} differ "
+                                    f"in 'slice_index': {h.slice_index} vs {earlier.slice_index}", "slice_index",
+                                    (h.slice_index, earlier.slice_index))
             for info in earlier.shards:
                 found[info.index] = info
         dropped = False
@@ -107,14 +174,19 @@ class TargetsWriter:
             self._write_ledger()
 
     def _remove_stale_temporaries(self) -> None:
-        """Remove half-written shards of this slice left by a killed run (shard-GGGGGG.<fmt>.tmp-*).
+        """Remove what a killed (or disk-full) run of this slice left half-written: shards of this slice
+        (shard-GGGGGG.<fmt>.tmp-*), and temporaries of this slice's ledger, manifest and lock (*.tmp-*).
 
-        Only this slice's shard indices are touched: other slices may be writing into the same directory."""
+        Runs while holding this slice's lock; other slices' files are never touched (they may be writing)."""
         h = self.header
+        own = (ledger_name(h.slice_index, h.num_slices), output_manifest_name(h),
+               lock_name(h.slice_index, h.num_slices))
         for full in self.fs.ls(self.root, detail=False):
             name = full.rstrip("/").rsplit("/", 1)[-1]
             match = _TEMP_RE.match(name)
-            if match and int(match.group(1)) % h.num_slices == h.slice_index:
+            mine = (match is not None and int(match.group(1)) % h.num_slices == h.slice_index) or any(
+                name.startswith(f"{base}.tmp-") or name.startswith(f"{base}.stale-") for base in own)
+            if mine:
                 self.fs.rm(full, recursive=True)
 
     def _write_ledger(self) -> None:
@@ -165,8 +237,14 @@ class TargetsWriter:
         return to_columns(targets, h)
 
     def _write(self, index: int, data: dict[str, np.ndarray]) -> None:
-        info = shard_io.write_shard(self.fs, self.root, self.header, index, data)
-        with self._lock:
+        name = shard_file_name(index, self.header.format)
+        self._slice_lock.verify()
+        try:
+            info = shard_io.write_shard(self.fs, self.root, self.header, index, data)
+        except OSError as e:  # disk full, permissions, a vanished directory: the user's to fix
+            raise StorageError(f"{sfs.join(self.root, name)}: cannot write: {sfs.os_error_reason(e)}; the shards before it "
+                               "are recorded in the ledger, re-run the same command to resume") from e
+        with self._lock:  # a failing ledger write (storage.fs names the file) fails the run: no manifest
             self.completed[index] = info
             self._write_ledger()
 
@@ -201,23 +279,30 @@ class TargetsWriter:
         """Wait for queued shards, then write this slice's manifest atomically and return it."""
         if self._manifest is not None:
             return self._manifest
-        self._stop_thread()
-        self._raise_pending()
-        if self._failed.is_set():  # the error was raised before: never write a manifest that lacks a shard
-            raise StorageError(f"{self.root}: a shard failed to write ({self._first_error!r}); no manifest "
-                               "written, re-run to resume")
-        self._closed = True
-        manifest = copy.deepcopy(self.header)
-        manifest.shards = [self.completed[i] for i in sorted(self.completed)]
-        manifest.validate(output_manifest_name(manifest))
-        sfs.atomic_write_text(self.fs, sfs.join(self.root, output_manifest_name(manifest)), manifest.to_json())
+        try:
+            self._stop_thread()
+            self._raise_pending()
+            if self._failed.is_set():  # the error was raised before: never write a manifest that lacks a shard
+                raise StorageError(f"{self.root}: a shard failed to write ({self._first_error}); no manifest "
+                                   "written, re-run to resume")
+            self._closed = True
+            manifest = copy.deepcopy(self.header)
+            manifest.shards = [self.completed[i] for i in sorted(self.completed)]
+            manifest.validate(output_manifest_name(manifest))
+            self._slice_lock.verify()
+            sfs.atomic_write_text(self.fs, sfs.join(self.root, output_manifest_name(manifest)), manifest.to_json())
+        finally:
+            self._slice_lock.release()
         self._manifest = manifest
         return manifest
 
     def abort(self) -> None:
         """Finish queued shards (they stay in the ledger) and stop, without writing a manifest."""
         self._closed = True
-        self._stop_thread()
+        try:
+            self._stop_thread()
+        finally:
+            self._slice_lock.release()
         if self._error is not None:
             warnings.warn(f"the writer thread also failed: {self._error!r}", stacklevel=3)
             self._error = None

@@ -91,7 +91,11 @@ def iter_documents(cfg: CorpusConfig) -> Iterator[str]:
 def _iter_file(path: str, text_field: str) -> Iterator[str]:
     suffix = _suffix(path)
     if suffix == ".txt":
-        text = Path(path).read_text(encoding="utf-8")
+        try:
+            text = Path(path).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CorpusError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); convert the file to "
+                              "UTF-8") from None
         for paragraph in re.split(r"\n\s*\n", text):
             if paragraph.strip():
                 yield paragraph.strip()
@@ -127,7 +131,19 @@ def _iter_jsonl(path: str, text_field: str) -> Iterator[str]:
     except pa.ArrowInvalid as e:
         if row == 0 and "Empty JSON stream" in str(e):
             return  # an empty file has no documents; iter_documents reports an empty corpus
-        raise CorpusError(f"{path}: cannot read as JSON lines near row {row}: {str(e).splitlines()[0]}") from None
+        raise CorpusError(f"{path}: cannot read as JSON lines near row {row}: {_first_line(e)}") from None
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{path}: not UTF-8 text near row {row} ({e.reason}); convert the file to "
+                          "UTF-8") from None
+    except OSError as e:  # pyarrow's I/O errors: a damaged or truncated gzip stream, an unreadable file
+        what = "cannot decompress" if path.endswith(".gz") else "cannot read"
+        raise CorpusError(f"{path}: {what} near row {row}: {_first_line(e)} (damaged or truncated "
+                          "file?)") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _iter_parquet(path: str, text_field: str) -> Iterator[str]:
@@ -136,15 +152,18 @@ def _iter_parquet(path: str, text_field: str) -> Iterator[str]:
 
     try:
         pf = pq.ParquetFile(path)
-    except pa.ArrowInvalid as e:
-        raise CorpusError(f"{path}: not a Parquet file ({e})") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CorpusError(f"{path}: not a Parquet file ({_first_line(e)})") from None
     names = pf.schema_arrow.names
     if text_field not in names:
         raise CorpusError(f"{path}: no field {text_field!r} (columns: {', '.join(names)}); use --text-field")
     row = 0
-    for batch in pf.iter_batches(batch_size=4096, columns=[text_field]):
-        yield from _check_column(path, batch.column(0), text_field, row)
-        row += batch.num_rows
+    try:
+        for batch in pf.iter_batches(batch_size=4096, columns=[text_field]):
+            yield from _check_column(path, batch.column(0), text_field, row)
+            row += batch.num_rows
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CorpusError(f"{path}: cannot read near row {row}: {_first_line(e)} (damaged file?)") from None
 
 
 def _iter_hub(cfg: CorpusConfig) -> Iterator[str]:

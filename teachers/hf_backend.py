@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 
 from storage.errors import ConfigError
 from storage.manifest import TeacherInfo
@@ -26,6 +28,12 @@ from teachers.fused_head import interpret_requested
 from teachers.head import targets_head
 from teachers.packing import PackedBatch
 
+_LOAD_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError,
+    RuntimeError,  # torch.load of a damaged .bin ("PytorchStreamReader failed reading zip archive")
+)
+"""What `from_pretrained` raises for unusable weight files: missing or truncated files, a pickle the
+weights-only unpickler refuses, a damaged safetensors header."""
 _LAYER_PATHS = ("layers", "h", "blocks", "decoder.layers", "transformer.h", "encoder.layers")
 _CHECK_TOKENS = 32
 
@@ -76,17 +84,19 @@ class HFBackend:
             raise ConfigError(f"the hf backend takes no backend options, got {sorted(cfg.backend_options)}")
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        # Model code from the hub runs only with --trust-remote-code; `.bin` weights go through torch's
+        # weights-only unpickler (tensors and plain containers; anything else is refused, never executed).
         kwargs: dict[str, Any] = dict(revision=cfg.revision, dtype=getattr(torch, self.dtype),
-                                      trust_remote_code=cfg.trust_remote_code)
+                                      trust_remote_code=cfg.trust_remote_code, weights_only=True)
         if cfg.gguf_file:
             kwargs["gguf_file"] = cfg.gguf_file
         if self.device.startswith("cuda"):
             kwargs["device_map"] = self.device
         try:
             model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
-        except (OSError, ValueError) as e:
+        except _LOAD_ERRORS as e:  # missing, truncated or refused weights: the user's files, one line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TeacherLoadError(f"cannot load teacher {cfg.path!r}: {first}") from None
+            raise TeacherLoadError(f"cannot load teacher {cfg.path!r}: {type(e).__name__}: {first}") from None
         self.model = model.eval().to(self.device)
         self.backbone = model.base_model
         head = model.get_output_embeddings()

@@ -110,7 +110,8 @@ def run_precompute(cfg: PrecomputeConfig, *, backend: TeacherBackend | None = No
     """
     from tqdm.auto import tqdm
 
-    from storage.writer import TargetsWriter
+    from storage import fs as sfs
+    from storage.writer import TargetsWriter, prepare_output
     from teachers.backends import create_backend
     from teachers.corpus import corpus_fingerprint, iter_documents
     from teachers.packing import load_tokenizer, pack_documents, tokenizer_fingerprint
@@ -118,6 +119,7 @@ def run_precompute(cfg: PrecomputeConfig, *, backend: TeacherBackend | None = No
 
     slice_index, num_slices = resolve_slice(cfg.num_shards, cfg.shard_index)
     t_cfg, s_cfg = cfg.teacher, cfg.storage
+    prepare_output(*sfs.resolve(s_cfg.output), s_cfg.output)  # a file or unwritable --output: fail before loading
     corpus_fp, corpus_desc = corpus_fingerprint(cfg.corpus)
     tok_path = t_cfg.tokenizer or t_cfg.path
     tokenizer = load_tokenizer(tok_path, gguf_file=None if t_cfg.tokenizer else t_cfg.gguf_file,

@@ -102,7 +102,7 @@ def test_thread_error_raised_on_next_call(tmp_path, monkeypatch):
     w = TargetsWriter(str(tmp_path), header)
     w.write_shard(0, make_targets(header, 0))
     w.write_shard(1, make_targets(header, 1))
-    with pytest.raises(OSError, match="disk full while writing shard 1"):
+    with pytest.raises(StorageError, match="shard-000001.parquet: cannot write: disk full while writing shard 1"):
         for index in range(2, 50):  # the error surfaces on a later call, never lost
             w.write_shard(index, make_targets(header, index))
     with pytest.raises(StorageError, match="a shard failed to write .*disk full.*no manifest written"):
@@ -115,7 +115,7 @@ def test_thread_error_raised_on_next_call(tmp_path, monkeypatch):
 def test_thread_error_raised_on_close(tmp_path, monkeypatch):
     _failing_on(0, monkeypatch)
     header = make_header()
-    with pytest.raises(OSError, match="disk full"), TargetsWriter(str(tmp_path), header) as w:
+    with pytest.raises(StorageError, match="disk full"), TargetsWriter(str(tmp_path), header) as w:
         w.write_shard(0, make_targets(header, 0))
     assert not (tmp_path / "manifest.json").exists()
 
