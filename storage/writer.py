@@ -83,7 +83,10 @@ def output_manifest_name(m: Manifest) -> str:
 class TargetsWriter:
     """Writes the shards of one slice of a teacher's targets (see the module docstring)."""
 
-    def __init__(self, output: str, header: Manifest, *, background: bool = True, max_pending: int = 2) -> None:
+    def __init__(self, output: str, header: Manifest, *, background: bool = True, max_pending: int = 2,
+                 lock: CacheLock | None = None) -> None:
+        """`lock`: this slice's lock, already held by the caller (who releases it); by default the writer
+        takes it here and releases it on close / abort."""
         if max_pending < 1:
             raise StorageError(f"max_pending must be >= 1, got {max_pending}")
         header.validate("header")
@@ -100,16 +103,22 @@ class TargetsWriter:
         self._first_error: BaseException | None = None
         self._manifest: Manifest | None = None
         self._closed = False
-        self._slice_lock = CacheLock(self.fs, self.root, lock_name(header.slice_index, header.num_slices),
-                                     what=f"slice {header.slice_index} of {header.num_slices} of {output}",
-                                     slice_index=header.slice_index, num_slices=header.num_slices)
-        self._slice_lock.acquire()
+        name = lock_name(header.slice_index, header.num_slices)
+        self._owns_lock = lock is None
+        if lock is None:
+            lock = CacheLock(self.fs, self.root, name, what=f"slice {header.slice_index} of {header.num_slices} "
+                             f"of {output}", slice_index=header.slice_index, num_slices=header.num_slices)
+            lock.acquire()
+        elif not lock.held or lock.name != name or lock.root != self.root:
+            raise StorageError(f"TargetsWriter needs the held lock {name} of {output}, got {lock.path} "
+                               f"({'held' if lock.held else 'not held'})")
+        self._slice_lock = lock
         try:
             self._check_other_writers()
             self._resume(self._check_directory())
             self._remove_stale_temporaries()
         except BaseException:
-            self._slice_lock.release()
+            self._release_lock()
             raise
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -292,7 +301,7 @@ class TargetsWriter:
             self._slice_lock.verify()
             sfs.atomic_write_text(self.fs, sfs.join(self.root, output_manifest_name(manifest)), manifest.to_json())
         finally:
-            self._slice_lock.release()
+            self._release_lock()
         self._manifest = manifest
         return manifest
 
@@ -302,10 +311,14 @@ class TargetsWriter:
         try:
             self._stop_thread()
         finally:
-            self._slice_lock.release()
+            self._release_lock()
         if self._error is not None:
             warnings.warn(f"the writer thread also failed: {self._error!r}", stacklevel=3)
             self._error = None
+
+    def _release_lock(self) -> None:
+        if self._owns_lock:
+            self._slice_lock.release()
 
     def __enter__(self) -> TargetsWriter:
         return self

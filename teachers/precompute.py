@@ -27,6 +27,7 @@ from teachers.config import PrecomputeConfig
 from teachers.packing import PackedBatch, PackStats
 
 if TYPE_CHECKING:
+    from storage.lock import CacheLock
     from teachers.backends import TeacherBackend
 
 _DONE = object()
@@ -106,20 +107,35 @@ def run_precompute(cfg: PrecomputeConfig, *, backend: TeacherBackend | None = No
     """Run one slice of stage one and return the manifest it wrote (see the module docstring).
 
     `backend`: an already loaded backend built from `cfg.teacher` (benchmarks and tests reuse one model
-    across runs); by default it is created from `cfg.teacher`.
+    across runs); by default it is created from `cfg.teacher`. The slice's lock is taken first, before the
+    teacher loads, so a second process on the same slice is refused in seconds (storage/lock.py).
     """
+    from storage import fs as sfs
+    from storage.lock import CacheLock, lock_name
+    from storage.writer import prepare_output
+    from teachers.slicing import resolve_slice
+
+    slice_index, num_slices = resolve_slice(cfg.num_shards, cfg.shard_index)
+    output = cfg.storage.output
+    fs, root = sfs.resolve(output)
+    prepare_output(fs, root, output)  # a file or an unwritable --output fails here, before anything loads
+    lock = CacheLock(fs, root, lock_name(slice_index, num_slices), what=f"slice {slice_index} of {num_slices} of "
+                     f"{output}", slice_index=slice_index, num_slices=num_slices)
+    with lock:
+        return _run_slice(cfg, backend, slice_index, num_slices, lock)
+
+
+def _run_slice(cfg: PrecomputeConfig, backend: TeacherBackend | None, slice_index: int, num_slices: int,
+               lock: CacheLock) -> Manifest:
     from tqdm.auto import tqdm
 
-    from storage import fs as sfs
-    from storage.writer import TargetsWriter, prepare_output
+    from storage.writer import TargetsWriter
     from teachers.backends import create_backend
     from teachers.corpus import corpus_fingerprint, iter_documents
     from teachers.packing import load_tokenizer, pack_documents, tokenizer_fingerprint
-    from teachers.slicing import owns_shard, resolve_slice
+    from teachers.slicing import owns_shard
 
-    slice_index, num_slices = resolve_slice(cfg.num_shards, cfg.shard_index)
     t_cfg, s_cfg = cfg.teacher, cfg.storage
-    prepare_output(*sfs.resolve(s_cfg.output), s_cfg.output)  # a file or unwritable --output: fail before loading
     corpus_fp, corpus_desc = corpus_fingerprint(cfg.corpus)
     tok_path = t_cfg.tokenizer or t_cfg.path
     tokenizer = load_tokenizer(tok_path, gguf_file=None if t_cfg.tokenizer else t_cfg.gguf_file,
@@ -140,7 +156,7 @@ def run_precompute(cfg: PrecomputeConfig, *, backend: TeacherBackend | None = No
         notes={"backend": dict(backend.notes), "tokenizer": tok_path, "batch_size": cfg.batch_size},
     )
     stats = PackStats()
-    with TargetsWriter(s_cfg.output, header) as writer:
+    with TargetsWriter(s_cfg.output, header, lock=lock) as writer:
         done_before = set(writer.completed)
 
         def wanted(g: int) -> bool:
