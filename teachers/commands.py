@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import click
 
 from storage.params import FINITE_FLOAT, non_finite
@@ -32,6 +35,28 @@ def _options(ctx: click.Context, param: click.Parameter, value: tuple[str, ...])
         if non_finite(out[key.strip()]) is not None:  # json.loads reads NaN and Infinity
             raise click.BadParameter(f"{item!r}: {raw} is not a finite number")
     return out
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM (what schedulers send before they kill a preempted job) into SystemExit(143), so the run
+    stops like on Ctrl-C: queued shards are finished and recorded, no manifest is written, the slice's lock
+    is removed. Without this, Python dies at once and leaves the lock behind."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.command("precompute")
@@ -117,7 +142,8 @@ def precompute_cmd(**o: object) -> None:
                               logprob_dtype=o["logprob_dtype"], logprob_mantissa_bits=o["logprob_bits"]),
         seq_len=o["seq_len"], num_shards=o["num_shards"], shard_index=o["shard_index"], progress=o["progress"],
     )
-    manifest = run_precompute(cfg)
+    with _sigterm_as_exit():
+        manifest = run_precompute(cfg)
     run = manifest.notes["this_run"]
     click.echo(f"{manifest.teacher.name}: slice {manifest.slice_index}/{manifest.num_slices}, "
                f"{len(manifest.shards)} shards, {manifest.num_sequences} sequences, "

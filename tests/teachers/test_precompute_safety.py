@@ -216,3 +216,38 @@ def test_second_process_on_a_slice_is_refused_and_the_first_finishes(setup):
     ds = TeacherDataset.open(str(out))  # every shard of the first run is listed and verifies
     assert len(ds) == 40 and sorted(p.name for p in out.glob("shard-*")) == [s.file for s in ds.manifest.shards]
     assert not list(out.glob("*.tmp-*")) and not list(out.glob("lock-*"))
+
+
+@pytest.mark.slow
+def test_sigterm_leaves_a_resumable_cache_without_its_lock(setup):
+    """What a scheduler does to a preempted job: SIGTERM. The run stops cleanly and removes its lock, so
+    the job may be restarted on any node."""
+    root, teacher, corpus, finished = setup
+    out = root / "terminated"
+    cmd = [sys.executable, "cli.py", *_args(teacher, corpus, out)]
+    cmd[cmd.index("--batch-size") + 1] = "1"
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        ledger = out / "ledger-slice-00000-of-00001.json"
+        deadline = time.monotonic() + 120
+        while not ledger.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before it could be stopped: {proc.stderr.read()[-2000:]}"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err
+    assert not (out / "lock-slice-00000-of-00001.json").exists() and not list(out.glob("*.tmp-*"))
+    assert not (out / "manifest.json").exists()
+    recorded = json.loads(ledger.read_text())["shards"]
+    assert 1 <= len(recorded) < 5
+    result = _run(*_args(teacher, corpus, out))
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["notes"]["this_run"]["skipped_completed"] == len(recorded)
+    assert {k: v for k, v in _files(out).items() if k.startswith("shard-")} == \
+        {k: v for k, v in _files(finished).items() if k.startswith("shard-")}
