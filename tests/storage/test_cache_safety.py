@@ -248,7 +248,7 @@ def test_disk_full_on_a_small_tmpfs(tmp_path):
         assert not (mount / "c" / "manifest.json").exists()
         shutil.copytree(mount / "c", tmp_path / "c")  # "free space": continue on a larger disk
     finally:
-        subprocess.run(["umount", str(mount)], check=True)
+        subprocess.run(["umount", "-l", str(mount)], check=True)  # lazy: never leave the mount behind
     rerun, _ = write_run(str(tmp_path / "c"), header, rows=rows)
     whole, _ = write_run(str(tmp_path / "whole"), header, rows=rows)
     assert [(s.file, s.sha256) for s in rerun.shards] == [(s.file, s.sha256) for s in whole.shards]
