@@ -287,7 +287,8 @@ RUN_FIELDS: tuple[str, ...] = (
 
 # Settings kept in `notes` (dotted paths below `notes`) that change shard bytes without being a manifest
 # field: the head's chunking and its compiled-or-eager kernels change entropy and log-probs in the last
-# float32 bits, and so does the device type (cpu / cuda), derived from `notes.backend.device`.
+# float32 bits (`head_lse_entropy` names the path: eager, torch.compile or the fused kernel of --head-kernel),
+# and so does the device type (cpu / cuda), derived from `notes.backend.device`.
 SETTING_NOTES: tuple[str, ...] = (
     "backend.head_chunk_size", "backend.head_lse_entropy", "backend.vllm_tensor_parallel_size",
 )
