@@ -33,6 +33,7 @@ def main() -> None:
 
     \b
     Stage one, once per teacher:   precompute     (teacher top-k log-probs, entropy, pooled states -> shards)
+    Cut a student from a teacher:  init-student   (depth pruning, blocks by Block Influence)
     Stage two, from K caches:      train-student  (fused entropy-weighted targets -> student)
     Look at a cache:               inspect, merge
     Judge a student:               evaluate, plot
@@ -43,9 +44,10 @@ def _register() -> None:
     from storage.commands import inspect_cmd, merge_cmd
     from student.commands import plot_cmd, train_student_cmd
     from student.evaluation import evaluate_cmd
+    from student.pruning import init_student_cmd
     from teachers.commands import precompute_cmd
 
-    for cmd in (precompute_cmd, train_student_cmd, inspect_cmd, merge_cmd, evaluate_cmd, plot_cmd):
+    for cmd in (precompute_cmd, init_student_cmd, train_student_cmd, inspect_cmd, merge_cmd, evaluate_cmd, plot_cmd):
         main.add_command(cmd)
 
 

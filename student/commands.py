@@ -28,8 +28,14 @@ def parse_floats(option: str, text: str | None) -> tuple[float, ...] | None:
                    "on its own top-k plus its own tail).")
 @click.option("--output", required=True, help="Run directory (checkpoints/, metrics.jsonl, final/).")
 @click.option("--student", default="tiny", show_default=True,
-              help="Model directory, JSON config file ({\"model_type\": \"llama\", ...}) or preset (tiny, small). "
-                   "Its vocab must equal the teachers' vocab_size.")
+              help="Model directory (pretrained, e.g. from init-student, or config only), hub id, JSON config file "
+                   "({\"model_type\": \"llama\", ...}) or preset (tiny, small). Its vocab must equal the teachers' "
+                   "vocab_size.")
+@click.option("--freeze-embeddings", is_flag=True,
+              help="Do not train the input embeddings. With tied embeddings (one matrix for input and output) this "
+                   "freezes the output head too.")
+@click.option("--freeze-lm-head", is_flag=True,
+              help="Do not train the output head. With tied embeddings this freezes the input embeddings too.")
 @click.option("--tokenizer", default=None, help="Tokenizer directory saved beside the final student.")
 @click.option("--loss", "loss_name", type=click.Choice(["kd", "dkd"]), default="kd", show_default=True,
               help="Distillation term: sparse KL to the fused target, or decoupled KD (baseline).")
@@ -103,6 +109,7 @@ def train_student_cmd(**kw) -> None:
                         grad_clip=kw["grad_clip"])
     cfg = TrainConfig(
         teacher_data=list(kw["teacher_data"]), output=kw["output"], student=kw["student"], tokenizer=kw["tokenizer"],
+        freeze_embeddings=kw["freeze_embeddings"], freeze_lm_head=kw["freeze_lm_head"],
         loss=loss, optim=optim, max_steps=kw["max_steps"], stop_after=kw["stop_after"], batch_size=kw["batch_size"],
         grad_accum=kw["grad_accum"], eval_fraction=kw["eval_fraction"], eval_sequences=kw["eval_sequences"],
         eval_every=kw["eval_every"], save_every=kw["save_every"], log_every=kw["log_every"], resume=kw["resume"],

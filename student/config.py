@@ -123,7 +123,12 @@ class TrainConfig:
     output: str
     """Run directory: checkpoints/, metrics.jsonl, config.json, final/ (the student)."""
     student: str = "tiny"
-    """A model directory, a JSON config file, or a preset name (see student.model.PRESETS)."""
+    """A model directory (e.g. from `init-student`), a hub id, a JSON config file, or a preset name (see
+    student.model.PRESETS)."""
+    freeze_embeddings: bool = False
+    """Do not train the input embeddings (with tied embeddings this also freezes the output head)."""
+    freeze_lm_head: bool = False
+    """Do not train the output head (with tied embeddings this also freezes the input embeddings)."""
     tokenizer: str | None = None
     """Tokenizer directory saved beside the final student."""
     loss: LossConfig = field(default_factory=LossConfig)

@@ -1,16 +1,21 @@
-"""The student: a transformers causal LM from a local directory, a JSON config, or a preset.
+"""The student: a transformers causal LM from a local directory, a hub id, a JSON config, or a preset.
 
     build_student("tiny", vocab_size=512, seq_len=128)          # preset (a small Llama), random init
     build_student("cfg.json", vocab_size=512, seq_len=128)      # {"model_type": "llama", ...}, random init
-    build_student("runs/a/final", vocab_size=512, seq_len=128)  # save_pretrained dir (weights if present)
+    build_student("runs/a/final", vocab_size=512, seq_len=128)  # save_pretrained dir (weights if present),
+                                                                # e.g. one written by `init-student`
+    build_student("HuggingFaceTB/SmolLM2-135M", ...)           # hub id: pretrained weights
 
 The vocab must equal the teachers' vocab_size (the targets index it); a mismatch is refused.
+`freeze(model, embeddings=..., lm_head=...)` stops gradients to the input embeddings and/or the output head.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +30,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                   num_key_value_heads=4),
 }
 """Llama-style presets (tied embeddings), sized by the teachers' vocab and seq_len."""
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+"""owner/name, as the hub spells model ids (checked only after presets, directories and files)."""
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -61,8 +69,15 @@ def build_student(spec: str, *, vocab_size: int, seq_len: int, seed: int = 0,
         except (ValueError, KeyError) as e:
             raise ConfigError(f"--student {spec}: {e}") from None
         model = AutoModelForCausalLM.from_config(config)
+    elif _HUB_ID.match(spec):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"--student {spec}: no such directory or file, and not loadable as a hub model "
+                              f"({first})") from None
     else:
-        raise ConfigError(f"--student {spec!r} is not a directory, a JSON config file, or a preset "
+        raise ConfigError(f"--student {spec!r} is not a directory, a JSON config file, a hub id or a preset "
                           f"({', '.join(PRESETS)})")
     model = model.float()
     check_student(model, vocab_size=vocab_size, seq_len=seq_len, spec=spec)
@@ -78,6 +93,31 @@ def check_student(model: torch.nn.Module, *, vocab_size: int, seq_len: int, spec
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and max_pos < seq_len:
         raise ConfigError(f"student {spec!r} has max_position_embeddings {max_pos} < the caches' seq_len {seq_len}")
+
+
+def freeze(model: torch.nn.Module, *, embeddings: bool, lm_head: bool) -> list[str]:
+    """Stop gradients to the input embeddings and/or the output head; returns the frozen parameter names.
+
+    With tied embeddings the two are one tensor, so freezing either freezes both (logged as a warning):
+    a tied head cannot train while the embedding stays fixed.
+    """
+    targets = []
+    if embeddings:
+        targets.append(model.get_input_embeddings())
+    if lm_head:
+        targets.append(model.get_output_embeddings())
+    frozen = {id(p) for module in targets for p in module.parameters()}
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    if tied and embeddings != lm_head:
+        logging.getLogger("student").warning(
+            "the student ties its input embeddings and output head: freezing %s freezes both",
+            "the embeddings" if embeddings else "the output head")
+    names = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in frozen:
+            p.requires_grad_(False)
+            names.append(name)
+    return names
 
 
 def hidden_width(model: torch.nn.Module) -> int:

@@ -157,6 +157,9 @@ class Trainer:
         self.special_ids = _special_ids(cfg.tokenizer, m0.tokenizer_fingerprint)
         student = smodel.build_student(cfg.student, vocab_size=m0.vocab_size, seq_len=m0.seq_len,
                                        seed=cfg.seed, special_ids=self.special_ids)
+        if cfg.freeze_embeddings or cfg.freeze_lm_head:
+            frozen = smodel.freeze(student, embeddings=cfg.freeze_embeddings, lm_head=cfg.freeze_lm_head)
+            log.info("frozen: %s", ", ".join(frozen))
         proj_dims = [None if layer is None else t.manifest.pooled_dims[layer]
                      for t, layer in zip(self.teachers, self.pool_layers, strict=True)]
         blocks = smodel.num_layers(student)
@@ -603,7 +606,7 @@ def _set_rng_state(state: dict) -> None:
 
 # Fields a resumed run must share with its checkpoint (they decide the data order and the model).
 RESUME_FIELDS = ("teacher_data", "student", "batch_size", "grad_accum", "seed", "split_seed", "eval_fraction",
-                 "eval_sequences", "fsdp")
+                 "eval_sequences", "fsdp", "freeze_embeddings", "freeze_lm_head")
 _FREE_FIELDS = ("resume", "stop_after", "num_workers", "prefetch_factor", "log_every", "eval_every", "save_every",
                 "device", "output", "tokenizer")
 
