@@ -69,6 +69,10 @@ class EvalConfig:
     """Greedy continuation length."""
     output: str | None = None
     """Write the results as JSON to this file."""
+    bootstrap: int = 2000
+    """Paired-bootstrap replicates for the first student against each other one (0: none)."""
+    seed: int = 0
+    """Seed of the bootstrap."""
     device: str = "cpu"
     """`cpu`, `cuda`, `cuda:N` or `auto`."""
 
@@ -98,6 +102,8 @@ class EvalConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise ConfigError("seq_len must be at least 2")
+        if self.bootstrap < 0:
+            raise ConfigError("bootstrap must be >= 0")
         if self.bleu_prompts < 0:
             raise ConfigError("bleu_prompts must be >= 0")
         if self.max_tokens is not None and self.max_tokens < 2:
@@ -161,6 +167,16 @@ def next_token_nll(logits: Any, input_ids: Any) -> tuple[float, int]:
     return float(nll), int(input_ids[:, 1:].numel())
 
 
+def window_nll(logits: Any, input_ids: Any) -> list[float]:
+    """Mean -log q(x_{t+1} | x_<=t) over positions 0..L-2 of each window: logits [B, L, V] -> B floats."""
+    import torch.nn.functional as F
+
+    b, _, v = logits.shape
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), input_ids[:, 1:].reshape(-1).long(),
+                          reduction="none")
+    return nll.reshape(b, -1).mean(dim=1).tolist()
+
+
 def dense_target(p: Any) -> tuple[Any, Any]:
     """A teacher distribution p [N, V] (float32 probabilities) prepared for `full_kl`: (p, sum p log p [N])."""
     import torch
@@ -212,6 +228,10 @@ class _Acc:
     kl_fused: float = 0.0
     agree: int = 0
     positions: int = 0
+    window_nll: list[float] = field(default_factory=list)
+    """Mean next-token NLL of each held-out window, in window order (for the paired bootstrap)."""
+    window_kl: list[float] = field(default_factory=list)
+    """Mean KL to the fused target of each window."""
 
     def add_kl(self, name: str, value: float) -> None:
         self.kl[name] = self.kl.get(name, 0.0) + value
@@ -363,18 +383,27 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
             per_teacher_fused, fused, fused_top1 = {}, None, None
             if teacher_models:
                 targets = {}  # teacher -> (p [N, V], sum p log p [N]), computed once per batch
+                teacher_logq = {}  # teacher -> log p [N, V]
                 for label, model in teacher_models.items():
                     logits = model(input_ids=ids).logits.float()
                     nll, cnt = next_token_nll(logits, ids)
                     accs[label].nll += nll
                     accs[label].count += cnt
-                    targets[label] = dense_target(torch.softmax(logits.reshape(n_pos, -1), dim=-1))
+                    accs[label].window_nll += window_nll(logits, ids)
+                    teacher_logq[label] = torch.log_softmax(logits.reshape(n_pos, -1), dim=-1)
+                    targets[label] = dense_target(teacher_logq[label].exp())
                     del logits
                 ent = torch.stack([-t[1] for t in targets.values()], dim=1)  # [N, K] entropies
                 alpha = teacher_weights(ent, cfg.weighting, fixed)
                 fused_p = sum(alpha[:, i : i + 1] * t[0] for i, t in enumerate(targets.values()))
                 fused = fused_p  # [N, V] the mixture; its argmax is the top-1 target
                 fused_top1 = fused_p.argmax(dim=-1)
+                for label, logq in teacher_logq.items():  # a teacher's own sum_k alpha_k KL_k (own term 0)
+                    kl = sum(alpha[:, i] * full_kl(t, logq) for i, t in enumerate(targets.values()))
+                    kl = kl.reshape(ids.shape)
+                    accs[label].kl_fused += float(kl.sum())
+                    accs[label].positions += n_pos
+                    accs[label].window_kl += kl.mean(dim=1).tolist()
             elif caches:
                 k_ids = [torch.from_numpy(c["topk_ids"]).reshape(n_pos, -1).to(device) for c in cols]
                 k_lp = [
@@ -401,6 +430,7 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 nll, cnt = next_token_nll(logits, ids)
                 acc.nll += nll
                 acc.count += cnt
+                acc.window_nll += window_nll(logits, ids)
                 flat = logits.reshape(n_pos, -1)
                 if fused is None:
                     continue
@@ -414,14 +444,15 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
                         acc.add_kl(name, float(kl_k.sum()))
                         kl_fused += alpha[:, i] * kl_k
                     acc.kl_fused += float(kl_fused.sum())
+                    acc.window_kl += kl_fused.reshape(ids.shape).mean(dim=1).tolist()
                 else:
                     for name, f in per_teacher_fused.items():
                         acc.add_kl(
                             name, float(sparse_kl(flat, f, temperature=temperature, reduction="none").sum())
                         )
-                    acc.kl_fused += float(
-                        sparse_kl(flat, fused, temperature=temperature, reduction="none").sum()
-                    )
+                    kl = sparse_kl(flat, fused, temperature=temperature, reduction="none").reshape(ids.shape)
+                    acc.kl_fused += float(kl.sum())
+                    acc.window_kl += kl.mean(dim=1).tolist()
             bar.update(n_pos)
             bar.set_postfix(tok_s=f"{bar.n / (time.perf_counter() - start):.0f}")
     bar.close()
@@ -455,6 +486,10 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
                     res[t] = bleu(texts[label], [texts[t]])
                 res["teachers"] = bleu(texts[label], [texts[t] for t in teacher_models])
             bleu_res[label] = res
+        continuations = {"prompts": [tokenizer.decode(p.tolist(), skip_special_tokens=True) for p in prompts],
+                         "reference": truth, **texts}
+    else:
+        continuations = {}
 
     def summary(label: str, role: str) -> dict[str, Any]:
         a = accs[label]
@@ -465,8 +500,12 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
         }
         if role == "student" and a.positions:
             out["kl"] = {t: a.kl[t] / a.positions for t in teacher_names}
-            out["kl_fused"] = a.kl_fused / a.positions
             out["top1_agreement"] = a.agree / a.positions
+        if a.positions:
+            out["kl_fused"] = a.kl_fused / a.positions
+        out["window_nll"] = a.window_nll
+        if a.window_kl:
+            out["window_kl_fused"] = a.window_kl
         if label in bleu_res:
             out["bleu"] = bleu_res[label]
         return out
@@ -484,6 +523,8 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
             **{lab: summary(lab, "student") for lab in student_models},
             **{lab: summary(lab, "teacher") for lab in teacher_models},
         },
+        "comparisons": compare_students(accs, list(student_models), cfg.bootstrap, cfg.seed),
+        "continuations": continuations,
         "config": asdict(cfg),
     }
     if cfg.output:
@@ -511,6 +552,41 @@ def _check_output_file(path: str) -> None:
         raise ConfigError(f"--output {path} cannot be written: {e.strerror or e}") from None
 
 
+def compare_students(accs: dict[str, _Acc], students: list[str], replicates: int, seed: int) -> list[dict]:
+    """The first student against each other one: differences with paired-bootstrap intervals over windows."""
+    from student.stats import mean, paired_bootstrap, perplexity_of_means
+
+    out = []
+    if replicates < 1:
+        return out
+    first = students[0] if students else None
+    for other in students[1:]:
+        a, b = accs[first], accs[other]
+        if len(a.window_nll) < 2:
+            break
+        rec: dict[str, Any] = {"a": first, "b": other, "replicates": replicates, "windows": len(a.window_nll)}
+        metrics = [("perplexity", a.window_nll, b.window_nll, perplexity_of_means),
+                   ("nll", a.window_nll, b.window_nll, mean)]
+        if a.window_kl and b.window_kl:
+            metrics.append(("kl_fused", a.window_kl, b.window_kl, mean))
+        for name, x, y, stat in metrics:
+            r = paired_bootstrap(x, y, n=replicates, seed=seed, stat=stat)
+            rec[name] = {"difference": r.estimate, "low": r.low, "high": r.high, "excludes_zero": r.excludes_zero()}
+        out.append(rec)
+    return out
+
+
+def format_comparisons(result: dict[str, Any]) -> str:
+    """One line per comparison: a - b with its 95% paired-bootstrap interval."""
+    lines = []
+    for c in result.get("comparisons", []):
+        parts = [f"{name} {c[name]['difference']:+.3f} [{c[name]['low']:+.3f}, {c[name]['high']:+.3f}]"
+                 for name in ("perplexity", "nll", "kl_fused") if name in c]
+        lines.append(f"{c['a']} - {c['b']}: " + ", ".join(parts) + f" (95% paired bootstrap over {c['windows']} "
+                     f"windows, {c['replicates']} replicates)")
+    return "\n".join(lines)
+
+
 def format_table(result: dict[str, Any]) -> str:
     """A markdown table: one row per model."""
     teachers = result["teachers"]
@@ -528,7 +604,7 @@ def format_table(result: dict[str, Any]) -> str:
     for label, m in result["models"].items():
         row = [f"{label} ({m['role']})", f(m["perplexity"], 2)]
         if result["kl_kind"]:
-            kl = m.get("kl", {})
+            kl = m.get("kl", {}) if m["role"] == "student" else {}
             row += [f(m.get("kl_fused"))] + [f(kl.get(t)) for t in teachers] + [f(m.get("top1_agreement"))]
         if has_bleu:
             b = m.get("bleu", {})
@@ -599,6 +675,11 @@ def format_table(result: dict[str, Any]) -> str:
 @click.option("--prompt-tokens", type=int, default=32, show_default=True, help="Tokens per BLEU prompt.")
 @click.option("--new-tokens", type=int, default=32, show_default=True, help="Tokens of each greedy continuation.")
 @click.option("--output", default=None, help="Write the results as JSON to this file.")
+@click.option("--bootstrap", default=2000, show_default=True,
+              help="Paired-bootstrap replicates (over held-out windows) for the difference between the first "
+                   "student and each other one: perplexity, NLL and KL to the fused target with 95% intervals "
+                   "(0: skip).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 def evaluate_cmd(
     students: tuple[str, ...],
@@ -616,6 +697,8 @@ def evaluate_cmd(
     prompt_tokens: int,
     new_tokens: int,
     output: str | None,
+    bootstrap: int,
+    seed: int,
     device: str,
 ) -> None:
     """Evaluate students on held-out text: perplexity, KL to each teacher and to the fused target,
@@ -637,9 +720,13 @@ def evaluate_cmd(
         prompt_tokens=prompt_tokens,
         new_tokens=new_tokens,
         output=output,
+        bootstrap=bootstrap,
+        seed=seed,
         device=device,
     )
     result = run_evaluate(cfg)
     click.echo(format_table(result))
+    if result["comparisons"]:
+        click.echo(format_comparisons(result))
     if output:
         click.echo(f"results written to {output}")

@@ -277,3 +277,45 @@ def test_cli_refuses_windows_longer_than_the_model_positions(setup, tmp_path):
     r = CliRunner().invoke(main, ["evaluate", "--student", str(short), "--data", str(held_out),
                                   "--seq-len", str(SEQ_LEN), "--bleu-prompts", "0"])
     _one_error_line(r, f"max_position_embeddings {SEQ_LEN - 8} < seq_len {SEQ_LEN}", "--seq-len")
+
+
+def test_per_window_values_teacher_kl_and_paired_bootstrap(setup):
+    """Per-window NLL / KL against float64, each teacher's KL to the fused target, and the comparison."""
+    from student.evaluation import format_comparisons
+    from student.fusion import teacher_weights
+    from student.stats import paired_bootstrap, perplexity_of_means
+
+    _, models, held_out = setup
+    res = run_evaluate(_cfg(setup, students=[f"a={models['student']}", f"b={models['t1']}"],
+                            teachers=[f"t1={models['t1']}", f"t2={models['t2']}"], bootstrap=300, seed=5,
+                            bleu_prompts=2, prompt_tokens=8, new_tokens=4))
+    ids = _windows(models["student"], held_out)
+    logp = {name: _logp64(models[name], ids) for name in ("student", "t1", "t2")}
+    nll = {name: -lp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).mean(dim=1) for name, lp in logp.items()}
+    ent = torch.stack([-(lp.exp() * lp).sum(-1).reshape(-1) for lp in (logp["t1"], logp["t2"])], dim=1)
+    alpha = teacher_weights(ent, "entropy", None)
+    a1, a2 = alpha[:, 0].reshape(ids.shape), alpha[:, 1].reshape(ids.shape)
+
+    def kl_to(p, q):  # KL(P || Q) per position from log-probs [S, L, V]
+        return (p.exp() * (p - q)).sum(-1)
+
+    # KL fused is sum_k alpha_k KL(P_Tk || model), per window (a teacher's own term is 0)
+    kl = {name: (a1 * kl_to(logp["t1"], logp[name]) + a2 * kl_to(logp["t2"], logp[name])).mean(dim=1)
+          for name in ("student", "t1", "t2")}
+    a, b, t1, t2 = (res["models"][k] for k in ("a", "b", "t1", "t2"))
+    for got, want in ((a["window_nll"], nll["student"]), (b["window_nll"], nll["t1"]), (t2["window_nll"], nll["t2"]),
+                      (a["window_kl_fused"], kl["student"]), (t1["window_kl_fused"], kl["t1"]),
+                      (t2["window_kl_fused"], kl["t2"])):
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), want, rtol=2e-4, atol=1e-5)
+    assert t1["kl_fused"] == pytest.approx(float(kl["t1"].mean()), rel=2e-4)
+    assert a["perplexity"] == pytest.approx(math.exp(np.mean(a["window_nll"])), rel=1e-5)
+    (c,) = res["comparisons"]
+    assert (c["a"], c["b"], c["windows"], c["replicates"]) == ("a", "b", ids.shape[0], 300)
+    ref = paired_bootstrap(a["window_nll"], b["window_nll"], n=300, seed=5, stat=perplexity_of_means)
+    assert c["perplexity"] == {"difference": ref.estimate, "low": ref.low, "high": ref.high,
+                               "excludes_zero": ref.excludes_zero()}
+    assert c["perplexity"]["difference"] == pytest.approx(a["perplexity"] - b["perplexity"], rel=1e-5)
+    assert c["kl_fused"]["low"] <= c["kl_fused"]["difference"] <= c["kl_fused"]["high"]
+    assert format_comparisons(res).startswith("a - b: perplexity ")
+    conts = res["continuations"]
+    assert len(conts["prompts"]) == 2 and set(conts) == {"prompts", "reference", "a", "b", "t1", "t2"}
