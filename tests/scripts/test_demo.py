@@ -30,7 +30,7 @@ def test_every_option_in_the_demo_is_known_to_the_command_it_goes_to():
     script = DEMO.read_text()
     # the commands the demo runs, each with the options passed on its (continued) lines
     known = {}
-    for cmd in ("precompute", "train-student", "evaluate"):
+    for cmd in ("init-student", "precompute", "train-student", "evaluate"):
         r = CliRunner().invoke(main, [cmd, "--help"], terminal_width=200)
         assert r.exit_code == 0, r.output
         known[cmd] = _options(r.output)
@@ -44,7 +44,8 @@ def test_every_option_in_the_demo_is_known_to_the_command_it_goes_to():
 
     # join continuation lines, then attribute each line's options to the command named on it
     logical = script.replace("\\\n", " ").splitlines()
-    train_opts = _options(script[script.index("TRAIN=(") : script.index(")", script.index("TRAIN=("))])
+    train_opts = _options(re.search(r"TRAIN=\((.*?)\)$", script, re.DOTALL | re.MULTILINE).group(1))
+    assert {"--student", "--max-steps", "--device"} <= train_opts
     checked = 0
     for line in logical:
         for cmd, opts in known.items():
@@ -52,4 +53,4 @@ def test_every_option_in_the_demo_is_known_to_the_command_it_goes_to():
                 used = _options(line) | (train_opts if cmd == "train-student" else set())
                 assert used <= opts, f"{cmd}: unknown options {sorted(used - opts)}"
                 checked += 1
-    assert checked >= 4
+    assert checked >= 5
