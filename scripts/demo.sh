@@ -11,9 +11,10 @@
 #
 # OUT defaults to ./demo. Teachers, the cut student and caches already in OUT are reused; the two students are
 # retrained. Settings (environment): DEMO_TEACHERS (teacher names, built by scripts/build_teachers.py: smollm2
-# and smollm2-<domain>; "smollm2 smollm2-python"), DEMO_KEEP (init-student --keep-layers, 12), DEMO_STEPS
-# (student steps, 40), DEMO_LR (2e-4), DEMO_LAMBDA (KD weight of the distilled student, 0.9), DEMO_FT_STEPS
-# (teacher fine-tuning steps, 16), DEMO_EVAL_TOKENS (held-out tokens, 8192); PYTHON (interpreter, python).
+# and smollm2-<domain>; "smollm2 smollm2-python"), DEMO_KEEP (init-student --keep-layers, 12), DEMO_TOKENS
+# (cached training tokens, 18432 = 72 windows of 256, 8 of them held out by train-student), DEMO_STEPS (student
+# steps of 4 windows, 30), DEMO_LR (3e-4), DEMO_LAMBDA (KD weight of the distilled student, 0.9), DEMO_FT_STEPS
+# (teacher fine-tuning steps, 8), DEMO_EVAL_TOKENS (held-out tokens, 8192); PYTHON (interpreter, python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,14 +22,14 @@ OUT=${1:-demo}
 PY=${PYTHON:-python}
 read -r -a TEACHERS <<< "${DEMO_TEACHERS:-smollm2 smollm2-python}"
 KEEP=${DEMO_KEEP:-12}
-STEPS=${DEMO_STEPS:-40}
-LR=${DEMO_LR:-2e-4}
+TOKENS=${DEMO_TOKENS:-18432}
+STEPS=${DEMO_STEPS:-30}
+LR=${DEMO_LR:-3e-4}
 LAMBDA=${DEMO_LAMBDA:-0.9}
-FT_STEPS=${DEMO_FT_STEPS:-16}
+FT_STEPS=${DEMO_FT_STEPS:-8}
 EVAL_TOKENS=${DEMO_EVAL_TOKENS:-8192}
 SEQ=256
 BATCH=4
-TOKENS=$(((STEPS * BATCH + 8) * SEQ))  # every step sees new windows (+8 windows held out by train-student)
 SECONDS=0
 
 stage() { printf '\n=== [%s] %s  (%dm%02ds)\n' "$1" "$2" $((SECONDS / 60)) $((SECONDS % 60)); }
