@@ -14,7 +14,8 @@
 # and smollm2-<domain>; "smollm2 smollm2-python"), DEMO_KEEP (init-student --keep-layers, 12), DEMO_TOKENS
 # (cached training tokens, 18432 = 72 windows of 256, 8 of them held out by train-student), DEMO_STEPS (student
 # steps of 4 windows, 30), DEMO_LR (3e-4), DEMO_LAMBDA (KD weight of the distilled student, 0.9), DEMO_FT_STEPS
-# (teacher fine-tuning steps, 8), DEMO_EVAL_TOKENS (held-out tokens, 8192); PYTHON (interpreter, python).
+# (teacher fine-tuning steps, 8), DEMO_EVAL_TOKENS (held-out tokens, 8192), DEMO_CALIBRATION_TOKENS (Block
+# Influence calibration tokens, 4096); PYTHON (interpreter, python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +29,7 @@ LR=${DEMO_LR:-3e-4}
 LAMBDA=${DEMO_LAMBDA:-0.9}
 FT_STEPS=${DEMO_FT_STEPS:-8}
 EVAL_TOKENS=${DEMO_EVAL_TOKENS:-8192}
+CALIBRATION=${DEMO_CALIBRATION_TOKENS:-4096}
 SEQ=256
 BATCH=4
 SECONDS=0
@@ -50,12 +52,12 @@ for t in "${TEACHERS[@]}"; do
 done
 "$PY" scripts/build_teachers.py --output "$OUT/teachers" "${FINETUNE[@]}" --steps "$FT_STEPS" --eval-tokens 0
 
-stage 2/6 "init-student: keep $KEEP of SmolLM2's 30 blocks (Block Influence on 8192 training tokens)"
+stage 2/6 "init-student: keep $KEEP of SmolLM2's 30 blocks (Block Influence on $CALIBRATION training tokens)"
 if [ -f "$OUT/student-init/init_student.json" ]; then
   echo "$OUT/student-init exists, reused"
 else
   "$PY" cli.py init-student --from "$OUT/teachers/smollm2" --keep-layers "$KEEP" \
-    --dataset data/corpus/train.jsonl --calibration-tokens 8192 --seq-len "$SEQ" --output "$OUT/student-init"
+    --dataset data/corpus/train.jsonl --calibration-tokens "$CALIBRATION" --seq-len "$SEQ" --output "$OUT/student-init"
 fi
 
 stage 3/6 "precompute: top-32 log-probs + entropy of each teacher on $TOKENS training tokens"
