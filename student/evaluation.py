@@ -102,8 +102,8 @@ class EvalConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise ConfigError("seq_len must be at least 2")
-        if self.bootstrap < 0:
-            raise ConfigError("bootstrap must be >= 0")
+        if not 0 <= self.bootstrap <= 1_000_000:
+            raise ConfigError(f"bootstrap must be in 0..1000000, got {self.bootstrap}")
         if self.bleu_prompts < 0:
             raise ConfigError("bleu_prompts must be >= 0")
         if self.max_tokens is not None and self.max_tokens < 2:

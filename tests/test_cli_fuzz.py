@@ -38,6 +38,7 @@ RUN_FUNCTIONS = {
     "evaluate": ("student.evaluation", "run_evaluate"),
     "precompute": ("teachers.precompute", "run_precompute"),
     "inspect": ("storage.describe", "describe"),
+    "init-student": ("student.pruning", "run_init_student"),
 }
 
 
@@ -103,6 +104,9 @@ def _base_args(command: str, env: dict, out: Path, option: str) -> list[str]:
                 "--head-chunk-size", "64", "--device", "cpu", "--compile-head", "off", "--no-progress"]
     if command == "inspect":
         return [env["a"]]
+    if command == "init-student":
+        return ["--from", env["teacher"], "--keep-layers", "1", "--dataset", env["corpus"], "--output",
+                str(out / "cut"), "--calibration-tokens", "64", "--seq-len", "16"]
     raise AssertionError(command)
 
 
