@@ -7,9 +7,15 @@ Layout of a teacher directory (local path or fsspec URL):
     shard-000000.parquet | shard-000000.zarr/   # global shard index g holds seq ids
                                                 # [g * shard_size, (g + 1) * shard_size)
 
-Sequence ids are global: window number in the packed stream, which depends only on corpus, tokenizer and
-seq_len. Slice s of n owns the global shards g with g % n == s, so slices are disjoint and their union is
-the whole run.
+The corpus is cut into `num_partitions` partitions (byte ranges or files of a local corpus, the data files
+of a hub dataset), fixed by the corpus alone. Each partition is packed on its own; window w of partition p
+lands in global shard g = p * SHARDS_PER_PARTITION + w // shard_size, and its sequence id is
+g * shard_size + w % shard_size. Ids therefore depend only on corpus, partitioning, tokenizer and seq_len,
+never on the number of slices: caches made with 4 slices join caches made with 1. Slice s of n owns the
+partitions p with p % n == s (so it reads only them) and every shard in them.
+
+Schema version 1 (before partitions) numbered windows of one unpartitioned stream; such a cache is read as
+a single partition, and slice s of n owned the shards g % n == s.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from typing import Any
 
 from storage.errors import ManifestError, MismatchError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SHARDS_PER_PARTITION = 1 << 20
+"""Global shard indices reserved per corpus partition (partition p holds shards p * 2**20 ...)."""
 FORMATS = ("parquet", "zarr")
 LOGPROB_DTYPES = ("float16", "float32")
 MANTISSA_BITS = {"float16": 10, "float32": 23}
@@ -35,6 +43,16 @@ _PLAIN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 def slice_manifest_name(slice_index: int, num_slices: int) -> str:
     """File name of the manifest one slice writes."""
     return f"manifest-slice-{slice_index:05d}-of-{num_slices:05d}.json"
+
+
+def partition_of(shard: int) -> int:
+    """The corpus partition global shard `shard` belongs to."""
+    return shard // SHARDS_PER_PARTITION
+
+
+def shard_of(partition: int, window: int, shard_size: int) -> int:
+    """Global shard holding window `window` (0-based, within its partition) of partition `partition`."""
+    return partition * SHARDS_PER_PARTITION + window // shard_size
 
 
 def shard_file_name(index: int, fmt: str) -> str:
@@ -139,7 +157,9 @@ class Manifest:
     corpus: dict[str, Any] = field(default_factory=dict)
     """Human-readable corpus description (source, text field, limits)."""
     shard_size: int
-    """Sequences per shard (the last shard may hold fewer)."""
+    """Sequences per shard (the last shard of each partition may hold fewer)."""
+    num_partitions: int = 1
+    """Corpus partitions the sequence ids were derived from (fixed by the corpus, not by the slicing)."""
     slice_index: int = 0
     """Which slice of the run this manifest covers (0 for a merged manifest)."""
     num_slices: int = 1
@@ -150,6 +170,11 @@ class Manifest:
     """Free-form facts worth keeping (backend caveats, versions, token counts)."""
 
     # ---- derived -------------------------------------------------------------------------------
+    def slice_of(self, shard: int) -> int:
+        """Which slice of `num_slices` computes global shard `shard` (its partition's owner)."""
+        owner = shard if self.schema_version < 2 else partition_of(shard)
+        return owner % self.num_slices
+
     @property
     def num_sequences(self) -> int:
         return sum(s.rows for s in self.shards)
@@ -242,7 +267,7 @@ class Manifest:
                       f"1..{MANTISSA_BITS[self.logprob_dtype]} for {self.logprob_dtype}")
         if self.entropy_kind not in ENTROPY_KINDS:
             raise bad("entropy_kind", f"is {self.entropy_kind!r}, expected one of {ENTROPY_KINDS}")
-        for name in ("vocab_size", "seq_len", "top_k", "shard_size", "num_slices"):
+        for name in ("vocab_size", "seq_len", "top_k", "shard_size", "num_slices", "num_partitions"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise bad(name, f"must be a positive integer, got {value!r}")
@@ -261,7 +286,10 @@ class Manifest:
             if s.index <= previous:
                 raise bad("shards", f"are not sorted by index at {where}")
             previous = s.index
-            if s.index % self.num_slices != self.slice_index and self.num_slices > 1:
+            if self.schema_version >= 2 and partition_of(s.index) >= self.num_partitions:
+                raise bad("shards", f"{where} lies in partition {partition_of(s.index)}, beyond num_partitions "
+                          f"{self.num_partitions}")
+            if self.slice_of(s.index) != self.slice_index:
                 raise bad("shards", f"{where} does not belong to slice {self.slice_index} of {self.num_slices}")
             if s.rows < 1 or s.rows > self.shard_size:
                 raise bad("shards", f"{where} has {s.rows} rows, expected 1..{self.shard_size}")
@@ -282,7 +310,7 @@ class Manifest:
 RUN_FIELDS: tuple[str, ...] = (
     "schema_version", "format", "teacher.name", "teacher.path", "teacher.revision", "teacher.gguf_file",
     "teacher.dtype", "teacher.backend", "tokenizer_fingerprint", "vocab_size", "seq_len", "top_k",
-    "temperature", "logprob_dtype", "logprob_mantissa_bits", "entropy_kind", "pooled_layers", "corpus_fingerprint", "shard_size",
+    "temperature", "logprob_dtype", "logprob_mantissa_bits", "entropy_kind", "pooled_layers", "corpus_fingerprint", "shard_size", "num_partitions",
 )
 
 # Settings kept in `notes` (dotted paths below `notes`) that change shard bytes without being a manifest
@@ -335,7 +363,8 @@ def compare_parts(a: Manifest, b: Manifest, what: str, *, slicing: bool = False)
 
 
 # Fields that must agree between teachers that are trained from together.
-JOIN_FIELDS: tuple[str, ...] = ("tokenizer_fingerprint", "seq_len", "corpus_fingerprint", "vocab_size")
+JOIN_FIELDS: tuple[str, ...] = ("tokenizer_fingerprint", "seq_len", "corpus_fingerprint", "num_partitions",
+                                 "vocab_size")
 
 
 def _get(obj: Any, dotted: str) -> Any:

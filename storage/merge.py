@@ -8,7 +8,15 @@ from collections.abc import Sequence
 
 from storage import fs as sfs
 from storage.errors import ManifestError, MismatchError, StorageError
-from storage.manifest import MANIFEST_NAME, Manifest, ShardInfo, compare_parts, slice_manifest_name
+from storage.manifest import (
+    MANIFEST_NAME,
+    SHARDS_PER_PARTITION,
+    Manifest,
+    ShardInfo,
+    compare_parts,
+    partition_of,
+    slice_manifest_name,
+)
 
 _SLICE_RE = re.compile(r"^manifest-slice-(\d{5})-of-(\d{5})\.json$")
 
@@ -23,9 +31,9 @@ def merge_manifests(manifests: Sequence[Manifest], sources: Sequence[str] | None
     """Merge the manifests of every slice of one run into one manifest (slice 0 of 1, shards sorted).
 
     Refuses (naming the field, slice or seq-id range): differing run fields, byte-changing settings
-    (manifest.compare_parts) or num_slices, a missing or
-    duplicated slice, a shard listed twice, and gaps: the shards must cover seq ids 0..max contiguously, so
-    every shard but the last must be full.
+    (manifest.compare_parts) or num_slices, a missing or duplicated slice, a shard listed twice, and gaps:
+    within each corpus partition the shards must cover its seq ids contiguously from the partition's first,
+    so every shard but a partition's last must be full.
     """
     if not manifests:
         raise ManifestError("no manifests to merge")
@@ -67,23 +75,29 @@ def merge_manifests(manifests: Sequence[Manifest], sources: Sequence[str] | None
 
 
 def check_contiguous(m: Manifest, shards: Sequence[ShardInfo]) -> None:
-    """Raise ManifestError naming the first missing seq-id range if `shards` (sorted) do not cover
-    0..max contiguously (only the last shard may hold fewer than shard_size rows)."""
-    expected = 0
-    for pos, info in enumerate(shards):
-        if info.index > expected:
-            last_missing = expected if info.index == expected + 1 else info.index - 1
-            what = _range(m, expected) if last_missing == expected else (
-                f"seq ids {expected * m.shard_size}..{info.index * m.shard_size - 1} "
-                f"(shards {expected}..{last_missing})")
-            raise ManifestError(f"{what} are missing")
-        if info.index < expected:
-            raise ManifestError(f"{_range(m, info.index, info.first_seq_id, info.last_seq_id)} overlap "
-                                "an earlier shard")
-        if info.rows < m.shard_size and pos != len(shards) - 1:
-            raise ManifestError(f"{_range(m, info.index, info.last_seq_id + 1)} are missing (shard "
-                                f"{info.index} holds {info.rows} of {m.shard_size} rows but is not the last)")
-        expected = info.index + 1
+    """Raise ManifestError naming the first missing seq-id range if, within each corpus partition, `shards`
+    (sorted) do not cover the partition's first id onwards contiguously (only a partition's last shard may
+    hold fewer than shard_size rows). Schema v1 caches are one partition."""
+    by_partition: dict[int, list[ShardInfo]] = {}
+    for info in shards:
+        by_partition.setdefault(partition_of(info.index) if m.schema_version >= 2 else 0, []).append(info)
+    for partition, infos in by_partition.items():
+        expected = partition * SHARDS_PER_PARTITION if m.schema_version >= 2 else 0
+        for pos, info in enumerate(infos):
+            if info.index > expected:
+                last_missing = expected if info.index == expected + 1 else info.index - 1
+                what = _range(m, expected) if last_missing == expected else (
+                    f"seq ids {expected * m.shard_size}..{info.index * m.shard_size - 1} "
+                    f"(shards {expected}..{last_missing})")
+                raise ManifestError(f"{what} are missing")
+            if info.index < expected:
+                raise ManifestError(f"{_range(m, info.index, info.first_seq_id, info.last_seq_id)} overlap "
+                                    "an earlier shard")
+            if info.rows < m.shard_size and pos != len(infos) - 1:
+                raise ManifestError(f"{_range(m, info.index, info.last_seq_id + 1)} are missing (shard "
+                                    f"{info.index} holds {info.rows} of {m.shard_size} rows but is not the last "
+                                    f"of partition {partition})")
+            expected = info.index + 1
 
 
 def read_manifest(path: str) -> Manifest:

@@ -193,7 +193,7 @@ class TargetsWriter:
         for full in self.fs.ls(self.root, detail=False):
             name = full.rstrip("/").rsplit("/", 1)[-1]
             match = _TEMP_RE.match(name)
-            mine = (match is not None and int(match.group(1)) % h.num_slices == h.slice_index) or any(
+            mine = (match is not None and h.slice_of(int(match.group(1))) == h.slice_index) or any(
                 name.startswith(f"{base}.tmp-") or name.startswith(f"{base}.stale-") for base in own)
             if mine:
                 self.fs.rm(full, recursive=True)
@@ -231,8 +231,8 @@ class TargetsWriter:
         if not isinstance(index, (int, np.integer)) or index < 0:
             raise StorageError(f"shard index must be a non-negative integer, got {index!r}")
         index = int(index)
-        if index % h.num_slices != h.slice_index:
-            raise StorageError(f"shard {index} belongs to slice {index % h.num_slices} of {h.num_slices}, "
+        if h.slice_of(index) != h.slice_index:
+            raise StorageError(f"shard {index} belongs to slice {h.slice_of(index)} of {h.num_slices}, "
                                f"this writer is slice {h.slice_index}")
         rows = len(targets)
         if not 1 <= rows <= h.shard_size:

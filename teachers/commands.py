@@ -82,8 +82,14 @@ def _sigterm_as_exit() -> Iterator[None]:
 @click.option("--split", default="train", show_default=True, help="Hub dataset split.")
 @click.option("--dataset-revision", default=None, help="Hub dataset revision (recorded in the fingerprint).")
 @click.option("--text-field", default="text", show_default=True, help="Field holding the document text.")
-@click.option("--max-documents", type=int, default=None, help="Use at most this many documents.")
-@click.option("--max-tokens", type=int, default=None, help="Truncate the packed token stream at this many tokens.")
+@click.option("--max-documents", type=int, default=None,
+              help="Use at most this many documents in all (each corpus partition reads its share).")
+@click.option("--max-tokens", type=int, default=None,
+              help="Use at most this many packed tokens in all (each corpus partition packs its share).")
+@click.option("--partition-bytes", type=int, default=64 << 20, show_default=True,
+              help="Cut local uncompressed .jsonl/.json files into partitions of this many bytes (others: one "
+                   "per file; hub datasets: one per data file). Slices read only their partitions. Part of "
+                   "the corpus fingerprint: caches to be joined need the same value.")
 @click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per packed sequence.")
 @click.option("--top-k", type=int, default=64, show_default=True, help="Top-k log-probs stored per token.")
 @click.option("--temperature", type=FINITE_FLOAT, default=1.0, show_default=True,
@@ -130,7 +136,8 @@ def precompute_cmd(**o: object) -> None:
     cfg = PrecomputeConfig(
         corpus=CorpusConfig(dataset=o["dataset"], dataset_config=o["dataset_config"], split=o["split"],
                             revision=o["dataset_revision"], text_field=o["text_field"],
-                            max_documents=o["max_documents"], max_tokens=o["max_tokens"]),
+                            max_documents=o["max_documents"], max_tokens=o["max_tokens"],
+                            partition_bytes=o["partition_bytes"]),
         teacher=TeacherConfig(path=o["teacher"], name=o["teacher_name"], gguf_file=o["gguf_file"],
                               revision=o["revision"], tokenizer=o["tokenizer"], backend=o["backend"],
                               dtype=o["dtype"], device=o["device"], batch_size=o["batch_size"],

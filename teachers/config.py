@@ -46,9 +46,14 @@ class CorpusConfig:
     text_field: str = "text"
     """Column holding the document text (jsonl, parquet, hub)."""
     max_documents: int | None = None
-    """Stop after this many documents (None: all)."""
+    """Use at most this many documents in all (None: all), shared between partitions like `max_tokens`."""
     max_tokens: int | None = None
-    """Truncate the packed token stream at this many tokens (None: all)."""
+    """Use at most this many packed tokens in all (None: all). Each of the P corpus partitions packs at most
+    its share: max_tokens // P, plus one for the first max_tokens % P partitions."""
+    partition_bytes: int = 64 << 20
+    """Local uncompressed JSON-lines files are cut into partitions of about this many bytes (other local
+    files are one partition each; a hub dataset has one per data file). Part of the corpus fingerprint:
+    sequence ids are derived per partition, so caches to be joined need the same value."""
 
     def __post_init__(self) -> None:
         if not self.dataset or not self.dataset.strip():
@@ -57,6 +62,7 @@ class CorpusConfig:
             raise ConfigError("text_field must not be empty")
         _positive("max_documents", self.max_documents, optional=True)
         _positive("max_tokens", self.max_tokens, optional=True)
+        _positive("partition_bytes", self.partition_bytes)
 
 
 @dataclass(kw_only=True)

@@ -1,8 +1,17 @@
 """Documents in, one string at a time: hub datasets (streamed) or local jsonl / jsonl.gz / parquet / txt.
 
+The corpus is cut into partitions that depend only on the corpus (never on how many slices read it):
+
+- an uncompressed `.jsonl` / `.json` file: byte ranges of `partition_bytes`; a line belongs to the range
+  holding its first byte, so a reader seeks to its range and reads only it (plus the end of its last line);
+- any other local file (`.jsonl.gz`, `.parquet`, `.txt`): one partition per file;
+- a hub dataset (streamed): one partition per data file, via `datasets.distributed.split_dataset_by_node`
+  with world size = the dataset's `n_shards` (C4 `en` train: 1024 files).
+
 Local files are read with pyarrow (jsonl, gzip, parquet) or plain Python (txt), in sorted path order, so
 the document order depends only on the files. A `.txt` file yields one document per paragraph (blocks
-separated by blank lines). Hub datasets go through `datasets.load_dataset(..., streaming=True)`.
+separated by blank lines). `iter_partition` reads one partition and counts the bytes it read;
+`iter_documents` chains all of them in order.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -21,6 +31,79 @@ from teachers.config import CorpusConfig
 from teachers.errors import CorpusError
 
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".txt")
+SPLITTABLE_SUFFIXES = (".jsonl", ".json")
+"""Local files cut into byte-range partitions (JSON lines, uncompressed)."""
+_READ_BLOCK = 4 << 20
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One fixed piece of the corpus, packed on its own (its windows get their own sequence ids)."""
+
+    index: int
+    """0-based position among the corpus' partitions."""
+    path: str | None
+    """Local file, or None for a hub data file."""
+    start: int = 0
+    """First byte of the range (local files)."""
+    stop: int = 0
+    """End of the range, exclusive (local files)."""
+    source: object = field(default=None, compare=False, repr=False)
+    """The opened streaming dataset (hub partitions)."""
+
+
+@dataclass
+class ReadStats:
+    """What reading partitions cost, for the manifest notes (and the tests that bound it)."""
+
+    bytes_read: int = 0
+    """Bytes read from local files (hub: 0, not known)."""
+    documents: int = 0
+    """Documents yielded."""
+
+
+def share(total: int | None, parts: int, index: int) -> int | None:
+    """Partition `index`'s share of a corpus-wide limit: total // parts, plus one for the first total % parts."""
+    if total is None:
+        return None
+    return total // parts + (1 if index < total % parts else 0)
+
+
+def corpus_partitions(cfg: CorpusConfig) -> list[Partition]:
+    """The corpus' partitions in order (see the module docstring); the count depends only on the corpus."""
+    files = local_files(cfg)
+    if files is None:
+        ds = _open_hub(cfg)
+        n = int(getattr(ds, "n_shards", 1) or 1)
+        return [Partition(index=i, path=None, source=ds) for i in range(n)]
+    parts: list[Partition] = []
+    for path in files:
+        size = os.path.getsize(path)
+        if _suffix(path) in SPLITTABLE_SUFFIXES and size > cfg.partition_bytes:
+            for start in range(0, size, cfg.partition_bytes):
+                parts.append(Partition(index=len(parts), path=path, start=start,
+                                       stop=min(size, start + cfg.partition_bytes)))
+        else:
+            parts.append(Partition(index=len(parts), path=path, start=0, stop=size))
+    return parts
+
+
+def iter_partition(cfg: CorpusConfig, part: Partition, *, max_documents: int | None = None,
+                   stats: ReadStats | None = None) -> Iterator[str]:
+    """Yield the documents of one partition, at most `max_documents`; `stats` counts what was read."""
+    stats = stats if stats is not None else ReadStats()
+    if part.path is None:
+        source = _iter_hub(cfg, part)
+    elif _suffix(part.path) in SPLITTABLE_SUFFIXES:
+        source = _iter_jsonl_range(part.path, part.start, part.stop, cfg.text_field, stats)
+    else:
+        stats.bytes_read += part.stop - part.start  # read whole (compressed or columnar files)
+        source = _iter_file(part.path, cfg.text_field)
+    if max_documents is not None:
+        source = islice(source, max_documents)  # never reads past the limit
+    for doc in source:
+        stats.documents += 1
+        yield doc
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
@@ -71,19 +154,18 @@ def local_files(cfg: CorpusConfig) -> list[str] | None:
 
 
 def iter_documents(cfg: CorpusConfig) -> Iterator[str]:
-    """Yield document texts in a fixed order, at most `cfg.max_documents` of them.
+    """Yield document texts in a fixed order: every partition in turn, each at most its share of
+    `cfg.max_documents`.
 
     Raises CorpusError for a missing file, a missing/null/non-text field (naming file and row), or an
     empty corpus.
     """
-    files = local_files(cfg)
-    source = _iter_hub(cfg) if files is None else (doc for path in files for doc in _iter_file(path, cfg.text_field))
-    if cfg.max_documents is not None:
-        source = islice(source, cfg.max_documents)  # never reads past the limit
+    parts = corpus_partitions(cfg)
     count = 0
-    for doc in source:
-        yield doc
-        count += 1
+    for part in parts:
+        for doc in iter_partition(cfg, part, max_documents=share(cfg.max_documents, len(parts), part.index)):
+            yield doc
+            count += 1
     if count == 0:
         raise CorpusError(f"corpus {cfg.dataset!r} has no documents")
 
@@ -146,6 +228,82 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _line_blocks(path: str, start: int, stop: int, stats: ReadStats) -> Iterator[tuple[int, bytes]]:
+    """(file offset, bytes) blocks of whole lines: every line whose first byte lies in [start, stop)."""
+    with open(path, "rb") as f:
+        pos = max(start - 1, 0)  # file offset of buf[0]
+        f.seek(pos)
+        buf, eof, tail = b"", False, 256
+
+        def more() -> None:
+            # read up to `stop` in large blocks; past it (finishing the last line) in small doubling ones,
+            # so a slice reads its ranges plus about one line each
+            nonlocal buf, eof, tail
+            ahead = pos + len(buf)
+            if ahead < stop:
+                want = min(_READ_BLOCK, stop - ahead)
+            else:
+                want, tail = tail, min(2 * tail, _READ_BLOCK)
+            chunk = f.read(want)
+            stats.bytes_read += len(chunk)
+            eof = not chunk
+            buf += chunk
+
+        if start > 0:  # drop the line that began before the range (byte start-1 is its last or a middle one)
+            while True:
+                more()
+                i = buf.find(b"\n")
+                if i >= 0:
+                    pos, buf = pos + i + 1, buf[i + 1:]
+                    break
+                if eof:
+                    return
+                pos, buf = pos + len(buf), b""
+        while pos < stop:
+            if not eof:
+                more()
+            limit = stop - pos  # lines starting before buf[limit] are ours
+            if len(buf) >= limit:
+                j = buf.find(b"\n", limit - 1)  # end of the line holding byte stop - 1
+                if j < 0 and not eof:
+                    continue
+                cut = len(buf) if j < 0 else j + 1
+                if cut:
+                    yield pos, buf[:cut]
+                return
+            j = buf.rfind(b"\n")
+            if j < 0:
+                if eof:
+                    if buf:
+                        yield pos, buf
+                    return
+                continue
+            yield pos, buf[: j + 1]
+            pos, buf = pos + j + 1, buf[j + 1:]
+
+
+def _iter_jsonl_range(path: str, start: int, stop: int, text_field: str, stats: ReadStats) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    parse = pj.ParseOptions(explicit_schema=pa.schema([(text_field, pa.string())]), unexpected_field_behavior="ignore")
+    row = 0
+    where = "" if start == 0 else f" of the partition at byte {start}"
+    for _, block in _line_blocks(path, start, stop, stats):
+        try:
+            table = pj.read_json(pa.BufferReader(block), parse_options=parse,
+                                 read_options=pj.ReadOptions(block_size=max(len(block), 1 << 16)))
+        except pa.ArrowInvalid as e:
+            if "Empty JSON" in str(e):
+                continue  # only blank lines
+            raise CorpusError(f"{path}: cannot read as JSON lines near row {row}{where}: "
+                              f"{str(e).splitlines()[0]}") from None
+        column = table.column(0)
+        for chunk in column.chunks:
+            yield from _check_column(path, chunk, text_field, row)
+            row += len(chunk)
+
+
 def _iter_parquet(path: str, text_field: str) -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -166,21 +324,31 @@ def _iter_parquet(path: str, text_field: str) -> Iterator[str]:
         raise CorpusError(f"{path}: cannot read near row {row}: {_first_line(e)} (damaged file?)") from None
 
 
-def _iter_hub(cfg: CorpusConfig) -> Iterator[str]:
+def _open_hub(cfg: CorpusConfig) -> Any:
     import datasets
 
     try:
-        ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split, revision=cfg.revision,
-                                   streaming=True)
+        return datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split, revision=cfg.revision,
+                                     streaming=True)
     except Exception as e:  # noqa: BLE001 - any hub/network failure becomes one clear line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CorpusError(f"cannot open hub dataset {cfg.dataset!r}: {first}") from None
+
+
+def _iter_hub(cfg: CorpusConfig, part: Partition) -> Iterator[str]:
+    ds = part.source
+    n = int(getattr(ds, "n_shards", 1) or 1)
+    if n > 1:
+        from datasets.distributed import split_dataset_by_node
+
+        # world size = number of data files, so partition p is exactly data file p (no example skipping)
+        ds = split_dataset_by_node(ds, rank=part.index, world_size=n)
     text_field = cfg.text_field
     for row, example in enumerate(ds):
         text = example.get(text_field)
         if not isinstance(text, str):
             what = "missing" if text_field not in example else f"not text ({type(text).__name__})"
-            raise CorpusError(f"{cfg.dataset}: row {row}: field {text_field!r} is {what} "
+            raise CorpusError(f"{cfg.dataset}: partition {part.index}: row {row}: field {text_field!r} is {what} "
                               f"(fields: {', '.join(example)})")
         yield text
 
@@ -194,7 +362,7 @@ def corpus_description(cfg: CorpusConfig) -> dict[str, Any]:
         desc = {"source": "hub", "dataset": cfg.dataset, "config": cfg.dataset_config, "split": cfg.split,
                 "revision": cfg.revision}
     else:
-        desc = {"source": "local", "files": [_file_entry(p) for p in files]}
+        desc = {"source": "local", "files": [_file_entry(p) for p in files], "partition_bytes": cfg.partition_bytes}
     desc.update(text_field=cfg.text_field, max_documents=cfg.max_documents, max_tokens=cfg.max_tokens)
     return desc
 

@@ -3,10 +3,12 @@
     manifest = run_precompute(cfg)
 
 Packing runs in a background thread (the Rust tokenizer releases the GIL) and the TargetsWriter compresses
-and writes in another, so the teacher forward is the only thing on the critical path. Every slice packs the
-whole stream (cheap) but runs the teacher only on the global shards it owns and has not completed; a
-re-run of the same command therefore resumes where it stopped and yields identical shards. Batches never
-cross a shard boundary, so a shard's bytes do not depend on how the run was sliced or resumed.
+and writes in another, so the teacher forward is the only thing on the critical path. The corpus is cut into
+fixed partitions (teachers/corpus.py); slice s of n reads, tokenizes and packs only the partitions
+p % n == s, each on its own, and runs the teacher on the shards of those partitions it has not completed; a
+re-run of the same command therefore resumes where it stopped and yields identical shards. Sequence ids
+come from (partition, window in partition) (storage/manifest.py), and batches never cross a shard boundary,
+so a shard's bytes do not depend on how the run was sliced or resumed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from storage.errors import ConfigError
-from storage.manifest import Manifest
+from storage.manifest import SHARDS_PER_PARTITION, Manifest
 from storage.records import TeacherTargets
 from teachers.config import PrecomputeConfig
 from teachers.packing import PackedBatch, PackStats
@@ -29,6 +31,7 @@ from teachers.packing import PackedBatch, PackStats
 if TYPE_CHECKING:
     from storage.lock import CacheLock
     from teachers.backends import TeacherBackend
+    from teachers.corpus import Partition, ReadStats
 
 _DONE = object()
 log = logging.getLogger(__name__)
@@ -131,12 +134,17 @@ def _run_slice(cfg: PrecomputeConfig, backend: TeacherBackend | None, slice_inde
 
     from storage.writer import TargetsWriter
     from teachers.backends import create_backend
-    from teachers.corpus import corpus_fingerprint, iter_documents
-    from teachers.packing import load_tokenizer, pack_documents, tokenizer_fingerprint
-    from teachers.slicing import owns_shard
+    from teachers.corpus import ReadStats, corpus_fingerprint, corpus_partitions
+    from teachers.packing import load_tokenizer, tokenizer_fingerprint
+    from teachers.slicing import owns_partition
 
     t_cfg, s_cfg = cfg.teacher, cfg.storage
     corpus_fp, corpus_desc = corpus_fingerprint(cfg.corpus)
+    partitions = corpus_partitions(cfg.corpus)
+    mine = [p for p in partitions if owns_partition(p.index, slice_index, num_slices)]
+    if not mine:
+        log.warning("slice %d of %d has no corpus partition to read (the corpus has %d; a smaller "
+                    "--partition-bytes makes more)", slice_index, num_slices, len(partitions))
     tok_path = t_cfg.tokenizer or t_cfg.path
     tokenizer = load_tokenizer(tok_path, gguf_file=None if t_cfg.tokenizer else t_cfg.gguf_file,
                                revision=None if t_cfg.tokenizer else t_cfg.revision,
@@ -152,22 +160,23 @@ def _run_slice(cfg: PrecomputeConfig, backend: TeacherBackend | None, slice_inde
         entropy_kind=backend.entropy_kind,
         pooled_layers=sorted(backend.pooled_dims), pooled_dims=dict(backend.pooled_dims),
         corpus_fingerprint=corpus_fp, corpus=corpus_desc, shard_size=s_cfg.shard_size,
-        slice_index=slice_index, num_slices=num_slices,
+        num_partitions=len(partitions), slice_index=slice_index, num_slices=num_slices,
         notes={"backend": dict(backend.notes), "tokenizer": tok_path, "batch_size": cfg.batch_size},
     )
-    stats = PackStats()
+    stats, read = PackStats(), ReadStats()
+    windows_per_partition: dict[int, int] = {}
     with TargetsWriter(s_cfg.output, header, lock=lock) as writer:
         done_before = set(writer.completed)
 
         def wanted(g: int) -> bool:
-            return owns_shard(g, slice_index, num_slices) and g not in done_before
+            return g not in done_before
 
-        total = _expected_sequences(cfg, wanted)
+        total = _expected_sequences(cfg, len(partitions), mine)
         bar = tqdm(total=None if total is None else total * cfg.seq_len, unit="tok", unit_scale=True,
                    disable=not cfg.progress, desc=f"precompute {t_cfg.name} slice {slice_index}/{num_slices}",
                    dynamic_ncols=True)
-        windows = prefetch(pack_documents(iter_documents(cfg.corpus), tokenizer, seq_len=cfg.seq_len,
-                                          max_tokens=cfg.corpus.max_tokens, stats=stats))
+        windows = prefetch(pack_partitions(cfg, tokenizer, mine, len(partitions), stats=stats, read=read,
+                                           windows_per_partition=windows_per_partition))
         seqs, shards, teacher_s, writer_wait_s = 0, 0, 0.0, 0.0
         run_t0 = time.perf_counter()
         for g, shard_windows in group_by_shard(windows, s_cfg.shard_size, wanted):
@@ -181,13 +190,15 @@ def _run_slice(cfg: PrecomputeConfig, backend: TeacherBackend | None, slice_inde
             bar.update(len(shard_windows) * cfg.seq_len)
             bar.set_postfix(seqs=seqs, shards=shards, refresh=False)
         bar.close()
-        if stats.windows == 0:
+        if stats.windows == 0 and num_slices == 1:
             raise ConfigError(f"the corpus has {stats.tokens} tokens, fewer than one window of seq_len "
                               f"{cfg.seq_len}")
         writer.header.notes.update(
             packing=stats.to_dict(),
-            num_shards_total=-(-stats.windows // s_cfg.shard_size),
+            partitions={"total": len(partitions), "read": [p.index for p in mine],
+                        "windows": {str(p): w for p, w in windows_per_partition.items()}},
             this_run={"sequences": seqs, "shards": shards, "skipped_completed": len(done_before),
+                      "corpus_bytes_read": read.bytes_read, "corpus_documents_read": read.documents,
                       "teacher_seconds": round(teacher_s, 3), "writer_wait_s": round(writer_wait_s, 3),
                       "loop_seconds": round(time.perf_counter() - run_t0, 3)},
         )
@@ -198,12 +209,45 @@ def _run_slice(cfg: PrecomputeConfig, backend: TeacherBackend | None, slice_inde
     return manifest
 
 
-def _expected_sequences(cfg: PrecomputeConfig, wanted: Callable[[int], bool]) -> int | None:
-    """Sequences this run will compute when the stream length is known up front (`max_tokens`), else None."""
+def pack_partitions(cfg: PrecomputeConfig, tokenizer: Any, parts: list[Partition], num_partitions: int, *,
+                    stats: PackStats, read: ReadStats,
+                    windows_per_partition: dict[int, int]) -> Iterator[PackedBatch]:
+    """Pack each partition of `parts` on its own, with its share of the corpus limits; window w of
+    partition p gets seq id shard_of(p, w) * shard_size + w % shard_size (storage/manifest.py).
+
+    `stats` sums the packing counts over the partitions, `read` counts bytes and documents read, and
+    `windows_per_partition` receives each partition's window count once it is packed.
+    """
+    from teachers.corpus import iter_partition, share
+    from teachers.packing import pack_documents
+
+    size = cfg.storage.shard_size
+    for part in parts:
+        max_docs = share(cfg.corpus.max_documents, num_partitions, part.index)
+        max_tokens = share(cfg.corpus.max_tokens, num_partitions, part.index)
+        if max_docs == 0 or max_tokens == 0:
+            windows_per_partition[part.index] = 0
+            continue
+        offset = part.index * SHARDS_PER_PARTITION * size  # first seq id of the partition
+        own = PackStats()
+        docs = iter_partition(cfg.corpus, part, max_documents=max_docs, stats=read)
+        for batch in pack_documents(docs, tokenizer, seq_len=cfg.seq_len, max_tokens=max_tokens, stats=own):
+            yield PackedBatch(seq_ids=batch.seq_ids + offset, input_ids=batch.input_ids)
+        windows_per_partition[part.index] = own.windows
+        stats.documents += own.documents
+        stats.tokens += own.tokens
+        stats.windows += own.windows
+        stats.dropped_tokens += own.dropped_tokens
+        stats.truncated = stats.truncated or own.truncated
+
+
+def _expected_sequences(cfg: PrecomputeConfig, num_partitions: int, parts: list[Partition]) -> int | None:
+    """At most how many sequences this slice packs, when the stream length is capped (`max_tokens`), else
+    None; an upper bound for the progress bar (shards done by an earlier run are not subtracted)."""
+    from teachers.corpus import share
+
     if cfg.corpus.max_tokens is None:
         return None
-    windows = cfg.corpus.max_tokens // cfg.seq_len
-    size = cfg.storage.shard_size
-    if windows > 10**9:  # a huge --max-tokens caps nothing: count like an uncapped stream, not shard by shard
+    if cfg.corpus.max_tokens // cfg.seq_len > 10**9:  # a huge --max-tokens caps nothing: count as uncapped
         return None
-    return sum(min(size, windows - g * size) for g in range(-(-windows // size)) if wanted(g))
+    return sum(share(cfg.corpus.max_tokens, num_partitions, p.index) // cfg.seq_len for p in parts)

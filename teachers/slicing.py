@@ -1,7 +1,7 @@
 """Which node slice this process computes: `--num-shards N --shard-index i`, or the launcher's environment.
 
-Slice s of N owns the global shards g with g % N == s (storage/manifest.py), so slices are disjoint and
-their union is the whole run. Defaults, in order: explicit options; torchrun (`RANK`, `WORLD_SIZE`);
+Slice s of N reads the corpus partitions p with p % N == s and computes every shard in them
+(storage/manifest.py), so slices are disjoint and their union is the whole run. Defaults, in order: explicit options; torchrun (`RANK`, `WORLD_SIZE`);
 SLURM (`SLURM_PROCID`, `SLURM_NTASKS`); else a single slice.
 """
 
@@ -47,6 +47,6 @@ def resolve_slice(num_shards: int | None = None, shard_index: int | None = None,
     return shard_index, num_shards
 
 
-def owns_shard(shard: int, shard_index: int, num_shards: int) -> bool:
-    """True when global shard `shard` belongs to slice `shard_index` of `num_shards`."""
-    return shard % num_shards == shard_index
+def owns_partition(partition: int, shard_index: int, num_shards: int) -> bool:
+    """True when corpus partition `partition` is read (and its shards computed) by slice `shard_index`."""
+    return partition % num_shards == shard_index

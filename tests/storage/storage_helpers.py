@@ -12,7 +12,11 @@ def make_header(*, fmt: str = "parquet", seq_len: int = 16, top_k: int = 4, shar
                 logprob_dtype: str = "float16", entropy_kind: str = "exact",
                 pooled: dict[int, int] | None = None, slice_index: int = 0, num_slices: int = 1,
                 **extra) -> Manifest:
+    """A header for storage tests. A sliced header (num_slices > 1) defaults to schema v1, whose slice s of n
+    owns shards g % n == s, so a few small shards spread over the slices; schema v2 (partition ownership)
+    is exercised by the partition tests, which pass `schema_version=2, num_partitions=...`."""
     pooled = {2: 8, 5: 12} if pooled is None else pooled
+    extra.setdefault("schema_version", 1 if num_slices > 1 else 2)
     return Manifest(
         format=fmt, teacher=TeacherInfo(name="tiny", path="/models/tiny"), tokenizer_fingerprint="tok" * 4,
         vocab_size=100, seq_len=seq_len, top_k=top_k, logprob_dtype=logprob_dtype, entropy_kind=entropy_kind,
@@ -51,7 +55,7 @@ def write_run(output: str, header: Manifest, rows: list[int] | None = None,
     parts = []
     with TargetsWriter(output, header) as writer:
         for index, n in enumerate(rows):
-            if index % header.num_slices != header.slice_index:
+            if header.slice_of(index) != header.slice_index:
                 continue
             part = make_targets(header, index, n, logprob_dtype=logprob_dtype)
             writer.write_shard(index, part)

@@ -22,7 +22,7 @@ def _slice(index: int, num: int, shards: list[tuple[int, int]], **kw):
 
 def test_two_slices_equal_one_whole(tmp_path):
     rows = [8, 8, 8, 5]
-    whole, _ = write_run(str(tmp_path / "whole"), make_header(), rows=rows)
+    whole, _ = write_run(str(tmp_path / "whole"), make_header(schema_version=1), rows=rows)
     slices = [write_run(str(tmp_path / "sliced"), make_header(slice_index=s, num_slices=2), rows=rows)[0]
               for s in range(2)]
     merged = merge_manifests(slices)
@@ -108,3 +108,25 @@ def test_memory_url(memory_url):
     merged = write_merged(memory_url)
     assert [s.index for s in merged.shards] == [0, 1, 2] and merged.num_sequences == 17
     assert open_manifest(memory_url) == merged
+
+
+def test_partitions_are_checked_one_by_one():
+    """Schema v2: slice s of n owns partitions p % n == s; each partition's shards must be contiguous from
+    its first, and only a partition's last shard may be partial."""
+    from storage.manifest import SHARDS_PER_PARTITION as S
+
+    def part(index, shards):
+        return _slice(index, 2, shards, schema_version=2, num_partitions=3)
+
+    a = part(0, [(0, 8), (1, 5), (2 * S, 8)])
+    b = part(1, [(S, 3)])
+    merged = merge_manifests([a, b])
+    assert [s.index for s in merged.shards] == [0, 1, S, 2 * S]
+    with pytest.raises(ManifestError, match=r"shard 1\) are missing"):
+        merge_manifests([part(0, [(0, 8), (2, 8)]), b])
+    with pytest.raises(ManifestError, match="not the last of partition 0"):
+        merge_manifests([part(0, [(0, 5), (1, 8)]), b])
+    with pytest.raises(ManifestError, match="does not belong to slice 1"):
+        part(1, [(2 * S, 8)]).validate()
+    with pytest.raises(ManifestError, match="beyond num_partitions 3"):
+        part(1, [(3 * S, 8)]).validate()

@@ -75,9 +75,9 @@ def test_only_manifest_shards_are_listed(teacher):
 def test_newer_schema_version_refused(teacher):
     path, *_ = teacher
     d = json.loads((path / "manifest.json").read_text())
-    d["schema_version"] = 2
+    d["schema_version"] = 3
     (path / "manifest.json").write_text(json.dumps(d))
-    with pytest.raises(ManifestError, match=r"manifest\.json: schema_version 2 is newer than this reader"):
+    with pytest.raises(ManifestError, match=r"manifest\.json: schema_version 3 is newer than this reader"):
         TeacherDataset.open(str(path))
 
 

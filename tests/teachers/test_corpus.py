@@ -99,3 +99,46 @@ def test_hub_path_streams_and_checks_the_field(monkeypatch: pytest.MonkeyPatch) 
         _docs("allenai/c4", dataset_config="en")
     with pytest.raises(CorpusError, match="cannot open hub dataset 'nobody/missing': Dataset 'nobody/missing' doesn't exist on the Hub$"):
         _docs("nobody/missing")
+
+
+def test_hub_partitions_are_its_data_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A streamed dataset of 4 data files has 4 partitions; partition p reads only file p."""
+    import datasets
+
+    from teachers.corpus import corpus_partitions, iter_partition
+
+    files = [write_jsonl_corpus(tmp_path / f"part-{i}.jsonl", [f"file {i} doc {j}" for j in range(3 + i)])
+             for i in range(4)]
+    real = datasets.load_dataset
+
+    def local_stream(name, config, *, split, revision, streaming):
+        return real("json", data_files=[str(f) for f in files], split="train", streaming=True)
+
+    monkeypatch.setattr(datasets, "load_dataset", local_stream)
+    cfg = CorpusConfig(dataset="someone/corpus", max_documents=8)
+    parts = corpus_partitions(cfg)
+    assert len(parts) == 4
+    assert [list(iter_partition(cfg, p)) for p in parts] == [[f"file {i} doc {j}" for j in range(3 + i)]
+                                                             for i in range(4)]
+    # max_documents is shared out: 2 per partition
+    assert list(iter_documents(cfg)) == [f"file {i} doc {j}" for i in range(4) for j in range(2)]
+
+
+def test_byte_range_partitions_cover_each_line_once(tmp_path: Path) -> None:
+    """Any --partition-bytes: every line is read by exactly one partition, each partition reads its range
+    plus at most about one line."""
+    from teachers.corpus import ReadStats, corpus_partitions, iter_partition
+
+    texts = sample_texts(120, seed=5)
+    path = write_jsonl_corpus(tmp_path / "c.jsonl", texts)
+    with path.open("a", encoding="utf-8") as f:
+        f.write("\n\n")  # blank lines are no documents
+    longest = max(len(line) for line in path.read_bytes().split(b"\n"))
+    for part_bytes in (1, 97, 1000, path.stat().st_size, 10**9):
+        cfg = CorpusConfig(dataset=str(path), partition_bytes=part_bytes)
+        got = []
+        for part in corpus_partitions(cfg):
+            stats = ReadStats()
+            got += list(iter_partition(cfg, part, stats=stats))
+            assert stats.bytes_read <= part.stop - part.start + 2 * longest + 256
+        assert got == texts, part_bytes

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from storage.errors import MismatchError
+from storage.merge import write_merged
 from storage.reader import TeacherDataset
 from teachers.config import PrecomputeConfig, tiny
 from teachers.precompute import run_precompute
@@ -96,12 +97,14 @@ def test_stored_targets_match_float64_reference(setup, logprob_dtype: str, bits,
 
 
 def test_two_slices_equal_one_unsliced_run(setup) -> None:
+    """One partition (the corpus is smaller than --partition-bytes): slice 0 computes everything, slice 1
+    writes an empty slice manifest, and the merge equals the unsliced run."""
     root = setup[0]
     whole = run_precompute(_cfg(setup, "whole"))
-    for s in (0, 1):
-        m = run_precompute(_cfg(setup, "sliced", num_shards=2, shard_index=s))
-        assert [i.index % 2 for i in m.shards] == [s] * 4
-    assert (root / "sliced" / "manifest-slice-00000-of-00002.json").exists()
+    assert whole.num_partitions == 1
+    counts = [len(run_precompute(_cfg(setup, "sliced", num_shards=2, shard_index=s)).shards) for s in (0, 1)]
+    assert counts == [8, 0]
+    assert (root / "sliced" / "manifest-slice-00001-of-00002.json").exists()
     assert _shard_hashes(root / "sliced") == _shard_hashes(root / "whole")
     a, b = TeacherDataset.open(str(root / "whole")), TeacherDataset.open(str(root / "sliced"))
     assert len(a) == len(b) == whole.num_sequences == WINDOWS
@@ -109,6 +112,44 @@ def test_two_slices_equal_one_unsliced_run(setup) -> None:
     assert ra.keys() == rb.keys()
     for name in ra:
         np.testing.assert_array_equal(ra[name], rb[name], err_msg=name)
+
+
+def test_three_slices_read_a_third_each_and_join_two_slices(setup) -> None:
+    """Acceptance: with 6 corpus partitions, each of 3 slices reads at most 1/3 of the corpus bytes plus
+    one partition; the merged cache is byte-identical to the unsliced run and joins a 2-slice cache."""
+    from storage.manifest import partition_of
+    from student.data import join_teachers
+
+    root, teacher, corpus = setup
+    size = corpus.stat().st_size
+    part_bytes = -(-size // 6)
+
+    def cfg(out: str, n: int, s: int) -> PrecomputeConfig:
+        c = tiny(str(teacher), str(corpus), str(root / out), num_shards=n, shard_index=s)
+        c.corpus.partition_bytes = part_bytes
+        return c
+
+    whole = run_precompute(cfg("p-whole", 1, 0))
+    assert whole.num_partitions == 6 and len({partition_of(i.index) for i in whole.shards}) == 6
+    assert whole.notes["this_run"]["corpus_bytes_read"] >= size
+    reads, docs = [], []
+    for s in range(3):
+        m = run_precompute(cfg("p-three", 3, s))
+        assert m.shards and {partition_of(i.index) % 3 for i in m.shards} == {s}
+        reads.append(m.notes["this_run"]["corpus_bytes_read"])
+        docs.append(m.notes["this_run"]["corpus_documents_read"])
+    print(f"corpus {size} B in 6 partitions of {part_bytes} B; bytes read per slice {reads}, documents {docs} "
+          f"of {whole.notes['this_run']['corpus_documents_read']}")
+    assert all(r <= size / 3 + part_bytes for r in reads), (reads, size, part_bytes)
+    assert sum(docs) == whole.notes["this_run"]["corpus_documents_read"] == whole.notes["packing"]["documents"]
+    for s in range(2):
+        run_precompute(cfg("p-two", 2, s))
+    assert _shard_hashes(root / "p-three") == _shard_hashes(root / "p-whole") == _shard_hashes(root / "p-two")
+    merged = write_merged(str(root / "p-three"))
+    assert merged.shards == whole.shards
+    joined = join_teachers([str(root / "p-three"), str(root / "p-two"), str(root / "p-whole")])
+    np.testing.assert_array_equal(joined[0].seq_ids, joined[1].seq_ids)
+    assert len(joined[0]) == whole.num_sequences
 
 
 def test_rerun_resumes_and_a_different_config_is_refused(setup) -> None:

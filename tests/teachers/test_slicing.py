@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from storage.errors import ConfigError
-from teachers.slicing import owns_shard, resolve_slice
+from teachers.slicing import owns_partition, resolve_slice
 
 
 def test_defaults_and_environment() -> None:
@@ -27,7 +27,7 @@ def test_bad_values_are_user_errors() -> None:
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7])
-def test_slices_are_disjoint_and_cover_all_shards(n: int) -> None:
-    owners = [[s for s in range(n) if owns_shard(g, s, n)] for g in range(50)]
+def test_slices_are_disjoint_and_cover_all_partitions(n: int) -> None:
+    owners = [[s for s in range(n) if owns_partition(g, s, n)] for g in range(50)]
     assert all(len(o) == 1 for o in owners)
     assert {o[0] for o in owners} == set(range(n))
