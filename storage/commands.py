@@ -40,12 +40,15 @@ def merge_cmd(path: str, verify: bool) -> None:
     from storage import fs as sfs
     from storage import shards as shard_io
     from storage.merge import open_manifest, open_slices, slice_manifest_paths, write_merged
+    from storage.stamps import write_stamp
 
     single = not slice_manifest_paths(path)
     if verify:
         fs, root = sfs.resolve(path)
-        for info in (open_manifest(path) if single else open_slices(path)).shards:
+        shards = (open_manifest(path) if single else open_slices(path)).shards
+        for info in shards:
             shard_io.check(fs, root, info)
+        write_stamp(fs, root, shards, by="merge")
     merged = write_merged(path)
     target = sfs.join(path, "manifest.json")
     if single:

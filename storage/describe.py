@@ -14,6 +14,7 @@ from storage.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from storage.merge import open_manifest
 from storage.reader import TeacherDataset
 from storage.schema import columns
+from storage.stamps import write_stamp
 
 SHOWN_TOPK = 8
 """Top-k entries printed per decoded row (all of them go into --json)."""
@@ -40,6 +41,8 @@ def describe(path: str, *, rows: int = 0, position: int = 0, verify: bool = True
            if why not in ("ok", "size ok") and not why.startswith("not listed")]
     if bad:
         raise ShardCorruptError(f"{root}: {len(bad)} of {len(manifest.shards)} shard(s) damaged: " + "; ".join(bad))
+    if verify and kind == "teacher":
+        write_stamp(fs, root_inner, manifest.shards, by="inspect")
 
     m = manifest
     report: dict[str, Any] = {

@@ -1,6 +1,6 @@
 """TeacherDataset: random access by position or seq id to one teacher's cached targets.
 
-    ds = TeacherDataset.open("out/teacher-a")           # verifies size + sha256 of every shard
+    ds = TeacherDataset.open("out/teacher-a")           # sizes; sha256 of shards no stamp covers
     pos = ds.position_of(12345)                           # seq id -> position in 0..len(ds)-1
     cols = ds.read_columns([pos, 7], ["topk_ids", "topk_logprobs"])   # {"topk_ids": [2, L, k] int32, ...}
     batch = ds.read([pos, 7])                             # TeacherTargets
@@ -27,6 +27,7 @@ from storage.merge import open_manifest
 from storage.records import TeacherTargets
 from storage.schema import columns as schema_columns
 from storage.schema import from_columns
+from storage.stamps import VerifyReport, verify_shards
 
 MAX_OPEN_SHARDS = 64
 """Open shard readers kept per process (least recently used are dropped, and closed once no read uses them)."""
@@ -51,27 +52,22 @@ class TeacherDataset:
         self._readers: OrderedDict[int, tuple[object, threading.Lock]] = OrderedDict()
 
     @classmethod
-    def open(cls, path: str, *, verify: bool = True) -> TeacherDataset:
+    def open(cls, path: str, *, verify: bool | str = "stamp") -> TeacherDataset:
         """Open a teacher directory (manifest.json, or the merge of its slice manifests).
 
-        verify: check size and sha256 of every shard now (ShardCorruptError naming the file and why).
-        Without it, a damaged shard is still detected when read, wherever the format can tell.
+        verify: `full` (or True) checks size and sha256 of every shard now, `stamp` (default) sizes and the
+        sha256 of shards no verified stamp covers (storage/stamps.py), `off` sizes only (ShardCorruptError
+        naming the file and why); False checks nothing now. A damaged shard is still detected when read,
+        wherever the format can tell.
         """
         ds = cls(path, open_manifest(path))
-        if verify:
-            ds.verify()
+        if verify is not False:
+            ds.verify("full" if verify is True else verify)
         return ds
 
-    def verify(self) -> None:
-        """Raise ShardCorruptError for the first shard whose size or sha256 differ from the manifest."""
-        from tqdm.auto import tqdm
-
-        shards = self.manifest.shards
-        with tqdm(total=sum(s.bytes for s in shards), unit="B", unit_scale=True, desc="verify sha256",
-                  disable=None, leave=False) as bar:  # disable=None: no bar when stderr is not a terminal
-            for info in shards:
-                shard_io.check(self.fs, self.root, info)
-                bar.update(info.bytes)
+    def verify(self, mode: str = "full", *, by: str = "reader") -> VerifyReport:
+        """Check the shards under `mode` (storage/stamps.py); ShardCorruptError for the first bad one."""
+        return verify_shards(self.fs, self.root, self.manifest.shards, mode=mode, by=by)
 
     # ---- indexing ------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -52,6 +52,7 @@ from storage.manifest import (
 )
 from storage.records import TeacherTargets
 from storage.schema import to_columns
+from storage.stamps import write_stamp
 
 _STOP = object()
 _TEMP_RE = re.compile(r"^shard-(\d{6,})\.(parquet|zarr)\.tmp-\d+-[0-9a-f]+$")
@@ -299,6 +300,9 @@ class TargetsWriter:
             manifest.shards = [self.completed[i] for i in sorted(self.completed)]
             manifest.validate(output_manifest_name(manifest))
             self._slice_lock.verify()
+            # every listed sha256 was computed from the bytes on the filesystem (written now, or re-checked
+            # on resume), so readers may trust them without hashing again
+            write_stamp(self.fs, self.root, manifest.shards, by="precompute")
             sfs.atomic_write_text(self.fs, sfs.join(self.root, output_manifest_name(manifest)), manifest.to_json())
         finally:
             self._release_lock()

@@ -82,6 +82,10 @@ def parse_floats(option: str, text: str | None) -> tuple[float, ...] | None:
 @click.option("--prefetch-factor", type=int, default=2, show_default=True, help="Batches each worker loads ahead.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto = cuda when available (bf16 autocast), else cpu.")
+@click.option("--verify", type=click.Choice(["full", "stamp", "off"]), default="stamp", show_default=True,
+              help="How rank 0 checks the caches before step 1: sha256 of every shard (full), only of shards no "
+                   "verified stamp covers (stamp; precompute, inspect and merge --verify write stamps), or none "
+                   "(off). Sizes are always checked; --resume never re-hashes.")
 @click.option("--fsdp", is_flag=True, help="Under torchrun, shard the student with FSDP2 fully_shard instead of DDP.")
 def train_student_cmd(**kw) -> None:
     """Stage two: train a student from the cached targets of K teachers.
@@ -114,7 +118,7 @@ def train_student_cmd(**kw) -> None:
         grad_accum=kw["grad_accum"], eval_fraction=kw["eval_fraction"], eval_sequences=kw["eval_sequences"],
         eval_every=kw["eval_every"], save_every=kw["save_every"], log_every=kw["log_every"], resume=kw["resume"],
         seed=kw["seed"], split_seed=kw["split_seed"], num_workers=kw["num_workers"],
-        prefetch_factor=kw["prefetch_factor"], device=kw["device"], fsdp=kw["fsdp"])
+        prefetch_factor=kw["prefetch_factor"], device=kw["device"], fsdp=kw["fsdp"], verify=kw["verify"])
     result = run_train(cfg)
     if result and os.environ.get("RANK", "0") == "0":
         click.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()

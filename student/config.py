@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from storage.errors import ConfigError
 from storage.params import check_finite, check_weights
+from storage.stamps import VERIFY_MODES
 
 LOSSES = ("kd", "dkd")
 WEIGHTINGS = ("entropy", "uniform", "fixed")
@@ -167,6 +168,10 @@ class TrainConfig:
     """Sequences whose input_ids are compared across teachers at join time (each batch is checked too)."""
     device: str = "auto"
     """`auto` (cuda if available), `cpu` or `cuda`."""
+    verify: str = "stamp"
+    """How rank 0 checks the caches' shards before step 1: `full` (sha256 of every shard), `stamp` (sha256
+    only of shards no verified stamp covers; storage/stamps.py) or `off`; sizes are always checked. A
+    `--resume` applies `full` as `stamp`: the first run's check is on record."""
     fsdp: bool = False
     """Shard the student with FSDP2 `fully_shard` instead of DDP (under torchrun)."""
 
@@ -191,6 +196,8 @@ class TrainConfig:
             raise ConfigError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         if self.eval_sequences is not None and self.eval_sequences < 0:
             raise ConfigError(f"--eval-sequences must be >= 0, got {self.eval_sequences}")
+        if self.verify not in VERIFY_MODES:
+            raise ConfigError(f"--verify must be one of {', '.join(VERIFY_MODES)}, got {self.verify!r}")
         if self.device not in DEVICES:
             raise ConfigError(f"--device must be one of {DEVICES}, got {self.device!r}")
         if self.fsdp and self.loss.chunk_size is not None:

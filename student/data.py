@@ -23,14 +23,19 @@ from torch.utils.data import Dataset, Sampler
 from storage.errors import ConfigError, MismatchError
 from storage.manifest import JOIN_FIELDS
 from storage.reader import TeacherDataset
+from storage.stamps import VerifyReport
 from student.fusion import fuse_topk, teacher_weights
 
 log = logging.getLogger("student")
 
 
-def join_teachers(paths: Sequence[str], *, spot_check: int = 16, seed: int = 0) -> list[TeacherDataset]:
-    """Open and cross-check K teacher directories; the first is the reference the others must match."""
-    teachers = [TeacherDataset.open(p, verify=True) for p in paths]
+def join_teachers(paths: Sequence[str], *, spot_check: int = 16, seed: int = 0,
+                  verify: bool | str = "stamp") -> list[TeacherDataset]:
+    """Open and cross-check K teacher directories; the first is the reference the others must match.
+
+    verify: how each cache's shards are checked on open (`TeacherDataset.open`); False leaves it to the
+    caller (training verifies on rank 0 only, `verify_teachers`)."""
+    teachers = [TeacherDataset.open(p, verify=verify) for p in paths]
     ref, ref_path = teachers[0], paths[0]
     for other, path in zip(teachers[1:], paths[1:], strict=True):
         what = f"teachers {ref_path!r} and {path!r}"
@@ -56,6 +61,11 @@ def join_teachers(paths: Sequence[str], *, spot_check: int = 16, seed: int = 0) 
     if len(set(ks)) > 1:
         log.info("teachers store different top-k %s; each is compared on its own top-k plus tail", ks)
     return teachers
+
+
+def verify_teachers(teachers: Sequence[TeacherDataset], mode: str) -> list[VerifyReport]:
+    """Check every teacher's shards under `mode` (`full` / `stamp` / `off`, storage/stamps.py)."""
+    return [t.verify(mode, by="train-student") for t in teachers]
 
 
 def _describe_ids(a: np.ndarray, b: np.ndarray) -> str:

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from storage.errors import ConfigError, MismatchError, StorageError, UserError
+from storage.errors import ConfigError, MismatchError, ShardCorruptError, StorageError, UserError
 from storage.params import non_finite
 from student import data as sdata
 from student import model as smodel
@@ -120,7 +120,9 @@ class Trainer:
         self._setup_distributed()
         if self.rank == 0:
             _prepare_output(cfg.output)
-        self.teachers = sdata.join_teachers(cfg.teacher_data, spot_check=cfg.spot_check, seed=cfg.seed)
+        self.teachers = sdata.join_teachers(cfg.teacher_data, spot_check=cfg.spot_check, seed=cfg.seed,
+                                            verify=False)
+        self._verify_caches()
         m0 = self.teachers[0].manifest
         self.names = _unique_names([t.manifest.teacher.name for t in self.teachers])
         self.temperature = m0.temperature
@@ -477,6 +479,26 @@ class Trainer:
             dist.all_reduce(x)
             x = x / self.world
         return x.cpu()
+
+    def _verify_caches(self) -> None:
+        """Rank 0 checks the shards (`cfg.verify`; sizes always) and tells the other ranks the outcome, so a
+        damaged cache stops every rank with the same one-line error instead of leaving them waiting."""
+        mode = self.cfg.verify
+        if self.cfg.resume and mode == "full":
+            mode = "stamp"  # the first run hashed every shard and stamped it
+        problem: str | None = None
+        if self.rank == 0:
+            try:
+                for t, report in zip(self.teachers, sdata.verify_teachers(self.teachers, mode), strict=True):
+                    log.info("%s: %s", t.path, report.line(mode))
+            except ShardCorruptError as e:
+                problem = str(e)
+        if self.distributed:
+            box = [problem]
+            dist.broadcast_object_list(box, src=0)
+            problem = box[0]
+        if problem is not None:
+            raise ShardCorruptError(problem)
 
     def _barrier(self) -> None:
         if self.distributed:

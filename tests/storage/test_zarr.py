@@ -109,7 +109,7 @@ def test_flipped_byte_detected_without_verify(tmp_path):
     with pytest.raises(ShardCorruptError, match=r"shard-000001\.zarr: cannot decode array 'topk_logprobs'"):
         ds.read_columns([10], ["topk_logprobs"])
     with pytest.raises(ShardCorruptError, match=r"shard-000001\.zarr: sha256"):
-        TeacherDataset.open(str(tmp_path))
+        TeacherDataset.open(str(tmp_path), verify="full")
 
 
 def test_truncated_chunk_detected_without_verify(tmp_path):

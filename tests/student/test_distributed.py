@@ -78,3 +78,34 @@ def test_two_ranks_match_one_process(caches, single, tmp_path, mode):
         assert not set(r0) & set(r1) and sorted(r0 + r1) == sorted(one)
     _compare(single_metrics, metrics)
     assert (tmp_path / mode / "run" / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_two_ranks_hash_each_shard_once_and_resume_hashes_none(tmp_path):
+    """Acceptance: caches without a stamp are hashed once in total (by rank 0) under torchrun with 2
+    processes; the run stamps them, so `--resume` hashes none."""
+    caches = [str(make_cache(tmp_path / name, name=name, seed=seed, k=4, n=48)) for name, seed in (("a", 1), ("b", 2))]
+    shard_files = set()
+    for c in caches:
+        for stamp in Path(c).glob("verified-*.json"):
+            stamp.unlink()  # as if written by a version without stamps
+        shard_files |= {str(p) for p in Path(c).glob("shard-*.parquet")}
+    assert len(shard_files) > 2
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["--output", str(out / "run"), "--max-steps", "4", "--batch-size", "2", "--eval-sequences", "4",
+            "--eval-every", "0", "--num-workers", "0", "--device", "cpu"]
+    for c in caches:
+        args += ["--teacher-data", c]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    counts = []
+    for part in (["--stop-after", "2"], ["--resume"]):
+        proc = subprocess.run([*launcher, str(SCRIPT), str(out), *args, *part], cwd=REPO, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        per_rank = [json.loads((out / f"hashes-rank{r}.json").read_text()) for r in range(2)]
+        counts.append([len(h) for h in per_rank])
+        if part[0] == "--stop-after":
+            assert sorted(per_rank[0]) == sorted(shard_files) and per_rank[1] == []  # each shard exactly once
+    print(f"{len(shard_files)} shards; sha256 computations per rank: first run {counts[0]}, --resume {counts[1]}")
+    assert counts == [[len(shard_files), 0], [0, 0]]
