@@ -69,8 +69,10 @@ def parse_floats(option: str, text: str | None) -> tuple[float, ...] | None:
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per micro-batch per process.")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--eval-fraction", type=FINITE_FLOAT, default=0.05, show_default=True,
-              help="Fraction of cached sequences held out (never trained on) for evaluation.")
-@click.option("--eval-sequences", type=int, default=None, help="Held-out sequence count (overrides --eval-fraction).")
+              help="Fraction of cached sequences held out (never trained on) for evaluation, at most 512 "
+                   "sequences (evaluation stays a small share of step time; the log prints it).")
+@click.option("--eval-sequences", type=int, default=None,
+              help="Held-out sequence count (overrides --eval-fraction and its 512 cap; 0: no evaluation).")
 @click.option("--eval-every", type=int, default=50, show_default=True,
               help="Evaluate held-out perplexity and KL to the fused target every N steps (0: only at the end).")
 @click.option("--save-every", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: only at the end).")

@@ -24,6 +24,11 @@ MAX_SEED = 2**63 - 1
 """Seeds are in 0..MAX_SEED (torch.manual_seed takes 64-bit seeds; numpy refuses negative ones)."""
 
 
+EVAL_SEQUENCES_CAP = 512
+"""Most sequences `eval_fraction` holds out: evaluation stays a bounded share of step time on large caches
+(10B tokens at 2048: 5% would be 244k sequences, about 2x the training work between two evaluations)."""
+
+
 @dataclass(kw_only=True)
 class LossConfig:
     """Total loss L = lambda_kd * (KD or DKD) + (1 - lambda_kd) * CE + gamma_feat * L_feat."""
@@ -145,9 +150,11 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step (global batch = batch_size * grad_accum * world size)."""
     eval_fraction: float = 0.05
-    """Fraction of the cache's sequences held out for evaluation (ignored when eval_sequences is set)."""
+    """Fraction of the cache's sequences held out for evaluation, at most `EVAL_SEQUENCES_CAP` (512) of them
+    (ignored when eval_sequences is set)."""
     eval_sequences: int | None = None
-    """Number of sequences held out for evaluation (overrides eval_fraction; 0 disables evaluation)."""
+    """Number of sequences held out for evaluation (overrides eval_fraction and its cap; 0 disables
+    evaluation)."""
     eval_every: int = 50
     """Evaluate on the held-out slice every this many steps (and at the end; 0: only at the end)."""
     save_every: int = 0

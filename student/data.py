@@ -116,10 +116,13 @@ def check_weighting(teachers: Sequence[TeacherDataset], mode: str) -> None:
                         t.manifest.teacher.name)
 
 
-def split_positions(n: int, *, eval_fraction: float, eval_sequences: int | None,
-                    split_seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train positions, held-out positions), disjoint, both sorted; the held-out ones are a seeded sample."""
+def split_positions(n: int, *, eval_fraction: float, eval_sequences: int | None, split_seed: int,
+                    cap: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train positions, held-out positions), disjoint, both sorted; the held-out ones are a seeded sample:
+    `eval_sequences` of them, else round(eval_fraction * n) but at most `cap`."""
     n_eval = eval_sequences if eval_sequences is not None else int(round(eval_fraction * n))
+    if eval_sequences is None and cap is not None:
+        n_eval = min(n_eval, cap)
     if n_eval >= n:
         raise ConfigError(f"the held-out slice ({n_eval} sequences) leaves nothing to train on ({n} in the cache)")
     perm = np.random.default_rng(split_seed).permutation(n)

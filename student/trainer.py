@@ -44,7 +44,7 @@ from storage.errors import ConfigError, MismatchError, ShardCorruptError, Storag
 from storage.params import non_finite
 from student import data as sdata
 from student import model as smodel
-from student.config import TrainConfig
+from student.config import EVAL_SEQUENCES_CAP, TrainConfig
 from student.fusion import FusedTargets
 from student.losses import dkd_loss, feature_loss, next_token_ce, next_token_labels, sparse_kl
 
@@ -135,7 +135,8 @@ class Trainer:
         self.betas = list(lc.feat_weights) if lc.feat_weights is not None else [1.0] * len(self.teachers)
 
         train_pos, eval_pos = sdata.split_positions(len(self.teachers[0]), eval_fraction=cfg.eval_fraction,
-                                                    eval_sequences=cfg.eval_sequences, split_seed=cfg.split_seed)
+                                                    eval_sequences=cfg.eval_sequences, split_seed=cfg.split_seed,
+                                                    cap=EVAL_SEQUENCES_CAP)
         ds_kw = dict(weighting=lc.teacher_weighting, fixed_weights=lc.teacher_weights,
                      entropy_eps=lc.entropy_eps, pooled_layers=self.pool_layers)
         self.train_set = sdata.DistillDataset(self.teachers, train_pos, **ds_kw)
@@ -295,6 +296,7 @@ class Trainer:
             if not any(os.path.isfile(os.path.join(cfg.output, "final", f)) for f in smodel.WEIGHT_FILES):
                 self._save_final()  # killed between the last checkpoint and the final save
             return self._last_logged()
+        self._eval_mark = time.perf_counter()
         if self.step == 0 and cfg.eval_every and self.eval_set.positions.size:
             last = self._log_eval()
         t_log, steps_since_log = time.perf_counter(), 0
@@ -368,8 +370,20 @@ class Trainer:
         return {"eval_kl": kl, "eval_ce": ce, "eval_ppl": math.exp(min(ce, 50.0))}
 
     def _log_eval(self) -> dict[str, float]:
+        """Evaluate, and record its time against the time spent since the previous evaluation (training,
+        logging, checkpoints): `eval_seconds` and `eval_share` in metrics.jsonl and the log."""
+        t0 = time.perf_counter()
+        since = t0 - self._eval_mark
         res = {"step": self.step, "split": "eval", **self.evaluate()}
+        seconds = time.perf_counter() - t0
+        self._eval_mark = time.perf_counter()
+        res.update(eval_seconds=round(seconds, 3),
+                   eval_share=round(seconds / (seconds + since), 4) if self.step > 0 else None)
         self._write_metrics(res)
+        if self.rank == 0:
+            share = "" if res["eval_share"] is None else f", {100 * res['eval_share']:.1f}% of the time since the last one"
+            log.info("step %d: held-out evaluation of %d sequences took %.2f s%s", self.step,
+                     self.eval_set.positions.size * self.world, seconds, share)
         return res
 
     # ---- checkpoints ---------------------------------------------------------------------------

@@ -89,6 +89,22 @@ def test_split_is_disjoint_and_seeded():
         split_positions(5, eval_fraction=0.0, eval_sequences=5, split_seed=0)
 
 
+def test_default_held_out_set_is_capped():
+    """5% of a 10B-token cache at seq_len 2048 (4.9M sequences) would be 244k held-out sequences; the
+    default holds out at most 512, and an explicit --eval-sequences lifts the cap."""
+    from student.config import EVAL_SEQUENCES_CAP, TrainConfig
+
+    n = 10_000_000_000 // 2048
+    cfg = TrainConfig(teacher_data=["x"], output="o")
+    _, ev = split_positions(n, eval_fraction=cfg.eval_fraction, eval_sequences=cfg.eval_sequences, split_seed=0,
+                            cap=EVAL_SEQUENCES_CAP)
+    assert EVAL_SEQUENCES_CAP == 512 and len(ev) == 512
+    _, small = split_positions(1000, eval_fraction=0.05, eval_sequences=None, split_seed=0, cap=512)
+    assert len(small) == 50
+    _, explicit = split_positions(n, eval_fraction=0.05, eval_sequences=2000, split_seed=0, cap=512)
+    assert len(explicit) == 2000
+
+
 def test_sampler_splits_ranks_like_one_big_batch():
     one = EpochBatchSampler(50, 6, seed=3)
     ranks = [EpochBatchSampler(50, 3, rank=r, world_size=2, seed=3) for r in range(2)]

@@ -32,7 +32,10 @@ def test_kd_lowers_heldout_kl_against_ce_only(stage_one, tmp_path):
     first = _metrics(tmp_path / "kd")[0]
     print(f"held-out KL to the fused target: start {first['eval_kl']:.4f}, CE-only {ce['eval_kl']:.4f}, "
           f"KD {kd['eval_kl']:.4f}; perplexity CE-only {ce['eval_ppl']:.1f}, KD {kd['eval_ppl']:.1f}")
-    assert first["step"] == 0 and first["split"] == "eval"
+    assert first["step"] == 0 and first["split"] == "eval" and first["eval_share"] is None
+    later = [m for m in _metrics(tmp_path / "kd") if m["split"] == "eval"][1:]
+    print("held-out evaluation share of the time since the previous one:", [m["eval_share"] for m in later])
+    assert later and all(0 < m["eval_share"] < 1 and m["eval_seconds"] > 0 for m in later)
     # both start from the same seeded student; KD must cut the held-out KL to the fused target by >= 30%
     # relative to CE-only training (measured: see the report; CE-only hardly moves it)
     assert kd["eval_kl"] < 0.7 * ce["eval_kl"], (kd, ce)
