@@ -21,9 +21,26 @@ from storage.errors import StorageError
 _BLOCK = 8 << 20  # bytes read per step when hashing
 
 
+_DRIVER_EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
+
+
 def resolve(path: str) -> tuple[AbstractFileSystem, str]:
-    """(filesystem, path inside it) for a local path or an fsspec URL."""
-    fs, inner = fsspec.core.url_to_fs(str(path))
+    """(filesystem, path inside it) for a local path or an fsspec URL.
+
+    StorageError (one line) for an unknown protocol, or an object store whose driver is not installed,
+    naming the package extra that installs it."""
+    try:
+        fs, inner = fsspec.core.url_to_fs(str(path))
+    except ImportError as e:
+        protocol = str(path).split("://", 1)[0]
+        package, extra = _DRIVER_EXTRAS.get(protocol, (None, None))
+        hint = (f"install {package}: pip install -e '.[{extra}]' from the checkout" if package
+                else f"{str(e).strip().splitlines()[0]}")
+        raise StorageError(f"{path}: {protocol}:// needs a driver that is not installed; {hint}") from None
+    except ValueError as e:
+        if "Protocol not known" not in str(e):
+            raise
+        raise StorageError(f"{path}: {e}") from None
     return fs, inner.rstrip("/") or inner
 
 

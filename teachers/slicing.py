@@ -2,7 +2,10 @@
 
 Slice s of N reads the corpus partitions p with p % N == s and computes every shard in them
 (storage/manifest.py), so slices are disjoint and their union is the whole run. Defaults, in order: explicit options; torchrun (`RANK`, `WORLD_SIZE`);
-SLURM (`SLURM_PROCID`, `SLURM_NTASKS`); else a single slice.
+an srun step (`SLURM_PROCID`, `SLURM_STEP_NUM_TASKS`: the processes actually started); else a single slice.
+
+A batch script run directly by sbatch (no srun) sees `SLURM_PROCID=0` and the allocation's `SLURM_NTASKS`
+but is one process: taking slice 0 of N would silently leave N-1 slices undone, so that is refused.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections.abc import Mapping
 
 from storage.errors import ConfigError
 
-_ENV_PAIRS = (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"))
+_ENV_PAIRS = (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS"))
 
 
 def resolve_slice(num_shards: int | None = None, shard_index: int | None = None,
@@ -34,6 +37,12 @@ def resolve_slice(num_shards: int | None = None, shard_index: int | None = None,
                     shard_index = rank
                 source = f"{rank_var}/{size_var}"
                 break
+    if (num_shards is None or shard_index is None) and source == "--num-shards/--shard-index":
+        ntasks = env.get("SLURM_NTASKS", "1")
+        if "SLURM_JOB_ID" in env and "SLURM_STEP_NUM_TASKS" not in env and ntasks.isdigit() and int(ntasks) > 1:
+            raise ConfigError(f"inside a Slurm allocation of {ntasks} tasks but not in an srun step: this single "
+                              f"process would compute only slice 0 of {ntasks}; launch it with srun, or pass "
+                              "--num-shards and --shard-index")
     if num_shards is None:
         num_shards = 1
     if shard_index is None:

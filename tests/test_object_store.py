@@ -124,3 +124,21 @@ def _cli(*args: str) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, f"cli.py {args[0]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize(("url", "extra"), [("s3://bucket/cache", "s3"), ("gs://bucket/cache", "gcs")])
+def test_missing_object_store_driver_is_one_line_before_any_model_loads(tmp_path, url, extra):
+    """Without s3fs / gcsfs, precompute stops in one line naming the extra; the teacher path does not even
+    exist, so a model load attempted first would have failed with a different message."""
+    import importlib.util
+
+    if importlib.util.find_spec({"s3": "s3fs", "gcs": "gcsfs"}[extra]) is not None:
+        pytest.skip(f"the {extra} driver is installed here")
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "a b c"}\n', encoding="utf-8")
+    r = subprocess.run([sys.executable, "cli.py", "precompute", "--teacher", str(tmp_path / "no-such-teacher"),
+                        "--dataset", str(corpus), "--output", url], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {url}: ") and f".[{extra}]" in lines[0], r.stderr
