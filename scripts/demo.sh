@@ -88,7 +88,7 @@ stage 6/6 "evaluate on $EVAL_TOKENS held-out tokens (data/corpus/validation.json
 TEACHER_ARGS=()
 for t in "${TEACHERS[@]}"; do TEACHER_ARGS+=(--teacher "$t=$OUT/teachers/$t"); done
 "$PY" cli.py evaluate --student "distilled=$OUT/runs/distilled/final" --student "ce-only=$OUT/runs/ce-only/final" \
-  "${TEACHER_ARGS[@]}" --data data/corpus/validation.jsonl --max-tokens "$EVAL_TOKENS" --seq-len "$SEQ" \
+  "${TEACHER_ARGS[@]}" --dataset data/corpus/validation.jsonl --max-tokens "$EVAL_TOKENS" --seq-len "$SEQ" \
   --bleu-prompts 3 --prompt-tokens 24 --new-tokens 24 --bootstrap 2000 --output "$OUT/eval.json"
 
 "$PY" - "$OUT/eval.json" "${TEACHERS[0]}" <<'EOF'

@@ -11,9 +11,10 @@ import click
               help="Decode this many sequences (from the first) and show their targets at --position.")
 @click.option("--position", type=click.IntRange(min=0), default=0, show_default=True,
               help="Token position inside each decoded sequence whose top-k, mass and entropy are shown.")
-@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of every shard (existence is still checked).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check the sha256 of every shard (and record a verified stamp); --no-verify checks sizes only.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-def inspect_cmd(path: str, rows: int, position: int, no_verify: bool, as_json: bool) -> None:
+def inspect_cmd(path: str, rows: int, position: int, verify: bool, as_json: bool) -> None:
     """Describe a teacher directory or a single shard at PATH (local path or fsspec URL).
 
     Shows schema, rows, tokens, bytes/token, k, dtypes, teacher metadata and the sha256 status of every
@@ -24,13 +25,14 @@ def inspect_cmd(path: str, rows: int, position: int, no_verify: bool, as_json: b
 
     from storage.describe import describe, format_report
 
-    report = describe(path, rows=rows, position=position, verify=not no_verify)
+    report = describe(path, rows=rows, position=position, verify=verify)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
 @click.command("merge")
 @click.argument("path")
-@click.option("--verify", is_flag=True, help="Also check size and sha256 of every shard before writing.")
+@click.option("--verify/--no-verify", default=False, show_default=True,
+              help="Also check the sha256 of every shard before writing (and record a verified stamp).")
 def merge_cmd(path: str, verify: bool) -> None:
     """Merge the slice manifests in teacher directory PATH into manifest.json.
 

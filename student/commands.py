@@ -6,6 +6,7 @@ import os
 
 import click
 
+from storage.devices import DeviceParam
 from storage.errors import ConfigError
 from storage.params import FINITE_FLOAT, FLOAT_LIST, parse_float_list
 
@@ -82,8 +83,9 @@ def parse_floats(option: str, text: str | None) -> tuple[float, ...] | None:
 @click.option("--split-seed", type=int, default=0, show_default=True, help="Seed that picks the held-out sequences.")
 @click.option("--num-workers", type=int, default=2, show_default=True, help="DataLoader worker processes (0: none).")
 @click.option("--prefetch-factor", type=int, default=2, show_default=True, help="Batches each worker loads ahead.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="auto = cuda when available (bf16 autocast), else cpu.")
+@click.option("--device", type=DeviceParam(), default="auto", show_default=True,
+              help="auto = cuda when available (bf16 autocast; under torchrun cuda:LOCAL_RANK), else cpu; "
+                   "cuda:N for one process on GPU N.")
 @click.option("--verify", type=click.Choice(["full", "stamp", "off"]), default="stamp", show_default=True,
               help="How rank 0 checks the caches before step 1: sha256 of every shard (full), only of shards no "
                    "verified stamp covers (stamp; precompute, inspect and merge --verify write stamps), or none "
@@ -129,10 +131,13 @@ def train_student_cmd(**kw) -> None:
 
 @click.command("plot")
 @click.argument("run_dir")
-@click.option("--out", default=None,
+@click.option("--output", default=None,
               help="Image path (default RUN_DIR/curves.png); .png is appended when it has no extension.")
-def plot_cmd(run_dir: str, out: str | None) -> None:
+@click.option("--out", "out_alias", default=None, hidden=True, help="Old spelling of --output.")
+def plot_cmd(run_dir: str, output: str | None, out_alias: str | None) -> None:
     """Draw the training and held-out curves of RUN_DIR (its metrics.jsonl) to a PNG."""
     from student.plotting import plot_run
 
-    click.echo(plot_run(run_dir, out))
+    if output is not None and out_alias is not None:
+        raise ConfigError("give --output once (--out is its old spelling)")
+    click.echo(plot_run(run_dir, output or out_alias))

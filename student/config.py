@@ -10,12 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from storage.errors import ConfigError
-from storage.params import check_finite, check_weights
+from storage.params import check_device, check_finite, check_weights
 from storage.stamps import VERIFY_MODES
 
 LOSSES = ("kd", "dkd")
 WEIGHTINGS = ("entropy", "uniform", "fixed")
-DEVICES = ("auto", "cpu", "cuda")
 MAX_WORKERS = 256
 """More DataLoader workers than this is refused as a typo (each is a process)."""
 MAX_LR = 1e6
@@ -174,7 +173,7 @@ class TrainConfig:
     spot_check: int = 16
     """Sequences whose input_ids are compared across teachers at join time (each batch is checked too)."""
     device: str = "auto"
-    """`auto` (cuda if available), `cpu` or `cuda`."""
+    """`auto` (cuda if available; under torchrun cuda:LOCAL_RANK), `cpu`, `cuda` or `cuda:N` (one process)."""
     verify: str = "stamp"
     """How rank 0 checks the caches' shards before step 1: `full` (sha256 of every shard), `stamp` (sha256
     only of shards no verified stamp covers; storage/stamps.py) or `off`; sizes are always checked. A
@@ -205,8 +204,7 @@ class TrainConfig:
             raise ConfigError(f"--eval-sequences must be >= 0, got {self.eval_sequences}")
         if self.verify not in VERIFY_MODES:
             raise ConfigError(f"--verify must be one of {', '.join(VERIFY_MODES)}, got {self.verify!r}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"--device must be one of {DEVICES}, got {self.device!r}")
+        check_device("--device", self.device)
         if self.fsdp and self.loss.chunk_size is not None:
             raise ConfigError("--loss-chunk-size is not supported with --fsdp (use DDP)")
         k = len(self.teacher_data)

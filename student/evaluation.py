@@ -29,6 +29,7 @@ from typing import Any
 
 import click
 
+from storage.devices import DEVICE_HELP, DeviceParam
 from storage.errors import ConfigError, MismatchError, StorageError, UserError
 from storage.params import FLOAT_LIST, check_device, check_finite, check_weights
 
@@ -73,8 +74,8 @@ class EvalConfig:
     """Paired-bootstrap replicates for the first student against each other one (0: none)."""
     seed: int = 0
     """Seed of the bootstrap."""
-    device: str = "cpu"
-    """`cpu`, `cuda`, `cuda:N` or `auto`."""
+    device: str = "auto"
+    """`auto` (cuda when available), `cpu`, `cuda` or `cuda:N`."""
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -82,11 +83,11 @@ class EvalConfig:
             raise ConfigError("give at least one --student")
         if (self.data is None) == (not self.teacher_data):
             raise ConfigError(
-                "give held-out text with --data or held-out caches with --teacher-data (exactly one)"
+                "give held-out text with --dataset or held-out caches with --teacher-data (exactly one)"
             )
         if self.teachers and self.data is None:
             raise ConfigError(
-                "--teacher models need --data (with --teacher-data the KL comes from the caches)"
+                "--teacher models need --dataset (with --teacher-data the KL comes from the caches)"
             )
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"weighting is {self.weighting!r}, expected one of {', '.join(WEIGHTINGS)}")
@@ -625,10 +626,12 @@ def format_table(result: dict[str, Any]) -> str:
     help="Student model directory, or LABEL=DIR; repeat to compare several students in one table.",
 )
 @click.option(
-    "--data",
+    "--dataset",
+    "data",
     default=None,
     help="Held-out text (jsonl, jsonl.gz, parquet, txt), packed with the student's tokenizer.",
 )
+@click.option("--data", "data_alias", default=None, hidden=True, help="Old spelling of --dataset.")
 @click.option(
     "--text-field", default="text", show_default=True, help="Field holding the text in jsonl/parquet files."
 )
@@ -648,7 +651,7 @@ def format_table(result: dict[str, Any]) -> str:
     default=None,
     help="Tokenizer directory or .gguf file (default: the first student's directory).",
 )
-@click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per packed window (--data only).")
+@click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per packed window (--dataset only).")
 @click.option(
     "--max-tokens", type=int, default=None, help="Evaluate at most this many tokens (whole windows)."
 )
@@ -680,10 +683,11 @@ def format_table(result: dict[str, Any]) -> str:
                    "student and each other one: perplexity, NLL and KL to the fused target with 95% intervals "
                    "(0: skip).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--device", type=DeviceParam(), default="auto", show_default=True, help=DEVICE_HELP)
 def evaluate_cmd(
     students: tuple[str, ...],
     data: str | None,
+    data_alias: str | None,
     text_field: str,
     teachers: tuple[str, ...],
     teacher_data: tuple[str, ...],
@@ -703,6 +707,9 @@ def evaluate_cmd(
 ) -> None:
     """Evaluate students on held-out text: perplexity, KL to each teacher and to the fused target,
     top-1 agreement with the fused target, BLEU of greedy continuations."""
+    if data is not None and data_alias is not None:
+        raise ConfigError("give --dataset once (--data is its old spelling)")
+    data = data if data is not None else data_alias
     weights = list(fixed_weights) if fixed_weights else None
     cfg = EvalConfig(
         students=list(students),

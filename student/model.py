@@ -136,11 +136,14 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(layers) if layers is not None else []
 
 
-def save_student(model: torch.nn.Module, out: str, tokenizer: str | None) -> None:
-    """save_pretrained the student (and the tokenizer, if given) so AutoModelForCausalLM loads `out`."""
+def save_student(model: torch.nn.Module, out: str, tokenizer: Any | None) -> None:
+    """save_pretrained the student (and the tokenizer, if given: a loaded tokenizer or its path) so
+    AutoModelForCausalLM and AutoTokenizer load `out`."""
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out)
-    if tokenizer is not None:
+    if isinstance(tokenizer, str):
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from storage.errors import ConfigError, MismatchError, ShardCorruptError, StorageError, UserError
+from storage.manifest import Manifest
 from storage.params import non_finite
 from student import data as sdata
 from student import model as smodel
@@ -157,7 +158,10 @@ class Trainer:
         self.eval_loader = self._loader(self.eval_set, eval_batches, persistent=False)
         self.tokens_per_step = cfg.batch_size * m0.seq_len * cfg.grad_accum * self.world
 
-        self.special_ids = _special_ids(cfg.tokenizer, m0.tokenizer_fingerprint)
+        self.tokenizer = _final_tokenizer(cfg.tokenizer, m0)
+        self.special_ids = ({} if self.tokenizer is None else
+                            {"bos_token_id": self.tokenizer.bos_token_id, "eos_token_id": self.tokenizer.eos_token_id,
+                             "pad_token_id": self.tokenizer.pad_token_id})
         student = smodel.build_student(cfg.student, vocab_size=m0.vocab_size, seq_len=m0.seq_len,
                                        seed=cfg.seed, special_ids=self.special_ids)
         if cfg.freeze_embeddings or cfg.freeze_lm_head:
@@ -189,13 +193,18 @@ class Trainer:
 
     def _setup_distributed(self) -> None:
         cfg = self.cfg
-        use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-        if cfg.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda was requested but CUDA is not available")
+        use_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {cfg.device} was requested but CUDA is not available")
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.distributed = self.world > 1
         self.rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
+        if cfg.device.startswith("cuda:"):
+            if self.world > 1:
+                raise ConfigError(f"--device {cfg.device} under torchrun: each rank uses cuda:LOCAL_RANK; pass "
+                                  "--device cuda (or auto)")
+            local = int(cfg.device.split(":", 1)[1])
         if self.distributed and not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo")
         if cfg.fsdp and not self.distributed:
@@ -483,7 +492,7 @@ class Trainer:
                 student.load_state_dict({k[len("student."):]: v for k, v in model_sd.items()
                                          if k.startswith("student.")})
             with _writing(os.path.join(self.cfg.output, "final")):
-                smodel.save_student(student, os.path.join(self.cfg.output, "final"), self.cfg.tokenizer)
+                smodel.save_student(student, os.path.join(self.cfg.output, "final"), self.tokenizer)
         self._barrier()
 
     # ---- helpers -------------------------------------------------------------------------------
@@ -576,20 +585,44 @@ def _unique_names(names: list[str]) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
 
 
-def _special_ids(tokenizer: str | None, fingerprint: str) -> dict[str, int | None]:
-    """EOS/BOS/PAD ids of --tokenizer, after checking it is the tokenizer the caches were made with."""
-    if tokenizer is None:
-        return {}
+def _final_tokenizer(tokenizer: str | None, m: Manifest) -> Any | None:
+    """The tokenizer saved beside the final student (its EOS/BOS/PAD ids go into the student's config):
+    --tokenizer, after checking it is the one the caches were made with; else the caches' own tokenizer
+    (the path precompute recorded, with the teacher's GGUF file when it came from there). When that one
+    cannot be loaded here, or is not the caches' tokenizer, the student is saved without one, with a warning."""
     from transformers import AutoTokenizer
 
     from teachers.packing import tokenizer_fingerprint
 
-    tok = AutoTokenizer.from_pretrained(tokenizer)
+    explicit = tokenizer is not None
+    gguf = None
+    if not explicit:
+        tokenizer = m.notes.get("tokenizer")
+        if not tokenizer:
+            log.warning("the caches do not record their tokenizer; the final student is saved without one "
+                        "(pass --tokenizer)")
+            return None
+        gguf = m.teacher.gguf_file if tokenizer == m.teacher.path else None
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(tokenizer)
+    except (OSError, ValueError) as e:
+        if explicit:
+            raise ConfigError(f"--tokenizer {tokenizer}: cannot load ({str(e).strip().splitlines()[0]})") from None
+        log.warning("the caches' tokenizer %s cannot be loaded here (%s); the final student is saved without "
+                    "one (pass --tokenizer)", tokenizer, str(e).strip().splitlines()[0])
+        return None
     got = tokenizer_fingerprint(tok)
-    if got != fingerprint:
-        raise MismatchError(f"--tokenizer {tokenizer} and the teachers differ in 'tokenizer_fingerprint': "
-                            f"{got[:12]}... vs {fingerprint[:12]}...", "tokenizer_fingerprint", (got, fingerprint))
-    return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    if got != m.tokenizer_fingerprint:
+        if explicit:
+            raise MismatchError(f"--tokenizer {tokenizer} and the teachers differ in 'tokenizer_fingerprint': "
+                                f"{got[:12]}... vs {m.tokenizer_fingerprint[:12]}...", "tokenizer_fingerprint",
+                                (got, m.tokenizer_fingerprint))
+        log.warning("the tokenizer at %s is no longer the one the caches were made with; the final student is "
+                    "saved without one (pass --tokenizer)", tokenizer)
+        return None
+    if not explicit:
+        log.info("final student's tokenizer: the caches' own, %s", tokenizer)
+    return tok
 
 
 def _adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import click
 
+from storage.devices import DeviceParam
 from storage.params import FINITE_FLOAT, non_finite
 from teachers.config import BACKENDS, COMPILE_CHOICES, DTYPES, FORMATS, HEAD_KERNELS, LOGPROB_DTYPES
 
@@ -69,8 +70,9 @@ def _sigterm_as_exit() -> Iterator[None]:
               help="hf: transformers (exact entropy, pooled states); vllm: optional extra, top-k log-probs only.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="Teacher compute dtype; auto = bfloat16 on GPU, float32 on CPU.")
-@click.option("--device", default="auto", show_default=True,
-              help="auto (cuda:LOCAL_RANK if CUDA is available, else cpu), cpu, cuda or cuda:N.")
+@click.option("--device", type=DeviceParam(), default="auto", show_default=True,
+              help="auto (cuda:LOCAL_RANK, or cuda:SLURM_LOCALID under srun, if CUDA is available, else cpu), "
+                   "cpu, cuda or cuda:N.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub.")
 @click.option("--backend-option", "backend_options", multiple=True, callback=_options, metavar="KEY=VALUE",
               help="Backend-specific setting, repeatable (vllm: tensor_parallel_size=2, hidden_from=hf, "

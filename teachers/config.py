@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from storage.errors import ConfigError
 from storage.manifest import FORMATS, LOGPROB_DTYPES, MANTISSA_BITS
-from storage.params import check_finite
+from storage.params import check_device, check_finite
 
 BACKENDS = ("hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -121,8 +121,7 @@ class TeacherConfig:
             self.name = self.path.rstrip("/").split("/")[-1] or self.path
         _choice("backend", self.backend, BACKENDS)
         _choice("dtype", self.dtype, DTYPES)
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"device is {self.device!r}, expected auto, cpu, cuda or cuda:N")
+        check_device("device", self.device)
         _positive("batch_size", self.batch_size)
         _positive("batch_tokens", self.batch_tokens, optional=True)
         _positive("top_k", self.top_k)

@@ -70,7 +70,8 @@ def test_kill_and_resume_is_bitwise(stage_one, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_mod.Trainer, "_losses", original)
     assert max(m["step"] for m in _metrics(tmp_path / "cut")) == 6
     run_train(replace(broken, resume=True))
-    assert _metrics(tmp_path / "cut") == [{**m, "tokens_per_s": r["tokens_per_s"]} if "tokens_per_s" in m else m
+    timing = ("tokens_per_s", "eval_seconds", "eval_share")  # wall-clock figures, not results
+    assert _metrics(tmp_path / "cut") == [{**m, **{k: r[k] for k in timing if k in m}}
                                           for m, r in zip(full, _metrics(tmp_path / "cut"), strict=True)]
 
 
@@ -116,3 +117,18 @@ def test_chunked_loss_refuses_dkd_and_fsdp(stage_one, tmp_path):
         LossConfig(chunk_size=0)
     with pytest.raises(ConfigError, match="fsdp"):
         _cfg(stage_one, tmp_path / "x", fsdp=True, loss=LossConfig(chunk_size=64))
+
+
+def test_final_student_gets_the_caches_tokenizer_by_default(stage_one, tmp_path):
+    """Without --tokenizer, the tokenizer precompute recorded is saved beside the final student, so
+    `evaluate` (which packs text with the student's tokenizer) works on it."""
+    from transformers import AutoTokenizer
+
+    from storage.reader import TeacherDataset
+    from teachers.packing import tokenizer_fingerprint
+
+    cfg = _cfg(stage_one, tmp_path / "run", tokenizer=None, max_steps=2, eval_every=0, log_every=1)
+    run_train(cfg)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "run" / "final"))
+    cache = TeacherDataset.open(stage_one["caches"][0], verify=False).manifest
+    assert tokenizer_fingerprint(tok) == cache.tokenizer_fingerprint
