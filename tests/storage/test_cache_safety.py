@@ -58,7 +58,7 @@ def _dead_pid() -> int:
 def test_other_settings_never_touch_a_finished_cache(tmp_path, change, field, values):
     def header(num_slices=1, teacher_dtype="float32", head_chunk_size=64, device="cpu", **kw):
         h = make_header(num_slices=num_slices, notes={"backend": {"head_chunk_size": head_chunk_size,
-                                                                  "device": device}}, **kw)
+                                                                  "device": device}}, schema_version=2, **kw)
         h.teacher.dtype = teacher_dtype
         return h
 
@@ -89,7 +89,7 @@ def test_other_slices_ledgers_and_merged_manifests_are_compared(tmp_path):
     again, _ = write_run(str(tmp_path), make_header(slice_index=0, num_slices=2), rows=[8, 8, 8])
     assert [s.index for s in again.shards] == [0, 2]
     with pytest.raises(MismatchError, match=r"manifest.json differ in 'num_slices': 1 vs 2"):
-        TargetsWriter(str(tmp_path), make_header())
+        TargetsWriter(str(tmp_path), make_header(schema_version=1))  # the sliced helper caches are schema v1
 
 
 def test_a_live_writer_with_other_slicing_is_refused(tmp_path):
