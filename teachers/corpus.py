@@ -300,7 +300,12 @@ def _iter_jsonl_range(path: str, start: int, stop: int, text_field: str, stats: 
                               f"{str(e).splitlines()[0]}") from None
         column = table.column(0)
         for chunk in column.chunks:
-            yield from _check_column(path, chunk, text_field, row)
+            try:
+                texts = _check_column(path, chunk, text_field, row)
+            except UnicodeDecodeError as e:
+                raise CorpusError(f"{path}: not UTF-8 text near row {row}{where} ({e.reason}); convert the file "
+                                  "to UTF-8") from None
+            yield from texts
             row += len(chunk)
 
 
