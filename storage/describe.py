@@ -48,7 +48,8 @@ def describe(path: str, *, rows: int = 0, position: int = 0, verify: bool = True
     report: dict[str, Any] = {
         "path": path, "kind": kind, "format": m.format, "schema_version": m.schema_version,
         "teacher": copy.deepcopy(m.teacher.__dict__), "vocab_size": m.vocab_size, "seq_len": m.seq_len,
-        "top_k": m.top_k, "temperature": m.temperature, "logprob_dtype": m.logprob_dtype,
+        "top_k": m.top_k, "target_kind": m.target_kind, "samples": m.samples, "sample_seed": m.sample_seed,
+        "temperature": m.temperature, "logprob_dtype": m.logprob_dtype,
         "logprob_mantissa_bits": m.logprob_mantissa_bits,
         "entropy_kind": m.entropy_kind, "pooled_dims": {str(k): v for k, v in m.pooled_dims.items()},
         "tokenizer_fingerprint": m.tokenizer_fingerprint, "corpus_fingerprint": m.corpus_fingerprint,
@@ -109,6 +110,17 @@ def _decode_rows(ds: TeacherDataset, rows: int, position: int) -> list[dict[str,
     cols = ds.read_columns(np.arange(min(rows, len(ds))))
     out = []
     for i in range(cols["seq_id"].shape[0]):
+        if m.target_kind == "sampled":
+            counts = cols["sample_counts"][i, position].astype(np.int64)
+            keep = counts > 0
+            out.append({
+                "seq_id": int(cols["seq_id"][i]), "position": position,
+                "input_id": int(cols["input_ids"][i, position]),
+                "next_input_id": int(cols["input_ids"][i, position + 1]) if position + 1 < m.seq_len else None,
+                "sample_ids": cols["sample_ids"][i, position][keep].tolist(), "sample_counts": counts[keep].tolist(),
+                "entropy": float(cols["entropy"][i, position]) if "entropy" in cols else None,
+            })
+            continue
         lp = cols["topk_logprobs"][i, position].astype(np.float64)
         row = {
             "seq_id": int(cols["seq_id"][i]), "position": position,
@@ -130,6 +142,14 @@ def _size(n: int) -> str:
     return f"{n:.1f} TiB"
 
 
+def _targets_text(r: dict[str, Any]) -> str:
+    """The kind of targets: `kind=topk top_k=64 log-probs=float16 (...)` or `kind=sampled samples=16 ...`."""
+    if r.get("target_kind", "topk") == "sampled":
+        return f"kind=sampled  samples={r['samples']} (distinct ids + uint16 counts, target = count / N)"
+    return (f"kind=topk  top_k={r['top_k']}  log-probs={r['logprob_dtype']}"
+            + (f" ({r['logprob_mantissa_bits']} mantissa bits)" if r.get("logprob_mantissa_bits") else ""))
+
+
 def format_report(r: dict[str, Any]) -> str:
     """Human-readable text of a describe() report."""
     t = r["teacher"]
@@ -143,10 +163,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"format       {r['format']} (schema v{r['schema_version']}), {len(r['shards'])} shard(s) of "
         f"{r['shard_size']} sequences, {r['num_slices']} slice(s)",
         f"size         {r['sequences']} sequences, {r['tokens']} tokens, {_size(r['bytes'])}, {bpt} bytes/token",
-        f"targets      seq_len={r['seq_len']}  top_k={r['top_k']}  vocab={r['vocab_size']}  "
-        f"temperature={r['temperature']}  log-probs={r['logprob_dtype']}"
-        + (f" ({r['logprob_mantissa_bits']} mantissa bits)" if r.get("logprob_mantissa_bits") else "")
-        + f"  entropy={r['entropy_kind']}",
+        f"targets      seq_len={r['seq_len']}  " + _targets_text(r) + f"  vocab={r['vocab_size']}  "
+        f"temperature={r['temperature']}  entropy={r['entropy_kind']}",
         f"pooled       {pooled}",
         f"fingerprints tokenizer={r['tokenizer_fingerprint'][:16]}  corpus={r['corpus_fingerprint'][:16]}",
         "columns",
@@ -160,11 +178,23 @@ def format_report(r: dict[str, Any]) -> str:
         ids = f"{s['first_seq_id']}..{s['last_seq_id']}"
         lines.append(f"  {s['index']:>6}  {s['file']:<22} {s['rows']:>6}  {ids:<17} {_size(s['bytes']):>10}  "
                      f"{s['sha256'][:12]}  {s['status']}")
+    if r["target_kind"] == "sampled":
+        lines.append(f"seed rule    {r['sample_seed']}")
     for row in r["rows"]:
+        entropy = f"{row['entropy']:.4f}" if row["entropy"] is not None else "absent"
+        if "sample_ids" in row:
+            n = sum(row["sample_counts"])
+            shown = ", ".join(f"{i}:{c}" for i, c in zip(row["sample_ids"][:SHOWN_TOPK],
+                                                         row["sample_counts"][:SHOWN_TOPK], strict=True))
+            more = " ..." if len(row["sample_ids"]) > SHOWN_TOPK else ""
+            lines.append(f"seq {row['seq_id']} position {row['position']}: input {row['input_id']} -> next "
+                         f"{row['next_input_id']}; {len(row['sample_ids'])} distinct of {n} draws; entropy "
+                         f"{entropy} nats")
+            lines.append(f"  sampled id:count  {shown}{more}")
+            continue
         shown = ", ".join(f"{i}:{lp:.3f}" for i, lp in zip(row["topk_ids"][:SHOWN_TOPK],
                                                           row["topk_logprobs"][:SHOWN_TOPK], strict=True))
         more = " ..." if len(row["topk_ids"]) > SHOWN_TOPK else ""
-        entropy = f"{row['entropy']:.4f}" if row["entropy"] is not None else "absent"
         lines.append(f"seq {row['seq_id']} position {row['position']}: input {row['input_id']} -> next "
                      f"{row['next_input_id']}; top-k mass {row['topk_mass']:.4f}; entropy {entropy} nats")
         lines.append(f"  top-k id:log-prob  {shown}{more}")

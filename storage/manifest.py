@@ -36,6 +36,15 @@ LOGPROB_DTYPES = ("float16", "float32")
 MANTISSA_BITS = {"float16": 10, "float32": 23}
 """Explicit mantissa bits of each log-prob storage dtype (the most `logprob_mantissa_bits` can keep)."""
 ENTROPY_KINDS = ("exact", "estimate", "absent")
+TARGET_KINDS = ("topk", "sampled")
+"""`topk`: the k largest log-probs per position; `sampled`: N draws from the teacher's softmax, stored as
+distinct ids with their counts (the target is count / N)."""
+MAX_SAMPLES = 65535
+"""Most draws per position a sampled cache can hold (counts are uint16)."""
+SAMPLE_SEED_RULE = ("splitmix64-v1: key = first 8 bytes (little-endian) of sha256(corpus_fingerprint NUL "
+                    "teacher.name NUL teacher.path); r = sm(sm(sm(key) ^ seq_id) ^ position); draw j uses "
+                    "u = (sm(r + (j + 1) * 0x9E3779B97F4A7C15) >> 11) * 2**-53 (sm: the SplitMix64 finaliser)")
+"""The seed rule recorded in a sampled cache's manifest (teachers/sampling.py implements it)."""
 MANIFEST_NAME = "manifest.json"
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -138,7 +147,7 @@ class Manifest:
     seq_len: int
     """Tokens per packed sequence (L)."""
     top_k: int
-    """Stored top-k per position (k)."""
+    """Slots per position: k of a top-k cache; N (= `samples`) of a sampled cache."""
     temperature: float = 1.0
     """Temperature tau the log-probs were normalised at."""
     logprob_dtype: str = "float16"
@@ -146,6 +155,14 @@ class Manifest:
     logprob_mantissa_bits: int | None = None
     """Mantissa bits kept in each stored log-prob (rounded to nearest, ties to even; the dropped low bits are
     zero, so the column compresses better). None: the dtype's full precision (float16 10, float32 23)."""
+    target_kind: str = "topk"
+    """`topk` (columns topk_ids, topk_logprobs) or `sampled` (columns sample_ids, sample_counts). A manifest
+    without the field is a top-k cache; a top-k manifest does not write the field, so its JSON and its shards'
+    headers are what they were before sampled caches existed."""
+    samples: int | None = None
+    """Draws per position of a sampled cache (N); None for top-k."""
+    sample_seed: str | None = None
+    """How the draws are seeded (SAMPLE_SEED_RULE), so they can be reproduced; None for top-k."""
     entropy_kind: str = "exact"
     """`exact` (full-vocab entropy), `estimate` (from top-k plus tail; see notes) or `absent`."""
     pooled_layers: list[int] = field(default_factory=list)
@@ -189,7 +206,8 @@ class Manifest:
 
     def column_names(self) -> list[str]:
         """Columns of schema v1 present in this teacher's shards."""
-        cols = ["seq_id", "input_ids", "topk_ids", "topk_logprobs"]
+        cols = ["seq_id", "input_ids"]
+        cols += ["sample_ids", "sample_counts"] if self.target_kind == "sampled" else ["topk_ids", "topk_logprobs"]
         if self.entropy_kind != "absent":
             cols.append("entropy")
         cols += [f"pooled_{layer}" for layer in self.pooled_layers]
@@ -199,6 +217,9 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["pooled_dims"] = {str(k): v for k, v in self.pooled_dims.items()}
+        if self.target_kind == "topk":
+            for name in ("target_kind", "samples", "sample_seed"):
+                del d[name]
         return d
 
     def to_json(self) -> str:
@@ -265,13 +286,25 @@ class Manifest:
                                  or not 1 <= bits <= MANTISSA_BITS[self.logprob_dtype]):
             raise bad("logprob_mantissa_bits", f"is {bits!r}, expected null or an integer in "
                       f"1..{MANTISSA_BITS[self.logprob_dtype]} for {self.logprob_dtype}")
+        if self.target_kind not in TARGET_KINDS:
+            raise bad("target_kind", f"is {self.target_kind!r}, expected one of {TARGET_KINDS}")
+        if self.target_kind == "sampled":
+            n = self.samples
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SAMPLES:
+                raise bad("samples", f"is {n!r}, expected an integer in 1..{MAX_SAMPLES} for a sampled cache")
+            if self.top_k != n:
+                raise bad("top_k", f"({self.top_k}) must equal samples ({n}) in a sampled cache")
+            if not self.sample_seed:
+                raise bad("sample_seed", "is missing (a sampled cache records its seed rule)")
+        elif self.samples is not None or self.sample_seed is not None:
+            raise bad("samples", "is set but target_kind is 'topk'")
         if self.entropy_kind not in ENTROPY_KINDS:
             raise bad("entropy_kind", f"is {self.entropy_kind!r}, expected one of {ENTROPY_KINDS}")
         for name in ("vocab_size", "seq_len", "top_k", "shard_size", "num_slices", "num_partitions"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise bad(name, f"must be a positive integer, got {value!r}")
-        if self.top_k > self.vocab_size:
+        if self.top_k > self.vocab_size and self.target_kind == "topk":
             raise bad("top_k", f"({self.top_k}) exceeds vocab_size ({self.vocab_size})")
         if not (0 <= self.slice_index < self.num_slices):
             raise bad("slice_index", f"({self.slice_index}) is outside 0..{self.num_slices - 1}")
@@ -310,7 +343,8 @@ class Manifest:
 RUN_FIELDS: tuple[str, ...] = (
     "schema_version", "format", "teacher.name", "teacher.path", "teacher.revision", "teacher.gguf_file",
     "teacher.dtype", "teacher.backend", "tokenizer_fingerprint", "vocab_size", "seq_len", "top_k",
-    "temperature", "logprob_dtype", "logprob_mantissa_bits", "entropy_kind", "pooled_layers", "corpus_fingerprint", "shard_size", "num_partitions",
+    "target_kind", "samples", "sample_seed", "temperature", "logprob_dtype", "logprob_mantissa_bits",
+    "entropy_kind", "pooled_layers", "corpus_fingerprint", "shard_size", "num_partitions",
 )
 
 # Settings kept in `notes` (dotted paths below `notes`) that change shard bytes without being a manifest

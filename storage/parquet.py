@@ -25,7 +25,8 @@ from storage.schema import HEADER_KEY, INDEX_KEY, Column, check_seq_ids, columns
 
 ROWS_PER_ROW_GROUP = 1
 ZSTD_LEVEL = 3
-BYTE_STREAM_SPLIT: tuple[str, ...] = ("input_ids", "topk_ids", "topk_logprobs", "entropy")
+BYTE_STREAM_SPLIT: tuple[str, ...] = ("input_ids", "topk_ids", "topk_logprobs", "entropy", "sample_ids",
+                                     "sample_counts")
 """Columns written with BYTE_STREAM_SPLIT ("pooled_*" would match every pooled layer). Chosen per column by
 benchmarks/storage.py at L=512, k=64: it shrinks topk_ids by 13%, topk_logprobs (float16) by 25%, entropy
 and input_ids a little, and leaves pooled float32 states unchanged (so they stay PLAIN). See RESULTS.md."""

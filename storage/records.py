@@ -1,6 +1,7 @@
 """Typed records that flow between the stages.
 
-Shapes use B = sequences in the batch, L = seq_len, k = top-k, d = hidden size of a pooled layer.
+Shapes use B = sequences in the batch, L = seq_len, k = top-k (or N = draws of a sampled cache), d = hidden
+size of a pooled layer.
 """
 
 from __future__ import annotations
@@ -21,14 +22,28 @@ class TeacherTargets:
     """[B] int64 global sequence ids."""
     input_ids: np.ndarray
     """[B, L] int32 packed tokens."""
-    topk_ids: np.ndarray
-    """[B, L, k] int32 top-k next-token ids, sorted by descending log-prob."""
-    topk_logprobs: np.ndarray
-    """[B, L, k] float32 (or float16) log-probs normalised over the full vocab at temperature tau."""
+    topk_ids: np.ndarray | None
+    """[B, L, k] int32 top-k next-token ids, sorted by descending log-prob (None in a sampled record)."""
+    topk_logprobs: np.ndarray | None
+    """[B, L, k] float32 (or float16) log-probs normalised over the full vocab at temperature tau (None in a
+    sampled record)."""
     entropy: np.ndarray | None
     """[B, L] float32 exact entropy (nats) of the full next-token distribution; None if the backend cannot give it."""
     pooled: dict[int, np.ndarray] = field(default_factory=dict)
     """layer index -> [B, d] float32 mean-pooled hidden state of that layer."""
+    sample_ids: np.ndarray | None = None
+    """[B, L, N] int32 distinct ids among N draws from the teacher's softmax at tau, by descending count
+    (ties: ascending id); slots past the distinct ones repeat slot 0's id with count 0. None in a top-k record."""
+    sample_counts: np.ndarray | None = None
+    """[B, L, N] uint16 draws of each `sample_ids` slot (0 at padding); each row sums to N, and count / N is the
+    unbiased estimate of the teacher's probability. None in a top-k record."""
+
+    _ARRAYS = ("seq_ids", "input_ids", "topk_ids", "topk_logprobs", "entropy", "sample_ids", "sample_counts")
+
+    @property
+    def sampled(self) -> bool:
+        """True for a sampled record (sample_ids / sample_counts), False for a top-k one."""
+        return self.sample_ids is not None
 
     def __len__(self) -> int:
         return int(self.seq_ids.shape[0])
@@ -39,9 +54,14 @@ class TeacherTargets:
         assert self.seq_ids.dtype == np.int64 and self.seq_ids.shape == (b,)
         assert self.input_ids.dtype == np.int32 and self.input_ids.ndim == 2 and self.input_ids.shape[0] == b
         seq_len = self.input_ids.shape[1]
-        assert self.topk_ids.dtype == np.int32 and self.topk_ids.shape[:2] == (b, seq_len)
-        assert self.topk_logprobs.shape == self.topk_ids.shape
-        assert self.topk_logprobs.dtype in (np.float16, np.float32)
+        if self.sampled:
+            assert self.topk_ids is None and self.topk_logprobs is None and self.sample_counts is not None
+            assert self.sample_ids.dtype == np.int32 and self.sample_ids.shape[:2] == (b, seq_len)
+            assert self.sample_counts.dtype == np.uint16 and self.sample_counts.shape == self.sample_ids.shape
+        else:
+            assert self.topk_ids.dtype == np.int32 and self.topk_ids.shape[:2] == (b, seq_len)
+            assert self.topk_logprobs.shape == self.topk_ids.shape
+            assert self.topk_logprobs.dtype in (np.float16, np.float32)
         if self.entropy is not None:
             assert self.entropy.dtype == np.float32 and self.entropy.shape == (b, seq_len)
         for layer, arr in self.pooled.items():
@@ -49,24 +69,15 @@ class TeacherTargets:
 
     def slice(self, start: int, stop: int) -> TeacherTargets:
         """Rows [start, stop) as a new record (views, no copy)."""
-        return TeacherTargets(
-            seq_ids=self.seq_ids[start:stop],
-            input_ids=self.input_ids[start:stop],
-            topk_ids=self.topk_ids[start:stop],
-            topk_logprobs=self.topk_logprobs[start:stop],
-            entropy=None if self.entropy is None else self.entropy[start:stop],
-            pooled={layer: arr[start:stop] for layer, arr in self.pooled.items()},
-        )
+        arrays = {name: None if getattr(self, name) is None else getattr(self, name)[start:stop]
+                  for name in self._ARRAYS}
+        return TeacherTargets(**arrays, pooled={layer: arr[start:stop] for layer, arr in self.pooled.items()})
 
     @staticmethod
     def concat(parts: list[TeacherTargets]) -> TeacherTargets:
         """Concatenate records along the sequence axis."""
         first = parts[0]
-        return TeacherTargets(
-            seq_ids=np.concatenate([p.seq_ids for p in parts]),
-            input_ids=np.concatenate([p.input_ids for p in parts]),
-            topk_ids=np.concatenate([p.topk_ids for p in parts]),
-            topk_logprobs=np.concatenate([p.topk_logprobs for p in parts]),
-            entropy=None if first.entropy is None else np.concatenate([p.entropy for p in parts]),
-            pooled={layer: np.concatenate([p.pooled[layer] for p in parts]) for layer in first.pooled},
-        )
+        arrays = {name: None if getattr(first, name) is None else np.concatenate([getattr(p, name) for p in parts])
+                  for name in TeacherTargets._ARRAYS}
+        return TeacherTargets(**arrays, pooled={layer: np.concatenate([p.pooled[layer] for p in parts])
+                                                for layer in first.pooled})

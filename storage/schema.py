@@ -8,6 +8,12 @@
 | entropy         | float32 (absent if entropy_kind == "absent") | (L,) |
 | pooled_<layer>  | float32 (float16 if manifest.notes["pooled_dtype"] == "float16") | (d,) |
 
+A sampled cache (manifest.target_kind == "sampled", N = manifest.samples = manifest.top_k) stores, in place of
+topk_ids and topk_logprobs:
+
+| sample_ids      | int32                        | (L, N)           |  distinct drawn ids, by descending count
+| sample_counts   | uint16                       | (L, N)           |  draws per slot (0 at padding); rows sum to N
+
 Parquet stores each non-scalar column as fixed_size_list<dtype>[prod(shape)] (row-major); Zarr stores arrays of
 shape [N, *shape]. Both formats embed `shard_header(manifest)` (the run description without the shard list)
 so a single shard file describes itself.
@@ -49,12 +55,12 @@ def pooled_dtype(m: Manifest) -> np.dtype:
 def columns(m: Manifest) -> dict[str, Column]:
     """Name -> Column of every column in this manifest's shards, in schema order."""
     L, k = m.seq_len, m.top_k
-    cols = [
-        Column("seq_id", np.dtype(np.int64), ()),
-        Column("input_ids", np.dtype(np.int32), (L,)),
-        Column("topk_ids", np.dtype(np.int32), (L, k)),
-        Column("topk_logprobs", np.dtype(m.logprob_dtype), (L, k)),
-    ]
+    cols = [Column("seq_id", np.dtype(np.int64), ()), Column("input_ids", np.dtype(np.int32), (L,))]
+    if m.target_kind == "sampled":
+        cols += [Column("sample_ids", np.dtype(np.int32), (L, k)), Column("sample_counts", np.dtype(np.uint16), (L, k))]
+    else:
+        cols += [Column("topk_ids", np.dtype(np.int32), (L, k)),
+                 Column("topk_logprobs", np.dtype(m.logprob_dtype), (L, k))]
     if m.entropy_kind != "absent":
         cols.append(Column("entropy", np.dtype(np.float32), (L,)))
     for layer in m.pooled_layers:
@@ -109,8 +115,13 @@ def to_columns(targets: TeacherTargets, m: Manifest) -> dict[str, np.ndarray]:
         "input_ids": targets.input_ids,
         "topk_ids": targets.topk_ids,
         "topk_logprobs": targets.topk_logprobs,
+        "sample_ids": targets.sample_ids,
+        "sample_counts": targets.sample_counts,
         "entropy": targets.entropy,
     }
+    if targets.sampled != (m.target_kind == "sampled"):
+        raise StorageError(f"{'sampled' if targets.sampled else 'top-k'} targets do not fit a manifest with "
+                           f"target_kind={m.target_kind!r}")
     extra = sorted(set(targets.pooled) - set(m.pooled_layers))
     if extra:
         raise StorageError(f"targets have pooled layer(s) {extra} not in the manifest's pooled_layers "
@@ -125,12 +136,13 @@ def to_columns(targets: TeacherTargets, m: Manifest) -> dict[str, np.ndarray]:
     for name, col in cols.items():
         arr = given[name]
         if arr is None:
-            raise StorageError(f"targets lack {name!r} (manifest entropy_kind={m.entropy_kind!r})")
+            raise StorageError(f"targets lack {name!r} (manifest entropy_kind={m.entropy_kind!r}, "
+                               f"target_kind={m.target_kind!r})")
         arr = np.asarray(arr)
         if arr.shape != (n, *col.shape):
             raise StorageError(f"{name} has shape {tuple(arr.shape)}, expected {(n, *col.shape)} "
                                f"(seq_len={m.seq_len}, top_k={m.top_k})")
-        if name in ("seq_id", "input_ids", "topk_ids") and not np.issubdtype(arr.dtype, np.integer):
+        if name in ("seq_id", "input_ids", "topk_ids", "sample_ids", "sample_counts") and not np.issubdtype(arr.dtype, np.integer):
             raise StorageError(f"{name} has dtype {arr.dtype}, expected an integer dtype")
         if not np.issubdtype(arr.dtype, np.number):
             raise StorageError(f"{name} has dtype {arr.dtype}, expected a numeric dtype")
@@ -158,10 +170,12 @@ def from_columns(data: dict[str, np.ndarray], m: Manifest) -> TeacherTargets:
     return TeacherTargets(
         seq_ids=data["seq_id"],
         input_ids=data["input_ids"],
-        topk_ids=data["topk_ids"],
-        topk_logprobs=data["topk_logprobs"],
+        topk_ids=data.get("topk_ids"),
+        topk_logprobs=data.get("topk_logprobs"),
         entropy=data.get("entropy"),
         pooled={layer: data[f"pooled_{layer}"] for layer in m.pooled_layers},
+        sample_ids=data.get("sample_ids"),
+        sample_counts=data.get("sample_counts"),
     )
 
 

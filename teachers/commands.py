@@ -9,7 +9,8 @@ import click
 
 from storage.devices import DeviceParam
 from storage.params import FINITE_FLOAT, non_finite
-from teachers.config import BACKENDS, COMPILE_CHOICES, DTYPES, FORMATS, HEAD_KERNELS, LOGPROB_DTYPES
+from teachers.config import (BACKENDS, COMPILE_CHOICES, DTYPES, FORMATS, HEAD_KERNELS, LOGPROB_DTYPES,
+                             TARGET_KINDS)
 
 
 def _layers(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
@@ -94,6 +95,13 @@ def _sigterm_as_exit() -> Iterator[None]:
                    "the corpus fingerprint: caches to be joined need the same value.")
 @click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per packed sequence.")
 @click.option("--top-k", type=int, default=64, show_default=True, help="Top-k log-probs stored per token.")
+@click.option("--targets", type=click.Choice(TARGET_KINDS), default="topk", show_default=True,
+              help="topk: the --top-k largest log-probs per token (the tail is lumped, a biased target); sampled: "
+                   "--samples draws from the teacher's full softmax, stored as distinct ids and counts (count / N "
+                   "is an unbiased estimate; seeded per corpus, teacher, sequence and position, so re-runs, "
+                   "slices and resumes are byte-identical). hf backend only.")
+@click.option("--samples", type=int, default=16, show_default=True,
+              help="Draws per token with --targets sampled (1..65535).")
 @click.option("--temperature", type=FINITE_FLOAT, default=1.0, show_default=True,
               help="Store log-probs and entropy of softmax(logits / temperature).")
 @click.option("--pool-layers", default="-1", show_default=True, callback=_layers,
@@ -143,7 +151,8 @@ def precompute_cmd(**o: object) -> None:
         teacher=TeacherConfig(path=o["teacher"], name=o["teacher_name"], gguf_file=o["gguf_file"],
                               revision=o["revision"], tokenizer=o["tokenizer"], backend=o["backend"],
                               dtype=o["dtype"], device=o["device"], batch_size=o["batch_size"],
-                              batch_tokens=o["batch_tokens"], top_k=o["top_k"], temperature=o["temperature"],
+                              batch_tokens=o["batch_tokens"], top_k=o["top_k"], targets=o["targets"],
+                              samples=o["samples"], temperature=o["temperature"],
                               head_chunk_size=o["head_chunk_size"], compile_head=o["compile_head"],
                               head_kernel=o["head_kernel"], pool_layers=o["pool_layers"],
                               trust_remote_code=o["trust_remote_code"], backend_options=o["backend_options"]),

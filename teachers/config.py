@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass, field
 
 from storage.errors import ConfigError
-from storage.manifest import FORMATS, LOGPROB_DTYPES, MANTISSA_BITS
+from storage.manifest import FORMATS, LOGPROB_DTYPES, MANTISSA_BITS, MAX_SAMPLES, TARGET_KINDS
 from storage.params import check_device, check_finite
 
 BACKENDS = ("hf", "vllm")
@@ -90,7 +90,12 @@ class TeacherConfig:
     batch_tokens: int | None = None
     """If set, sequences per forward = max(1, batch_tokens // seq_len), overriding `batch_size`."""
     top_k: int = 64
-    """Top-k next-token log-probs stored per position."""
+    """Top-k next-token log-probs stored per position (`targets` topk)."""
+    targets: str = "topk"
+    """`topk`: the top_k largest log-probs per position (biased: the tail is lumped); `sampled`: `samples`
+    draws from the full softmax, stored as distinct ids and counts (an unbiased estimate; teachers/sampling.py)."""
+    samples: int = 16
+    """Draws per position when `targets` is `sampled` (1..65535)."""
     temperature: float = 1.0
     """Temperature tau: stored log-probs and entropy are those of softmax(logits / tau)."""
     head_chunk_size: int = 1024
@@ -125,6 +130,13 @@ class TeacherConfig:
         _positive("batch_size", self.batch_size)
         _positive("batch_tokens", self.batch_tokens, optional=True)
         _positive("top_k", self.top_k)
+        _choice("targets", self.targets, TARGET_KINDS)
+        _positive("samples", self.samples)
+        if self.samples > MAX_SAMPLES:
+            raise ConfigError(f"samples must be at most {MAX_SAMPLES} (counts are stored as uint16), got {self.samples}")
+        if self.targets == "sampled" and self.backend != "hf":
+            raise ConfigError(f"targets 'sampled' needs the full softmax, which the {self.backend} backend does not "
+                              "give; use --backend hf")
         _positive("head_chunk_size", self.head_chunk_size)
         _choice("compile_head", self.compile_head, COMPILE_CHOICES)
         _choice("head_kernel", self.head_kernel, HEAD_KERNELS)
@@ -198,6 +210,11 @@ class PrecomputeConfig:
             raise ConfigError(f"shard_index must be a non-negative integer, got {self.shard_index!r}")
         if self.num_shards is not None and self.shard_index is not None and self.shard_index >= self.num_shards:
             raise ConfigError(f"shard_index {self.shard_index} must be < num_shards {self.num_shards}")
+
+    @property
+    def slots(self) -> int:
+        """Id slots stored per position: top_k, or samples for sampled targets."""
+        return self.teacher.samples if self.teacher.targets == "sampled" else self.teacher.top_k
 
     @property
     def batch_size(self) -> int:

@@ -123,6 +123,8 @@ class HFBackend:
         self._hooks = [layers[i].register_forward_hook(self._hook(i)) for i in self.pooled_layers
                        if i != self.num_layers - 1]  # the last layer is the backbone's output
         self._checked = False
+        self.sample_key: int | None = None
+        """Key of the sampled targets' draws (teachers.sampling.sample_key); set by run_precompute."""
         self.profile = False
         """When True, `timings` accumulates seconds in the backbone and in the head (synchronising CUDA)."""
         self.timings = {"backbone_s": 0.0, "head_s": 0.0, "tokens": 0}
@@ -180,15 +182,15 @@ class HFBackend:
             t0 = self._clock()
             hidden = self.final_hidden(ids)  # [B, L, H] model dtype
             t1 = self._clock()
-            top_ids, top_lp, entropy = self._head(hidden.reshape(b * seq_len, -1).to(self.weight.device), k)
+            flat = hidden.reshape(b * seq_len, -1).to(self.weight.device)
+            if self.cfg.targets == "sampled":
+                return self._sampled(batch, flat, pooled_from=hidden, t0=t0, t1=t1)
+            top_ids, top_lp, entropy = self._head(flat, k)
             if self.profile:
                 self.timings["backbone_s"] += t1 - t0
                 self.timings["head_s"] += self._clock() - t1
                 self.timings["tokens"] += b * seq_len
-            pooled = {}
-            for layer in self.pooled_layers:
-                state = hidden.float().mean(dim=1) if layer == self.num_layers - 1 else self._captured[layer]
-                pooled[layer] = state.cpu().numpy()  # [B, d] float32
+            pooled = self._pooled_states(hidden)
         return TeacherTargets(
             seq_ids=np.asarray(batch.seq_ids, dtype=np.int64),
             input_ids=np.asarray(batch.input_ids, dtype=np.int32),
@@ -196,6 +198,39 @@ class HFBackend:
             topk_logprobs=top_lp.reshape(b, seq_len, k).cpu().numpy(),
             entropy=entropy.reshape(b, seq_len).cpu().numpy(),
             pooled=pooled,
+        )
+
+    def _pooled_states(self, hidden: Any) -> dict[int, np.ndarray]:
+        """{layer: [B, d] float32} from the final hidden states [B, L, H] and the hooks' captures."""
+        return {layer: (hidden.float().mean(dim=1) if layer == self.num_layers - 1 else self._captured[layer])
+                .cpu().numpy() for layer in self.pooled_layers}
+
+    def _sampled(self, batch: PackedBatch, flat: Any, *, pooled_from: Any, t0: float, t1: float) -> TeacherTargets:
+        """Sampled targets of one batch (inside compute's inference mode); flat [B * L, H] final hidden states."""
+        import torch
+
+        from teachers.sampling import draw_uniforms, sampled_head
+
+        if self.sample_key is None:
+            raise RuntimeError("sampled targets need backend.sample_key (run_precompute sets it)")
+        b, seq_len, n = len(batch), batch.input_ids.shape[1], self.cfg.samples
+        uniforms = torch.from_numpy(draw_uniforms(self.sample_key, batch.seq_ids, seq_len, n))
+        ids, counts, entropy = sampled_head(
+            flat, self.weight, uniforms=uniforms, temperature=self.cfg.temperature,
+            chunk_size=self.cfg.head_chunk_size, bias=self.bias, logit_scale=self.logit_scale, softcap=self.softcap,
+            compile=self.compile_head)
+        if self.profile:
+            self.timings["backbone_s"] += t1 - t0
+            self.timings["head_s"] += self._clock() - t1
+            self.timings["tokens"] += b * seq_len
+        return TeacherTargets(
+            seq_ids=np.asarray(batch.seq_ids, dtype=np.int64),
+            input_ids=np.asarray(batch.input_ids, dtype=np.int32),
+            topk_ids=None, topk_logprobs=None,
+            entropy=entropy.reshape(b, seq_len).cpu().numpy(),
+            pooled=self._pooled_states(pooled_from),
+            sample_ids=ids.reshape(b, seq_len, n).cpu().numpy(),
+            sample_counts=counts.reshape(b, seq_len, n).cpu().numpy().astype(np.uint16),
         )
 
     def _clock(self) -> float:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from storage.errors import ConfigError
-from storage.manifest import SHARDS_PER_PARTITION, Manifest
+from storage.manifest import SAMPLE_SEED_RULE, SHARDS_PER_PARTITION, Manifest
 from storage.records import TeacherTargets
 from teachers.config import PrecomputeConfig
 from teachers.packing import PackedBatch, PackStats
@@ -137,6 +137,7 @@ def _run_slice(cfg: PrecomputeConfig, backend: TeacherBackend | None, slice_inde
     from teachers.corpus import ReadStats, corpus_fingerprint, corpus_partitions
     from teachers.packing import load_tokenizer, tokenizer_fingerprint
     from teachers.slicing import owns_partition
+    from teachers.sampling import sample_key
 
     t_cfg, s_cfg = cfg.teacher, cfg.storage
     corpus_fp, corpus_desc = corpus_fingerprint(cfg.corpus)
@@ -151,11 +152,18 @@ def _run_slice(cfg: PrecomputeConfig, backend: TeacherBackend | None, slice_inde
                                trust_remote_code=t_cfg.trust_remote_code)
     if backend is None:
         backend = create_backend(t_cfg, seq_len=cfg.seq_len)
-    if t_cfg.top_k > backend.vocab_size:
+    sampled = t_cfg.targets == "sampled"
+    if t_cfg.top_k > backend.vocab_size and not sampled:
         raise ConfigError(f"top_k {t_cfg.top_k} exceeds the teacher's vocab size {backend.vocab_size}")
+    info = backend.info()
+    if sampled:
+        # the draws of position (seq id, t) are keyed by this run's corpus and teacher (SAMPLE_SEED_RULE)
+        backend.sample_key = sample_key(corpus_fp, info.name, info.path)
     header = Manifest(
-        format=s_cfg.format, teacher=backend.info(), tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-        vocab_size=backend.vocab_size, seq_len=cfg.seq_len, top_k=t_cfg.top_k, temperature=t_cfg.temperature,
+        format=s_cfg.format, teacher=info, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        vocab_size=backend.vocab_size, seq_len=cfg.seq_len, top_k=cfg.slots, temperature=t_cfg.temperature,
+        target_kind=t_cfg.targets, samples=t_cfg.samples if sampled else None,
+        sample_seed=SAMPLE_SEED_RULE if sampled else None,
         logprob_dtype=s_cfg.logprob_dtype, logprob_mantissa_bits=s_cfg.manifest_mantissa_bits,
         entropy_kind=backend.entropy_kind,
         pooled_layers=sorted(backend.pooled_dims), pooled_dims=dict(backend.pooled_dims),

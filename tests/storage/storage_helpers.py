@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from storage.manifest import Manifest, TeacherInfo
+from storage.manifest import SAMPLE_SEED_RULE, Manifest, TeacherInfo
 from storage.records import TeacherTargets
 
 
@@ -17,6 +17,9 @@ def make_header(*, fmt: str = "parquet", seq_len: int = 16, top_k: int = 4, shar
     is exercised by the partition tests, which pass `schema_version=2, num_partitions=...`."""
     pooled = {2: 8, 5: 12} if pooled is None else pooled
     extra.setdefault("schema_version", 1 if num_slices > 1 else 2)
+    if extra.get("target_kind") == "sampled":
+        extra.setdefault("samples", top_k)
+        extra.setdefault("sample_seed", SAMPLE_SEED_RULE)
     return Manifest(
         format=fmt, teacher=TeacherInfo(name="tiny", path="/models/tiny"), tokenizer_fingerprint="tok" * 4,
         vocab_size=100, seq_len=seq_len, top_k=top_k, logprob_dtype=logprob_dtype, entropy_kind=entropy_kind,
@@ -34,15 +37,25 @@ def make_targets(header: Manifest, index: int, rows: int | None = None, seed: in
     first = index * header.shard_size
     logits = rng.standard_normal((rows, L, k)) * 3
     logprobs = -np.sort(-(logits - np.log(np.exp(logits).sum(-1, keepdims=True)) - 0.5), axis=-1)
-    return TeacherTargets(
+    common = dict(
         seq_ids=np.arange(first, first + rows, dtype=np.int64),
         input_ids=rng.integers(0, V, (rows, L), dtype=np.int32),
-        topk_ids=rng.integers(0, V, (rows, L, k), dtype=np.int32),
-        topk_logprobs=logprobs.astype(logprob_dtype),
         entropy=None if header.entropy_kind == "absent" else rng.random((rows, L), dtype=np.float32) * 4,
         pooled={layer: rng.standard_normal((rows, d)).astype(np.float32)
                 for layer, d in header.pooled_dims.items()},
     )
+    if header.target_kind == "sampled":
+        import torch
+
+        from teachers.sampling import counts_of
+
+        draws = torch.from_numpy(rng.integers(0, V, (rows * L, header.samples)))
+        ids, counts = counts_of(draws)
+        return TeacherTargets(**common, topk_ids=None, topk_logprobs=None,
+                              sample_ids=ids.numpy().reshape(rows, L, k),
+                              sample_counts=counts.numpy().astype(np.uint16).reshape(rows, L, k))
+    return TeacherTargets(**common, topk_ids=rng.integers(0, V, (rows, L, k), dtype=np.int32),
+                          topk_logprobs=logprobs.astype(logprob_dtype))
 
 
 def write_run(output: str, header: Manifest, rows: list[int] | None = None,
@@ -65,12 +78,19 @@ def write_run(output: str, header: Manifest, rows: list[int] | None = None,
 
 def assert_targets_equal(got: TeacherTargets, want: TeacherTargets, header: Manifest) -> None:
     """Bit-for-bit equality (after the cast to the stored log-prob dtype)."""
-    stored = np.dtype(header.logprob_dtype)
-    assert got.topk_logprobs.dtype == stored
     np.testing.assert_array_equal(got.seq_ids, want.seq_ids)
     np.testing.assert_array_equal(got.input_ids, want.input_ids)
-    np.testing.assert_array_equal(got.topk_ids, want.topk_ids)
-    assert got.topk_logprobs.tobytes() == want.topk_logprobs.astype(stored).tobytes()
+    if header.target_kind == "sampled":
+        assert got.topk_ids is None and got.topk_logprobs is None
+        assert got.sample_ids.dtype == np.int32 and got.sample_counts.dtype == np.uint16
+        assert got.sample_ids.tobytes() == want.sample_ids.tobytes()
+        assert got.sample_counts.tobytes() == want.sample_counts.tobytes()
+        assert (got.sample_counts.sum(-1) == header.samples).all()
+    else:
+        stored = np.dtype(header.logprob_dtype)
+        assert got.topk_logprobs.dtype == stored
+        np.testing.assert_array_equal(got.topk_ids, want.topk_ids)
+        assert got.topk_logprobs.tobytes() == want.topk_logprobs.astype(stored).tobytes()
     if want.entropy is None:
         assert got.entropy is None
     else:

@@ -32,10 +32,28 @@ def test_inspect_directory(tmp_path, fmt):
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "19 sequences, 304 tokens" in out and "bytes/token" in out
-    assert "top_k=4" in out and "log-probs=float16" in out and "entropy=exact" in out
+    assert "kind=topk  top_k=4" in out and "log-probs=float16" in out and "entropy=exact" in out
     assert "teacher      tiny" in out and "pooled       2 (d=8), 5 (d=12)" in out
     assert out.count(" ok\n") + out.endswith(" ok") >= 2 and f"shard-000002.{fmt}" in out
     assert "seq 1 position 3:" in out and "top-k mass" in out
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "zarr"])
+def test_inspect_shows_a_sampled_cache(tmp_path, fmt):
+    m, written = write_run(str(tmp_path), make_header(fmt=fmt, target_kind="sampled", top_k=6))
+    result = _run("inspect", tmp_path, "--rows", 2, "--position", 3)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "kind=sampled  samples=6" in out and "seed rule    splitmix64-v1" in out
+    assert "sample_counts" in out and "uint16" in out and "top-k mass" not in out
+    keep = written.sample_counts[1, 3] > 0
+    shown = ", ".join(f"{i}:{c}" for i, c in zip(written.sample_ids[1, 3][keep], written.sample_counts[1, 3][keep],
+                                                 strict=True))
+    assert "of 6 draws" in out and f"sampled id:count  {shown}" in out
+    report = json.loads(_run("inspect", tmp_path, "--rows", 1, "--json").stdout)
+    assert report["target_kind"] == "sampled" and report["samples"] == 6
+    assert report["columns"]["sample_counts"] == {"dtype": "uint16", "row_shape": [16, 6]}
+    assert sum(report["rows"][0]["sample_counts"]) == 6
 
 
 def test_inspect_json_values(tmp_path):
@@ -44,6 +62,7 @@ def test_inspect_json_values(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["sequences"] == 19 and report["tokens"] == 19 * 16 and report["top_k"] == 4
+    assert report["target_kind"] == "topk" and report["samples"] is None
     assert report["bytes"] == m.total_bytes
     assert report["bytes_per_token"] == pytest.approx(m.total_bytes / (19 * 16))
     assert [s["status"] for s in report["shards"]] == ["ok", "ok", "ok"]

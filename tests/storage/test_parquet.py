@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -21,6 +22,16 @@ def test_round_trip_bit_for_bit(tmp_path, logprob_dtype, entropy_kind, pooled):
     manifest, written = write_run(str(tmp_path), header)
     ds = TeacherDataset.open(str(tmp_path))
     assert len(ds) == len(written) == 19
+    assert_targets_equal(ds.read(np.arange(len(ds))), written, header)
+    assert [s.rows for s in manifest.shards] == [8, 8, 3]
+
+
+@pytest.mark.parametrize("entropy_kind", ["exact", "absent"])
+def test_sampled_round_trip_bit_for_bit(tmp_path, entropy_kind):
+    header = make_header(target_kind="sampled", top_k=6, entropy_kind=entropy_kind)
+    manifest, written = write_run(str(tmp_path), header)
+    ds = TeacherDataset.open(str(tmp_path))
+    assert ds.manifest.target_kind == "sampled" and ds.manifest.samples == 6
     assert_targets_equal(ds.read(np.arange(len(ds))), written, header)
     assert [s.rows for s in manifest.shards] == [8, 8, 3]
 
@@ -46,6 +57,30 @@ def test_plain_pyarrow_reads_a_shard(tmp_path):
     np.testing.assert_array_equal(topk_ids, written.topk_ids[8:16])
     np.testing.assert_array_equal(logprobs, written.topk_logprobs[8:16].astype(np.float16))
     assert table.schema.field("topk_logprobs").type.list_size == L * k
+
+
+def test_plain_pyarrow_reads_a_sampled_shard(tmp_path):
+    header = make_header(seq_len=16, top_k=5, target_kind="sampled")
+    _, written = write_run(str(tmp_path), header)
+
+    table = pq.read_table(tmp_path / "shard-000001.parquet")
+    ids = table["sample_ids"].combine_chunks().flatten().to_numpy().reshape(-1, 16, 5)
+    counts = table["sample_counts"].combine_chunks().flatten().to_numpy().reshape(-1, 16, 5)
+    target = counts / 5.0  # the unbiased estimate of the teacher's probability at `ids`
+    np.testing.assert_array_equal(ids, written.sample_ids[8:16])
+    assert counts.dtype == np.uint16 and (target.sum(-1) == 1).all()
+    assert "topk_ids" not in table.column_names
+    meta = json.loads(pq.read_schema(tmp_path / "shard-000001.parquet").metadata[b"distill.manifest"])
+    assert meta["target_kind"] == "sampled" and meta["samples"] == 5 and meta["sample_seed"].startswith("splitmix64")
+
+
+def test_top_k_shards_do_not_record_the_new_fields(tmp_path):
+    """A top-k cache's manifest and shard headers are what they were before sampled caches existed."""
+    write_run(str(tmp_path), make_header())
+    meta = json.loads(pq.read_schema(tmp_path / "shard-000000.parquet").metadata[b"distill.manifest"])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for d in (meta, manifest):
+        assert not {"target_kind", "samples", "sample_seed"} & set(d)
 
 
 def test_layout_row_group_per_sequence_no_dictionary(tmp_path):

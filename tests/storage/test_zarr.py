@@ -24,6 +24,16 @@ def test_round_trip_bit_for_bit(tmp_path, logprob_dtype, entropy_kind, pooled):
     assert [s.file for s in manifest.shards] == [f"shard-00000{i}.zarr" for i in range(3)]
 
 
+@pytest.mark.parametrize("entropy_kind", ["exact", "absent"])
+def test_sampled_round_trip_bit_for_bit(tmp_path, entropy_kind):
+    header = make_header(fmt="zarr", target_kind="sampled", top_k=6, entropy_kind=entropy_kind)
+    manifest, written = write_run(str(tmp_path), header)
+    ds = TeacherDataset.open(str(tmp_path))
+    assert ds.manifest.target_kind == "sampled" and ds.manifest.samples == 6
+    assert_targets_equal(ds.read(np.arange(len(ds))), written, header)
+    assert [s.rows for s in manifest.shards] == [8, 8, 3]
+
+
 def test_memory_url_round_trip(memory_url):
     header = make_header(fmt="zarr")
     _, written = write_run(memory_url, header)

@@ -26,12 +26,13 @@ def _hashes(directory: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_gives_identical_shards(tmp_path: Path) -> None:
+@pytest.mark.parametrize("targets", [[], ["--targets", "sampled", "--samples", "12"]], ids=["topk", "sampled"])
+def test_sigkill_then_rerun_gives_identical_shards(tmp_path: Path, targets: list[str]) -> None:
     teacher, corpus = make_tiny_setup(tmp_path, n_docs=100, vocab=512, seed=4)
     out = tmp_path / "killed"
     cmd = [sys.executable, "cli.py", "precompute", "--teacher", str(teacher), "--teacher-name", "tiny",
            "--dataset", str(corpus), "--output", str(out), "--seq-len", "32", "--shard-size", "4", "--top-k", "8",
-           "--batch-size", "4", "--head-chunk-size", "64", "--device", "cpu", "--no-progress"]
+           "--batch-size", "4", "--head-chunk-size", "64", "--device", "cpu", "--no-progress", *targets]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ledger = out / "ledger-slice-00000-of-00001.json"
@@ -61,7 +62,11 @@ def test_sigkill_then_rerun_gives_identical_shards(tmp_path: Path) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["notes"]["this_run"]["skipped_completed"] >= 1
 
-    reference = run_precompute(tiny(str(teacher), str(corpus), str(tmp_path / "whole")))
+    reference_cfg = tiny(str(teacher), str(corpus), str(tmp_path / "whole"))
+    if targets:
+        reference_cfg.teacher.targets, reference_cfg.teacher.samples = "sampled", 12
+    reference = run_precompute(reference_cfg)
+    assert manifest.get("target_kind", "topk") == reference.target_kind == ("sampled" if targets else "topk")
     assert len(reference.shards) == len(manifest["shards"]) > 10
     assert _hashes(out) == _hashes(tmp_path / "whole")
     assert sorted(s["file"] for s in manifest["shards"]) == sorted(_hashes(out))

@@ -33,7 +33,7 @@ def _cfg(setup, out: str, **kw) -> PrecomputeConfig:
     cfg = tiny(str(teacher), str(corpus), str(root / out), **{k: v for k, v in kw.items() if k in ("num_shards", "shard_index")})
     cfg.corpus.max_tokens = SEQ_LEN * WINDOWS
     for key, value in kw.items():
-        if key in ("top_k", "temperature", "pool_layers", "head_chunk_size", "batch_size"):
+        if key in ("top_k", "temperature", "pool_layers", "head_chunk_size", "batch_size", "targets", "samples"):
             setattr(cfg.teacher, key, value)
         elif key in ("logprob_dtype", "logprob_mantissa_bits", "format", "shard_size"):
             setattr(cfg.storage, key, value)
@@ -42,6 +42,10 @@ def _cfg(setup, out: str, **kw) -> PrecomputeConfig:
 
 def _shard_hashes(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("shard-*.parquet"))}
+
+
+TARGETS = [pytest.param({}, id="topk"), pytest.param({"targets": "sampled", "samples": 12}, id="sampled")]
+"""Target kinds the byte-identity tests run for (keyword arguments of _cfg)."""
 
 
 def _reference(teacher: Path, input_ids: np.ndarray, temperature: float, k: int):
@@ -96,17 +100,59 @@ def test_stored_targets_match_float64_reference(setup, logprob_dtype: str, bits,
                                    rtol=1e-4, atol=1e-5)
 
 
-def test_two_slices_equal_one_unsliced_run(setup) -> None:
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sampled_draws_follow_the_float64_reference(setup, temperature: float) -> None:
+    """The stored draws are the inverse-CDF draws of the run's uniforms under the dense float64 softmax, with
+    chunk size and batch composition changing nothing; entropy is exact as for top-k."""
+    from storage.manifest import SAMPLE_SEED_RULE
+    from teachers.sampling import draw_uniforms, sample_key
+
+    n = 12
+    cfg = _cfg(setup, f"sampled-ref-{temperature}", targets="sampled", samples=n, temperature=temperature,
+               head_chunk_size=13, batch_size=3)
+    manifest = run_precompute(cfg)
+    assert (manifest.target_kind, manifest.samples, manifest.top_k) == ("sampled", n, n)
+    assert manifest.sample_seed == SAMPLE_SEED_RULE
+    data = TeacherDataset.open(str(setup[0] / f"sampled-ref-{temperature}")).read_columns(np.arange(WINDOWS))
+    assert set(data) >= {"sample_ids", "sample_counts", "entropy"} and "topk_ids" not in data
+    ids, counts = data["sample_ids"].astype(np.int64), data["sample_counts"].astype(np.int64)
+    assert counts.dtype == np.int64 and (counts.sum(-1) == n).all()
+    assert (np.diff(counts, axis=-1) <= 0).all()  # by descending count, padding (0) last
+    logp, *_, ref_ent, _ = _reference(setup[1], data["input_ids"], temperature, 8)
+    torch.testing.assert_close(torch.from_numpy(data["entropy"]).double(), ref_ent, rtol=1e-4, atol=1e-6)
+    # redraw with the dense float64 distribution and the manifest's seed rule
+    key = sample_key(manifest.corpus_fingerprint, manifest.teacher.name, manifest.teacher.path)
+    u = torch.from_numpy(draw_uniforms(key, data["seq_id"], SEQ_LEN, n))  # [B * L, n]
+    cdf = logp.exp().reshape(-1, logp.shape[-1]).cumsum(-1)
+    ref_draws = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(cdf.shape[-1] - 1)
+    ref_counts = torch.zeros_like(cdf, dtype=torch.int64).scatter_add_(1, ref_draws, torch.ones_like(ref_draws))
+    got_counts = torch.zeros_like(ref_counts).scatter_add_(
+        1, torch.from_numpy(ids.reshape(-1, n)), torch.from_numpy(counts.reshape(-1, n)))
+    same = (got_counts == ref_counts).all(dim=1)
+    # a draw can only differ where a uniform falls within float32 rounding of a CDF step: rare
+    assert same.float().mean() > 0.995, same.float().mean()
+    # another head chunk size and batch size: the same draws
+    other = _cfg(setup, f"sampled-ref-{temperature}-b", targets="sampled", samples=n, temperature=temperature,
+                 head_chunk_size=64, batch_size=4)
+    run_precompute(other)
+    again = TeacherDataset.open(str(setup[0] / f"sampled-ref-{temperature}-b")).read_columns(np.arange(WINDOWS))
+    np.testing.assert_array_equal(again["sample_ids"], data["sample_ids"])
+    np.testing.assert_array_equal(again["sample_counts"], data["sample_counts"])
+
+
+@pytest.mark.parametrize("kind", TARGETS)
+def test_two_slices_equal_one_unsliced_run(setup, kind) -> None:
     """One partition (the corpus is smaller than --partition-bytes): slice 0 computes everything, slice 1
     writes an empty slice manifest, and the merge equals the unsliced run."""
-    root = setup[0]
-    whole = run_precompute(_cfg(setup, "whole"))
+    root, tag = setup[0], kind.get("targets", "topk")
+    whole = run_precompute(_cfg(setup, f"whole-{tag}", **kind))
     assert whole.num_partitions == 1
-    counts = [len(run_precompute(_cfg(setup, "sliced", num_shards=2, shard_index=s)).shards) for s in (0, 1)]
+    counts = [len(run_precompute(_cfg(setup, f"sliced-{tag}", num_shards=2, shard_index=s, **kind)).shards) for s in (0, 1)]
     assert counts == [8, 0]
-    assert (root / "sliced" / "manifest-slice-00001-of-00002.json").exists()
-    assert _shard_hashes(root / "sliced") == _shard_hashes(root / "whole")
-    a, b = TeacherDataset.open(str(root / "whole")), TeacherDataset.open(str(root / "sliced"))
+    assert (root / f"sliced-{tag}" / "manifest-slice-00001-of-00002.json").exists()
+    assert _shard_hashes(root / f"sliced-{tag}") == _shard_hashes(root / f"whole-{tag}")
+    a, b = TeacherDataset.open(str(root / f"whole-{tag}")), TeacherDataset.open(str(root / f"sliced-{tag}"))
+    assert a.manifest.target_kind == b.manifest.target_kind == tag
     assert len(a) == len(b) == whole.num_sequences == WINDOWS
     ra, rb = a.read_columns(np.arange(WINDOWS)), b.read_columns(np.arange(WINDOWS))
     assert ra.keys() == rb.keys()
@@ -152,29 +198,39 @@ def test_three_slices_read_a_third_each_and_join_two_slices(setup) -> None:
     assert len(joined[0]) == whole.num_sequences
 
 
-def test_rerun_resumes_and_a_different_config_is_refused(setup) -> None:
-    root = setup[0]
-    first = run_precompute(_cfg(setup, "resume"))
-    hashes = _shard_hashes(root / "resume")
+@pytest.mark.parametrize("kind", TARGETS)
+def test_rerun_resumes_and_a_different_config_is_refused(setup, kind) -> None:
+    root, tag = setup[0], kind.get("targets", "topk")
+    out = f"resume-{tag}"
+    first = run_precompute(_cfg(setup, out, **kind))
+    hashes = _shard_hashes(root / out)
     run = first.notes["this_run"]
     assert 0.0 <= run["writer_wait_s"] <= run["loop_seconds"]  # producer time inside write_shard, within the loop
-    again = run_precompute(_cfg(setup, "resume"))
+    again = run_precompute(_cfg(setup, out, **kind))
     assert again.notes["this_run"] == {**again.notes["this_run"], "sequences": 0, "shards": 0, "skipped_completed": 8}
     assert [s.sha256 for s in again.shards] == [s.sha256 for s in first.shards]
-    assert _shard_hashes(root / "resume") == hashes
-    with pytest.raises(MismatchError, match="top_k") as err:
-        run_precompute(_cfg(setup, "resume", top_k=4))
-    assert err.value.field == "top_k"
-    manifest = json.loads((root / "resume" / "manifest.json").read_text())
-    assert manifest["top_k"] == 8  # the refused run left the output as it was
+    assert _shard_hashes(root / out) == hashes
+    # a different run into the same directory: other k / N, or the other kind of targets
+    other = {"samples": 7, "targets": "sampled"} if kind else {"top_k": 4}
+    field = "top_k"
+    with pytest.raises(MismatchError, match=field) as err:
+        run_precompute(_cfg(setup, out, **other))
+    assert err.value.field == field
+    switched = {"top_k": 12} if kind else {"targets": "sampled", "samples": 8}  # same slot count, other kind
+    with pytest.raises(MismatchError, match="target_kind") as err:
+        run_precompute(_cfg(setup, out, **switched))
+    assert err.value.field == "target_kind"
+    manifest = json.loads((root / out / "manifest.json").read_text())
+    assert manifest["top_k"] == (12 if kind else 8)  # the refused runs left the output as it was
 
 
-def test_zarr_holds_the_same_rows_as_parquet(setup) -> None:
-    root = setup[0]
-    run_precompute(_cfg(setup, "pq", shard_size=8))
-    run_precompute(_cfg(setup, "zarr", shard_size=8, format="zarr"))
-    assert (root / "zarr" / "shard-000000.zarr").is_dir()
-    a, b = TeacherDataset.open(str(root / "pq")), TeacherDataset.open(str(root / "zarr"))
+@pytest.mark.parametrize("kind", TARGETS)
+def test_zarr_holds_the_same_rows_as_parquet(setup, kind) -> None:
+    root, tag = setup[0], kind.get("targets", "topk")
+    run_precompute(_cfg(setup, f"pq-{tag}", shard_size=8, **kind))
+    run_precompute(_cfg(setup, f"zarr-{tag}", shard_size=8, format="zarr", **kind))
+    assert (root / f"zarr-{tag}" / "shard-000000.zarr").is_dir()
+    a, b = TeacherDataset.open(str(root / f"pq-{tag}")), TeacherDataset.open(str(root / f"zarr-{tag}"))
     ra, rb = a.read_columns(np.arange(WINDOWS)), b.read_columns(np.arange(WINDOWS))
     for name in ra:
         np.testing.assert_array_equal(ra[name], rb[name], err_msg=name)
@@ -228,6 +284,17 @@ def test_cli_maps_options_onto_the_config(setup, monkeypatch: pytest.MonkeyPatch
                                   "--logprob-dtype", "float32", "--logprob-bits", "12"])
     assert r.exit_code == 0, r.output
     assert seen["cfg"].storage.manifest_mantissa_bits == 12
+    assert seen["cfg"].teacher.targets == "topk" and seen["cfg"].slots == 64
+    r = CliRunner().invoke(main, ["precompute", "--teacher", "t", "--dataset", "d.jsonl", "--output", "o",
+                                  "--targets", "sampled", "--samples", "24"])
+    assert r.exit_code == 0, r.output
+    assert (seen["cfg"].teacher.targets, seen["cfg"].teacher.samples, seen["cfg"].slots) == ("sampled", 24, 24)
+    r = CliRunner().invoke(main, ["precompute", "--teacher", "t", "--dataset", "d.jsonl", "--output", "o",
+                                  "--targets", "sampled", "--backend", "vllm"])
+    assert r.exit_code == 2 and "error: targets 'sampled' needs the full softmax" in r.output
+    r = CliRunner().invoke(main, ["precompute", "--teacher", "t", "--dataset", "d.jsonl", "--output", "o",
+                                  "--targets", "sampled", "--samples", "70000"])
+    assert r.exit_code == 2 and "samples must be at most 65535" in r.output
     r = CliRunner().invoke(main, ["precompute", "--teacher", "t", "--dataset", "d.jsonl", "--output", "o",
                                   "--logprob-bits", "10"])
     assert r.exit_code == 0 and seen["cfg"].storage.manifest_mantissa_bits is None  # float16's all: exact
