@@ -3,11 +3,19 @@
     python benchmarks/storage.py                 # L=512, k=64, vocab 49152, 256 sequences, float16 log-probs
     python benchmarks/storage.py --sequences 64  # quicker
     python benchmarks/storage.py --from-cache caches/smollm2 --remap-vocab 151936   # a real teacher's targets
+    python benchmarks/storage.py --compare top64=caches/smollm2 --keep-k 8,32,64 \
+        --compare sampled16=caches/smollm2-sampled16 ...          # bytes/token of several caches side by side
 
 With --from-cache, the targets are those of an existing teacher cache (best written with
 `precompute --logprob-dtype float32`, so the rounding variants start from exact values); --remap-vocab N maps
 its token ids through a random one-to-one map into 0..N-1, to see what a larger vocabulary (Qwen: 151,936)
 costs in id bytes.
+
+With --compare NAME=DIR (repeatable), each cache's first --sequences sequences are re-written in the default
+Parquet and Zarr layouts and bytes/token are reported per cache and per column; a top-k cache is also
+written truncated to each --keep-k (the first k of a sorted top-K list are the top-k list); for a sampled
+cache, a second Parquet layout (the N raw draws sorted, int32, no counts column) is measured beside the
+default (distinct ids + uint16 counts).
 
 Data is synthetic but LM-like (not uniform noise): input tokens follow a Zipf law over the vocab; each
 position's next-token distribution is Zipf-like over ranks, p(r) ~ r^-s with a per-position sharpness s
@@ -35,7 +43,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from storage import parquet, zarr_shard  # noqa: E402
-from storage.manifest import Manifest, TeacherInfo  # noqa: E402
+from storage.manifest import SAMPLE_SEED_RULE, Manifest, TeacherInfo  # noqa: E402
 from storage.reader import TeacherDataset  # noqa: E402
 from storage.records import TeacherTargets  # noqa: E402
 from storage.writer import TargetsWriter  # noqa: E402
@@ -80,9 +88,10 @@ def zipf_targets(n: int, L: int, k: int, vocab: int, d: int, seed: int = 0) -> T
 
 
 def header(fmt: str, targets: TeacherTargets, vocab: int, shard_size: int, bits: int | None = None) -> Manifest:
-    _, L, k = targets.topk_ids.shape
+    _, L, k = (targets.sample_ids if targets.sampled else targets.topk_ids).shape
+    kind = dict(target_kind="sampled", samples=k, sample_seed=SAMPLE_SEED_RULE) if targets.sampled else {}
     return Manifest(format=fmt, teacher=TeacherInfo(name="bench", path="synthetic"), tokenizer_fingerprint="t",
-                    vocab_size=vocab, seq_len=L, top_k=k, logprob_dtype="float16", logprob_mantissa_bits=bits,
+                    vocab_size=vocab, seq_len=L, top_k=k, **kind, logprob_dtype="float16", logprob_mantissa_bits=bits,
                     entropy_kind="exact" if targets.entropy is not None else "absent",
                     pooled_layers=sorted(targets.pooled),
                     pooled_dims={layer: a.shape[1] for layer, a in targets.pooled.items()},
@@ -147,7 +156,8 @@ def run_variant(name: str, targets: TeacherTargets, args, root: str) -> dict:
     h = header(fmt, targets, args.vocab, args.shard_size, bits[0] if bits else None)
     out = os.path.join(root, "".join(c if c.isalnum() else "_" for c in name))
     raw = sum(a.nbytes for a in (targets.seq_ids, targets.input_ids, targets.topk_ids, targets.topk_logprobs,
-                                 targets.entropy, *targets.pooled.values()) if a is not None)
+                                 targets.sample_ids, targets.sample_counts, targets.entropy,
+                                 *targets.pooled.values()) if a is not None)
     write_times, cpu_times = [], []
     with patched(module, attr, getattr(module, attr) if value is None else value):
         for rep in range(args.repeat):  # the synthetic producer: whole shards as fast as the writer takes them
@@ -166,7 +176,8 @@ def run_variant(name: str, targets: TeacherTargets, args, root: str) -> dict:
     for start in range(0, len(ds), 32):
         got = ds.read(np.arange(start, min(start + 32, len(ds))))
     read_s = time.perf_counter() - t0
-    assert np.array_equal(got.topk_ids, targets.topk_ids[-len(got):])
+    ids = "sample_ids" if targets.sampled else "topk_ids"
+    assert np.array_equal(getattr(got, ids), getattr(targets, ids)[-len(got):])
     rng = np.random.default_rng(1)
     ds = TeacherDataset.open(out, verify=False)
     for shard in range(len(m.shards)):  # open every shard once: measure reads, not opens
@@ -199,6 +210,63 @@ def _column_bytes(out: str, m: Manifest) -> dict[str, float]:
     return {k: v / m.num_tokens for k, v in sizes.items()}
 
 
+def raw_draws_bytes(targets: TeacherTargets) -> float:
+    """Parquet bytes/token of a sampled cache's draws stored as N sorted raw ids per position (int32, no counts
+    column), with the default options (zstd 3, BYTE_STREAM_SPLIT, one row group per sequence)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n_seq, L, n = targets.sample_ids.shape
+    # each row's counts sum to N: repeating every id by its count gives exactly N draws per position
+    draws = np.repeat(targets.sample_ids.reshape(-1), targets.sample_counts.reshape(-1).astype(np.int64))
+    draws = np.sort(draws.reshape(n_seq * L, n), axis=1).astype(np.int32)
+    col = pa.FixedSizeListArray.from_arrays(pa.array(draws.reshape(-1)), L * n)
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"sample_draws": col}), buf, compression="zstd", compression_level=parquet.ZSTD_LEVEL,
+                   use_dictionary=False, use_byte_stream_split=["sample_draws.list.element"],
+                   write_statistics=False, row_group_size=parquet.ROWS_PER_ROW_GROUP)
+    meta = pq.ParquetFile(io.BytesIO(buf.getvalue())).metadata
+    size = sum(meta.row_group(i).column(0).total_compressed_size for i in range(meta.num_row_groups))
+    return size / (n_seq * L)
+
+
+def compare(args) -> None:
+    """bytes/token of several caches (--compare NAME=DIR), default Parquet and Zarr layouts, per column."""
+    rows = []
+    keep = [int(x) for x in args.keep_k.split(",")] if args.keep_k else []
+    for spec in args.compare:
+        name, _, path = spec.partition("=")
+        targets, vocab = from_cache(path, args.sequences, None)
+        args.vocab = vocab
+        variants = [(name, targets)]
+        if not targets.sampled and keep:
+            variants = [(f"{name} top-{k}", dataclasses.replace(targets, topk_ids=targets.topk_ids[..., :k].copy(),
+                                                                topk_logprobs=targets.topk_logprobs[..., :k].copy()))
+                        for k in keep if k <= targets.topk_ids.shape[-1]]
+        for label, t in variants:
+            t = dataclasses.replace(t, topk_logprobs=None if t.topk_logprobs is None
+                                    else t.topk_logprobs.astype(np.float16))
+            args.shard_size = min(args.shard_size, len(t))
+            pq_row = run_variant("parquet / default (BSS on ints, log-probs, entropy)", t, args, args.root)
+            zr_row = run_variant("zarr / default (blosc-zstd shuffle + crc32c)", t, args, args.root)
+            extra = ""
+            if t.sampled:
+                counts = t.sample_counts.astype(np.int64)
+                distinct = (counts > 0).sum(-1)
+                raw = raw_draws_bytes(t)
+                stored = pq_row["columns"]["sample_ids"] + pq_row["columns"]["sample_counts"]
+                extra = (f"mean distinct ids {distinct.mean():.1f} of {counts.shape[-1]}; ids+counts "
+                         f"{stored:.1f} B/token vs raw sorted draws {raw:.1f}")
+            rows.append((label, pq_row, zr_row, extra))
+    print("\n| cache | Parquet bytes/token | Zarr bytes/token | Parquet per column (B/token) | notes |")
+    print("|---|---:|---:|---|---|")
+    for label, p, z, extra in rows:
+        cols = ", ".join(f"{c} {v:.1f}" for c, v in p["columns"].items())
+        print(f"| {label} | {p['bytes_per_token']:.1f} | {z['bytes_per_token']:.1f} | {cols} | {extra} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sequences", type=int, default=256, help="sequences written per variant")
@@ -215,8 +283,18 @@ def main() -> None:
     ap.add_argument("--from-cache", default=None, help="use the targets of this teacher cache, not synthetic ones")
     ap.add_argument("--remap-vocab", type=int, default=None,
                     help="with --from-cache: map token ids one-to-one into a vocab of this size")
+    ap.add_argument("--compare", action="append", default=[], metavar="NAME=DIR",
+                    help="compare the bytes/token of these caches (repeatable); skips the variant table")
+    ap.add_argument("--keep-k", default=None, help="with --compare: also truncate top-k caches to these k (comma list)")
     args = ap.parse_args()
     t0 = time.perf_counter()
+    if args.compare:
+        args.root = args.dir or tempfile.mkdtemp(prefix="storage-bench-")
+        compare(args)
+        if args.dir is None:
+            shutil.rmtree(args.root, ignore_errors=True)
+        print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+        return
     if args.from_cache:
         targets, args.vocab = from_cache(args.from_cache, args.sequences, args.remap_vocab)
         source = f"teacher cache {args.from_cache}" + (f", ids remapped into {args.vocab}" if args.remap_vocab else "")

@@ -5,7 +5,9 @@ corpus fingerprint and vocab size (JOIN_FIELDS), the sequence ids, and the preco
 input_ids are compared on a seeded spot-check of sequences at join time (fast failure without reading a
 whole cache), and again for every batch the loader reads (the column costs 4 bytes per token against
 ~200 for the targets), so every sequence trained on is verified. top-k may differ between teachers: each
-teacher's target is its own top-k plus its own tail (student/fusion.py), so different k are exact.
+teacher's target is its own top-k plus its own tail (student/fusion.py), so different k are exact. Top-k and
+sampled caches (`precompute --targets sampled`) may be mixed: a sampled teacher's sparse target is its drawn
+ids with probabilities count / N (`sparse_target`), an unbiased estimate of its distribution with no tail.
 
 Batches are dicts of tensors; the fusion (per-teacher probabilities, tails and weights) runs in the
 DataLoader workers, so the training process only receives the fused sparse target.
@@ -21,7 +23,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from storage.errors import ConfigError, MismatchError
-from storage.manifest import JOIN_FIELDS
+from storage.manifest import JOIN_FIELDS, Manifest
 from storage.reader import TeacherDataset
 from storage.stamps import VerifyReport
 from student.fusion import fuse_topk, teacher_weights
@@ -116,6 +118,37 @@ def check_weighting(teachers: Sequence[TeacherDataset], mode: str) -> None:
                         t.manifest.teacher.name)
 
 
+def check_loss(teachers: Sequence[TeacherDataset], loss: str) -> None:
+    """DKD needs top-k caches: refuse sampled ones with one line."""
+    if loss != "dkd":
+        return
+    for t in teachers:
+        if t.manifest.target_kind == "sampled":
+            raise ConfigError(
+                f"--loss dkd cannot use the sampled cache of teacher {t.manifest.teacher.name!r} ({t.path}): DKD "
+                "renormalises the teacher's non-target probabilities and takes their log, which is not linear in "
+                "the target, so count / N would give a biased loss; use --loss kd (unbiased) or a top-k cache")
+
+
+def target_columns(m: Manifest) -> list[str]:
+    """The columns of a teacher's sparse target: topk_ids + topk_logprobs, or sample_ids + sample_counts."""
+    return ["sample_ids", "sample_counts"] if m.target_kind == "sampled" else ["topk_ids", "topk_logprobs"]
+
+
+def sparse_target(cols: dict[str, np.ndarray], m: Manifest, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [n, w] int, log-probs [n, w]) of one teacher's sparse target from its read columns (n = B * L).
+
+    Top-k: the stored ids and log-probs. Sampled: the drawn ids and log(count / N), the unbiased estimate
+    of the teacher's probabilities (float32; -inf at padding slots, whose id repeats slot 0's, so they add
+    nothing). Its probabilities sum to 1: no tail.
+    """
+    if m.target_kind != "sampled":
+        return (torch.from_numpy(cols["topk_ids"]).reshape(n, -1),
+                torch.from_numpy(cols["topk_logprobs"]).reshape(n, -1))
+    counts = torch.from_numpy(cols["sample_counts"].astype(np.float32)).reshape(n, -1)
+    return torch.from_numpy(cols["sample_ids"]).reshape(n, -1), torch.log(counts / float(m.samples))
+
+
 def split_positions(n: int, *, eval_fraction: float, eval_sequences: int | None, split_seed: int,
                     cap: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(train positions, held-out positions), disjoint, both sorted; the held-out ones are a seeded sample:
@@ -144,8 +177,8 @@ class DistillDataset(Dataset):
         self.weighting, self.fixed_weights, self.entropy_eps = weighting, fixed_weights, entropy_eps
         self.pooled_layers = list(pooled_layers) if pooled_layers is not None else [None] * len(self.teachers)
         self.columns = []  # only what the loss needs, per teacher
-        for layer in self.pooled_layers:
-            cols = ["input_ids", "topk_ids", "topk_logprobs"]
+        for t, layer in zip(self.teachers, self.pooled_layers, strict=True):
+            cols = ["input_ids", *target_columns(t.manifest)]
             if weighting == "entropy":
                 cols.append("entropy")
             if layer is not None:
@@ -170,8 +203,8 @@ class DistillDataset(Dataset):
                 break
         b, seq_len = input_ids.shape
         n = b * seq_len
-        ids = [torch.from_numpy(c["topk_ids"]).reshape(n, -1) for c in cols]
-        lps = [torch.from_numpy(c["topk_logprobs"]).reshape(n, -1) for c in cols]
+        ids, lps = zip(*(sparse_target(c, t.manifest, n) for c, t in zip(cols, self.teachers, strict=True)),
+                       strict=True)
         if self.weighting == "entropy":
             ent = torch.from_numpy(np.stack([c["entropy"].reshape(n) for c in cols], axis=1))  # [N, K]
         else:

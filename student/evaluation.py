@@ -285,6 +285,7 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
 
+    from student.data import sparse_target, target_columns
     from student.fusion import fuse_topk, teacher_weights
     from student.fusion import fused_top1 as known_top1
     from student.losses import sparse_kl
@@ -364,7 +365,7 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 cols = [
                     ds.read_columns(
                         list(range(lo, hi)),
-                        ["input_ids", "topk_ids", "topk_logprobs"]
+                        ["input_ids", *target_columns(ds.manifest)]
                         + (["entropy"] if cfg.weighting == "entropy" else []),
                     )
                     for ds in caches
@@ -406,10 +407,9 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
                     accs[label].positions += n_pos
                     accs[label].window_kl += kl.mean(dim=1).tolist()
             elif caches:
-                k_ids = [torch.from_numpy(c["topk_ids"]).reshape(n_pos, -1).to(device) for c in cols]
-                k_lp = [
-                    torch.from_numpy(c["topk_logprobs"]).float().reshape(n_pos, -1).to(device) for c in cols
-                ]
+                views = [sparse_target(c, ds.manifest, n_pos) for c, ds in zip(cols, caches, strict=True)]
+                k_ids = [i.to(device) for i, _ in views]
+                k_lp = [lp.float().to(device) for _, lp in views]
                 ent = (
                     torch.stack([torch.from_numpy(c["entropy"]).reshape(n_pos) for c in cols], dim=1).to(
                         device

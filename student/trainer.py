@@ -131,6 +131,7 @@ class Trainer:
             raise ConfigError(f"--temperature {lc.temperature} differs from the caches' precompute temperature "
                               f"{m0.temperature}; top-k log-probs cannot be re-tempered exactly")
         sdata.check_weighting(self.teachers, lc.teacher_weighting)
+        sdata.check_loss(self.teachers, lc.loss)
         self.pool_layers = sdata.feature_layers(self.teachers, lc.teacher_pool_layer, lc.gamma_feat > 0)
         self.use_feat = any(x is not None for x in self.pool_layers)
         self.betas = list(lc.feat_weights) if lc.feat_weights is not None else [1.0] * len(self.teachers)

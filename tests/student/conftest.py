@@ -39,6 +39,28 @@ def stage_one(tmp_path_factory) -> dict:
     return {"tokenizer": str(tok), "caches": caches, "root": root}
 
 
+@pytest.fixture(scope="session")
+def sampled_cache(stage_one) -> str:
+    """A sampled cache (N = 8 draws per position) of stage_one's first teacher, over the same corpus."""
+    import torch
+
+    from teachers.config import CorpusConfig, PrecomputeConfig, StorageConfig, TeacherConfig
+    from teachers.precompute import run_precompute
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = stage_one["root"]
+    out = root / "cache-sampled"
+    run_precompute(PrecomputeConfig(
+        corpus=CorpusConfig(dataset=str(root / "corpus.jsonl")),
+        teacher=TeacherConfig(path=str(root / "teacher0"), name="t0-sampled", batch_size=8, targets="sampled",
+                              samples=8, head_chunk_size=256, device="cpu", pool_layers=[-1]),
+        storage=StorageConfig(output=str(out), shard_size=32),
+        seq_len=SEQ_LEN, num_shards=1, shard_index=0, progress=False))
+    torch.set_num_threads(threads)
+    return str(out)
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Tiny models run fastest on one thread, and far faster when the 2 CI cores are shared; restored after."""
