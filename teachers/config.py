@@ -140,6 +140,9 @@ class TeacherConfig:
         _positive("head_chunk_size", self.head_chunk_size)
         _choice("compile_head", self.compile_head, COMPILE_CHOICES)
         _choice("head_kernel", self.head_kernel, HEAD_KERNELS)
+        if self.targets == "sampled" and self.head_kernel == "triton":
+            raise ConfigError("targets 'sampled' draws in the torch head; the fused Triton head computes top-k only "
+                              "(use --head-kernel torch or auto)")
         if not (isinstance(self.temperature, (int, float)) and 0.01 <= self.temperature <= 100):
             # outside this range float32 softmax(logits / temperature) is one-hot or uniform, not a target
             raise ConfigError(f"temperature must be in [0.01, 100], got {self.temperature!r}")

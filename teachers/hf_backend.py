@@ -209,16 +209,13 @@ class HFBackend:
         """Sampled targets of one batch (inside compute's inference mode); flat [B * L, H] final hidden states."""
         import torch
 
-        from teachers.sampling import draw_uniforms, sampled_head
+        from teachers.sampling import draw_uniforms
 
         if self.sample_key is None:
             raise RuntimeError("sampled targets need backend.sample_key (run_precompute sets it)")
         b, seq_len, n = len(batch), batch.input_ids.shape[1], self.cfg.samples
         uniforms = torch.from_numpy(draw_uniforms(self.sample_key, batch.seq_ids, seq_len, n))
-        ids, counts, entropy = sampled_head(
-            flat, self.weight, uniforms=uniforms, temperature=self.cfg.temperature,
-            chunk_size=self.cfg.head_chunk_size, bias=self.bias, logit_scale=self.logit_scale, softcap=self.softcap,
-            compile=self.compile_head)
+        ids, counts, entropy = self._sampled_head(flat, uniforms)
         if self.profile:
             self.timings["backbone_s"] += t1 - t0
             self.timings["head_s"] += self._clock() - t1
@@ -252,6 +249,24 @@ class HFBackend:
             hidden = self.final_hidden(ids)
             return {layer: (hidden.float().mean(dim=1) if layer == self.num_layers - 1 else self._captured[layer])
                     .cpu().numpy() for layer in self.pooled_layers}
+
+    def _sampled_head(self, hidden: Any, uniforms: Any) -> tuple[Any, Any, Any]:
+        """sampling.sampled_head with the run's temperature, chunking and logit transforms (torch head only)."""
+        import torch._dynamo.exc
+        import torch._inductor.exc
+
+        from teachers.sampling import sampled_head
+
+        try:
+            return sampled_head(hidden, self.weight, uniforms=uniforms, temperature=self.cfg.temperature,
+                                chunk_size=self.cfg.head_chunk_size, bias=self.bias, logit_scale=self.logit_scale,
+                                softcap=self.softcap, compile=self.compile_head)
+        except (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError) as e:
+            if not self.compile_head:
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise TeacherLoadError(f"torch.compile of the targets head failed on {self.device} "
+                                   f"({type(e).__name__}: {first}); rerun with --compile-head off") from e
 
     def _head(self, hidden: Any, k: int, temperature: float | None = None) -> tuple[Any, Any, Any]:
         import torch._dynamo.exc
