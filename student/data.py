@@ -210,7 +210,8 @@ class DistillDataset(Dataset):
         else:
             ent = torch.empty((n, len(cols)), dtype=torch.float32)  # shape only
         alpha = teacher_weights(ent, self.weighting, self.fixed_weights, eps=self.entropy_eps)
-        fused = fuse_topk(ids, lps, alpha)
+        sampled = [t.manifest.target_kind == "sampled" for t in self.teachers]
+        fused = fuse_topk(ids, lps, alpha, tailless=sampled)
         pooled = [None if layer is None else torch.from_numpy(c[f"pooled_{layer}"]).float()
                   for c, layer in zip(cols, self.pooled_layers, strict=True)]
         return {

@@ -410,6 +410,7 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 views = [sparse_target(c, ds.manifest, n_pos) for c, ds in zip(cols, caches, strict=True)]
                 k_ids = [i.to(device) for i, _ in views]
                 k_lp = [lp.float().to(device) for _, lp in views]
+                sampled = [ds.manifest.target_kind == "sampled" for ds in caches]
                 ent = (
                     torch.stack([torch.from_numpy(c["entropy"]).reshape(n_pos) for c in cols], dim=1).to(
                         device
@@ -420,9 +421,10 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 alpha = teacher_weights(ent, cfg.weighting, fixed)
                 ones = torch.ones((n_pos, 1), device=device)
                 per_teacher_fused = {
-                    n: fuse_topk([i], [lp], ones) for n, i, lp in zip(cache_names, k_ids, k_lp, strict=True)
+                    n: fuse_topk([i], [lp], ones, tailless=[s])
+                    for n, i, lp, s in zip(cache_names, k_ids, k_lp, sampled, strict=True)
                 }
-                fused = fuse_topk(k_ids, k_lp, alpha)
+                fused = fuse_topk(k_ids, k_lp, alpha, tailless=sampled)
                 fused_top1 = known_top1(fused)
 
             for label, model in student_models.items():

@@ -23,6 +23,11 @@ no KD there, and alpha is renormalised over the rest. A position where no teache
 has a target carries no KD at all (`has_target` False; the losses leave it out of their averages).
 
 Teachers may store different k. Everything is vectorised over positions.
+
+Sampled caches (`precompute --targets sampled`) fit the same form: teacher k's view is its drawn ids with
+p_hat_k(y) = count(y) / N and no tail (`tailless`), an unbiased estimate of p_k. CE_k is linear in the
+target, so E[sum_k alpha_k CE_k(p_hat_k)] = sum_k alpha_k CE_k(p_k): the fused target sum_k alpha_k p_hat_k is
+unbiased, and a sampled teacher's term is unbiased for its full-vocab cross-entropy (no coarse-graining).
 """
 
 from __future__ import annotations
@@ -146,6 +151,7 @@ def fuse_topk(
     topk_logprobs: Sequence[torch.Tensor],
     weights: torch.Tensor,
     valid: torch.Tensor | None = None,
+    tailless: Sequence[bool] | None = None,
 ) -> FusedTargets:
     """Place K teachers' top-k lists side by side with their tails and weights.
 
@@ -153,7 +159,9 @@ def fuse_topk(
     full vocab (float16/32; float64 stays float64, for references); weights: [N, K] alpha >= 0; valid:
     optional [N, K] bool (None: every teacher has a target everywhere). Weights are zeroed where a teacher has
     no target and renormalised per row; that teacher's ids, probs and tail are zeroed there (its ids and
-    log-probs may hold anything, e.g. padding or NaN).
+    log-probs may hold anything, e.g. padding or NaN). tailless: per teacher, True where the list is the
+    whole target (a sampled cache's count / N, which sums to 1 up to rounding): its tail is exactly 0, and
+    slots with probability 0 (padding, possibly repeating an id) carry nothing.
     """
     assert len(topk_ids) == len(topk_logprobs) == weights.shape[1], "one id/log-prob pair per teacher"
     dtype = torch.promote_types(torch.float32, topk_logprobs[0].dtype) if topk_logprobs else torch.float32
@@ -162,6 +170,8 @@ def fuse_topk(
         p = lp.to(dtype).exp()  # [N, k_k]
         i = i.long()
         tail = (1.0 - p.sum(dim=1)).clamp(0.0, 1.0)  # [N]; rounding can push the sum past 1
+        if tailless is not None and tailless[k]:
+            tail = torch.zeros_like(tail)
         if valid is not None:
             ok = valid[:, k : k + 1]
             p = torch.where(ok, p, torch.zeros_like(p))

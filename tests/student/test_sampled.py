@@ -26,32 +26,49 @@ def _sampled_view(hidden, weight, n, temperature, seed):
     return sparse_target(cols, SimpleNamespace(target_kind="sampled", samples=n), positions)
 
 
+@pytest.mark.parametrize("mixed", [False, True], ids=["sampled", "topk+sampled"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_mean_kd_gradient_matches_the_dense_kd_gradient(temperature: float) -> None:
-    """d/dz of tau^2 KL(p_hat || softmax(z / tau)), averaged over R seeds, against the float64 dense gradient
-    tau (softmax(z / tau) - p) / P: every element within 5 standard errors (+ float32 rounding)."""
+def test_mean_kd_gradient_matches_the_dense_kd_gradient(temperature: float, mixed: bool) -> None:
+    """d/dz of the KD loss with a sampled teacher, averaged over R seeds, against float64 references: the dense
+    gradient tau (softmax(z / tau) - p) / P of the full KL for the sampled teacher, plus (mixed) alpha_1 times
+    the float64 gradient of a top-k teacher's own coarse KL. Every element within 5 standard errors of the
+    sampled part (+ float32 rounding), and the errors are of the binomial size."""
     g = torch.Generator().manual_seed(2)
     positions, hidden_size, vocab, n, seeds = 6, 16, 40, 12, 300
     hidden = torch.randn(positions, hidden_size, generator=g, dtype=torch.float64)
     weight = torch.randn(vocab, hidden_size, generator=g, dtype=torch.float64) * 0.6
     p = dense_reference(hidden, weight, k=1, temperature=temperature)[3].exp()  # [P, V] float64 teacher
     z = torch.randn(positions, vocab, generator=g, dtype=torch.float64) * 2  # student logits
+    alpha = torch.tensor([[0.3, 0.7]], dtype=torch.float64).expand(positions, 2) if mixed else \
+        torch.ones(positions, 1, dtype=torch.float64)
+    a_s = alpha[:, -1:]  # the sampled teacher's weight
     q = torch.softmax(z / temperature, dim=-1)
-    dense = temperature * (q - p) / positions  # gradient of the mean over positions
+    dense = a_s * temperature * (q - p) / positions  # gradient of the mean over positions
     z64 = z.clone().requires_grad_(True)
-    ref_loss = temperature**2 * (torch.xlogy(p, p) - p * torch.log_softmax(z64 / temperature, -1)).sum(-1).mean()
+    ref_loss = temperature**2 * (a_s[:, 0] * (torch.xlogy(p, p) - p * torch.log_softmax(z64 / temperature, -1))
+                                 .sum(-1)).mean()
     ref_loss.backward()
     torch.testing.assert_close(z64.grad, dense)  # the closed form is the autograd gradient
+    views, tailless = [], [True]
+    if mixed:  # a deterministic top-5 teacher with its own tail, weight 0.3
+        logp1 = torch.log_softmax(torch.randn(positions, vocab, generator=g, dtype=torch.float64), -1)
+        top = logp1.topk(5, dim=-1)
+        z64 = z.clone().requires_grad_(True)
+        coarse = fuse_topk([top.indices], [top.values], alpha[:, :1])  # float64 probs
+        (alpha[0, 0] * sparse_kl(z64, coarse, temperature=temperature)).backward()
+        dense = dense + z64.grad
+        views, tailless = [(top.indices.int(), top.values.float())], [False, True]
     total = torch.zeros_like(dense)
     for seed in range(seeds):
         ids, lp = _sampled_view(hidden, weight, n, temperature, seed)
-        fused = fuse_topk([ids], [lp], torch.ones(positions, 1))
-        assert float(fused.tail.max()) < 1e-6  # a sampled target has no tail
+        fused = fuse_topk([*(v[0] for v in views), ids], [*(v[1] for v in views), lp], alpha.float(),
+                          tailless=tailless)
+        assert (fused.tail[:, -1] == 0).all()  # a sampled target has no tail
         zs = z.float().requires_grad_(True)
         sparse_kl(zs, fused, temperature=temperature).backward()
         total += zs.grad.double()
     mean = total / seeds
-    se = temperature / positions * (p * (1 - p) / (n * seeds)).sqrt()
+    se = a_s * temperature / positions * (p * (1 - p) / (n * seeds)).sqrt()
     err = (mean - dense).abs()
     assert (err <= 5 * se + 2e-6).all(), float((err / (se + 1e-12)).max())
     assert 0.6 < float((err**2).sum() / (se**2).sum()) < 1.4  # errors of the binomial size, not smaller
