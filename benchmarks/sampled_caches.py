@@ -21,6 +21,18 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _memoised(forward, memo: dict):
+    """`forward(input_ids)` computed once per distinct batch of ids (keyed by their bytes)."""
+
+    def final_hidden(input_ids):
+        key = input_ids.cpu().numpy().tobytes()
+        if key not in memo:
+            memo[key] = forward(input_ids)
+        return memo[key]
+
+    return final_hidden
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--teacher", required=True, help="teacher directory or hub id")
@@ -51,15 +63,7 @@ def main() -> None:
             seq_len=args.seq_len, num_shards=1, shard_index=0, progress=False)
         if backend is None:
             backend = create_backend(cfg.teacher, seq_len=args.seq_len)
-            forward = backend.final_hidden
-
-            def final_hidden(input_ids: torch.Tensor) -> torch.Tensor:
-                key = input_ids.cpu().numpy().tobytes()
-                if key not in memo:
-                    memo[key] = forward(input_ids)
-                return memo[key]
-
-            backend.final_hidden = final_hidden
+            backend.final_hidden = _memoised(backend.final_hidden, memo)
         backend.cfg = cfg.teacher  # the backend reads targets and samples from its config
         t0 = time.perf_counter()
         m = run_precompute(cfg, backend=backend)
