@@ -9,8 +9,15 @@ import click
 
 from storage.devices import DeviceParam
 from storage.params import FINITE_FLOAT, non_finite
-from teachers.config import (BACKENDS, COMPILE_CHOICES, DTYPES, FORMATS, HEAD_KERNELS, LOGPROB_DTYPES,
-                             TARGET_KINDS)
+from teachers.config import (
+    BACKENDS,
+    COMPILE_CHOICES,
+    DTYPES,
+    FORMATS,
+    HEAD_KERNELS,
+    LOGPROB_DTYPES,
+    TARGET_KINDS,
+)
 
 
 def _layers(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
