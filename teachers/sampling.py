@@ -21,8 +21,10 @@ sum_y -p_hat(y) log q_S(y) is linear in p_hat, so its expectation is the dense K
 Draws are inverse-CDF samples: per position, the float64 cumulative sum of exp(z - max z) over the vocab
 and one binary search per draw. The uniforms come from a counter-based generator keyed by (corpus
 fingerprint, teacher name, teacher path, seq id, position, draw index) (manifest.SAMPLE_SEED_RULE), so a
-position's draws depend neither on the chunk size, nor on the batch it was computed in, nor on slicing or
-resuming. Beyond the head's own [C, V] float32 logits, one chunk needs a [C, V] float32 exp and a [C, V]
+position's uniforms depend neither on the chunk size, nor on the batch it was computed in, nor on slicing or
+resuming; given the same logits its draws are the same (precompute's batches never cross a shard boundary,
+so re-runs, slices and resumes are byte-identical; a different --batch-size can move a logit by one float32
+ulp through the matmul's blocking and so, rarely, a draw sitting on a CDF step). Beyond the head's own [C, V] float32 logits, one chunk needs a [C, V] float32 exp and a [C, V]
 float64 cumulative sum (peak about 4 x chunk x V x 4 bytes); nothing grows with the number of tokens.
 """
 
