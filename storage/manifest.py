@@ -31,6 +31,13 @@ from storage.errors import ManifestError, MismatchError
 SCHEMA_VERSION = 2
 SHARDS_PER_PARTITION = 1 << 20
 """Global shard indices reserved per corpus partition (partition p holds shards p * 2**20 ...)."""
+ALIGNED_SCHEMA_VERSION = 2
+"""Aligned caches (`Manifest.alignment`, extra columns `target_mask` and `observed_logprob`, per-shard
+`stats`) need schema 2 or newer; see docs/architecture.md."""
+ALIGNMENT_STATS = ("positions", "aligned", "observed", "mass_whole", "mass_partial", "mass_unmapped")
+"""Per-shard sums an aligned cache records: positions, positions with a target, positions with the exact
+observed-token log-prob, and the teacher probability mass (summed over aligned positions) that mapped onto
+a whole S token, onto a first sub-token (or a byte / special token), or nowhere."""
 FORMATS = ("parquet", "zarr")
 LOGPROB_DTYPES = ("float16", "float32")
 MANTISSA_BITS = {"float16": 10, "float32": 23}
@@ -128,6 +135,8 @@ class ShardInfo:
     """Size on disk (sum of files for Zarr)."""
     sha256: str
     """sha256 of the Parquet file; for Zarr, of the sorted (relative path, file sha256) list."""
+    stats: dict[str, float] | None = None
+    """Aligned caches only: sums over the shard's positions (ALIGNMENT_STATS); absent otherwise."""
 
 
 @dataclass(kw_only=True)
@@ -135,7 +144,8 @@ class Manifest:
     """Everything needed to read, validate and join a teacher's cached targets."""
 
     schema_version: int = SCHEMA_VERSION
-    """Shard schema version; readers refuse newer versions."""
+    """Shard schema version; readers refuse newer versions (1: slice-owned sequence ids; 2: partitioned
+    sequence ids, and the only version for aligned or sampled caches)."""
     format: str = "parquet"
     """`parquet` or `zarr`."""
     teacher: TeacherInfo
@@ -185,6 +195,12 @@ class Manifest:
     """Complete shards, sorted by index."""
     notes: dict[str, Any] = field(default_factory=dict)
     """Free-form facts worth keeping (backend caveats, versions, token counts)."""
+    alignment: dict[str, Any] | None = None
+    """Set when the teacher has another tokenizer and its targets were aligned to the student's tokenizer S
+    (`precompute --align-tokenizer`): `tokenizer` (S's path), `teacher_tokenizer`, `teacher_tokenizer_fingerprint`,
+    `teacher_vocab_size`, `vocab_map` (counts per kind), `vocab_map_sha256`, `teacher_prefix`. The top-level
+    `tokenizer_fingerprint` and `vocab_size` are then S's (the token space of the stored ids). None: a plain
+    cache in the teacher's own token space."""
 
     # ---- derived -------------------------------------------------------------------------------
     def slice_of(self, shard: int) -> int:
@@ -205,13 +221,36 @@ class Manifest:
         return sum(s.bytes for s in self.shards)
 
     def column_names(self) -> list[str]:
-        """Columns of schema v1 present in this teacher's shards."""
+        """Columns present in this teacher's shards."""
         cols = ["seq_id", "input_ids"]
         cols += ["sample_ids", "sample_counts"] if self.target_kind == "sampled" else ["topk_ids", "topk_logprobs"]
         if self.entropy_kind != "absent":
             cols.append("entropy")
         cols += [f"pooled_{layer}" for layer in self.pooled_layers]
+        if self.alignment is not None:
+            cols += ["target_mask", "observed_logprob"]
         return cols
+
+    @property
+    def aligned(self) -> bool:
+        """True for a cache aligned to another tokenizer (it has per-position validity masks)."""
+        return self.alignment is not None
+
+    def alignment_totals(self) -> dict[str, float] | None:
+        """Sums of the shards' alignment stats, plus `coverage` (aligned / positions), `observed_fraction`
+        and the mean mass fractions over aligned positions; None for a plain cache."""
+        if self.alignment is None:
+            return None
+        tot = {key: 0.0 for key in ALIGNMENT_STATS}
+        for s in self.shards:
+            for key in ALIGNMENT_STATS:
+                tot[key] += float((s.stats or {}).get(key, 0.0))
+        pos, al = tot["positions"], tot["aligned"]
+        tot["coverage"] = al / pos if pos else 0.0
+        tot["observed_fraction"] = tot["observed"] / pos if pos else 0.0
+        for key in ("mass_whole", "mass_partial", "mass_unmapped"):
+            tot[key + "_fraction"] = tot[key] / al if al else 0.0
+        return tot
 
     # ---- (de)serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -220,6 +259,11 @@ class Manifest:
         if self.target_kind == "topk":
             for name in ("target_kind", "samples", "sample_seed"):
                 del d[name]
+        if d["alignment"] is None:  # plain caches carry no alignment entry
+            del d["alignment"]
+        for shard in d["shards"]:
+            if shard["stats"] is None:
+                del shard["stats"]
         return d
 
     def to_json(self) -> str:
@@ -312,6 +356,12 @@ class Manifest:
             raise bad("temperature", f"must be > 0, got {self.temperature!r}")
         if set(self.pooled_layers) != set(self.pooled_dims):
             raise bad("pooled_dims", f"must have one entry per pooled layer {self.pooled_layers}")
+        if self.alignment is not None:
+            if self.schema_version < ALIGNED_SCHEMA_VERSION:
+                raise bad("schema_version", f"is {self.schema_version}; an aligned cache is schema "
+                          f"{ALIGNED_SCHEMA_VERSION}")
+            if not isinstance(self.alignment, dict) or "teacher_tokenizer_fingerprint" not in self.alignment:
+                raise bad("alignment", "must be an object with 'teacher_tokenizer_fingerprint'")
         previous = -1
         for s in self.shards:
             check_shard_file(s, self.format, source)
@@ -345,6 +395,7 @@ RUN_FIELDS: tuple[str, ...] = (
     "teacher.dtype", "teacher.backend", "tokenizer_fingerprint", "vocab_size", "seq_len", "top_k",
     "target_kind", "samples", "sample_seed", "temperature", "logprob_dtype", "logprob_mantissa_bits",
     "entropy_kind", "pooled_layers", "corpus_fingerprint", "shard_size", "num_partitions",
+    "alignment",
 )
 
 # Settings kept in `notes` (dotted paths below `notes`) that change shard bytes without being a manifest

@@ -38,7 +38,18 @@ class TeacherTargets:
     """[B, L, N] uint16 draws of each `sample_ids` slot (0 at padding); each row sums to N, and count / N is the
     unbiased estimate of the teacher's probability. None in a top-k record."""
 
-    _ARRAYS = ("seq_ids", "input_ids", "topk_ids", "topk_logprobs", "entropy", "sample_ids", "sample_counts")
+    target_mask: np.ndarray | None = None
+    """[B, L] uint8, aligned caches only: 1 where the position has a target (the teacher has a token boundary
+    there), 0 where it has none (KD and feature terms skip it; its top-k/entropy hold no information)."""
+    observed_logprob: np.ndarray | None = None
+    """[B, L] float32, aligned caches only: the teacher's exact log-prob of the observed next token, NaN where
+    unavailable."""
+    stats: dict[str, np.ndarray] | None = None
+    """Aligned caches only: name -> [B] float64 per-sequence sums (positions, aligned, observed, mass_whole,
+    ...); their totals over a shard go into its manifest entry."""
+
+    _ARRAYS = ("seq_ids", "input_ids", "topk_ids", "topk_logprobs", "entropy", "sample_ids", "sample_counts",
+               "target_mask", "observed_logprob")
 
     @property
     def sampled(self) -> bool:
@@ -66,12 +77,17 @@ class TeacherTargets:
             assert self.entropy.dtype == np.float32 and self.entropy.shape == (b, seq_len)
         for layer, arr in self.pooled.items():
             assert arr.ndim == 2 and arr.shape[0] == b, f"pooled_{layer} has shape {arr.shape}"
+        if self.target_mask is not None:
+            assert self.target_mask.shape == (b, seq_len) and self.observed_logprob is not None
+            assert self.observed_logprob.shape == (b, seq_len)
 
     def slice(self, start: int, stop: int) -> TeacherTargets:
         """Rows [start, stop) as a new record (views, no copy)."""
         arrays = {name: None if getattr(self, name) is None else getattr(self, name)[start:stop]
                   for name in self._ARRAYS}
-        return TeacherTargets(**arrays, pooled={layer: arr[start:stop] for layer, arr in self.pooled.items()})
+        return TeacherTargets(**arrays, pooled={layer: arr[start:stop] for layer, arr in self.pooled.items()},
+                              stats=None if self.stats is None
+                              else {key: v[start:stop] for key, v in self.stats.items()})
 
     @staticmethod
     def concat(parts: list[TeacherTargets]) -> TeacherTargets:
@@ -80,4 +96,6 @@ class TeacherTargets:
         arrays = {name: None if getattr(first, name) is None else np.concatenate([getattr(p, name) for p in parts])
                   for name in TeacherTargets._ARRAYS}
         return TeacherTargets(**arrays, pooled={layer: np.concatenate([p.pooled[layer] for p in parts])
-                                                for layer in first.pooled})
+                                                for layer in first.pooled},
+                              stats=None if first.stats is None
+                              else {key: np.concatenate([p.stats[key] for p in parts]) for key in first.stats})

@@ -7,6 +7,8 @@
 | topk_logprobs   | manifest.logprob_dtype       | (L, k)           |  (rounded to manifest.logprob_mantissa_bits)
 | entropy         | float32 (absent if entropy_kind == "absent") | (L,) |
 | pooled_<layer>  | float32 (float16 if manifest.notes["pooled_dtype"] == "float16") | (d,) |
+| target_mask     | uint8, aligned caches only (1: the position has a target) | (L,) |
+| observed_logprob| float32, aligned caches only (NaN: unavailable) | (L,) |
 
 A sampled cache (manifest.target_kind == "sampled", N = manifest.samples = manifest.top_k) stores, in place of
 topk_ids and topk_logprobs:
@@ -65,6 +67,9 @@ def columns(m: Manifest) -> dict[str, Column]:
         cols.append(Column("entropy", np.dtype(np.float32), (L,)))
     for layer in m.pooled_layers:
         cols.append(Column(f"pooled_{layer}", pooled_dtype(m), (m.pooled_dims[layer],)))
+    if m.alignment is not None:
+        cols.append(Column("target_mask", np.dtype(np.uint8), (L,)))
+        cols.append(Column("observed_logprob", np.dtype(np.float32), (L,)))
     return {c.name: c for c in cols}
 
 
@@ -118,10 +123,14 @@ def to_columns(targets: TeacherTargets, m: Manifest) -> dict[str, np.ndarray]:
         "sample_ids": targets.sample_ids,
         "sample_counts": targets.sample_counts,
         "entropy": targets.entropy,
+        "target_mask": targets.target_mask,
+        "observed_logprob": targets.observed_logprob,
     }
     if targets.sampled != (m.target_kind == "sampled"):
         raise StorageError(f"{'sampled' if targets.sampled else 'top-k'} targets do not fit a manifest with "
                            f"target_kind={m.target_kind!r}")
+    if m.alignment is None and targets.target_mask is not None:
+        raise StorageError("targets carry a target_mask but the manifest is not an aligned cache")
     extra = sorted(set(targets.pooled) - set(m.pooled_layers))
     if extra:
         raise StorageError(f"targets have pooled layer(s) {extra} not in the manifest's pooled_layers "
@@ -137,7 +146,7 @@ def to_columns(targets: TeacherTargets, m: Manifest) -> dict[str, np.ndarray]:
         arr = given[name]
         if arr is None:
             raise StorageError(f"targets lack {name!r} (manifest entropy_kind={m.entropy_kind!r}, "
-                               f"target_kind={m.target_kind!r})")
+                               f"target_kind={m.target_kind!r}, aligned={m.alignment is not None})")
         arr = np.asarray(arr)
         if arr.shape != (n, *col.shape):
             raise StorageError(f"{name} has shape {tuple(arr.shape)}, expected {(n, *col.shape)} "
@@ -176,6 +185,8 @@ def from_columns(data: dict[str, np.ndarray], m: Manifest) -> TeacherTargets:
         pooled={layer: data[f"pooled_{layer}"] for layer in m.pooled_layers},
         sample_ids=data.get("sample_ids"),
         sample_counts=data.get("sample_counts"),
+        target_mask=data.get("target_mask"),
+        observed_logprob=data.get("observed_logprob"),
     )
 
 

@@ -43,6 +43,7 @@ from storage import shards as shard_io
 from storage.errors import MismatchError, StorageError
 from storage.lock import CacheLock, live_locks, lock_name
 from storage.manifest import (
+    ALIGNMENT_STATS,
     MANIFEST_NAME,
     Manifest,
     ShardInfo,
@@ -215,12 +216,13 @@ class TargetsWriter:
         if self._closed:
             raise StorageError("write_shard called on a closed TargetsWriter")
         data = self._validate(index, targets)
+        stats = self._stats(index, targets)
         if self._queue is None:
-            self._write(index, data)
+            self._write(index, data, stats)
             return
         while True:  # put with a timeout so a writer thread that died cannot block us forever
             try:
-                self._queue.put((index, data), timeout=0.5)
+                self._queue.put((index, data, stats), timeout=0.5)
                 break
             except queue.Full:
                 self._raise_pending()
@@ -246,11 +248,22 @@ class TargetsWriter:
                                f"got {got}")
         return to_columns(targets, h)
 
-    def _write(self, index: int, data: dict[str, np.ndarray]) -> None:
+    def _stats(self, index: int, targets: TeacherTargets) -> dict[str, float] | None:
+        """Totals of an aligned shard's per-sequence statistics (ALIGNMENT_STATS), rounded so the manifest
+        does not depend on summation order; None for a plain cache."""
+        if self.header.alignment is None:
+            return None
+        if targets.stats is None or set(targets.stats) != set(ALIGNMENT_STATS):
+            raise StorageError(f"shard {index} of an aligned cache needs the statistics {ALIGNMENT_STATS}, got "
+                               f"{None if targets.stats is None else sorted(targets.stats)}")
+        return {key: round(float(np.sum(targets.stats[key], dtype=np.float64)), 6) for key in ALIGNMENT_STATS}
+
+    def _write(self, index: int, data: dict[str, np.ndarray], stats: dict[str, float] | None = None) -> None:
         name = shard_file_name(index, self.header.format)
         self._slice_lock.verify()
         try:
             info = shard_io.write_shard(self.fs, self.root, self.header, index, data)
+            info.stats = stats
         except OSError as e:  # disk full, permissions, a vanished directory: the user's to fix
             raise StorageError(f"{sfs.join(self.root, name)}: cannot write: {sfs.os_error_reason(e)}; the shards before it "
                                "are recorded in the ledger, re-run the same command to resume") from e

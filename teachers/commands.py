@@ -74,6 +74,12 @@ def _sigterm_as_exit() -> Iterator[None]:
 @click.option("--gguf-file", default=None, help="GGUF file inside --teacher to load (dequantised).")
 @click.option("--revision", default=None, help="Hub revision of the teacher weights.")
 @click.option("--tokenizer", default=None, help="Tokenizer directory or hub id (default: the teacher's).")
+@click.option("--align-tokenizer", default=None,
+              help="The student's tokenizer S (directory, hub id, or the directory of --align-gguf-file) when the "
+                   "teacher has its own: packing uses S and targets are written in S's token space, with a "
+                   "per-position validity mask (hf backend only).")
+@click.option("--align-gguf-file", default=None,
+              help="GGUF file inside --align-tokenizer whose tokenizer is S.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="hf", show_default=True,
               help="hf: transformers (exact entropy, pooled states); vllm: optional extra, top-k log-probs only.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
@@ -162,7 +168,8 @@ def precompute_cmd(**o: object) -> None:
                               samples=o["samples"], temperature=o["temperature"],
                               head_chunk_size=o["head_chunk_size"], compile_head=o["compile_head"],
                               head_kernel=o["head_kernel"], pool_layers=o["pool_layers"],
-                              trust_remote_code=o["trust_remote_code"], backend_options=o["backend_options"]),
+                              trust_remote_code=o["trust_remote_code"], backend_options=o["backend_options"],
+                              align_tokenizer=o["align_tokenizer"], align_gguf_file=o["align_gguf_file"]),
         storage=StorageConfig(output=o["output"], format=o["fmt"], shard_size=o["shard_size"],
                               logprob_dtype=o["logprob_dtype"], logprob_mantissa_bits=o["logprob_bits"]),
         seq_len=o["seq_len"], num_shards=o["num_shards"], shard_index=o["shard_index"], progress=o["progress"],

@@ -117,6 +117,12 @@ class TeacherConfig:
     backend_options: dict[str, object] = field(default_factory=dict)
     """Settings only one backend understands (`--backend-option KEY=VALUE`, e.g. vllm's
     `tensor_parallel_size=2`); a backend refuses keys it does not know."""
+    align_tokenizer: str | None = None
+    """The student's tokenizer S (directory or hub id; with `align_gguf_file`, the directory holding it) when
+    the teacher has another tokenizer: packing uses S and the targets are written in S's token space
+    (teachers/align.py). None: the teacher's own tokenizer and token space."""
+    align_gguf_file: str | None = None
+    """GGUF file inside `align_tokenizer` whose tokenizer is S."""
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -149,6 +155,11 @@ class TeacherConfig:
         self.temperature = float(self.temperature)
         if len(set(self.pool_layers)) != len(self.pool_layers):
             raise ConfigError(f"pool_layers has duplicates: {self.pool_layers}")
+        if self.align_gguf_file is not None and self.align_tokenizer is None:
+            raise ConfigError("--align-gguf-file needs --align-tokenizer (the directory holding the file)")
+        if self.align_tokenizer is not None and self.backend != "hf":
+            raise ConfigError(f"the {self.backend} backend cannot align tokenizers (--align-tokenizer); "
+                              "use --backend hf")
 
 
 @dataclass(kw_only=True)

@@ -175,3 +175,105 @@ def dense_reference(
     entropy = -(logp.exp() * logp).sum(-1)
     top_lp, top_i = torch.topk(logp, k, dim=-1)
     return top_i, top_lp, entropy, logp
+
+
+def aligned_head(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    vocab_map: torch.Tensor,
+    map_whole: torch.Tensor,
+    student_vocab: int,
+    k: int,
+    project: torch.Tensor,
+    next_ids: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    bias: torch.Tensor | None = None,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """The targets head for a teacher with another tokenizer, projected into the student's vocab S.
+
+    hidden [N, H] and weight [V, H] as in `targets_head`; vocab_map [V] int64: the S id of each teacher id
+    (-1: unmappable); map_whole [V] bool: the teacher token's text is that one whole S token; project [N]
+    bool: rows whose projected distribution is wanted; next_ids [N] int64: the teacher token after each row
+    (any id where unused). Per chunk of C rows, p = softmax(z / tau) over the teacher vocab ([C, V] float32)
+    is scatter-added onto S ids ([C, |S| + 1] float32, the last column collecting unmappable mass); the
+    mapped distribution q = p_S / (1 - unmapped) is then what top-k, log-probs and the exact entropy
+    (-sum q log q) are taken over. No [N, V] or [N, |S|] tensor exists.
+
+    Returns (topk_ids [N, k] int32, topk_logprobs [N, k] float32, entropy [N] float32, next_logprob [N]
+    float32 = log p(next_ids), mass_whole [N], mass_unmapped [N] float32); rows with project False hold
+    zeros in the projected outputs.
+    """
+    import torch
+
+    n, vocab = hidden.shape[0], weight.shape[0]
+    if vocab_map.shape != (vocab,) or map_whole.shape != (vocab,):
+        raise ValueError(f"vocab_map {tuple(vocab_map.shape)} and map_whole must be [{vocab}]")
+    if not 1 <= k <= student_vocab:
+        raise ValueError(f"k must be in 1..{student_vocab}, got {k}")
+    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    device = hidden.device
+    dest = torch.where(vocab_map >= 0, vocab_map, student_vocab).to(device)  # [V] int64, dump column |S|
+    whole = map_whole.to(device, torch.float32)
+    out_ids = torch.zeros((n, k), dtype=torch.int32, device=device)
+    out_lp = torch.zeros((n, k), dtype=torch.float32, device=device)
+    out_ent = torch.zeros((n,), dtype=torch.float32, device=device)
+    out_next = torch.empty((n,), dtype=torch.float32, device=device)
+    out_whole = torch.zeros((n,), dtype=torch.float32, device=device)
+    out_unmapped = torch.zeros((n,), dtype=torch.float32, device=device)
+    inv_tau = 1.0 / float(temperature)
+    with torch.inference_mode():
+        for start in range(0, n, chunk_size):
+            stop = min(n, start + chunk_size)
+            z = _chunk_logits(hidden[start:stop], weight, bias, logit_scale, softcap, inv_tau)  # [C, V] f32
+            lse = torch.logsumexp(z, dim=-1)  # [C]
+            out_next[start:stop] = z.gather(1, next_ids[start:stop].to(device).long().unsqueeze(1)).squeeze(1) - lse
+            rows = torch.nonzero(project[start:stop].to(device)).squeeze(1)  # [C'] chunk-local
+            if rows.numel() == 0:
+                continue
+            p = (z.index_select(0, rows) - lse.index_select(0, rows).unsqueeze(1)).exp_()  # [C', V]
+            del z
+            q = torch.zeros((rows.numel(), student_vocab + 1), dtype=torch.float32, device=device)
+            q.index_add_(1, dest, p)  # [C', |S| + 1]
+            dst = rows + start
+            out_whole[dst] = p @ whole
+            del p
+            dropped = q[:, student_vocab]
+            mapped = 1.0 - dropped
+            out_unmapped[dst] = dropped
+            qs = q[:, :student_vocab].div_(mapped.unsqueeze(1))  # [C', |S|] rows sum to 1
+            top_q, top_i = torch.topk(qs, k, dim=-1, sorted=True)
+            out_ids[dst] = top_i.to(torch.int32)
+            out_lp[dst] = top_q.log()
+            out_ent[dst] = -torch.special.xlogy(qs, qs).sum(dim=-1)
+            del q, qs
+    return out_ids, out_lp, out_ent, out_next, out_whole, out_unmapped
+
+
+def aligned_dense_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    vocab_map: torch.Tensor,
+    student_vocab: int,
+    k: int,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Naive float64 reference of `aligned_head` (dense [N, V] teacher softmax, dense [N, V, |S|] one-hot
+    projection); for tests only. Returns (topk_ids, topk_logprobs, entropy, full teacher log-probs [N, V])."""
+    import torch
+
+    logp = torch.log_softmax((hidden.double() @ weight.double().T) / temperature, dim=-1)  # [N, V]
+    onehot = torch.zeros((weight.shape[0], student_vocab), dtype=torch.float64)
+    valid = vocab_map >= 0
+    onehot[torch.nonzero(valid).squeeze(1), vocab_map[valid]] = 1.0
+    q = logp.exp() @ onehot  # [N, |S|]
+    q = q / q.sum(dim=-1, keepdim=True)
+    logq = q.log()
+    entropy = -torch.where(q > 0, q * logq, torch.zeros_like(q)).sum(-1)
+    top_lp, top_i = torch.topk(logq, k, dim=-1)
+    return top_i, top_lp, entropy, logp

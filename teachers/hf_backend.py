@@ -120,6 +120,7 @@ class HFBackend:
         self.entropy_kind = "exact"
         self.pooled_dims = {layer: self.hidden_size for layer in self.pooled_layers}
         self._captured: dict[int, Any] = {}
+        self._capture_full = False
         self._hooks = [layers[i].register_forward_hook(self._hook(i)) for i in self.pooled_layers
                        if i != self.num_layers - 1]  # the last layer is the backbone's output
         self._checked = False
@@ -154,7 +155,8 @@ class HFBackend:
     def _hook(self, layer: int) -> Any:
         def hook(module: Any, args: Any, output: Any) -> None:
             h = output[0] if isinstance(output, tuple) else output  # [B, L, H]
-            self._captured[layer] = h.float().mean(dim=1)
+            # the aligned backend pools over each sequence's own (unpadded) length itself
+            self._captured[layer] = h if self._capture_full else h.float().mean(dim=1)
         return hook
 
     def info(self) -> TeacherInfo:

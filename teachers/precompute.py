@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from storage.errors import ConfigError
-from storage.manifest import SAMPLE_SEED_RULE, SHARDS_PER_PARTITION, Manifest
+from storage.manifest import ALIGNED_SCHEMA_VERSION, SAMPLE_SEED_RULE, SCHEMA_VERSION, SHARDS_PER_PARTITION, Manifest
 from storage.records import TeacherTargets
 from teachers.config import PrecomputeConfig
 from teachers.packing import PackedBatch, PackStats
@@ -152,6 +152,20 @@ def _run_slice(cfg: PrecomputeConfig, backend: TeacherBackend | None, slice_inde
                                trust_remote_code=t_cfg.trust_remote_code)
     if backend is None:
         backend = create_backend(t_cfg, seq_len=cfg.seq_len)
+    schema_version, alignment = SCHEMA_VERSION, None
+    if t_cfg.align_tokenizer is not None:
+        if t_cfg.targets == "sampled":
+            raise ConfigError("--targets sampled cannot be combined with --align-tokenizer yet: the draws are "
+                              "taken in the teacher's own token space; use top-k targets for an aligned cache")
+        from teachers.aligned_backend import AlignedBackend
+
+        student_tok = load_tokenizer(t_cfg.align_tokenizer, gguf_file=t_cfg.align_gguf_file)
+        s_path = t_cfg.align_tokenizer + (f"/{t_cfg.align_gguf_file}" if t_cfg.align_gguf_file else "")
+        if not isinstance(backend, AlignedBackend):
+            backend = AlignedBackend(backend, tokenizer, student_tok, student_tokenizer=s_path,
+                                     teacher_tokenizer=tok_path)
+        tokenizer, tok_path = student_tok, s_path  # packing and the stored token space are S's
+        schema_version, alignment = ALIGNED_SCHEMA_VERSION, backend.alignment
     sampled = t_cfg.targets == "sampled"
     if t_cfg.top_k > backend.vocab_size and not sampled:
         raise ConfigError(f"top_k {t_cfg.top_k} exceeds the teacher's vocab size {backend.vocab_size}")
@@ -160,7 +174,7 @@ def _run_slice(cfg: PrecomputeConfig, backend: TeacherBackend | None, slice_inde
         # the draws of position (seq id, t) are keyed by this run's corpus and teacher (SAMPLE_SEED_RULE)
         backend.sample_key = sample_key(corpus_fp, info.name, info.path)
     header = Manifest(
-        format=s_cfg.format, teacher=info, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        schema_version=schema_version, alignment=alignment, format=s_cfg.format, teacher=info, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         vocab_size=backend.vocab_size, seq_len=cfg.seq_len, top_k=cfg.slots, temperature=t_cfg.temperature,
         target_kind=t_cfg.targets, samples=t_cfg.samples if sampled else None,
         sample_seed=SAMPLE_SEED_RULE if sampled else None,

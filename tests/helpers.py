@@ -150,3 +150,61 @@ def make_tiny_setup(root: str | Path, *, n_docs: int = 200, vocab: int = 512, se
     teacher = make_tiny_teacher(root / "teacher", vocab, seed=seed + 1, tokenizer_dir=tok_dir)
     corpus = write_jsonl_corpus(root / "corpus.jsonl", texts)
     return teacher, corpus
+
+
+BOS_TOKEN_SP = "<bos>"
+EOS_TOKEN_SP = "<eos>"
+PAD_TOKEN_SP = "<pad>"
+
+_EXTRA_WORDS = "naïve café résumé über señor 日本語 東京 Привет мир 🤗 ✓ Zürich façade coöperate".split()
+
+
+def sample_texts_unicode(n: int, seed: int = 0) -> list[str]:
+    """Like `sample_texts`, with accented, Cyrillic, CJK and emoji words, runs of spaces and blank lines
+    mixed in (multi-byte characters and whitespace runs that two tokenizers split differently)."""
+    rng = random.Random(seed + 1000)
+    out = []
+    for text in sample_texts(n, seed=seed):
+        words = text.split(" ")
+        for _ in range(rng.randint(1, 4)):
+            words.insert(rng.randrange(len(words) + 1), rng.choice(_EXTRA_WORDS))
+        if rng.random() < 0.5:
+            words.insert(rng.randrange(len(words) + 1), rng.choice(["\n\n", "\n  ", "   ", "\n"]))
+        out.append(" ".join(words))
+    return out
+
+
+def train_sentencepiece_tokenizer(directory: str | Path, texts: list[str], vocab_size: int = 300,
+                                  *, limit_alphabet: int = 60) -> Path:
+    """A SentencePiece-style BPE tokenizer (spaces become `▁` inside tokens, `<0xNN>` byte fallback for
+    characters outside its alphabet, `<bos>` added before every text), like Gemma's. Saved in `directory`.
+
+    Specials: `<pad>` 0, `<eos>` 1, `<bos>` 2, then the 256 byte tokens. `limit_alphabet` keeps rare
+    characters out of the vocab so that byte fallback is exercised.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token=None))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD_TOKEN_SP, EOS_TOKEN_SP, BOS_TOKEN_SP],
+                                  limit_alphabet=limit_alphabet, show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_tokens(byte_tokens)  # ids after the trained vocab; the BPE model falls back to them
+    model = json.loads(tok.to_str())
+    vocab = model["model"]["vocab"]
+    for t in byte_tokens:  # byte fallback looks the <0xNN> pieces up in the model's own vocab
+        vocab.setdefault(t, tok.token_to_id(t))
+    model["added_tokens"] = [a for a in model["added_tokens"] if a["content"] not in set(byte_tokens)]
+    tok = Tokenizer.from_str(json.dumps(model))
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS_TOKEN_SP} $A", pair=f"{BOS_TOKEN_SP} $A $B",
+                                                       special_tokens=[(BOS_TOKEN_SP, 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN_SP, bos_token=BOS_TOKEN_SP,
+                                   pad_token=PAD_TOKEN_SP)
+    fast.save_pretrained(directory)
+    return directory
