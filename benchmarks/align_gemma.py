@@ -53,8 +53,10 @@ def gemma_gguf() -> str | None:
 
 
 def precompute_both(out: Path, *, max_tokens: int, seq_len: int, top_k: int, corpus: str,
-                    chunk: int = 256) -> tuple[Path, Path]:
-    """Stage one for SmolLM2 (plain) and Gemma (aligned to SmolLM2's tokenizer); re-running resumes."""
+                    chunk: int = 256, gemma_max_tokens: int | None = None) -> tuple[Path, Path]:
+    """Stage one for SmolLM2 (plain) and Gemma (aligned to SmolLM2's tokenizer); re-running resumes.
+
+    gemma_max_tokens: a shorter stream for Gemma (its windows are then the first ones of SmolLM2's)."""
     from teachers.config import CorpusConfig, PrecomputeConfig, StorageConfig, TeacherConfig
     from teachers.precompute import run_precompute
 
@@ -70,7 +72,8 @@ def precompute_both(out: Path, *, max_tokens: int, seq_len: int, top_k: int, cor
     }
     for name, teacher in runs.items():
         t0 = time.perf_counter()
-        cfg = PrecomputeConfig(corpus=CorpusConfig(dataset=corpus, max_tokens=max_tokens), teacher=teacher,
+        limit = gemma_max_tokens if name == "gemma3-aligned" and gemma_max_tokens else max_tokens
+        cfg = PrecomputeConfig(corpus=CorpusConfig(dataset=corpus, max_tokens=limit), teacher=teacher,
                                storage=StorageConfig(output=str(out / name), shard_size=8, logprob_dtype="float32"),
                                seq_len=seq_len, num_shards=1, shard_index=0, progress=False)
         run_precompute(cfg)
@@ -92,7 +95,7 @@ def analyse(smol_path: str | Path, gemma_path: str | Path) -> dict[str, float]:
     from student.observed import corrected_entropy
 
     s, g = TeacherDataset.open(str(smol_path)), TeacherDataset.open(str(gemma_path))
-    rows = np.arange(len(s))
+    rows = np.arange(min(len(s), len(g)))  # the first windows of the packed stream are the same in both
     a = s.read_columns(rows, ["input_ids", "topk_ids", "topk_logprobs", "entropy"])
     b = g.read_columns(rows, ["input_ids", "topk_ids", "topk_logprobs", "entropy", "target_mask",
                               "observed_logprob"])
@@ -146,6 +149,8 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/align-gemma", help="directory for the two caches (resumed if present)")
     ap.add_argument("--max-tokens", type=int, default=32 * 256, help="SmolLM2 tokens of the packed stream")
     ap.add_argument("--seq-len", type=int, default=256, help="window length in SmolLM2 tokens")
+    ap.add_argument("--gemma-max-tokens", type=int, default=None,
+                    help="a shorter stream for Gemma (the slow one); scored on the windows both caches hold")
     ap.add_argument("--top-k", type=int, default=1024, help="top-k stored by both caches")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--corpus", default=str(ROOT / "data/corpus/validation.jsonl"), help="jsonl corpus")
@@ -155,7 +160,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     smol, gemma = precompute_both(Path(args.out), max_tokens=args.max_tokens, seq_len=args.seq_len,
-                                  top_k=args.top_k, corpus=args.corpus)
+                                  top_k=args.top_k, corpus=args.corpus, gemma_max_tokens=args.gemma_max_tokens)
     r = analyse(smol, gemma)
     print(f"\nGemma 3 270M aligned to SmolLM2's tokenizer: {int(r['sequences'])} windows x {args.seq_len} tokens "
           f"({int(r['positions'])} positions), top-k {args.top_k}, {time.perf_counter() - t0:.0f} s\n")

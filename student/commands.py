@@ -60,6 +60,9 @@ def parse_floats(option: str, text: str | None) -> tuple[float, ...] | None:
 @click.option("--loss-chunk-size", type=int, default=None,
               help="Compute the student's logits, CE and KD in chunks of this many positions (never the full "
                    "[batch*seq, vocab] logits; --loss kd, not --fsdp). Default: unchunked.")
+@click.option("--observed-correction/--no-observed-correction", default=True, show_default=True,
+              help="Aligned caches (a teacher with another tokenizer): use the teacher's exact probability of the "
+                   "observed next token where the cache has it, rescaling its other entries (student/observed.py).")
 @click.option("--lr", type=FINITE_FLOAT, default=1e-3, show_default=True, help="Peak AdamW learning rate.")
 @click.option("--weight-decay", type=FINITE_FLOAT, default=0.01, show_default=True, help="AdamW weight decay.")
 @click.option("--warmup-steps", type=int, default=10, show_default=True, help="Linear warmup steps before cosine decay.")
@@ -112,7 +115,7 @@ def train_student_cmd(**kw) -> None:
         teacher_weighting=kw["teacher_weighting"], teacher_weights=kw["teacher_weights"],
         feat_weights=kw["feat_weights"], teacher_pool_layer=kw["teacher_pool_layer"],
         student_pool_layer=kw["student_pool_layer"], dkd_alpha=kw["dkd_alpha"], dkd_beta=kw["dkd_beta"],
-        chunk_size=kw["loss_chunk_size"])
+        chunk_size=kw["loss_chunk_size"], observed_correction=kw["observed_correction"])
     optim = OptimConfig(lr=kw["lr"], weight_decay=kw["weight_decay"], warmup_steps=kw["warmup_steps"],
                         grad_clip=kw["grad_clip"])
     cfg = TrainConfig(

@@ -59,6 +59,10 @@ class LossConfig:
     chunk_size: int | None = None
     """Compute the student's logits, CE and KD in chunks of this many positions from its final hidden states
     (student/chunked.py), so the [B·L, V] logits never exist; None: the unchunked loss. `kd` only, not FSDP."""
+    observed_correction: bool = True
+    """Aligned caches only: where the cache holds the teacher's exact log-prob of the observed next token,
+    that probability replaces the first-token value, the teacher's other entries are rescaled and its entropy
+    (for alpha) is the corrected one (student/observed.py). No effect on plain caches."""
 
     def __post_init__(self) -> None:
         check_finite(self)

@@ -27,6 +27,7 @@ from storage.manifest import JOIN_FIELDS, Manifest
 from storage.reader import TeacherDataset
 from storage.stamps import VerifyReport
 from student.fusion import fuse_topk, teacher_weights
+from student.observed import apply_observed_correction
 
 log = logging.getLogger("student")
 
@@ -193,18 +194,24 @@ class DistillDataset(Dataset):
 
     def __init__(self, teachers: Sequence[TeacherDataset], positions: np.ndarray, *, weighting: str,
                  fixed_weights: Sequence[float] | None = None, entropy_eps: float = 1e-3,
-                 pooled_layers: Sequence[int | None] | None = None) -> None:
+                 pooled_layers: Sequence[int | None] | None = None, observed_correction: bool = True) -> None:
         self.teachers = list(teachers)
+        self.observed_correction = observed_correction
+        self.aligned = [t.manifest.alignment is not None for t in self.teachers]
         self.positions = np.asarray(positions, dtype=np.int64)
         self.weighting, self.fixed_weights, self.entropy_eps = weighting, fixed_weights, entropy_eps
         self.pooled_layers = list(pooled_layers) if pooled_layers is not None else [None] * len(self.teachers)
         self.columns = []  # only what the loss needs, per teacher
-        for t, layer in zip(self.teachers, self.pooled_layers, strict=True):
+        for t, layer, aligned in zip(self.teachers, self.pooled_layers, self.aligned, strict=True):
             cols = ["input_ids", *target_columns(t.manifest)]
             if weighting == "entropy":
                 cols.append("entropy")
             if layer is not None:
                 cols.append(f"pooled_{layer}")
+            if aligned:  # a teacher with another tokenizer: targets only where its token boundaries are ours
+                cols.append("target_mask")
+                if observed_correction:
+                    cols.append("observed_logprob")
             self.columns.append(cols)
 
     def __len__(self) -> int:
@@ -225,15 +232,29 @@ class DistillDataset(Dataset):
                 break
         b, seq_len = input_ids.shape
         n = b * seq_len
-        ids, lps = zip(*(sparse_target(c, t.manifest, n) for c, t in zip(cols, self.teachers, strict=True)),
-                       strict=True)
+        targets = [sparse_target(c, t.manifest, n) for c, t in zip(cols, self.teachers, strict=True)]
+        ids, lps = [i for i, _ in targets], [lp for _, lp in targets]
+        ents = [torch.from_numpy(c["entropy"]).reshape(n) if "entropy" in c else None for c in cols]
+        # positions 0..L-2 predict the next token of the window; the last one's is unknown (no correction)
+        labels = torch.from_numpy(np.concatenate([input_ids[:, 1:], input_ids[:, :1]], axis=1)
+                                  .astype(np.int64)).reshape(n)
+        valid = torch.ones((n, len(cols)), dtype=torch.bool)
+        for k, c in enumerate(cols):
+            if not self.aligned[k]:
+                continue
+            valid[:, k] = torch.from_numpy(c["target_mask"]).reshape(n) != 0
+            if self.observed_correction:
+                obs = torch.from_numpy(c["observed_logprob"]).reshape(n).clone()
+                obs.view(b, seq_len)[:, -1] = float("nan")
+                ids[k], lps[k], ents[k] = apply_observed_correction(ids[k], lps[k], ents[k], obs, labels)
         if self.weighting == "entropy":
-            ent = torch.from_numpy(np.stack([c["entropy"].reshape(n) for c in cols], axis=1))  # [N, K]
+            ent = torch.stack([e.float() for e in ents], dim=1)  # [N, K] (NaN where a teacher has no target)
         else:
             ent = torch.empty((n, len(cols)), dtype=torch.float32)  # shape only
-        alpha = teacher_weights(ent, self.weighting, self.fixed_weights, eps=self.entropy_eps)
+        mask = valid if any(self.aligned) else None
+        alpha = teacher_weights(ent, self.weighting, self.fixed_weights, eps=self.entropy_eps, valid=mask)
         sampled = [t.manifest.target_kind == "sampled" for t in self.teachers]
-        fused = fuse_topk(ids, lps, alpha, tailless=sampled)
+        fused = fuse_topk(ids, lps, alpha, mask, tailless=sampled)
         pooled = [None if layer is None else torch.from_numpy(c[f"pooled_{layer}"]).float()
                   for c, layer in zip(cols, self.pooled_layers, strict=True)]
         return {

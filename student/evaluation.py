@@ -11,7 +11,10 @@ Two sources of held-out sequences:
   partition (`student.losses.sparse_kl`), at the temperature the caches were written with.
 
 The fused target uses the same weighting as training (`student.fusion.teacher_weights`): per-position
-entropy weights by default. "KL fused" is the training KD quantity sum_k alpha_k KL_k, the weighted KL to
+entropy weights by default. An aligned cache (a teacher with another tokenizer) has targets only where its
+`target_mask` is set: its KL averages over those positions, the fused KL and agreement over positions where
+some teacher has a target, and the counts are reported apart (`target_positions`, `positions_with_target`).
+The observed-token correction is a training choice and is not applied here. "KL fused" is the training KD quantity sum_k alpha_k KL_k, the weighted KL to
 each teacher (from models, the full KL; from caches, each teacher's top-k plus tail); it is 0 when the student
 equals every teacher and differs from KL(mixture || student) by a constant in the student (the teachers'
 weighted Jensen-Shannon divergence). Position t of a window predicts token t + 1: KL and agreement use every position
@@ -229,13 +232,17 @@ class _Acc:
     kl_fused: float = 0.0
     agree: int = 0
     positions: int = 0
+    """Positions where some teacher has a target (all of them, unless a cache is aligned)."""
+    kl_positions: dict[str, int] = field(default_factory=dict)
+    """Per teacher: positions where it has a target (an aligned cache's `target_mask`)."""
     window_nll: list[float] = field(default_factory=list)
     """Mean next-token NLL of each held-out window, in window order (for the paired bootstrap)."""
     window_kl: list[float] = field(default_factory=list)
     """Mean KL to the fused target of each window."""
 
-    def add_kl(self, name: str, value: float) -> None:
+    def add_kl(self, name: str, value: float, positions: int) -> None:
         self.kl[name] = self.kl.get(name, 0.0) + value
+        self.kl_positions[name] = self.kl_positions.get(name, 0) + positions
 
 
 # ---- held-out sequences --------------------------------------------------------------------------
@@ -366,7 +373,8 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
                     ds.read_columns(
                         list(range(lo, hi)),
                         ["input_ids", *target_columns(ds.manifest)]
-                        + (["entropy"] if cfg.weighting == "entropy" else []),
+                        + (["entropy"] if cfg.weighting == "entropy" else [])
+                        + (["target_mask"] if ds.manifest.aligned else []),
                     )
                     for ds in caches
                 ]
@@ -418,13 +426,17 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
                     if cfg.weighting == "entropy"
                     else torch.zeros((n_pos, len(cols)), device=device)
                 )
-                alpha = teacher_weights(ent, cfg.weighting, fixed)
+                # aligned caches (teachers with another tokenizer) have targets only where `target_mask` says
+                valid = torch.stack([torch.from_numpy(c["target_mask"] != 0).reshape(n_pos) if "target_mask" in c
+                                     else torch.ones(n_pos, dtype=torch.bool) for c in cols], dim=1).to(device)
+                mask = valid if any("target_mask" in c for c in cols) else None
+                alpha = teacher_weights(ent, cfg.weighting, fixed, valid=mask)
                 ones = torch.ones((n_pos, 1), device=device)
                 per_teacher_fused = {
-                    n: fuse_topk([i], [lp], ones, tailless=[s])
-                    for n, i, lp, s in zip(cache_names, k_ids, k_lp, sampled, strict=True)
+                    n: fuse_topk([i], [lp], ones, None if mask is None else mask[:, j : j + 1], tailless=[s])
+                    for j, (n, i, lp, s) in enumerate(zip(cache_names, k_ids, k_lp, sampled, strict=True))
                 }
-                fused = fuse_topk(k_ids, k_lp, alpha, tailless=sampled)
+                fused = fuse_topk(k_ids, k_lp, alpha, mask, tailless=sampled)
                 fused_top1 = known_top1(fused)
 
             for label, model in student_models.items():
@@ -437,25 +449,28 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 flat = logits.reshape(n_pos, -1)
                 if fused is None:
                     continue
-                acc.positions += n_pos
-                acc.agree += int((flat.argmax(dim=-1) == fused_top1).sum())
+                # positions without any target (aligned caches only) are counted apart, not averaged in
+                has = fused.has_target if not teacher_models else torch.ones(n_pos, dtype=torch.bool,
+                                                                               device=flat.device)
+                acc.positions += int(has.sum())
+                acc.agree += int(((flat.argmax(dim=-1) == fused_top1) & has).sum())
                 if teacher_models:
                     q = torch.log_softmax(flat, dim=-1)
                     kl_fused = torch.zeros(n_pos, device=q.device)  # sum_k alpha_k KL_k, as sparse_kl
                     for i, (name, target) in enumerate(targets.items()):
                         kl_k = full_kl(target, q)  # [N]
-                        acc.add_kl(name, float(kl_k.sum()))
+                        acc.add_kl(name, float(kl_k.sum()), n_pos)
                         kl_fused += alpha[:, i] * kl_k
                     acc.kl_fused += float(kl_fused.sum())
                     acc.window_kl += kl_fused.reshape(ids.shape).mean(dim=1).tolist()
                 else:
                     for name, f in per_teacher_fused.items():
-                        acc.add_kl(
-                            name, float(sparse_kl(flat, f, temperature=temperature, reduction="none").sum())
-                        )
-                    kl = sparse_kl(flat, fused, temperature=temperature, reduction="none").reshape(ids.shape)
+                        kl_k = sparse_kl(flat, f, temperature=temperature, reduction="none")  # [N]
+                        acc.add_kl(name, float((kl_k * f.has_target).sum()), int(f.has_target.sum()))
+                    kl = (sparse_kl(flat, fused, temperature=temperature, reduction="none") * has).reshape(ids.shape)
                     acc.kl_fused += float(kl.sum())
-                    acc.window_kl += kl.mean(dim=1).tolist()
+                    # per window: the mean over its positions with a target
+                    acc.window_kl += (kl.sum(dim=1) / has.reshape(ids.shape).sum(dim=1).clamp_min(1)).tolist()
             bar.update(n_pos)
             bar.set_postfix(tok_s=f"{bar.n / (time.perf_counter() - start):.0f}")
     bar.close()
@@ -502,8 +517,11 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
             "tokens_scored": a.count,
         }
         if role == "student" and a.positions:
-            out["kl"] = {t: a.kl[t] / a.positions for t in teacher_names}
+            out["kl"] = {t: a.kl[t] / max(a.kl_positions[t], 1) for t in teacher_names}
             out["top1_agreement"] = a.agree / a.positions
+            # per teacher, the positions its KL averages over; an aligned cache's masked positions are not in it
+            out["target_positions"] = {t: a.kl_positions[t] for t in teacher_names}
+            out["positions_with_target"] = a.positions
         if a.positions:
             out["kl_fused"] = a.kl_fused / a.positions
         out["window_nll"] = a.window_nll
@@ -615,6 +633,13 @@ def format_table(result: dict[str, Any]) -> str:
                 f(b.get("reference"), 1)
             ]
         lines.append("| " + " | ".join(row) + " |")
+    total = result["windows"] * result["seq_len"]
+    for label, m in result["models"].items():
+        counts = m.get("target_positions", {})
+        partial = {t: n for t, n in counts.items() if n < total}
+        if partial:  # aligned caches: their KL is over the positions with a target only
+            lines.append(f"{label}: KL over positions with a target only: "
+                         + ", ".join(f"{t} {n} of {total}" for t, n in partial.items()))
     return "\n".join(lines)
 
 

@@ -140,7 +140,8 @@ class Trainer:
                                                     eval_sequences=cfg.eval_sequences, split_seed=cfg.split_seed,
                                                     cap=EVAL_SEQUENCES_CAP)
         ds_kw = dict(weighting=lc.teacher_weighting, fixed_weights=lc.teacher_weights,
-                     entropy_eps=lc.entropy_eps, pooled_layers=self.pool_layers)
+                     entropy_eps=lc.entropy_eps, pooled_layers=self.pool_layers,
+                     observed_correction=lc.observed_correction)
         self.train_set = sdata.DistillDataset(self.teachers, train_pos, **ds_kw)
         self.sampler = sdata.EpochBatchSampler(len(train_pos), cfg.batch_size, rank=self.rank,
                                                world_size=self.world, seed=cfg.seed)

@@ -223,6 +223,7 @@ def test_aligned_cache_matches_float64_reference(setup, aligned):
                                total_aligned, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_head_chunk_size_does_not_change_the_result(setup, aligned):
     from storage.reader import TeacherDataset
 

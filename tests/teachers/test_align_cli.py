@@ -140,3 +140,25 @@ def test_unalignable_student_tokenizer(caches, tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=wp, unk_token="[UNK]", eos_token="[SEP]").save_pretrained(tmp_path / "wp")
     _fails_with(_precompute(caches["teacher_t"], caches["corpus"], tmp_path / "o", "--align-tokenizer",
                             tmp_path / "wp"), "cannot align a tokenizer whose decoder is")
+
+
+@pytest.mark.slow
+def test_slices_give_the_same_shards_and_statistics(caches):
+    import hashlib
+
+    from storage.reader import TeacherDataset
+
+    root = caches["root"]
+    out = root / "sliced"
+    for index in (0, 1):
+        r = _precompute(caches["teacher_t"], caches["corpus"], out, "--align-tokenizer", caches["s_dir"],
+                        "--num-shards", 2, "--shard-index", index)
+        assert r.exit_code == 0, r.output
+
+    def hashes(d):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.glob("shard-*.parquet"))}
+
+    assert hashes(out) == hashes(root / "aligned") and len(hashes(out)) >= 3
+    merged, whole = TeacherDataset.open(str(out)).manifest, TeacherDataset.open(str(root / "aligned")).manifest
+    assert merged.alignment == whole.alignment
+    assert merged.alignment_totals() == whole.alignment_totals()
