@@ -44,10 +44,8 @@ def setup(tmp_path_factory):
 
 
 def _precompute(root, s_dir, teacher, corpus, name, **teacher_overrides):
-    from teachers.config import tiny
+    from teachers.config import CorpusConfig, tiny
     from teachers.precompute import run_precompute
-
-    from teachers.config import CorpusConfig
 
     cfg = tiny(str(teacher), str(corpus), str(root / name), seq_len=40,
                corpus=CorpusConfig(dataset=str(corpus), max_tokens=40 * 24))
