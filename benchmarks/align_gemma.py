@@ -85,8 +85,9 @@ def _prob_of(ids: np.ndarray, lp: np.ndarray, target: np.ndarray) -> tuple[np.nd
     """(p(target) [N] float64, found [N] bool) from top-k rows; not found: the row's k-th probability."""
     hit = ids == target[:, None]
     found = hit.any(1)
-    p = np.where(found, np.exp((lp * hit).sum(1, dtype=np.float64)), np.exp(lp.min(1).astype(np.float64)))
-    return p, found
+    hit_lp = np.where(hit, lp, 0.0).sum(1, dtype=np.float64)  # (masked rows hold -inf; never scored)
+    kth = np.exp(np.where(np.isfinite(lp), lp, 0.0).min(1).astype(np.float64))
+    return np.where(found, np.exp(hit_lp), kth), found
 
 
 def analyse(smol_path: str | Path, gemma_path: str | Path) -> dict[str, float]:
@@ -125,7 +126,7 @@ def analyse(smol_path: str | Path, gemma_path: str | Path) -> dict[str, float]:
     totals = g.manifest.alignment_totals()
     ex = has_exact
     out = {
-        "sequences": float(n), "positions": float(n * L),
+        "sequences": float(n), "positions": float(n * L), "seq_len": float(L), "top_k": float(g.manifest.top_k),
         "coverage": totals["coverage"], "observed_fraction": totals["observed_fraction"],
         "mass_whole": totals["mass_whole_fraction"], "mass_partial": totals["mass_partial_fraction"],
         "mass_unmapped": totals["mass_unmapped_fraction"],
@@ -154,17 +155,26 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=1024, help="top-k stored by both caches")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--corpus", default=str(ROOT / "data/corpus/validation.jsonl"), help="jsonl corpus")
+    ap.add_argument("--caches", nargs=2, metavar=("SMOLLM2", "GEMMA_ALIGNED"), default=None,
+                    help="score two existing caches (plain SmolLM2, Gemma aligned to it) instead of precomputing")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    smol, gemma = precompute_both(Path(args.out), max_tokens=args.max_tokens, seq_len=args.seq_len,
-                                  top_k=args.top_k, corpus=args.corpus, gemma_max_tokens=args.gemma_max_tokens)
+    if args.caches:
+        smol, gemma = args.caches
+    else:
+        smol, gemma = precompute_both(Path(args.out), max_tokens=args.max_tokens, seq_len=args.seq_len,
+                                      top_k=args.top_k, corpus=args.corpus, gemma_max_tokens=args.gemma_max_tokens)
     r = analyse(smol, gemma)
-    print(f"\nGemma 3 270M aligned to SmolLM2's tokenizer: {int(r['sequences'])} windows x {args.seq_len} tokens "
-          f"({int(r['positions'])} positions), top-k {args.top_k}, {time.perf_counter() - t0:.0f} s\n")
-    print("| measure | value |\n| --- | --- |")
+    print(f"\nGemma 3 270M aligned to SmolLM2's tokenizer: {int(r['sequences'])} windows x {int(r['seq_len'])} "
+          f"tokens ({int(r['positions'])} positions), top-k {int(r['top_k'])}, {time.perf_counter() - t0:.0f} s\n")
+    print(format_table(r))
+
+
+def format_table(r: dict[str, float]) -> str:
+    """The markdown table of `analyse`'s figures."""
     rows = [
         ("coverage (positions with a Gemma target)", f"{r['coverage']:.1%}"),
         ("positions with the exact observed-token log-prob", f"{r['observed_fraction']:.1%}"),
@@ -185,8 +195,7 @@ def main() -> None:
         ("observed token outside top-k (aligned positions): Gemma / SmolLM2",
          f"{int(r['outside_topk_gemma'])} / {int(r['outside_topk_smollm2'])}"),
     ]
-    for name, value in rows:
-        print(f"| {name} | {value} |")
+    return "\n".join(["| measure | value |", "| --- | --- |", *(f"| {a} | {b} |" for a, b in rows)])
 
 
 if __name__ == "__main__":
