@@ -137,6 +137,10 @@ def analyse(smol_path: str | Path, gemma_path: str | Path) -> dict[str, float]:
         "ppl_entropy_weighted": ppl(alpha_g * e + (1 - alpha_g) * p_s, ex),
         "ppl_entropy_weighted_first": ppl(alpha_g * p_g + (1 - alpha_g) * p_s, mask),
         "mean_alpha_gemma": float(alpha_g[ex].mean()),
+        # where o is in Gemma's top-k: how the exact chunk probability e compares with the first-token q(o)
+        "median_log_e_over_q": float(np.median((exact_lp - np.log(p_g))[ex & found_g])),
+        "frac_e_above_q": float(((exact_lp - np.log(p_g))[ex & found_g] > 0.01).mean()),
+        "frac_e_below_q": float(((exact_lp - np.log(p_g))[ex & found_g] < -0.01).mean()),
         "outside_topk_gemma": float((~found_g & mask).sum()), "outside_topk_smollm2": float((~found_s & mask).sum()),
     }
     for key in ("vocab_map",):
@@ -192,6 +196,8 @@ def format_table(r: dict[str, float]) -> str:
          f"{r['ppl_entropy_weighted']:.1f}, {r['mean_alpha_gemma']:.2f}"),
         ("aligned positions: ppl entropy-weighted fusion with the first-token Gemma",
          f"{r['ppl_entropy_weighted_first']:.1f}"),
+        ("exact positions with o in Gemma's top-k: median log(e / q(o)); share with e > 1.01 q(o) / e < 0.99 q(o)",
+         f"{r['median_log_e_over_q']:.3f}; {r['frac_e_above_q']:.1%} / {r['frac_e_below_q']:.1%}"),
         ("observed token outside top-k (aligned positions): Gemma / SmolLM2",
          f"{int(r['outside_topk_gemma'])} / {int(r['outside_topk_smollm2'])}"),
     ]
