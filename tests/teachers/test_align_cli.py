@@ -66,7 +66,7 @@ def test_aligned_cache_shares_windows_and_token_space_with_s(caches):
     a, s, t = (TeacherDataset.open(str(root / n)) for n in ("aligned", "plain_s", "plain_t"))
     assert a.manifest.tokenizer_fingerprint == s.manifest.tokenizer_fingerprint
     assert a.manifest.alignment["teacher_tokenizer_fingerprint"] == t.manifest.tokenizer_fingerprint
-    assert a.manifest.schema_version == 2 and s.manifest.schema_version == 1
+    assert a.manifest.schema_version == s.manifest.schema_version == 2  # every new cache is schema 2
     assert "alignment" not in json.loads((root / "plain_s" / "manifest.json").read_text())  # plain: v1 layout
     assert a.manifest.vocab_size == s.manifest.vocab_size == 400
     np.testing.assert_array_equal(a.seq_ids, s.seq_ids)
