@@ -142,9 +142,11 @@ VARIANTS = {
     "parquet / default, log-probs 7 mantissa bits": ("parquet", parquet, "BYTE_STREAM_SPLIT", None, 7),
     "zarr / zstd + checksum": ("zarr", zarr_shard, "default_compressors", zarr_shard.zstd_compressors),
     "zarr / default (blosc-zstd shuffle + crc32c)": ("zarr", zarr_shard, "default_compressors", None),
+    # the layout before the sharding codec: one file per chunk (per sequence and array)
+    "zarr / default, unsharded (one file per chunk)": ("zarr", zarr_shard, "SHARDED", False),
     "zarr / default, 1 encoder thread": ("zarr", zarr_shard, "WRITE_THREADS", 1),
     "zarr / default, 2 encoder threads": ("zarr", zarr_shard, "WRITE_THREADS", 2),
-    # what the writer did before its direct chunk encoder: zarr's own `arr[...] = data` (same bytes)
+    # zarr's own `arr[...] = data` instead of the direct encoder (same bytes)
     "zarr / default, zarr's own chunk writes": ("zarr", zarr_shard, "chunk_encoder", lambda arr: None),
     "zarr / blosc-zstd bitshuffle + crc32c": ("zarr", zarr_shard, "default_compressors", _blosc("bitshuffle")),
     "zarr / default, log-probs 8 mantissa bits": ("zarr", zarr_shard, "default_compressors", None, 8),
