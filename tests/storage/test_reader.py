@@ -169,7 +169,7 @@ def test_no_flipped_byte_returns_garbage(tmp_path, fmt):
     want = TeacherDataset.open(str(tmp_path)).read_columns(np.arange(4))
     shard = tmp_path / m.shards[0].file
     files = [shard] if fmt == "parquet" else [shard / "zarr.json", shard / "topk_logprobs" / "zarr.json",
-                                              shard / "topk_logprobs" / "c" / "1" / "0" / "0",
+                                              shard / "topk_logprobs" / "c" / "0" / "0" / "0",  # shard + index
                                               shard / "seq_id" / "c" / "0"]
     outcomes = {"error": 0, "same": 0}
     for path in files:
