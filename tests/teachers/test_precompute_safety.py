@@ -195,13 +195,18 @@ def test_second_process_on_a_slice_is_refused_and_the_first_finishes(setup):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        ledger = out / "ledger-slice-00000-of-00001.json"
+        # the first run takes its lock before loading the teacher; it is then paused (SIGSTOP: alive, holding
+        # the lock) while the second runs, so the test does not depend on how fast either process is
+        lock = out / "lock-slice-00000-of-00001.json"
         deadline = time.monotonic() + 120
-        while not ledger.exists() and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        first.send_signal(signal.SIGSTOP)
         assert first.poll() is None, f"the first run ended too early: {first.stderr.read()[-2000:]}"
+        assert lock.exists(), "the first run never took its lock"
         second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         alive_after_second = first.poll() is None
+        first.send_signal(signal.SIGCONT)
         out_first, err_first = first.communicate(timeout=300)
     finally:
         if first.poll() is None:
