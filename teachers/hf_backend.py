@@ -10,9 +10,11 @@ refuses a model that applies anything else.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import pickle
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -252,17 +254,14 @@ class HFBackend:
             return {layer: (hidden.float().mean(dim=1) if layer == self.num_layers - 1 else self._captured[layer])
                     .cpu().numpy() for layer in self.pooled_layers}
 
-    def _sampled_head(self, hidden: Any, uniforms: Any) -> tuple[Any, Any, Any]:
-        """sampling.sampled_head with the run's temperature, chunking and logit transforms (torch head only)."""
+    @contextlib.contextmanager
+    def _compile_failures(self) -> Iterator[None]:
+        """A torch.compile failure of the head (with --compile-head on) becomes one line naming the way out."""
         import torch._dynamo.exc
         import torch._inductor.exc
 
-        from teachers.sampling import sampled_head
-
         try:
-            return sampled_head(hidden, self.weight, uniforms=uniforms, temperature=self.cfg.temperature,
-                                chunk_size=self.cfg.head_chunk_size, bias=self.bias, logit_scale=self.logit_scale,
-                                softcap=self.softcap, compile=self.compile_head)
+            yield
         except (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError) as e:
             if not self.compile_head:
                 raise
@@ -270,10 +269,16 @@ class HFBackend:
             raise TeacherLoadError(f"torch.compile of the targets head failed on {self.device} "
                                    f"({type(e).__name__}: {first}); rerun with --compile-head off") from e
 
-    def _head(self, hidden: Any, k: int, temperature: float | None = None) -> tuple[Any, Any, Any]:
-        import torch._dynamo.exc
-        import torch._inductor.exc
+    def _sampled_head(self, hidden: Any, uniforms: Any) -> tuple[Any, Any, Any]:
+        """sampling.sampled_head with the run's temperature, chunking and logit transforms (torch head only)."""
+        from teachers.sampling import sampled_head
 
+        with self._compile_failures():
+            return sampled_head(hidden, self.weight, uniforms=uniforms, temperature=self.cfg.temperature,
+                                chunk_size=self.cfg.head_chunk_size, bias=self.bias, logit_scale=self.logit_scale,
+                                softcap=self.softcap, compile=self.compile_head)
+
+    def _head(self, hidden: Any, k: int, temperature: float | None = None) -> tuple[Any, Any, Any]:
         temperature = self.cfg.temperature if temperature is None else temperature
         if self.head_kernel == "triton":
             import triton
@@ -286,16 +291,10 @@ class HFBackend:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 raise TeacherLoadError(f"the fused Triton head failed on {self.device} ({type(e).__name__}: "
                                        f"{first}); rerun with --head-kernel torch") from e
-        try:
+        with self._compile_failures():
             return targets_head(hidden, self.weight, k=k, temperature=temperature,
                                 chunk_size=self.cfg.head_chunk_size, bias=self.bias, logit_scale=self.logit_scale,
                                 softcap=self.softcap, compile=self.compile_head)
-        except (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError) as e:
-            if not self.compile_head:
-                raise
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise TeacherLoadError(f"torch.compile of the targets head failed on {self.device} "
-                                   f"({type(e).__name__}: {first}); rerun with --compile-head off") from e
 
     def _self_check(self, ids: Any) -> None:
         """Refuse a model whose logits are not lm_head(final hidden) with the known transforms."""
