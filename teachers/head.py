@@ -22,6 +22,7 @@ with the eager path to float32 rounding (tests/teachers/test_head.py). That part
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -59,24 +60,17 @@ def targets_head(
     if kernel != "torch":
         raise ValueError(f"kernel must be 'torch' or 'triton', got {kernel!r}")
 
-    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [N, H] and [V, H]")
+    chunks = logit_chunks(hidden, weight, temperature=temperature, chunk_size=chunk_size, bias=bias,
+                          logit_scale=logit_scale, softcap=softcap)
     n, vocab = hidden.shape[0], weight.shape[0]
     if not 1 <= k <= vocab:
         raise ValueError(f"k must be in 1..{vocab}, got {k}")
-    if chunk_size < 1 or temperature <= 0:
-        raise ValueError(f"chunk_size must be >= 1 and temperature > 0, got {chunk_size}, {temperature}")
-    if hidden.dtype != weight.dtype:
-        hidden = hidden.to(weight.dtype)
     device = hidden.device
     out_ids = torch.empty((n, k), dtype=torch.int32, device=device)
     out_lp = torch.empty((n, k), dtype=torch.float32, device=device)
     out_ent = torch.empty((n,), dtype=torch.float32, device=device)
-    inv_tau = 1.0 / float(temperature)
     with torch.inference_mode():
-        for start in range(0, n, chunk_size):
-            stop = min(n, start + chunk_size)
-            z = _chunk_logits(hidden[start:stop], weight, bias, logit_scale, softcap, inv_tau)  # [C, V] f32
+        for start, stop, z in chunks:  # z [C, V] float32
             top_z, top_i = torch.topk(z, k, dim=-1, sorted=True)  # [C, k]
             out_ids[start:stop] = top_i.to(torch.int32)
             if compile:
@@ -122,6 +116,34 @@ def _compiled_lse_entropy():
 
         _COMPILED = torch.compile(_lse_entropy, dynamic=True)
     return _COMPILED
+
+
+def logit_chunks(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    temperature: float,
+    chunk_size: int,
+    bias: torch.Tensor | None = None,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """The chunk loop every torch head runs: (start, stop, z [stop - start, V] float32 logits / tau) over rows
+    of hidden [N, H]. Arguments are checked now, not at the first chunk; run it under `torch.inference_mode`."""
+    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [N, H] and [V, H]")
+    if chunk_size < 1 or temperature <= 0:
+        raise ValueError(f"chunk_size must be >= 1 and temperature > 0, got {chunk_size}, {temperature}")
+    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    inv_tau = 1.0 / float(temperature)
+
+    def chunks() -> Iterator[tuple[int, int, torch.Tensor]]:
+        for start in range(0, hidden.shape[0], chunk_size):
+            stop = min(hidden.shape[0], start + chunk_size)
+            yield start, stop, _chunk_logits(hidden[start:stop], weight, bias, logit_scale, softcap, inv_tau)
+
+    return chunks()
 
 
 def _chunk_logits(
@@ -214,8 +236,8 @@ def aligned_head(
         raise ValueError(f"vocab_map {tuple(vocab_map.shape)} and map_whole must be [{vocab}]")
     if not 1 <= k <= student_vocab:
         raise ValueError(f"k must be in 1..{student_vocab}, got {k}")
-    if hidden.dtype != weight.dtype:
-        hidden = hidden.to(weight.dtype)
+    chunks = logit_chunks(hidden, weight, temperature=temperature, chunk_size=chunk_size, bias=bias,
+                          logit_scale=logit_scale, softcap=softcap)
     device = hidden.device
     dest = torch.where(vocab_map >= 0, vocab_map, student_vocab).to(device)  # [V] int64, dump column |S|
     whole = map_whole.to(device, torch.float32)
@@ -225,11 +247,8 @@ def aligned_head(
     out_next = torch.empty((n,), dtype=torch.float32, device=device)
     out_whole = torch.zeros((n,), dtype=torch.float32, device=device)
     out_unmapped = torch.zeros((n,), dtype=torch.float32, device=device)
-    inv_tau = 1.0 / float(temperature)
     with torch.inference_mode():
-        for start in range(0, n, chunk_size):
-            stop = min(n, start + chunk_size)
-            z = _chunk_logits(hidden[start:stop], weight, bias, logit_scale, softcap, inv_tau)  # [C, V] f32
+        for start, stop, z in chunks:  # z [C, V] float32
             lse = torch.logsumexp(z, dim=-1)  # [C]
             out_next[start:stop] = z.gather(1, next_ids[start:stop].to(device).long().unsqueeze(1)).squeeze(1) - lse
             rows = torch.nonzero(project[start:stop].to(device)).squeeze(1)  # [C'] chunk-local

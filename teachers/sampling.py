@@ -142,26 +142,19 @@ def sampled_head(
     """
     import torch
 
-    from teachers.head import _chunk_logits, _compiled_lse_entropy
+    from teachers.head import _compiled_lse_entropy, logit_chunks
 
-    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [N, H] and [V, H]")
+    chunks = logit_chunks(hidden, weight, temperature=temperature, chunk_size=chunk_size, bias=bias,
+                          logit_scale=logit_scale, softcap=softcap)
     n = hidden.shape[0]
     if uniforms.ndim != 2 or uniforms.shape[0] != n or not 1 <= uniforms.shape[1] <= MAX_SAMPLES:
         raise ValueError(f"uniforms {tuple(uniforms.shape)} must be [{n}, S] with 1 <= S <= {MAX_SAMPLES}")
-    if chunk_size < 1 or temperature <= 0:
-        raise ValueError(f"chunk_size must be >= 1 and temperature > 0, got {chunk_size}, {temperature}")
-    if hidden.dtype != weight.dtype:
-        hidden = hidden.to(weight.dtype)
     device, s = hidden.device, uniforms.shape[1]
     out_ids = torch.empty((n, s), dtype=torch.int32, device=device)
     out_counts = torch.empty((n, s), dtype=torch.int32, device=device)
     out_ent = torch.empty((n,), dtype=torch.float32, device=device)
-    inv_tau = 1.0 / float(temperature)
     with torch.inference_mode():
-        for start in range(0, n, chunk_size):
-            stop = min(n, start + chunk_size)
-            z = _chunk_logits(hidden[start:stop], weight, bias, logit_scale, softcap, inv_tau)  # [C, V] f32
+        for start, stop, z in chunks:  # z [C, V] float32
             if compile:
                 _, out_ent[start:stop] = _compiled_lse_entropy()(z)
                 draws = draws_from_logits(z, uniforms[start:stop])
