@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from storage.errors import ConfigError
-from storage.manifest import ALIGNED_SCHEMA_VERSION, SAMPLE_SEED_RULE, SCHEMA_VERSION, SHARDS_PER_PARTITION, Manifest
+from storage.manifest import (
+    ALIGNED_SCHEMA_VERSION,
+    SAMPLE_SEED_RULE,
+    SCHEMA_VERSION,
+    SHARDS_PER_PARTITION,
+    Manifest,
+)
 from storage.records import TeacherTargets
 from teachers.config import PrecomputeConfig
 from teachers.packing import PackedBatch, PackStats
@@ -136,8 +142,8 @@ def _run_slice(cfg: PrecomputeConfig, backend: TeacherBackend | None, slice_inde
     from teachers.backends import create_backend
     from teachers.corpus import ReadStats, corpus_fingerprint, corpus_partitions
     from teachers.packing import load_tokenizer, tokenizer_fingerprint
-    from teachers.slicing import owns_partition
     from teachers.sampling import sample_key
+    from teachers.slicing import owns_partition
 
     t_cfg, s_cfg = cfg.teacher, cfg.storage
     corpus_fp, corpus_desc = corpus_fingerprint(cfg.corpus)
