@@ -208,3 +208,26 @@ def train_sentencepiece_tokenizer(directory: str | Path, texts: list[str], vocab
                                    pad_token=PAD_TOKEN_SP)
     fast.save_pretrained(directory)
     return directory
+
+
+def run_cli(*args):
+    """`cli.py ARGS` through click's CliRunner (arguments turned into strings)."""
+    from click.testing import CliRunner
+
+    from cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_error_line(result, *needles: str, ignore: tuple[str, ...] = ()) -> str:
+    """Asserts exit code 2 and a stderr of exactly one `error: ...` line holding every needle, no traceback.
+
+    Lines containing any string in `ignore` (e.g. a progress bar transformers draws while loading) are not
+    counted. Returns the error line."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.strip().splitlines() if not any(i in line for i in ignore)]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    return lines[0]

@@ -12,29 +12,17 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
 from storage_helpers import make_header, make_targets, write_run
 
-from cli import main
 from storage import shards as shard_io
 from storage.errors import ManifestError, MismatchError, StorageError
 from storage.lock import LockHeldError, lock_name
 from storage.manifest import Manifest
 from storage.reader import TeacherDataset
 from storage.writer import TargetsWriter, ledger_name
+from tests.helpers import one_error_line, run_cli
 
-
-def _run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_error_line(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert "Traceback" not in result.output
+_run, _one_error_line = run_cli, one_error_line
 
 
 def _hashes(directory) -> dict[str, bytes]:

@@ -6,23 +6,11 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from storage_helpers import flip_byte, make_header, truncate, write_run
 
-from cli import main
+from tests.helpers import one_error_line, run_cli
 
-
-def _run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_error_line(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert "Traceback" not in result.output
+_run, _one_error_line = run_cli, one_error_line
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "zarr"])

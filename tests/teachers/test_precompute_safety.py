@@ -16,12 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from cli import main
 from storage import shards as shard_io
 from storage.reader import TeacherDataset
-from tests.helpers import make_tiny_setup, sample_texts
+from tests.helpers import make_tiny_setup, one_error_line, run_cli, sample_texts
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_TOKENS = 32 * 20  # 20 windows of 32 tokens: 5 shards of 4
@@ -44,19 +42,12 @@ def _args(teacher, corpus, output, *extra) -> list[str]:
             *map(str, extra)]
 
 
-def _run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+_run = run_cli
 
 
 def _one_error_line(result, *needles) -> str:
-    assert result.exit_code == 2, result.output
     # transformers may draw its "Loading weights" bar on stderr first; the error is the one last line
-    lines = [line for line in result.stderr.strip().splitlines() if "Loading weights" not in line]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert "Traceback" not in result.output
-    return lines[0]
+    return one_error_line(result, *needles, ignore=("Loading weights",))
 
 
 def _files(directory: Path) -> dict[str, bytes]:
