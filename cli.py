@@ -1,7 +1,7 @@
 """Command line: `python cli.py COMMAND --help` (or the `distill` console script).
 
 The CLI is thin: each command builds a config dataclass and calls one `run_*` function. Errors caused by
-user input (storage.errors.UserError) and bad option values (click.UsageError) are printed as one line
+user input (common.errors.UserError) and bad option values (click.UsageError) are printed as one line
 and exit with code 2.
 """
 
@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from storage.errors import UserError
+from common.errors import UserError
 
 
 class _Group(click.Group):

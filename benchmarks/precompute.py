@@ -30,14 +30,13 @@ def smollm2_dir() -> str | None:
 
 
 def corpus_texts() -> list[str]:
-    from teachers.config import CorpusConfig
-    from teachers.corpus import iter_documents
+    from common.corpus import CorpusConfig, iter_documents
 
     return list(iter_documents(CorpusConfig(dataset=str(ROOT / "data" / "corpus" / "train.jsonl"))))
 
 
 def bench_packing(tokenizer, texts: list[str], repeat: int, seq_len: int) -> tuple[int, float]:
-    from teachers.packing import PackStats, pack_documents
+    from common.packing import PackStats, pack_documents
 
     stats = PackStats()
     t0 = time.perf_counter()
@@ -64,7 +63,8 @@ def peak_bf16_flops(device: str) -> float:
 def bench_run(name: str, teacher_cfg, dataset: str, out: str, seq_len: int, tokens: int, shard_size: int):
     """(tokens, seconds, teacher timings, backend, this_run notes) for one run_precompute; the model load is
     excluded."""
-    from teachers.config import CorpusConfig, PrecomputeConfig, StorageConfig
+    from common.corpus import CorpusConfig
+    from teachers.config import PrecomputeConfig, StorageConfig
     from teachers.hf_backend import HFBackend
     from teachers.precompute import run_precompute
 
@@ -95,8 +95,8 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from common.tokenizer import load_tokenizer
     from teachers.config import TeacherConfig
-    from teachers.packing import load_tokenizer
 
     rows = []
     texts = corpus_texts()

@@ -47,8 +47,9 @@ def main() -> None:
 
     import torch
 
+    from common.corpus import CorpusConfig
     from teachers.backends import create_backend
-    from teachers.config import CorpusConfig, PrecomputeConfig, StorageConfig, TeacherConfig
+    from teachers.config import PrecomputeConfig, StorageConfig, TeacherConfig
     from teachers.precompute import run_precompute
 
     ns = [int(x) for x in args.samples.split(",")]

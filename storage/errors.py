@@ -1,15 +1,9 @@
-"""Errors the storage layer raises for bad user data (never AssertionError)."""
+"""Errors the storage layer raises for bad user data (never AssertionError); the generic ones
+(`UserError`, `ConfigError`) are in `common/errors.py`."""
 
 from __future__ import annotations
 
-
-class UserError(Exception):
-    """Base of every error caused by user input or user data; the CLI prints its message as one line
-    and exits with code 2 instead of showing a traceback."""
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration value is invalid (raised from config dataclasses' __post_init__)."""
+from common.errors import UserError
 
 
 class StorageError(UserError):

@@ -22,7 +22,7 @@ from student.losses import IGNORE_INDEX, next_token_labels, sparse_kl
 def check_plain_head(model: torch.nn.Module, vocab_size: int) -> None:
     """Refuse a student whose logits are not `final hidden @ output_embedding.T` (a bias, logit scaling or
     soft-capping would be skipped by the chunked loss)."""
-    from storage.errors import ConfigError
+    from common.errors import ConfigError
 
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or head.bias is not None:

@@ -6,9 +6,9 @@ import os
 
 import click
 
-from storage.devices import DeviceParam
-from storage.errors import ConfigError
-from storage.params import FINITE_FLOAT, FLOAT_LIST, parse_float_list
+from common.devices import DeviceParam
+from common.errors import ConfigError
+from common.params import FINITE_FLOAT, FLOAT_LIST, parse_float_list
 
 
 def parse_floats(option: str, text: str | None) -> tuple[float, ...] | None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from storage.errors import ConfigError
-from storage.params import check_device, check_finite, check_weights
+from common.devices import check_device
+from common.errors import ConfigError
+from common.params import check_finite, check_weights
 from storage.stamps import VERIFY_MODES
 
 LOSSES = ("kd", "dkd")

@@ -32,9 +32,10 @@ from typing import Any
 
 import click
 
-from storage.devices import DEVICE_HELP, DeviceParam
-from storage.errors import ConfigError, MismatchError, StorageError, UserError
-from storage.params import FLOAT_LIST, check_device, check_finite, check_weights
+from common.devices import DEVICE_HELP, DeviceParam, check_device
+from common.errors import ConfigError, UserError
+from common.params import FLOAT_LIST, check_finite, check_weights
+from storage.errors import MismatchError, StorageError
 
 WEIGHTINGS = ("entropy", "uniform", "fixed")
 
@@ -251,9 +252,8 @@ def _text_windows(cfg: EvalConfig, tokenizer: Any) -> Any:
     import numpy as np
     import torch
 
-    from teachers.config import CorpusConfig
-    from teachers.corpus import iter_documents
-    from teachers.packing import pack_documents
+    from common.corpus import CorpusConfig, iter_documents
+    from common.packing import pack_documents
 
     corpus = CorpusConfig(dataset=cfg.data, text_field=cfg.text_field, max_tokens=cfg.max_tokens)
     batches = list(
@@ -292,11 +292,11 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
 
+    from common.tokenizer import tokenizer_fingerprint
     from student.data import sparse_target, target_columns
     from student.fusion import fuse_topk, teacher_weights
     from student.fusion import fused_top1 as known_top1
     from student.losses import sparse_kl
-    from teachers.packing import tokenizer_fingerprint
 
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {cfg.device}: CUDA is not available on this machine")

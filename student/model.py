@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from storage.errors import ConfigError, MismatchError
+from common.errors import ConfigError
+from storage.errors import MismatchError
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -142,8 +143,8 @@ def save_student(model: torch.nn.Module, out: str, tokenizer: Any | None) -> Non
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out)
     if isinstance(tokenizer, str):
-        from transformers import AutoTokenizer
+        from common.tokenizer import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        tokenizer = load_tokenizer(tokenizer)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 
-from storage.errors import ConfigError, StorageError
+from common.errors import ConfigError
+from storage.errors import StorageError
 
 
 def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:

@@ -30,7 +30,7 @@ from typing import Any
 
 import click
 
-from storage.errors import ConfigError, UserError
+from common.errors import ConfigError, UserError
 
 log = logging.getLogger("student")
 
@@ -238,9 +238,8 @@ def calibration_windows(cfg: InitStudentConfig, tokenizer: Any) -> Any:
     import numpy as np
     import torch
 
-    from teachers.config import CorpusConfig
-    from teachers.corpus import iter_documents
-    from teachers.packing import pack_documents
+    from common.corpus import CorpusConfig, iter_documents
+    from common.packing import pack_documents
 
     assert cfg.dataset is not None
     corpus = CorpusConfig(dataset=cfg.dataset, text_field=cfg.text_field, max_tokens=cfg.calibration_tokens)
@@ -255,7 +254,7 @@ def run_init_student(cfg: InitStudentConfig) -> dict[str, Any]:
     """Load the teacher, choose and keep blocks, save the student; returns the card written to init_student.json."""
     import os
 
-    from teachers.packing import load_tokenizer
+    from common.tokenizer import load_tokenizer
 
     spec = parse_keep_layers(cfg.keep_layers)
     model = _load_teacher(cfg)

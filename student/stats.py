@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from storage.errors import ConfigError
+from common.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -40,9 +40,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from storage.errors import ConfigError, MismatchError, ShardCorruptError, StorageError, UserError
+from common.errors import ConfigError, UserError
+from common.params import non_finite
+from storage.errors import MismatchError, ShardCorruptError, StorageError
 from storage.manifest import Manifest
-from storage.params import non_finite
 from student import data as sdata
 from student import model as smodel
 from student.config import EVAL_SEQUENCES_CAP, TrainConfig
@@ -594,7 +595,7 @@ def _final_tokenizer(tokenizer: str | None, m: Manifest) -> Any | None:
     cannot be loaded here, or is not the caches' tokenizer, the student is saved without one, with a warning."""
     from transformers import AutoTokenizer
 
-    from teachers.packing import tokenizer_fingerprint
+    from common.tokenizer import tokenizer_fingerprint
 
     explicit = tokenizer is not None
     gguf = None

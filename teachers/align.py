@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from storage.errors import ConfigError
+from common.errors import ConfigError
 
 MAP_KINDS = ("whole", "first_subtoken", "byte_fallback", "special", "unmappable")
 KIND_CODES = {name: i for i, name in enumerate(MAP_KINDS)}

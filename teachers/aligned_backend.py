@@ -14,11 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from common.packing import PackedBatch
+from common.tokenizer import tokenizer_fingerprint
 from storage.manifest import ALIGNMENT_STATS, TeacherInfo
 from storage.records import TeacherTargets
 from teachers.align import MAP_KINDS, VocabMap, WindowAligner, build_vocab_map, token_table
 from teachers.errors import TeacherLoadError
-from teachers.packing import PackedBatch, tokenizer_fingerprint
 
 
 class AlignedBackend:

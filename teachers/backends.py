@@ -16,11 +16,11 @@ from __future__ import annotations
 import importlib
 from typing import Any, Protocol, runtime_checkable
 
+from common.packing import PackedBatch
 from storage.manifest import TeacherInfo
 from storage.records import TeacherTargets
 from teachers.config import TeacherConfig
 from teachers.errors import TeacherLoadError
-from teachers.packing import PackedBatch
 
 
 @runtime_checkable
@@ -63,7 +63,7 @@ def create_backend(cfg: TeacherConfig, *, seq_len: int) -> TeacherBackend:
 
 def resolve_layers(layers: list[int], num_layers: int) -> list[int]:
     """Map possibly negative layer indices onto 0..num_layers-1 (sorted); ConfigError when out of range."""
-    from storage.errors import ConfigError
+    from common.errors import ConfigError
 
     resolved = []
     for layer in layers:

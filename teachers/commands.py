@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import click
 
-from storage.devices import DeviceParam
-from storage.params import FINITE_FLOAT, non_finite
+from common.devices import DeviceParam
+from common.params import FINITE_FLOAT, non_finite
 from teachers.config import (
     BACKENDS,
     COMPILE_CHOICES,
@@ -153,7 +153,8 @@ def precompute_cmd(**o: object) -> None:
 
     Re-running the same command resumes: completed shards are verified and skipped.
     """
-    from teachers.config import CorpusConfig, PrecomputeConfig, StorageConfig, TeacherConfig
+    from common.corpus import CorpusConfig
+    from teachers.config import PrecomputeConfig, StorageConfig, TeacherConfig
     from teachers.precompute import run_precompute
 
     cfg = PrecomputeConfig(

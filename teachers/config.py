@@ -5,64 +5,18 @@ The CLI maps its options onto these dataclasses one to one; `tiny()` is a second
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
-from storage.errors import ConfigError
+from common.corpus import CorpusConfig
+from common.devices import check_device
+from common.errors import ConfigError
+from common.params import check_choice, check_finite, check_positive
 from storage.manifest import FORMATS, LOGPROB_DTYPES, MANTISSA_BITS, MAX_SAMPLES, TARGET_KINDS
-from storage.params import check_device, check_finite
 
 BACKENDS = ("hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPILE_CHOICES = ("auto", "on", "off")
 HEAD_KERNELS = ("auto", "torch", "triton")
-
-
-def _positive(name: str, value: int | None, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= sys.maxsize:
-        raise ConfigError(f"{name} must be a positive integer (at most 2**63-1), got {value!r}")
-
-
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} is {value!r}, expected one of {', '.join(choices)}")
-
-
-@dataclass(kw_only=True)
-class CorpusConfig:
-    """Where the documents come from and how many to take."""
-
-    dataset: str
-    """Hub dataset id (streamed, e.g. `allenai/c4`), or local `.jsonl`, `.jsonl.gz`, `.parquet`, `.txt`
-    file(s): a path, a glob, a directory, or several separated by commas."""
-    dataset_config: str | None = None
-    """Hub dataset configuration name (e.g. `en`); hub datasets only."""
-    split: str = "train"
-    """Hub dataset split; hub datasets only."""
-    revision: str | None = None
-    """Hub dataset revision (commit or tag); recorded in the corpus fingerprint."""
-    text_field: str = "text"
-    """Column holding the document text (jsonl, parquet, hub)."""
-    max_documents: int | None = None
-    """Use at most this many documents in all (None: all), shared between partitions like `max_tokens`."""
-    max_tokens: int | None = None
-    """Use at most this many packed tokens in all (None: all). Each of the P corpus partitions packs at most
-    its share: max_tokens // P, plus one for the first max_tokens % P partitions."""
-    partition_bytes: int = 64 << 20
-    """Local uncompressed JSON-lines files are cut into partitions of about this many bytes (other local
-    files are one partition each; a hub dataset has one per data file). Part of the corpus fingerprint:
-    sequence ids are derived per partition, so caches to be joined need the same value."""
-
-    def __post_init__(self) -> None:
-        if not self.dataset or not self.dataset.strip():
-            raise ConfigError("dataset must name a hub dataset or local file(s)")
-        if not self.text_field:
-            raise ConfigError("text_field must not be empty")
-        _positive("max_documents", self.max_documents, optional=True)
-        _positive("max_tokens", self.max_tokens, optional=True)
-        _positive("partition_bytes", self.partition_bytes)
 
 
 @dataclass(kw_only=True)
@@ -130,22 +84,22 @@ class TeacherConfig:
             raise ConfigError("teacher path must not be empty")
         if self.name is None:
             self.name = self.path.rstrip("/").split("/")[-1] or self.path
-        _choice("backend", self.backend, BACKENDS)
-        _choice("dtype", self.dtype, DTYPES)
+        check_choice("backend", self.backend, BACKENDS)
+        check_choice("dtype", self.dtype, DTYPES)
         check_device("device", self.device)
-        _positive("batch_size", self.batch_size)
-        _positive("batch_tokens", self.batch_tokens, optional=True)
-        _positive("top_k", self.top_k)
-        _choice("targets", self.targets, TARGET_KINDS)
-        _positive("samples", self.samples)
+        check_positive("batch_size", self.batch_size)
+        check_positive("batch_tokens", self.batch_tokens, optional=True)
+        check_positive("top_k", self.top_k)
+        check_choice("targets", self.targets, TARGET_KINDS)
+        check_positive("samples", self.samples)
         if self.samples > MAX_SAMPLES:
             raise ConfigError(f"samples must be at most {MAX_SAMPLES} (counts are stored as uint16), got {self.samples}")
         if self.targets == "sampled" and self.backend != "hf":
             raise ConfigError(f"targets 'sampled' needs the full softmax, which the {self.backend} backend does not "
                               "give; use --backend hf")
-        _positive("head_chunk_size", self.head_chunk_size)
-        _choice("compile_head", self.compile_head, COMPILE_CHOICES)
-        _choice("head_kernel", self.head_kernel, HEAD_KERNELS)
+        check_positive("head_chunk_size", self.head_chunk_size)
+        check_choice("compile_head", self.compile_head, COMPILE_CHOICES)
+        check_choice("head_kernel", self.head_kernel, HEAD_KERNELS)
         if self.targets == "sampled" and self.head_kernel == "triton":
             raise ConfigError("targets 'sampled' draws in the torch head; the fused Triton head computes top-k only "
                               "(use --head-kernel torch or auto)")
@@ -182,12 +136,12 @@ class StorageConfig:
     def __post_init__(self) -> None:
         if not self.output:
             raise ConfigError("output must not be empty")
-        _choice("format", self.format, FORMATS)
-        _choice("logprob_dtype", self.logprob_dtype, LOGPROB_DTYPES)
+        check_choice("format", self.format, FORMATS)
+        check_choice("logprob_dtype", self.logprob_dtype, LOGPROB_DTYPES)
         bits, full = self.logprob_mantissa_bits, MANTISSA_BITS[self.logprob_dtype]
         if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= full):
             raise ConfigError(f"logprob_mantissa_bits must be in 1..{full} for {self.logprob_dtype}, got {bits!r}")
-        _positive("shard_size", self.shard_size)
+        check_positive("shard_size", self.shard_size)
 
     @property
     def manifest_mantissa_bits(self) -> int | None:
@@ -216,10 +170,10 @@ class PrecomputeConfig:
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
-        _positive("seq_len", self.seq_len)
+        check_positive("seq_len", self.seq_len)
         if self.seq_len < 2:
             raise ConfigError("seq_len must be at least 2")
-        _positive("num_shards", self.num_shards, optional=True)
+        check_positive("num_shards", self.num_shards, optional=True)
         if self.shard_index is not None and (not isinstance(self.shard_index, int) or self.shard_index < 0):
             raise ConfigError(f"shard_index must be a non-negative integer, got {self.shard_index!r}")
         if self.num_shards is not None and self.shard_index is not None and self.shard_index >= self.num_shards:

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from storage.errors import UserError
+from common.errors import LoadError
 
 
-class CorpusError(UserError):
-    """The corpus cannot be read: a missing file, an empty corpus, a missing or non-text field."""
-
-
-class TeacherLoadError(UserError):
-    """The teacher model or its tokenizer cannot be loaded, or cannot be used by this backend."""
+class TeacherLoadError(LoadError):
+    """The teacher model cannot be loaded, or cannot be used by this backend."""

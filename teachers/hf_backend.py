@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 import pickle
 from collections.abc import Iterator
 from typing import Any
@@ -20,7 +19,9 @@ from typing import Any
 import numpy as np
 from safetensors import SafetensorError
 
-from storage.errors import ConfigError
+from common.devices import resolve_device
+from common.errors import ConfigError
+from common.packing import PackedBatch
 from storage.manifest import TeacherInfo
 from storage.records import TeacherTargets
 from teachers.backends import resolve_layers
@@ -28,7 +29,6 @@ from teachers.config import TeacherConfig
 from teachers.errors import TeacherLoadError
 from teachers.fused_head import interpret_requested
 from teachers.head import targets_head
-from teachers.packing import PackedBatch
 
 _LOAD_ERRORS: tuple[type[BaseException], ...] = (
     OSError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError,
@@ -38,20 +38,6 @@ _LOAD_ERRORS: tuple[type[BaseException], ...] = (
 weights-only unpickler refuses, a damaged safetensors header."""
 _LAYER_PATHS = ("layers", "h", "blocks", "decoder.layers", "transformer.h", "encoder.layers")
 _CHECK_TOKENS = 32
-
-
-def resolve_device(device: str) -> str:
-    """`auto` -> cuda:(LOCAL_RANK or SLURM_LOCALID, modulo visible GPUs) when CUDA is available, else cpu."""
-    import torch
-
-    if device == "auto":
-        if not torch.cuda.is_available():
-            return "cpu"
-        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-        return f"cuda:{local % torch.cuda.device_count()}"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TeacherLoadError(f"--device {device}: CUDA is not available on this machine")
-    return device
 
 
 def resolve_dtype(dtype: str, device: str) -> str:

@@ -4,7 +4,7 @@
 
 Packing runs in a background thread (the Rust tokenizer releases the GIL) and the TargetsWriter compresses
 and writes in another, so the teacher forward is the only thing on the critical path. The corpus is cut into
-fixed partitions (teachers/corpus.py); slice s of n reads, tokenizes and packs only the partitions
+fixed partitions (common/corpus.py); slice s of n reads, tokenizes and packs only the partitions
 p % n == s, each on its own, and runs the teacher on the shards of those partitions it has not completed; a
 re-run of the same command therefore resumes where it stopped and yields identical shards. Sequence ids
 come from (partition, window in partition) (storage/manifest.py), and batches never cross a shard boundary,
@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from storage.errors import ConfigError
+from common.errors import ConfigError
+from common.packing import PackedBatch, PackStats
 from storage.manifest import (
     ALIGNED_SCHEMA_VERSION,
     SAMPLE_SEED_RULE,
@@ -32,12 +33,11 @@ from storage.manifest import (
 )
 from storage.records import TeacherTargets
 from teachers.config import PrecomputeConfig
-from teachers.packing import PackedBatch, PackStats
 
 if TYPE_CHECKING:
+    from common.corpus import Partition, ReadStats
     from storage.lock import CacheLock
     from teachers.backends import TeacherBackend
-    from teachers.corpus import Partition, ReadStats
 
 _DONE = object()
 log = logging.getLogger(__name__)
@@ -138,10 +138,10 @@ def _run_slice(cfg: PrecomputeConfig, backend: TeacherBackend | None, slice_inde
                lock: CacheLock) -> Manifest:
     from tqdm.auto import tqdm
 
+    from common.corpus import ReadStats, corpus_fingerprint, corpus_partitions
+    from common.tokenizer import load_tokenizer, tokenizer_fingerprint
     from storage.writer import TargetsWriter
     from teachers.backends import create_backend
-    from teachers.corpus import ReadStats, corpus_fingerprint, corpus_partitions
-    from teachers.packing import load_tokenizer, tokenizer_fingerprint
     from teachers.sampling import sample_key
     from teachers.slicing import owns_partition
 
@@ -246,8 +246,8 @@ def pack_partitions(cfg: PrecomputeConfig, tokenizer: Any, parts: list[Partition
     `stats` sums the packing counts over the partitions, `read` counts bytes and documents read, and
     `windows_per_partition` receives each partition's window count once it is packed.
     """
-    from teachers.corpus import iter_partition, share
-    from teachers.packing import pack_documents
+    from common.corpus import iter_partition, share
+    from common.packing import pack_documents
 
     size = cfg.storage.shard_size
     for part in parts:
@@ -272,7 +272,7 @@ def pack_partitions(cfg: PrecomputeConfig, tokenizer: Any, parts: list[Partition
 def _expected_sequences(cfg: PrecomputeConfig, num_partitions: int, parts: list[Partition]) -> int | None:
     """At most how many sequences this slice packs, when the stream length is capped (`max_tokens`), else
     None; an upper bound for the progress bar (shards done by an earlier run are not subtracted)."""
-    from teachers.corpus import share
+    from common.corpus import share
 
     if cfg.corpus.max_tokens is None:
         return None

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from storage.errors import ConfigError
+from common.errors import ConfigError
 from storage.manifest import TeacherInfo
 from storage.records import TeacherTargets
 from teachers.errors import TeacherLoadError

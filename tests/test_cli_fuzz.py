@@ -26,7 +26,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from storage.params import FiniteFloat, FloatList
+from common.params import FiniteFloat, FloatList
 
 HUGE_INT = str(10**30)
 VALUES = ["nan", "inf", "-inf", "-1", "0", "1", "3", "0.5", "1e300", "-1e300", HUGE_INT, "", "abc", "1,2", "nan,1"]

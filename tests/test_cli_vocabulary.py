@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from storage.devices import DeviceParam
+from common.devices import DeviceParam
 
 
 def _option(command: click.Command, flag: str) -> click.Option | None:

@@ -15,7 +15,8 @@ def stage_one(tmp_path_factory) -> dict:
     """Tokenizer, corpus and the caches of two tiny teachers (top-k 8 and 16, pooled last block)."""
     import torch
 
-    from teachers.config import CorpusConfig, PrecomputeConfig, StorageConfig, TeacherConfig
+    from common.corpus import CorpusConfig
+    from teachers.config import PrecomputeConfig, StorageConfig, TeacherConfig
     from teachers.precompute import run_precompute
 
     threads = torch.get_num_threads()
@@ -44,7 +45,8 @@ def sampled_cache(stage_one) -> str:
     """A sampled cache (N = 8 draws per position) of stage_one's first teacher, over the same corpus."""
     import torch
 
-    from teachers.config import CorpusConfig, PrecomputeConfig, StorageConfig, TeacherConfig
+    from common.corpus import CorpusConfig
+    from teachers.config import PrecomputeConfig, StorageConfig, TeacherConfig
     from teachers.precompute import run_precompute
 
     threads = torch.get_num_threads()

@@ -29,7 +29,8 @@ from helpers import (  # noqa: E402
 def caches(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from teachers.config import CorpusConfig, tiny
+    from common.corpus import CorpusConfig
+    from teachers.config import tiny
     from teachers.precompute import run_precompute
 
     root = tmp_path_factory.mktemp("aligned_training")

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from storage.errors import ConfigError, MismatchError
+from common.errors import ConfigError
+from storage.errors import MismatchError
 from student.data import (
     DistillDataset,
     EpochBatchSampler,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from storage.errors import ConfigError
+from common.errors import ConfigError
 from student.evaluation import EvalConfig, bleu, format_table, greedy_continuations, run_evaluate
 from tests.helpers import make_tiny_teacher, sample_texts, train_tiny_tokenizer, write_jsonl_corpus
 
@@ -132,10 +132,10 @@ def _write_full_cache(out: Path, teacher: Path, ids: torch.Tensor, tok_dir: Path
     """A cache with k = vocab (so the top-k + tail KL is the full KL), written by the storage writer."""
     from transformers import AutoTokenizer
 
+    from common.tokenizer import tokenizer_fingerprint
     from storage.manifest import Manifest, TeacherInfo
     from storage.records import TeacherTargets
     from storage.writer import TargetsWriter
-    from teachers.packing import tokenizer_fingerprint
 
     logp = _logp64(teacher, ids).float()  # [S, L, V]
     top = logp.sort(dim=-1, descending=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from storage.errors import ConfigError
+from common.errors import ConfigError
 from student.pruning import InitStudentConfig, parse_keep_layers, run_init_student
 from tests.helpers import make_tiny_teacher
 
@@ -103,8 +103,8 @@ def test_count_keeps_highest_block_influence(stage_one, teacher, tmp_path):
 
     # independent BI: hidden_states of the float64 teacher with the final norm removed, so that
     # hidden_states[i] and hidden_states[i + 1] are block i's input and output for every block
+    from common.tokenizer import load_tokenizer
     from student.pruning import calibration_windows
-    from teachers.packing import load_tokenizer
 
     windows = calibration_windows(cfg, load_tokenizer(str(teacher)))
     assert windows.shape == (8, 32)

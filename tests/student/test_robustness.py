@@ -72,7 +72,7 @@ def test_non_finite_teacher_weights_are_refused(caches, tmp_path):
 
 
 def test_config_objects_refuse_non_finite_values(tmp_path):
-    from storage.errors import ConfigError
+    from common.errors import ConfigError
     from student.config import LossConfig, OptimConfig
     from student.evaluation import EvalConfig
 

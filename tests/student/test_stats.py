@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from storage.errors import ConfigError
+from common.errors import ConfigError
 from student.stats import paired_bootstrap, perplexity_of_means
 
 

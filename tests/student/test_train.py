@@ -109,7 +109,7 @@ def test_chunked_loss_trains_like_the_unchunked_loss(stage_one, tmp_path):
 
 
 def test_chunked_loss_refuses_dkd_and_fsdp(stage_one, tmp_path):
-    from storage.errors import ConfigError
+    from common.errors import ConfigError
 
     with pytest.raises(ConfigError, match="kd only"):
         LossConfig(loss="dkd", chunk_size=64)
@@ -124,8 +124,8 @@ def test_final_student_gets_the_caches_tokenizer_by_default(stage_one, tmp_path)
     `evaluate` (which packs text with the student's tokenizer) works on it."""
     from transformers import AutoTokenizer
 
+    from common.tokenizer import tokenizer_fingerprint
     from storage.reader import TeacherDataset
-    from teachers.packing import tokenizer_fingerprint
 
     cfg = _cfg(stage_one, tmp_path / "run", tokenizer=None, max_steps=2, eval_every=0, log_every=1)
     run_train(cfg)

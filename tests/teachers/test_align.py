@@ -44,7 +44,8 @@ def setup(tmp_path_factory):
 
 
 def _precompute(root, s_dir, teacher, corpus, name, **teacher_overrides):
-    from teachers.config import CorpusConfig, tiny
+    from common.corpus import CorpusConfig
+    from teachers.config import tiny
     from teachers.precompute import run_precompute
 
     cfg = tiny(str(teacher), str(corpus), str(root / name), seq_len=40,

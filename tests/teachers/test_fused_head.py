@@ -105,7 +105,7 @@ def test_fused_head_refuses_cpu_tensors_without_the_interpreter(monkeypatch) -> 
 
 
 def test_head_kernel_is_selected_only_on_cuda(tmp_path, monkeypatch) -> None:
-    from storage.errors import ConfigError
+    from common.errors import ConfigError
     from teachers.config import TeacherConfig
     from teachers.errors import TeacherLoadError
     from teachers.hf_backend import HFBackend

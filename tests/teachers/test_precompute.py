@@ -241,7 +241,7 @@ def test_zarr_holds_the_same_rows_as_parquet(setup, kind) -> None:
 def test_backend_selection_and_options_are_checked(setup) -> None:
     import importlib.util
 
-    from storage.errors import ConfigError
+    from common.errors import ConfigError
     from teachers.backends import create_backend
     from teachers.config import TeacherConfig
     from teachers.errors import TeacherLoadError
@@ -350,7 +350,7 @@ def test_a_failing_compile_names_the_way_out(setup, monkeypatch) -> None:
     (dict(format="hdf5"), "format"),
 ])
 def test_storage_config_refuses_bad_values(kwargs, message) -> None:
-    from storage.errors import ConfigError
+    from common.errors import ConfigError
     from teachers.config import StorageConfig
 
     with pytest.raises(ConfigError, match=message):

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from common.corpus import CorpusConfig
 from storage.reader import TeacherDataset
-from teachers.config import CorpusConfig, PrecomputeConfig, StorageConfig, TeacherConfig
+from teachers.config import PrecomputeConfig, StorageConfig, TeacherConfig
 from teachers.precompute import run_precompute
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from storage.errors import ConfigError
+from common.errors import ConfigError
 from teachers.slicing import owns_partition, resolve_slice
 
 

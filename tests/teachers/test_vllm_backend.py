@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from storage.errors import ConfigError
+from common.errors import ConfigError
+from common.packing import PackedBatch
 from teachers.errors import TeacherLoadError
-from teachers.packing import PackedBatch
 from teachers.vllm_backend import (
     VllmBackend,
     VllmOptions,

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage.errors import ConfigError
-from teachers.packing import PackStats, pack_documents, tokenizer_fingerprint
+from common.errors import ConfigError
+from common.packing import PackStats, pack_documents
+from common.tokenizer import tokenizer_fingerprint
 from tests.helpers import sample_texts, train_tiny_tokenizer
 
 

@@ -8,8 +8,6 @@ only on the corpus, the tokenizer and seq_len: every teacher and every node sees
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -17,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from storage.errors import ConfigError
+from common.errors import ConfigError
 
 
 @dataclass
@@ -115,35 +113,3 @@ def pack_documents(
         if stats.truncated:
             break
     stats.dropped_tokens = int(carry.shape[0])
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 hex of the vocab (token -> id, sorted by token) and the special tokens with their ids."""
-    vocab = sorted(tokenizer.get_vocab().items())
-    special = {
-        name: [tok, tokenizer.convert_tokens_to_ids(tok)]
-        for name in ("bos_token", "eos_token", "unk_token", "pad_token")
-        if (tok := getattr(tokenizer, name, None)) is not None
-    }
-    extra = sorted(str(t) for t in getattr(tokenizer, "all_special_tokens", []))
-    payload = json.dumps({"vocab": vocab, "special": special, "all_special": extra}, ensure_ascii=False)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
-def load_tokenizer(path: str, *, gguf_file: str | None = None, revision: str | None = None,
-                   trust_remote_code: bool = False) -> Any:
-    """A transformers fast tokenizer from a directory or hub id (GGUF: the file inside `path`)."""
-    from transformers import AutoTokenizer
-
-    from teachers.errors import TeacherLoadError
-
-    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    try:
-        tok = AutoTokenizer.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise TeacherLoadError(f"cannot load tokenizer from {path!r}: {str(e).strip().splitlines()[0]}") from None
-    if not getattr(tok, "is_fast", False):
-        raise TeacherLoadError(f"tokenizer at {path!r} is not a fast (Rust) tokenizer; packing needs one")
-    return tok

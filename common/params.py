@@ -1,4 +1,5 @@
-"""Value checks shared by every command and config: finite numbers, float lists, device names.
+"""Value checks shared by every command and config: finite numbers, float lists, positive integers and
+choices (device names: `common/devices.py`).
 
 One source for the rules, used twice: click parameter types (`FINITE_FLOAT`, `FLOAT_LIST`) reject a bad
 option value at the command line with the option's name, and `check_finite(cfg)` (called first in each
@@ -11,15 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
+import sys
 from typing import Any
 
 import click
 
-from storage.errors import ConfigError
+from common.errors import ConfigError
 
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
-"""Device names the commands accept: auto, cpu, cuda, cuda:N."""
 MAX_WEIGHT_SUM = 1e38
 """Teacher weights are normalised in float32 (largest value ~3.4e38)."""
 
@@ -60,10 +59,18 @@ def check_weights(name: str, values: tuple[float, ...] | list[float] | None) -> 
         raise ConfigError(f"{name} must be >= 0 with a positive sum below {MAX_WEIGHT_SUM:g}, got {tuple(values)}")
 
 
-def check_device(name: str, value: str) -> None:
-    """ConfigError unless `value` is auto, cpu, cuda or cuda:N (`name` is the option, e.g. --device)."""
-    if not isinstance(value, str) or not DEVICE_PATTERN.fullmatch(value):
-        raise ConfigError(f"{name} is {value!r}, expected auto, cpu, cuda or cuda:N")
+def check_positive(name: str, value: int | None, *, optional: bool = False) -> None:
+    """ConfigError unless `value` is an int in [1, 2**63-1] (None passes when `optional`)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= sys.maxsize:
+        raise ConfigError(f"{name} must be a positive integer (at most 2**63-1), got {value!r}")
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """ConfigError unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ConfigError(f"{name} is {value!r}, expected one of {', '.join(choices)}")
 
 
 def parse_float_list(text: str) -> tuple[float, ...]:

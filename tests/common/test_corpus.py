@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from teachers.config import CorpusConfig
-from teachers.corpus import corpus_fingerprint, iter_documents
-from teachers.errors import CorpusError
+from common.corpus import CorpusConfig, corpus_fingerprint, iter_documents
+from common.errors import CorpusError
 from tests.helpers import sample_texts, write_jsonl_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,7 +104,7 @@ def test_hub_partitions_are_its_data_files(tmp_path: Path, monkeypatch: pytest.M
     """A streamed dataset of 4 data files has 4 partitions; partition p reads only file p."""
     import datasets
 
-    from teachers.corpus import corpus_partitions, iter_partition
+    from common.corpus import corpus_partitions, iter_partition
 
     files = [write_jsonl_corpus(tmp_path / f"part-{i}.jsonl", [f"file {i} doc {j}" for j in range(3 + i)])
              for i in range(4)]
@@ -127,7 +126,7 @@ def test_hub_partitions_are_its_data_files(tmp_path: Path, monkeypatch: pytest.M
 def test_byte_range_partitions_cover_each_line_once(tmp_path: Path) -> None:
     """Any --partition-bytes: every line is read by exactly one partition, each partition reads its range
     plus at most about one line."""
-    from teachers.corpus import ReadStats, corpus_partitions, iter_partition
+    from common.corpus import ReadStats, corpus_partitions, iter_partition
 
     texts = sample_texts(120, seed=5)
     path = write_jsonl_corpus(tmp_path / "c.jsonl", texts)

@@ -27,13 +27,48 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from teachers.config import CorpusConfig
-from teachers.errors import CorpusError
+from common.errors import ConfigError, CorpusError
+from common.params import check_positive
 
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".txt")
 SPLITTABLE_SUFFIXES = (".jsonl", ".json")
 """Local files cut into byte-range partitions (JSON lines, uncompressed)."""
 _READ_BLOCK = 4 << 20
+
+
+@dataclass(kw_only=True)
+class CorpusConfig:
+    """Where the documents come from and how many to take."""
+
+    dataset: str
+    """Hub dataset id (streamed, e.g. `allenai/c4`), or local `.jsonl`, `.jsonl.gz`, `.parquet`, `.txt`
+    file(s): a path, a glob, a directory, or several separated by commas."""
+    dataset_config: str | None = None
+    """Hub dataset configuration name (e.g. `en`); hub datasets only."""
+    split: str = "train"
+    """Hub dataset split; hub datasets only."""
+    revision: str | None = None
+    """Hub dataset revision (commit or tag); recorded in the corpus fingerprint."""
+    text_field: str = "text"
+    """Column holding the document text (jsonl, parquet, hub)."""
+    max_documents: int | None = None
+    """Use at most this many documents in all (None: all), shared between partitions like `max_tokens`."""
+    max_tokens: int | None = None
+    """Use at most this many packed tokens in all (None: all). Each of the P corpus partitions packs at most
+    its share: max_tokens // P, plus one for the first max_tokens % P partitions."""
+    partition_bytes: int = 64 << 20
+    """Local uncompressed JSON-lines files are cut into partitions of about this many bytes (other local
+    files are one partition each; a hub dataset has one per data file). Part of the corpus fingerprint:
+    sequence ids are derived per partition, so caches to be joined need the same value."""
+
+    def __post_init__(self) -> None:
+        if not self.dataset or not self.dataset.strip():
+            raise ConfigError("dataset must name a hub dataset or local file(s)")
+        if not self.text_field:
+            raise ConfigError("text_field must not be empty")
+        check_positive("max_documents", self.max_documents, optional=True)
+        check_positive("max_tokens", self.max_tokens, optional=True)
+        check_positive("partition_bytes", self.partition_bytes)
 
 
 @dataclass(frozen=True)
