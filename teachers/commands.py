@@ -9,6 +9,7 @@ import click
 
 from common.devices import DeviceParam
 from common.params import FINITE_FLOAT, non_finite
+from teachers.backend_options import options_help
 from teachers.config import (
     BACKENDS,
     COMPILE_CHOICES,
@@ -89,8 +90,8 @@ def _sigterm_as_exit() -> Iterator[None]:
                    "cpu, cuda or cuda:N.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub.")
 @click.option("--backend-option", "backend_options", multiple=True, callback=_options, metavar="KEY=VALUE",
-              help="Backend-specific setting, repeatable (vllm: tensor_parallel_size=2, hidden_from=hf, "
-                   "entropy=estimate|absent, gpu_memory_utilization=0.85, ...).")
+              help="Setting of the chosen --backend, repeatable; an unknown key or a value of the wrong type is "
+                   f"refused. {options_help()}.")
 @click.option("--dataset", required=True,
               help="Hub dataset id (streamed), or local .jsonl/.jsonl.gz/.parquet/.txt file(s): path, glob, "
                    "directory, or comma-separated list. A .txt file gives one document per paragraph.")

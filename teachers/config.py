@@ -12,8 +12,9 @@ from common.devices import check_device
 from common.errors import ConfigError
 from common.params import check_choice, check_finite, check_positive
 from storage.manifest import FORMATS, LOGPROB_DTYPES, MANTISSA_BITS, MAX_SAMPLES, TARGET_KINDS
+from teachers.backend_options import BACKEND_OPTIONS, BackendOptions, options_for
 
-BACKENDS = ("hf", "vllm")
+BACKENDS = tuple(BACKEND_OPTIONS)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 COMPILE_CHOICES = ("auto", "on", "off")
 HEAD_KERNELS = ("auto", "torch", "triton")
@@ -68,9 +69,10 @@ class TeacherConfig:
     """Decoder blocks whose outputs are mean-pooled per sequence (0-based, negative from the end); [] for none."""
     trust_remote_code: bool = False
     """Allow model code from the hub (only for models that need it)."""
-    backend_options: dict[str, object] = field(default_factory=dict)
-    """Settings only one backend understands (`--backend-option KEY=VALUE`, e.g. vllm's
-    `tensor_parallel_size=2`); a backend refuses keys it does not know."""
+    backend_options: BackendOptions | dict[str, object] | None = None
+    """Settings only `backend` has (`--backend-option KEY=VALUE`, e.g. vllm's `tensor_parallel_size=2`): after
+    construction always the options object of `backend` (teachers/backend_options.py); a dict (the command
+    line, a replayed config.json) or None (the defaults) is turned into it, refusing unknown keys."""
     align_tokenizer: str | None = None
     """The student's tokenizer S (directory or hub id; with `align_gguf_file`, the directory holding it) when
     the teacher has another tokenizer: packing uses S and the targets are written in S's token space
@@ -85,6 +87,7 @@ class TeacherConfig:
         if self.name is None:
             self.name = self.path.rstrip("/").split("/")[-1] or self.path
         check_choice("backend", self.backend, BACKENDS)
+        self.backend_options = options_for(self.backend, self.backend_options)
         check_choice("dtype", self.dtype, DTYPES)
         check_device("device", self.device)
         check_positive("batch_size", self.batch_size)

@@ -24,6 +24,7 @@ from common.errors import ConfigError
 from common.packing import PackedBatch
 from storage.manifest import TeacherInfo
 from storage.records import TeacherTargets
+from teachers.backend_options import HFOptions
 from teachers.backends import resolve_layers
 from teachers.config import TeacherConfig
 from teachers.errors import TeacherLoadError
@@ -68,8 +69,8 @@ class HFBackend:
         from transformers import AutoModelForCausalLM
 
         self.cfg = cfg
-        if cfg.backend_options:
-            raise ConfigError(f"the hf backend takes no backend options, got {sorted(cfg.backend_options)}")
+        if not isinstance(cfg.backend_options, HFOptions):  # TeacherConfig gives each backend its own class
+            raise ConfigError(f"the hf backend takes no backend options, got {cfg.backend_options}")
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         # Model code from the hub runs only with --trust-remote-code; `.bin` weights go through torch's

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,10 +32,9 @@ import numpy as np
 from common.errors import ConfigError
 from storage.manifest import TeacherInfo
 from storage.records import TeacherTargets
+from teachers.backend_options import HFOptions, VllmOptions
 from teachers.errors import TeacherLoadError
 
-ENTROPY_CHOICES = ("estimate", "absent")
-HIDDEN_CHOICES = ("none", "hf")
 LOGPROBS_MODE = "raw_logprobs"
 
 ENTROPY_NOTE = (
@@ -199,38 +197,6 @@ class LogprobEngine(Protocol):
     def generate_logprobs(self, prompts: list[list[int]], k: int) -> list[Any]: ...
 
 
-@dataclass(kw_only=True)
-class VllmOptions:
-    """Settings that only the vLLM backend has."""
-
-    tensor_parallel_size: int = 1
-    """GPUs one teacher is split over (vLLM tensor parallelism); use for teachers larger than one GPU."""
-    gpu_memory_utilization: float = 0.85
-    """Fraction of each GPU vLLM may take (weights + KV cache + the [tokens, V] prompt-logprob logits)."""
-    entropy: str = "estimate"
-    """`estimate` (lower bound from top-k plus tail, manifest `entropy_kind=estimate`) or `absent`."""
-    hidden_from: str = "none"
-    """`none` (no pooled states) or `hf` (pooled states from a second transformers pass)."""
-    max_num_batched_tokens: int | None = None
-    """vLLM scheduler token budget per step (None: vLLM's default); lower it if prompt logprobs run out of memory."""
-    enforce_eager: bool = False
-    """Disable CUDA graphs (slower, less memory, easier to debug)."""
-    seed: int = 0
-    """vLLM seed (only the discarded sampled token depends on it)."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
-            raise ConfigError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
-        if not (0.0 < self.gpu_memory_utilization <= 1.0):
-            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        if self.entropy not in ENTROPY_CHOICES:
-            raise ConfigError(f"entropy is {self.entropy!r}, expected one of {', '.join(ENTROPY_CHOICES)}")
-        if self.hidden_from not in HIDDEN_CHOICES:
-            raise ConfigError(f"hidden_from is {self.hidden_from!r}, expected one of {', '.join(HIDDEN_CHOICES)}")
-        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
-            raise ConfigError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens!r}")
-
-
 class VllmEngine:
     """Thin wrapper over `vllm.LLM` (imported here only). One engine per process; TP workers are vLLM's."""
 
@@ -385,29 +351,18 @@ class VllmBackend:
         return targets
 
 
-def options_from_config(cfg: Any) -> VllmOptions:
-    """VllmOptions from `cfg.backend_options` (`--backend-option tensor_parallel_size=8`, ...), or from
-    TeacherConfig attributes of the same names; options not given keep the defaults above, which the
-    manifest notes record. An unknown key is an error, never ignored."""
-    names = [f.name for f in dataclasses.fields(VllmOptions)]
-    values = {n: getattr(cfg, n) for n in names if hasattr(cfg, n)}
-    given = dict(getattr(cfg, "backend_options", None) or {})
-    unknown = sorted(set(given) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown vllm backend option {unknown[0]!r}; known: {', '.join(names)}")
-    values.update(given)
-    return VllmOptions(**values)
-
-
 def create_backend(cfg: Any, *, seq_len: int) -> VllmBackend:
     """Entry point used by teachers.backends.create_backend. With `hidden_from=hf` the pooled states come
     from a transformers copy of the teacher (teachers.hf_backend), loaded next to the vLLM engine."""
-    options = options_from_config(cfg)
+    options = cfg.backend_options
+    if not isinstance(options, VllmOptions):  # TeacherConfig gives each backend its own options class
+        raise ConfigError(f"the vllm backend needs VllmOptions, got {type(options).__name__}")
     pooled_from = None
     if options.hidden_from == "hf":
         from teachers.hf_backend import HFBackend
 
-        pooled_from = HFBackend(dataclasses.replace(cfg, backend="hf"))
+        # the same teacher on the transformers backend, which has options of its own (none)
+        pooled_from = HFBackend(dataclasses.replace(cfg, backend="hf", backend_options=HFOptions()))
     elif cfg.pool_layers:
         logger.warning("vllm backend: pool_layers %s ignored (no hidden states without --backend-option hidden_from=hf)",
                        list(cfg.pool_layers))

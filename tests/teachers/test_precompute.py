@@ -14,6 +14,7 @@ import torch
 from storage.errors import MismatchError
 from storage.merge import write_merged
 from storage.reader import TeacherDataset
+from teachers.backend_options import VllmOptions
 from teachers.config import PrecomputeConfig, tiny
 from teachers.precompute import run_precompute
 from tests.helpers import make_tiny_setup
@@ -271,13 +272,13 @@ def test_cli_maps_options_onto_the_config(setup, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(teachers.precompute, "run_precompute", fake_run)
     r = CliRunner().invoke(main, ["precompute", "--teacher", "t", "--dataset", "allenai/c4", "--dataset-config", "en",
                                   "--output", "o", "--pool-layers", "0,-2", "--top-k", "5", "--temperature", "2",
-                                  "--backend-option", "tensor_parallel_size=2", "--num-shards", "3",
+                                  "--backend", "vllm", "--backend-option", "tensor_parallel_size=2", "--num-shards", "3",
                                   "--shard-index", "1", "--format", "zarr", "--batch-tokens", "4096",
                                   "--compile-head", "on"])
     assert r.exit_code == 0, r.output
     cfg = seen["cfg"]
     assert cfg.teacher.pool_layers == [0, -2] and cfg.teacher.top_k == 5 and cfg.teacher.temperature == 2.0
-    assert cfg.teacher.backend_options == {"tensor_parallel_size": 2}
+    assert cfg.teacher.backend_options == VllmOptions(tensor_parallel_size=2)
     assert (cfg.num_shards, cfg.shard_index, cfg.storage.format) == (3, 1, "zarr")
     assert cfg.corpus.dataset_config == "en" and cfg.batch_size == 2 and cfg.teacher.compile_head == "on"
     assert cfg.storage.logprob_mantissa_bits is None and cfg.storage.manifest_mantissa_bits is None  # exact

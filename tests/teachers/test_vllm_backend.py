@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,14 +20,9 @@ import torch
 
 from common.errors import ConfigError
 from common.packing import PackedBatch
+from teachers.backend_options import HFOptions, VllmOptions
 from teachers.errors import TeacherLoadError
-from teachers.vllm_backend import (
-    VllmBackend,
-    VllmOptions,
-    entropy_bounds,
-    map_request_output,
-    options_from_config,
-)
+from teachers.vllm_backend import VllmBackend, entropy_bounds, map_request_output
 
 
 # ---- stand-ins for vLLM's classes (see module docstring for the source files) ---------------------------
@@ -337,13 +331,21 @@ def test_backend_refuses_what_it_cannot_compute(tiny_model) -> None:
         backend.compute(PackedBatch(seq_ids=np.array([0]), input_ids=np.full((1, 5), 96, dtype=np.int32)))
 
 
-def test_options_come_from_teacher_config_fields() -> None:
-    assert options_from_config(_teacher("x")) == VllmOptions()  # fields the config lacks keep the defaults
-    cfg = SimpleNamespace(tensor_parallel_size=8, entropy="absent", hidden_from="none", unrelated=1)
-    opts = options_from_config(cfg)
-    assert opts.tensor_parallel_size == 8 and opts.entropy == "absent"
+def test_options_are_typed_per_backend() -> None:
+    assert _teacher("x").backend_options == VllmOptions()  # options not given keep the defaults
+    from teachers.config import TeacherConfig
+
+    assert TeacherConfig(path="x").backend_options == HFOptions()
+    opts = _teacher("x", backend_options={"tensor_parallel_size": 8, "entropy": "absent"}).backend_options
+    assert (opts.tensor_parallel_size, opts.entropy, opts.hidden_from) == (8, "absent", "none")
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
-        options_from_config(SimpleNamespace(tensor_parallel_size=0))
+        _teacher("x", backend_options={"tensor_parallel_size": 0})
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size='2': expected int"):
+        _teacher("x", backend_options={"tensor_parallel_size": "2"})
+    with pytest.raises(ConfigError, match="enforce_eager=1: expected bool"):
+        _teacher("x", backend_options={"enforce_eager": 1})
+    with pytest.raises(ConfigError, match="VllmOptions .vllm backend. but the backend is 'hf'"):
+        TeacherConfig(path="x", backend_options=VllmOptions())
 
 
 def test_options_come_from_backend_option_flags() -> None:
@@ -351,10 +353,62 @@ def test_options_come_from_backend_option_flags() -> None:
     from teachers.commands import _options
 
     parsed = _options(None, None, ("tensor_parallel_size=4", "hidden_from=hf", "enforce_eager=true"))
-    opts = options_from_config(SimpleNamespace(backend_options=parsed))
+    opts = _teacher("x", backend_options=parsed).backend_options
     assert (opts.tensor_parallel_size, opts.hidden_from, opts.enforce_eager) == (4, "hf", True)
     with pytest.raises(ConfigError, match="unknown vllm backend option 'tensor_parallel'"):
-        options_from_config(SimpleNamespace(backend_options={"tensor_parallel": 2}))
+        _teacher("x", backend_options={"tensor_parallel": 2})
+
+
+def test_cli_refuses_a_backend_option_in_one_line() -> None:
+    from tests.helpers import one_error_line, run_cli
+
+    base = ("precompute", "--teacher", "t", "--dataset", "d.jsonl", "--output", "o")
+    one_error_line(run_cli(*base, "--backend-option", "hidden_from=hf"), "the hf backend takes no backend options")
+    one_error_line(run_cli(*base, "--backend", "vllm", "--backend-option", "tensor_paralel_size=2"),
+                   "unknown vllm backend option 'tensor_paralel_size'", "known: tensor_parallel_size")
+    one_error_line(run_cli(*base, "--backend", "vllm", "--backend-option", "hidden_from=yes"),
+                   "hidden_from is 'yes', expected one of none, hf")
+
+
+class EngineAtTheVllmBoundary(DenseEngine):
+    """Stands in for `VllmEngine` (the only class that imports vllm), taking the arguments it is built with."""
+
+    built: list[dict] = []
+
+    def __init__(self, **kwargs) -> None:
+        from transformers import AutoModelForCausalLM
+
+        EngineAtTheVllmBoundary.built.append(kwargs)
+        super().__init__(AutoModelForCausalLM.from_pretrained(kwargs["model"]).eval(), flat=True)
+
+
+def test_vllm_with_hidden_states_from_hf_constructs_and_computes(tiny_model, monkeypatch) -> None:
+    """`--backend vllm --backend-option hidden_from=hf` (README): the factory builds the vLLM backend and a
+    transformers backend of the same teacher for the pooled states; only the vLLM engine is a stand-in."""
+    import teachers.vllm_backend
+    from teachers.backends import create_backend
+    from teachers.hf_backend import HFBackend
+
+    path, model, _ = tiny_model
+    monkeypatch.setattr(teachers.vllm_backend, "VllmEngine", EngineAtTheVllmBoundary)
+    EngineAtTheVllmBoundary.built.clear()
+    cfg = _teacher(path, device="cpu", pool_layers=[0, -1],
+                   backend_options={"hidden_from": "hf", "tensor_parallel_size": 2})
+    backend = create_backend(cfg, seq_len=8)
+    assert isinstance(backend, VllmBackend) and isinstance(backend.pooled_from, HFBackend)
+    assert backend.pooled_from.cfg.backend == "hf" and backend.pooled_from.cfg.backend_options == HFOptions()
+    assert EngineAtTheVllmBoundary.built[0]["options"] == cfg.backend_options
+    assert backend.pooled_dims == {0: 32, 1: 32} and backend.notes["vllm_tensor_parallel_size"] == 2
+    assert "transformers second pass" in backend.notes["pooled"]
+
+    ids = np.random.default_rng(2).integers(0, 96, (2, 8)).astype(np.int32)
+    out = backend.compute(PackedBatch(seq_ids=np.array([0, 1]), input_ids=ids))
+    with torch.no_grad():  # float64 reference: the mean over positions of the blocks' outputs
+        states = model.double()(torch.as_tensor(ids, dtype=torch.long), output_hidden_states=True).hidden_states
+        model.float()
+    for layer in (0, 1):
+        torch.testing.assert_close(torch.as_tensor(out.pooled[layer], dtype=torch.float64),
+                                   states[layer + 1].mean(1), atol=1e-5, rtol=0)
 
 
 # ---- real vLLM (GPU machines with the [vllm] extra) -----------------------------------------------------
