@@ -10,7 +10,8 @@ import numpy as np
 from storage import fs as sfs
 from storage import shards as shard_io
 from storage.errors import ShardCorruptError, StorageError
-from storage.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from storage.formats import format_of_file
+from storage.manifest import Manifest, ShardInfo
 from storage.merge import open_manifest
 from storage.reader import TeacherDataset
 from storage.schema import columns
@@ -67,12 +68,8 @@ def describe(path: str, *, rows: int = 0, position: int = 0, verify: bool = True
 
 
 def _is_shard(fs, inner: str) -> bool:
-    name = inner.rstrip("/").rsplit("/", 1)[-1]
-    if name.endswith(".parquet"):
-        return True
-    # a zarr shard is a group (zarr.json at its root); a teacher directory is not
-    return name.endswith(".zarr") and fs.exists(sfs.join(inner, "zarr.json")) \
-        and not fs.exists(sfs.join(inner, MANIFEST_NAME))
+    fmt = format_of_file(inner.rstrip("/").rsplit("/", 1)[-1])
+    return fmt is not None and fmt.is_shard(fs, inner)
 
 
 def _single_shard_manifest(fs, inner: str, path: str) -> tuple[Manifest, str]:
@@ -80,11 +77,7 @@ def _single_shard_manifest(fs, inner: str, path: str) -> tuple[Manifest, str]:
     manifest, when there is one, so its sha256 can be checked)."""
     name = inner.rstrip("/").rsplit("/", 1)[-1]
     parent = inner.rstrip("/").rsplit("/", 1)[0] if "/" in inner.rstrip("/") else "."
-    if name.endswith(".parquet"):
-        from storage.parquet import read_header
-    else:
-        from storage.zarr_shard import read_header
-    header, index, nrows = read_header(fs, inner)
+    header, index, nrows = format_of_file(name).read_header(fs, inner)
     m = Manifest.from_dict({**header, "shards": []}, source=path)
     listed = None
     try:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from storage.errors import ManifestError, MismatchError
+from storage.formats import FORMATS
 
 SCHEMA_VERSION = 2
 SHARDS_PER_PARTITION = 1 << 20
@@ -38,7 +39,6 @@ ALIGNMENT_STATS = ("positions", "aligned", "observed", "mass_whole", "mass_parti
 """Per-shard sums an aligned cache records: positions, positions with a target, positions with the exact
 observed-token log-prob, and the teacher probability mass (summed over aligned positions) that mapped onto
 a whole S token, onto a first sub-token (or a byte / special token), or nowhere."""
-FORMATS = ("parquet", "zarr")
 LOGPROB_DTYPES = ("float16", "float32")
 MANTISSA_BITS = {"float16": 10, "float32": 23}
 """Explicit mantissa bits of each log-prob storage dtype (the most `logprob_mantissa_bits` can keep)."""

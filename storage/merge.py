@@ -17,6 +17,7 @@ from storage.manifest import (
     partition_of,
     slice_manifest_name,
 )
+from storage.run_stats import merged_notes
 
 _SLICE_RE = re.compile(r"^manifest-slice-(\d{5})-of-(\d{5})\.json$")
 
@@ -68,8 +69,9 @@ def merge_manifests(manifests: Sequence[Manifest], sources: Sequence[str] | None
     merged = copy.deepcopy(first)
     merged.slice_index, merged.num_slices = 0, 1
     merged.shards = copy.deepcopy(shards)
-    if first.num_slices > 1:
-        merged.notes = {**merged.notes, "merged_from_slices": first.num_slices}
+    if first.num_slices > 1:  # the whole run's statistics, and each slice's own (storage/run_stats.py)
+        notes = merged_notes([m.notes for m in manifests], [m.slice_index for m in manifests])
+        merged.notes = {**notes, "merged_from_slices": first.num_slices}
     merged.validate("merged manifest")
     return merged
 

@@ -20,6 +20,7 @@ from fsspec import AbstractFileSystem
 
 from storage import fs as sfs
 from storage.errors import ShardCorruptError
+from storage.formats import ShardFormat
 from storage.manifest import Manifest, ShardInfo
 from storage.schema import HEADER_KEY, INDEX_KEY, Column, check_seq_ids, columns, shard_header
 
@@ -191,3 +192,13 @@ def read_header(fs: AbstractFileSystem, path: str) -> tuple[dict, int, int]:
     if HEADER_KEY.encode() not in meta or INDEX_KEY.encode() not in meta:
         raise ShardCorruptError(f"{path}: not a teacher-targets shard (no {HEADER_KEY!r} metadata)")
     return json.loads(meta[HEADER_KEY.encode()]), int(meta[INDEX_KEY.encode()]), rows
+
+
+
+class ParquetFormat(ShardFormat):
+    """The Parquet shard format: one file, the header in its footer metadata."""
+
+    name = "parquet"
+    write = staticmethod(write_shard)
+    open = ParquetShard
+    read_header = staticmethod(read_header)

@@ -1,4 +1,5 @@
-"""One interface over the two shard formats: write, record (size + sha256), check and open a shard."""
+"""One interface over the shard formats (storage/formats.py): write, record (size + sha256), check and open a
+shard."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from fsspec import AbstractFileSystem
 
 from storage import fs as sfs
 from storage.errors import ManifestError, ShardCorruptError
+from storage.formats import ShardReader, shard_format
 from storage.manifest import Manifest, ShardInfo, is_plain_name, shard_file_name
 
 
@@ -16,14 +18,7 @@ def write_shard(fs: AbstractFileSystem, root: str, m: Manifest, index: int,
     return its ShardInfo (bytes and sha256 are computed from what landed on the filesystem)."""
     name = shard_file_name(index, m.format)
     path = sfs.join(root, name)
-    if m.format == "parquet":
-        from storage import parquet
-
-        parquet.write_shard(fs, path, data, m, index)
-    else:
-        from storage import zarr_shard
-
-        zarr_shard.write_shard(fs, path, data, m, index)
+    shard_format(m.format).write(fs, path, data, m, index)
     seq = data["seq_id"]
     return ShardInfo(index=index, file=name, rows=int(seq.shape[0]), first_seq_id=int(seq[0]),
                      last_seq_id=int(seq[-1]), bytes=sfs.size_of(fs, path), sha256=sfs.sha256_of(fs, path))
@@ -63,13 +58,6 @@ def check(fs: AbstractFileSystem, root: str, info: ShardInfo) -> None:
         raise ShardCorruptError(f"{shard_path(root, info)}: {why}")
 
 
-def open_shard(fs: AbstractFileSystem, root: str, m: Manifest, info: ShardInfo):
+def open_shard(fs: AbstractFileSystem, root: str, m: Manifest, info: ShardInfo) -> ShardReader:
     """A reader with `.read(sorted_local_rows, names) -> dict` and `.close()` for one shard."""
-    path = shard_path(root, info)
-    if m.format == "parquet":
-        from storage.parquet import ParquetShard
-
-        return ParquetShard(fs, path, m, info)
-    from storage.zarr_shard import ZarrShard
-
-    return ZarrShard(fs, path, m, info)
+    return shard_format(m.format).open(fs, shard_path(root, info), m, info)

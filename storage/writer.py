@@ -41,6 +41,7 @@ from fsspec import AbstractFileSystem
 from storage import fs as sfs
 from storage import shards as shard_io
 from storage.errors import MismatchError, StorageError
+from storage.formats import FORMATS
 from storage.lock import CacheLock, live_locks, lock_name
 from storage.manifest import (
     ALIGNMENT_STATS,
@@ -52,11 +53,12 @@ from storage.manifest import (
     slice_manifest_name,
 )
 from storage.records import TeacherTargets
+from storage.run_stats import SliceStats
 from storage.schema import to_columns
 from storage.stamps import write_stamp
 
 _STOP = object()
-_TEMP_RE = re.compile(r"^shard-(\d{6,})\.(parquet|zarr)\.tmp-\d+-[0-9a-f]+$")
+_TEMP_RE = re.compile(rf"^shard-(\d{{6,}})\.({'|'.join(FORMATS)})\.tmp-\d+-[0-9a-f]+$")
 _PART_RE = re.compile(r"^(manifest\.json|manifest-slice-\d{5}-of-\d{5}\.json|ledger-slice-\d{5}-of-\d{5}\.json)$")
 
 
@@ -104,6 +106,7 @@ class TargetsWriter:
         self._failed = threading.Event()  # set once the thread failed; it then writes nothing more
         self._first_error: BaseException | None = None
         self._manifest: Manifest | None = None
+        self._run_stats: SliceStats | None = None
         self._closed = False
         name = lock_name(header.slice_index, header.num_slices)
         self._owns_lock = lock is None
@@ -297,6 +300,11 @@ class TargetsWriter:
             self._queue.put(_STOP)
             self._thread.join()
 
+    def record_stats(self, stats: SliceStats) -> None:
+        """This slice's statistics (what it read, packed and computed), written into its manifest's notes at
+        `close` (storage/run_stats.py); a merge sums them over the slices."""
+        self._run_stats = stats
+
     # ---- closing -------------------------------------------------------------------------------
     def close(self) -> Manifest:
         """Wait for queued shards, then write this slice's manifest atomically and return it."""
@@ -310,6 +318,8 @@ class TargetsWriter:
                                    "written, re-run to resume")
             self._closed = True
             manifest = copy.deepcopy(self.header)
+            if self._run_stats is not None:
+                manifest.notes.update(self._run_stats.to_notes())
             manifest.shards = [self.completed[i] for i in sorted(self.completed)]
             manifest.validate(output_manifest_name(manifest))
             self._slice_lock.verify()

@@ -40,7 +40,8 @@ from zarr.core.sync import sync
 
 from storage import fs as sfs
 from storage.errors import ShardCorruptError
-from storage.manifest import Manifest, ShardInfo
+from storage.formats import ShardFormat
+from storage.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from storage.schema import HEADER_KEY, INDEX_KEY, check_seq_ids, columns, shard_header
 
 CHUNK_ROWS = 1
@@ -346,3 +347,17 @@ def read_header(fs: AbstractFileSystem, path: str) -> tuple[dict, int, int]:
     if HEADER_KEY not in attrs or INDEX_KEY not in attrs or rows < 0:
         raise ShardCorruptError(f"{path}: not a teacher-targets shard (no {HEADER_KEY!r} attribute)")
     return attrs[HEADER_KEY], int(attrs[INDEX_KEY]), rows
+
+
+
+class ZarrFormat(ShardFormat):
+    """The Zarr shard format: a group directory, the header in its attributes."""
+
+    name = "zarr"
+    write = staticmethod(write_shard)
+    open = ZarrShard
+    read_header = staticmethod(read_header)
+
+    def is_shard(self, fs: AbstractFileSystem, path: str) -> bool:
+        # a zarr shard is a group (zarr.json at its root); a teacher directory named *.zarr is not
+        return fs.exists(sfs.join(path, "zarr.json")) and not fs.exists(sfs.join(path, MANIFEST_NAME))

@@ -11,7 +11,8 @@ from common.corpus import CorpusConfig
 from common.devices import check_device
 from common.errors import ConfigError
 from common.params import check_choice, check_finite, check_positive
-from storage.manifest import FORMATS, LOGPROB_DTYPES, MANTISSA_BITS, MAX_SAMPLES, TARGET_KINDS
+from storage.formats import FORMATS
+from storage.manifest import LOGPROB_DTYPES, MANTISSA_BITS, MAX_SAMPLES, TARGET_KINDS
 from teachers.backend_options import BACKEND_OPTIONS, BackendOptions, options_for
 
 BACKENDS = tuple(BACKEND_OPTIONS)

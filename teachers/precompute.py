@@ -140,6 +140,7 @@ def _run_slice(cfg: PrecomputeConfig, backend: TeacherBackend | None, slice_inde
 
     from common.corpus import ReadStats, corpus_fingerprint, corpus_partitions
     from common.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from storage.run_stats import SliceStats
     from storage.writer import TargetsWriter
     from teachers.backends import create_backend
     from teachers.sampling import sample_key
@@ -221,7 +222,7 @@ def _run_slice(cfg: PrecomputeConfig, backend: TeacherBackend | None, slice_inde
         if stats.windows == 0 and num_slices == 1:
             raise ConfigError(f"the corpus has {stats.tokens} tokens, fewer than one window of seq_len "
                               f"{cfg.seq_len}")
-        writer.header.notes.update(
+        writer.record_stats(SliceStats(
             packing=stats.to_dict(),
             partitions={"total": len(partitions), "read": [p.index for p in mine],
                         "windows": {str(p): w for p, w in windows_per_partition.items()}},
@@ -229,7 +230,7 @@ def _run_slice(cfg: PrecomputeConfig, backend: TeacherBackend | None, slice_inde
                       "corpus_bytes_read": read.bytes_read, "corpus_documents_read": read.documents,
                       "teacher_seconds": round(teacher_s, 3), "writer_wait_s": round(writer_wait_s, 3),
                       "loop_seconds": round(time.perf_counter() - run_t0, 3)},
-        )
+        ))
     manifest = writer.close()
     log.info("precompute %s slice %d/%d: %d sequences in %d shards; teacher %.2f s, writer wait %.2f s "
              "(time the producer spent inside write_shard), loop %.2f s", t_cfg.name, slice_index, num_slices,

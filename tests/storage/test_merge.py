@@ -41,6 +41,34 @@ def test_two_slices_equal_one_whole(tmp_path):
     assert open_manifest(str(tmp_path / "sliced")) == written
 
 
+def _stats(documents: int, windows: int, truncated: bool, read: list[int], seconds: float) -> dict:
+    return {"packing": {"documents": documents, "tokens": windows * 8 + 3, "windows": windows, "dropped_tokens": 3,
+                        "truncated_by_max_tokens": truncated},
+            "partitions": {"total": 3, "read": read, "windows": {str(p): windows // len(read) for p in read}},
+            "this_run": {"sequences": windows, "shards": 1, "corpus_bytes_read": 100 * documents,
+                         "teacher_seconds": seconds}}
+
+
+def test_merged_manifest_reports_the_whole_runs_statistics():
+    """Counts and seconds are summed over the slices, partitions joined, truncation true if any slice's was,
+    and every slice's own statistics are kept under notes["slices"]; the other notes are the slices' shared ones."""
+    a = _slice(0, 2, [(0, 8), (2, 8)], notes={"backend": {"device": "cpu"}, **_stats(5, 16, False, [0, 2], 1.25)})
+    b = _slice(1, 2, [(1, 8)], notes={"backend": {"device": "cpu"}, **_stats(2, 8, True, [1], 0.5)})
+    merged = merge_manifests([b, a])
+    notes = merged.notes
+    assert notes["backend"] == {"device": "cpu"} and notes["merged_from_slices"] == 2
+    assert notes["packing"] == {"documents": 7, "tokens": 16 * 8 + 3 + 8 * 8 + 3, "windows": 24, "dropped_tokens": 6,
+                                "truncated_by_max_tokens": True}
+    assert notes["partitions"] == {"total": 3, "read": [0, 1, 2], "windows": {"0": 8, "1": 8, "2": 8}}
+    assert notes["this_run"] == {"sequences": 24, "shards": 2, "corpus_bytes_read": 700, "teacher_seconds": 1.75}
+    assert notes["slices"] == {"0": _stats(5, 16, False, [0, 2], 1.25), "1": _stats(2, 8, True, [1], 0.5)}
+    assert a.notes["this_run"]["sequences"] == 16  # the slices' manifests are not changed
+
+    # slices without statistics (written by code other than precompute): no run statistics are made up
+    plain = merge_manifests([_slice(0, 2, [(0, 8)]), _slice(1, 2, [(1, 8)])])
+    assert not {"packing", "partitions", "this_run", "slices"} & set(plain.notes)
+
+
 def test_missing_range_named():
     a = _slice(0, 2, [(0, 8), (4, 8)])
     b = _slice(1, 2, [(1, 8), (5, 3)])

@@ -196,6 +196,18 @@ def test_three_slices_read_a_third_each_and_join_two_slices(setup) -> None:
     assert _shard_hashes(root / "p-three") == _shard_hashes(root / "p-whole") == _shard_hashes(root / "p-two")
     merged = write_merged(str(root / "p-three"))
     assert merged.shards == whole.shards
+    # the merged manifest reports the whole run's statistics (equal to the unsliced run's counts), and keeps
+    # each slice's own
+    assert merged.notes["packing"] == whole.notes["packing"]
+    assert merged.notes["partitions"] == whole.notes["partitions"]
+    run, slices = merged.notes["this_run"], merged.notes["slices"]
+    assert (run["sequences"], run["shards"], run["corpus_documents_read"]) == (
+        whole.num_sequences, len(whole.shards), whole.notes["this_run"]["corpus_documents_read"])
+    assert run["corpus_bytes_read"] == sum(reads)
+    assert sorted(slices) == ["0", "1", "2"]
+    assert [slices[str(s)]["this_run"]["corpus_bytes_read"] for s in range(3)] == reads
+    assert run["teacher_seconds"] == pytest.approx(sum(slices[str(s)]["this_run"]["teacher_seconds"] for s in range(3)),
+                                                   abs=1e-9)
     joined = join_teachers([str(root / "p-three"), str(root / "p-two"), str(root / "p-whole")])
     np.testing.assert_array_equal(joined[0].seq_ids, joined[1].seq_ids)
     assert len(joined[0]) == whole.num_sequences
