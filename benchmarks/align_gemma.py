@@ -76,7 +76,7 @@ def precompute_both(out: Path, *, max_tokens: int, seq_len: int, top_k: int, cor
         limit = gemma_max_tokens if name == "gemma3-aligned" and gemma_max_tokens else max_tokens
         cfg = PrecomputeConfig(corpus=CorpusConfig(dataset=corpus, max_tokens=limit), teacher=teacher,
                                storage=StorageConfig(output=str(out / name), shard_size=8, logprob_dtype="float32"),
-                               seq_len=seq_len, num_shards=1, shard_index=0, progress=False)
+                               seq_len=seq_len, num_slices=1, slice_index=0, progress=False)
         run_precompute(cfg)
         print(f"precompute {name}: {time.perf_counter() - t0:.0f} s", flush=True)
     return out / "smollm2", out / "gemma3-aligned"

@@ -403,7 +403,7 @@ def section_train(s: Suite) -> None:
     cache = s.tmp / "cache-train"
     run_precompute(PrecomputeConfig(corpus=CorpusConfig(dataset=s.corpus(), max_tokens=n_seq * s.seq_len),
                                     teacher=teacher.cfg, storage=StorageConfig(output=str(cache), shard_size=32),
-                                    seq_len=s.seq_len, num_shards=1, shard_index=0, progress=False), backend=teacher)
+                                    seq_len=s.seq_len, num_slices=1, slice_index=0, progress=False), backend=teacher)
     student = s.tmp / "student.json"
     student.write_text(json.dumps({"model_type": "qwen2", "vocab_size": s.vocab, "tie_word_embeddings": True,
                                    "max_position_embeddings": max(s.seq_len, 4096), "rope_theta": 1e6,
@@ -508,7 +508,7 @@ def section_writer(s: Suite) -> None:
         m = run_precompute(PrecomputeConfig(
             corpus=CorpusConfig(dataset=s.corpus(), max_tokens=tokens), teacher=backend.cfg,
             storage=StorageConfig(output=str(out), format=fmt, shard_size=4 if s.smoke else 32), seq_len=s.seq_len,
-            num_shards=1, shard_index=0, progress=False), backend=backend)
+            num_slices=1, slice_index=0, progress=False), backend=backend)
         run = m.notes["this_run"]
         key = f"writer.{fmt}"
         s.set(f"{key}.tok_s", m.num_tokens / run["loop_seconds"])

@@ -72,7 +72,7 @@ def bench_run(name: str, teacher_cfg, dataset: str, out: str, seq_len: int, toke
     backend.profile = True
     cfg = PrecomputeConfig(corpus=CorpusConfig(dataset=dataset, max_tokens=tokens), teacher=teacher_cfg,
                            storage=StorageConfig(output=out, shard_size=shard_size), seq_len=seq_len,
-                           num_shards=1, shard_index=0, progress=False)
+                           num_slices=1, slice_index=0, progress=False)
     t0 = time.perf_counter()
     manifest = run_precompute(cfg, backend=backend)
     seconds = time.perf_counter() - t0

@@ -61,7 +61,7 @@ def main() -> None:
             teacher=TeacherConfig(path=args.teacher, gguf_file=args.gguf_file, targets="sampled", samples=n,
                                   batch_size=args.batch_size, device="cpu"),
             storage=StorageConfig(output=os.path.join(args.output, f"n{n}")),
-            seq_len=args.seq_len, num_shards=1, shard_index=0, progress=False)
+            seq_len=args.seq_len, num_slices=1, slice_index=0, progress=False)
         if backend is None:
             backend = create_backend(cfg.teacher, seq_len=args.seq_len)
             backend.final_hidden = _memoised(backend.final_hidden, memo)

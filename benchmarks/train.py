@@ -57,8 +57,8 @@ def _precompute(root: Path, teachers: list[dict], corpus: str, args) -> list[str
         run_precompute(PrecomputeConfig(
             corpus=CorpusConfig(dataset=corpus, max_tokens=args.sequences * args.seq_len),
             teacher=TeacherConfig(**t, top_k=args.top_k, batch_size=8, device="cpu", pool_layers=[-1]),
-            storage=StorageConfig(output=str(out), shard_size=64), seq_len=args.seq_len, num_shards=1,
-            shard_index=0, progress=False))
+            storage=StorageConfig(output=str(out), shard_size=64), seq_len=args.seq_len, num_slices=1,
+            slice_index=0, progress=False))
         caches.append(str(out))
     return caches
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import click
 
 from common.devices import DeviceParam
+from common.errors import ConfigError
 from common.params import FINITE_FLOAT, non_finite
 from teachers.backend_options import options_help
 from teachers.config import (
@@ -144,10 +145,15 @@ def _sigterm_as_exit() -> Iterator[None]:
                    "Default: all of them (exact). Fewer bits make files smaller at a small fidelity cost; "
                    "with float16 on SmolLM2 at k=64: 8 bits -9% bytes (relative error <= 0.2%, top-k KL "
                    "3e-6), 7 bits -15% (0.4%, 1e-5). See benchmarks/RESULTS.md.")
-@click.option("--num-shards", type=int, default=None,
-              help="Number of node slices (default: WORLD_SIZE or SLURM_NTASKS, else 1).")
-@click.option("--shard-index", type=int, default=None,
+@click.option("--num-slices", type=int, default=None,
+              help="Number of node slices: the nodes' parts of the run, each reading its own corpus partitions and "
+                   "writing the shard files in them (default: WORLD_SIZE or SLURM_NTASKS, else 1).")
+@click.option("--slice-index", type=int, default=None,
               help="This node's slice, 0-based (default: RANK or SLURM_PROCID, else 0).")
+@click.option("--num-shards", "num_slices_alias", type=int, default=None, hidden=True,
+              help="Old spelling of --num-slices.")
+@click.option("--shard-index", "slice_index_alias", type=int, default=None, hidden=True,
+              help="Old spelling of --slice-index.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def precompute_cmd(**o: object) -> None:
     """Stage one: run a teacher over a corpus and cache its top-k log-probs, entropy and pooled states.
@@ -158,6 +164,11 @@ def precompute_cmd(**o: object) -> None:
     from teachers.config import PrecomputeConfig, StorageConfig, TeacherConfig
     from teachers.precompute import run_precompute
 
+    for new, old in (("num_slices", "--num-shards"), ("slice_index", "--shard-index")):
+        if o[f"{new}_alias"] is not None:
+            if o[new] is not None:
+                raise ConfigError(f"give --{new.replace('_', '-')} once ({old} is its old spelling)")
+            o[new] = o[f"{new}_alias"]
     cfg = PrecomputeConfig(
         corpus=CorpusConfig(dataset=o["dataset"], dataset_config=o["dataset_config"], split=o["split"],
                             revision=o["dataset_revision"], text_field=o["text_field"],
@@ -174,7 +185,7 @@ def precompute_cmd(**o: object) -> None:
                               align_tokenizer=o["align_tokenizer"], align_gguf_file=o["align_gguf_file"]),
         storage=StorageConfig(output=o["output"], format=o["fmt"], shard_size=o["shard_size"],
                               logprob_dtype=o["logprob_dtype"], logprob_mantissa_bits=o["logprob_bits"]),
-        seq_len=o["seq_len"], num_shards=o["num_shards"], shard_index=o["shard_index"], progress=o["progress"],
+        seq_len=o["seq_len"], num_slices=o["num_slices"], slice_index=o["slice_index"], progress=o["progress"],
     )
     with _sigterm_as_exit():
         manifest = run_precompute(cfg)

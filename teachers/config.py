@@ -166,9 +166,9 @@ class PrecomputeConfig:
     """Output shards."""
     seq_len: int = 2048
     """Tokens per packed sequence (L)."""
-    num_shards: int | None = None
+    num_slices: int | None = None
     """Number of node slices (None: from WORLD_SIZE / SLURM_NTASKS, else 1)."""
-    shard_index: int | None = None
+    slice_index: int | None = None
     """This node's slice (None: from RANK / SLURM_PROCID, else 0)."""
     progress: bool = True
     """Show a progress bar."""
@@ -177,11 +177,11 @@ class PrecomputeConfig:
         check_positive("seq_len", self.seq_len)
         if self.seq_len < 2:
             raise ConfigError("seq_len must be at least 2")
-        check_positive("num_shards", self.num_shards, optional=True)
-        if self.shard_index is not None and (not isinstance(self.shard_index, int) or self.shard_index < 0):
-            raise ConfigError(f"shard_index must be a non-negative integer, got {self.shard_index!r}")
-        if self.num_shards is not None and self.shard_index is not None and self.shard_index >= self.num_shards:
-            raise ConfigError(f"shard_index {self.shard_index} must be < num_shards {self.num_shards}")
+        check_positive("num_slices", self.num_slices, optional=True)
+        if self.slice_index is not None and (not isinstance(self.slice_index, int) or self.slice_index < 0):
+            raise ConfigError(f"slice_index must be a non-negative integer, got {self.slice_index!r}")
+        if self.num_slices is not None and self.slice_index is not None and self.slice_index >= self.num_slices:
+            raise ConfigError(f"slice_index {self.slice_index} must be < num_slices {self.num_slices}")
 
     @property
     def slots(self) -> int:
@@ -199,15 +199,15 @@ class PrecomputeConfig:
 def tiny(teacher: str, dataset: str, output: str, **overrides: object) -> PrecomputeConfig:
     """A CPU preset that runs in seconds on a tiny teacher: seq_len 32, k 8, shards of 4 sequences.
 
-    `overrides` may set any PrecomputeConfig field (e.g. `seq_len=64`, `num_shards=2`).
+    `overrides` may set any PrecomputeConfig field (e.g. `seq_len=64`, `num_slices=2`).
     """
     kwargs: dict[str, object] = dict(
         corpus=CorpusConfig(dataset=dataset),
         teacher=TeacherConfig(path=teacher, name="tiny", batch_size=4, top_k=8, head_chunk_size=64, device="cpu"),
         storage=StorageConfig(output=output, shard_size=4),
         seq_len=32,
-        num_shards=1,
-        shard_index=0,
+        num_slices=1,
+        slice_index=0,
         progress=False,
     )
     kwargs.update(overrides)

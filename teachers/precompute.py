@@ -124,7 +124,7 @@ def run_precompute(cfg: PrecomputeConfig, *, backend: TeacherBackend | None = No
     from storage.writer import prepare_output
     from teachers.slicing import resolve_slice
 
-    slice_index, num_slices = resolve_slice(cfg.num_shards, cfg.shard_index)
+    slice_index, num_slices = resolve_slice(cfg.num_slices, cfg.slice_index)
     output = cfg.storage.output
     fs, root = sfs.resolve(output)
     prepare_output(fs, root, output)  # a file or an unwritable --output fails here, before anything loads

@@ -76,3 +76,28 @@ def test_old_spellings_are_hidden_aliases(tmp_path) -> None:
         assert (tmp_path / name).stat().st_size > 0
     both = runner.invoke(main, ["plot", str(run), "--output", "x.png", "--out", "y.png"])
     assert both.exit_code == 2 and "give --output once" in both.output
+
+
+def test_slices_are_named_slices(monkeypatch) -> None:
+    """"Shard" is a file, "slice" a node's part of a run: --num-slices/--slice-index, with the old
+    --num-shards/--shard-index as hidden aliases that set the same fields."""
+    import teachers.precompute
+    from tests.helpers import one_error_line, run_cli
+
+    cmd = main.commands["precompute"]
+    assert not {"--num-shards", "--shard-index"} & _visible_flags(cmd)
+    assert _option(cmd, "--num-shards").hidden and _option(cmd, "--shard-index").hidden
+    seen = []
+
+    def fake_run(cfg, **kw):
+        seen.append(cfg)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(teachers.precompute, "run_precompute", fake_run)
+    base = ("precompute", "--teacher", "t", "--dataset", "d.jsonl", "--output", "o")
+    for flags in (("--num-slices", 4, "--slice-index", 3), ("--num-shards", 4, "--shard-index", 3),
+                  ("--num-slices", 4, "--shard-index", 3)):
+        assert run_cli(*base, *flags).exit_code == 0
+        assert (seen[-1].num_slices, seen[-1].slice_index) == (4, 3), flags
+    one_error_line(run_cli(*base, "--num-slices", 2, "--num-shards", 2), "give --num-slices once")
+    one_error_line(run_cli(*base, "--slice-index", 0, "--shard-index", 1), "give --slice-index once")

@@ -59,7 +59,7 @@ def _run_both_stages(tiny, root: str, tmp_path: Path, num_workers: int) -> None:
 
     url_a, url_b = f"{root}/teacher_a", f"{root}/teacher_b"
     for s in range(2):  # two "nodes", each one slice of teacher A
-        _precompute(tiny["a"], tiny["corpus"], url_a, num_shards=2, shard_index=s)
+        _precompute(tiny["a"], tiny["corpus"], url_a, num_slices=2, slice_index=s)
     m_b = _precompute(tiny["b"], tiny["corpus"], url_b, format="zarr")
 
     fs, _ = fsspec.core.url_to_fs(url_a)
@@ -109,9 +109,9 @@ def test_cli_with_file_urls(tiny, tmp_path) -> None:
     url = (tmp_path / "store" / "teacher_a").as_uri()
     common = ["--teacher", tiny["a"], "--dataset", tiny["corpus"], "--seq-len", str(SEQ_LEN), "--top-k", "8",
               "--shard-size", str(SHARD_SIZE), "--max-tokens", str(SEQ_LEN * WINDOWS), "--device", "cpu",
-              "--batch-size", "4", "--output", url, "--num-shards", "2", "--no-progress"]
+              "--batch-size", "4", "--output", url, "--num-slices", "2", "--no-progress"]
     for s in range(2):
-        _cli("precompute", *common, "--shard-index", str(s))
+        _cli("precompute", *common, "--slice-index", str(s))
     _cli("merge", url)
     assert (tmp_path / "store" / "teacher_a" / "manifest.json").is_file()
     _cli("train-student", "--teacher-data", url, "--output", str(tmp_path / "run"), "--student", "tiny",

@@ -92,7 +92,7 @@ def test_overlap_named():
     b.slice_index = 0
     with pytest.raises(ManifestError, match="slice 0 of 1 appears twice"):
         merge_manifests([a, b])
-    # two slices of a run listing the same shard (e.g. slices launched with a wrong --num-shards)
+    # two slices of a run listing the same shard (e.g. slices launched with a wrong --num-slices)
     a = _slice(0, 2, [(0, 8), (2, 8)])
     b = _slice(1, 2, [(1, 8)])
     b.shards.append(copy.deepcopy(a.shards[1]))

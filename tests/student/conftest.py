@@ -34,7 +34,7 @@ def stage_one(tmp_path_factory) -> dict:
             teacher=TeacherConfig(path=str(teacher), name=f"t{i}", batch_size=8, top_k=k, head_chunk_size=256,
                                   device="cpu", pool_layers=[-1]),
             storage=StorageConfig(output=str(out), shard_size=32),
-            seq_len=SEQ_LEN, num_shards=1, shard_index=0, progress=False))
+            seq_len=SEQ_LEN, num_slices=1, slice_index=0, progress=False))
         caches.append(str(out))
     torch.set_num_threads(threads)
     return {"tokenizer": str(tok), "caches": caches, "root": root}
@@ -58,7 +58,7 @@ def sampled_cache(stage_one) -> str:
         teacher=TeacherConfig(path=str(root / "teacher0"), name="t0-sampled", batch_size=8, targets="sampled",
                               samples=8, head_chunk_size=256, device="cpu", pool_layers=[-1]),
         storage=StorageConfig(output=str(out), shard_size=32),
-        seq_len=SEQ_LEN, num_shards=1, shard_index=0, progress=False))
+        seq_len=SEQ_LEN, num_slices=1, slice_index=0, progress=False))
     torch.set_num_threads(threads)
     return str(out)
 

@@ -152,7 +152,7 @@ def test_slices_give_the_same_shards_and_statistics(caches):
     out = root / "sliced"
     for index in (0, 1):
         r = _precompute(caches["teacher_t"], caches["corpus"], out, "--align-tokenizer", caches["s_dir"],
-                        "--num-shards", 2, "--shard-index", index)
+                        "--num-slices", 2, "--slice-index", index)
         assert r.exit_code == 0, r.output
 
     def hashes(d):

@@ -31,7 +31,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 
 def _cfg(setup, out: str, **kw) -> PrecomputeConfig:
     root, teacher, corpus = setup
-    cfg = tiny(str(teacher), str(corpus), str(root / out), **{k: v for k, v in kw.items() if k in ("num_shards", "shard_index")})
+    cfg = tiny(str(teacher), str(corpus), str(root / out), **{k: v for k, v in kw.items() if k in ("num_slices", "slice_index")})
     cfg.corpus.max_tokens = SEQ_LEN * WINDOWS
     for key, value in kw.items():
         if key in ("top_k", "temperature", "pool_layers", "head_chunk_size", "batch_size", "targets", "samples"):
@@ -150,7 +150,7 @@ def test_two_slices_equal_one_unsliced_run(setup, kind) -> None:
     root, tag = setup[0], kind.get("targets", "topk")
     whole = run_precompute(_cfg(setup, f"whole-{tag}", **kind))
     assert whole.num_partitions == 1
-    counts = [len(run_precompute(_cfg(setup, f"sliced-{tag}", num_shards=2, shard_index=s, **kind)).shards) for s in (0, 1)]
+    counts = [len(run_precompute(_cfg(setup, f"sliced-{tag}", num_slices=2, slice_index=s, **kind)).shards) for s in (0, 1)]
     assert counts == [8, 0]
     assert (root / f"sliced-{tag}" / "manifest-slice-00001-of-00002.json").exists()
     assert _shard_hashes(root / f"sliced-{tag}") == _shard_hashes(root / f"whole-{tag}")
@@ -174,7 +174,7 @@ def test_three_slices_read_a_third_each_and_join_two_slices(setup) -> None:
     part_bytes = -(-size // 6)
 
     def cfg(out: str, n: int, s: int) -> PrecomputeConfig:
-        c = tiny(str(teacher), str(corpus), str(root / out), num_shards=n, shard_index=s)
+        c = tiny(str(teacher), str(corpus), str(root / out), num_slices=n, slice_index=s)
         c.corpus.partition_bytes = part_bytes
         return c
 
@@ -284,14 +284,14 @@ def test_cli_maps_options_onto_the_config(setup, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(teachers.precompute, "run_precompute", fake_run)
     r = CliRunner().invoke(main, ["precompute", "--teacher", "t", "--dataset", "allenai/c4", "--dataset-config", "en",
                                   "--output", "o", "--pool-layers", "0,-2", "--top-k", "5", "--temperature", "2",
-                                  "--backend", "vllm", "--backend-option", "tensor_parallel_size=2", "--num-shards", "3",
-                                  "--shard-index", "1", "--format", "zarr", "--batch-tokens", "4096",
+                                  "--backend", "vllm", "--backend-option", "tensor_parallel_size=2", "--num-slices", "3",
+                                  "--slice-index", "1", "--format", "zarr", "--batch-tokens", "4096",
                                   "--compile-head", "on"])
     assert r.exit_code == 0, r.output
     cfg = seen["cfg"]
     assert cfg.teacher.pool_layers == [0, -2] and cfg.teacher.top_k == 5 and cfg.teacher.temperature == 2.0
     assert cfg.teacher.backend_options == VllmOptions(tensor_parallel_size=2)
-    assert (cfg.num_shards, cfg.shard_index, cfg.storage.format) == (3, 1, "zarr")
+    assert (cfg.num_slices, cfg.slice_index, cfg.storage.format) == (3, 1, "zarr")
     assert cfg.corpus.dataset_config == "en" and cfg.batch_size == 2 and cfg.teacher.compile_head == "on"
     assert cfg.storage.logprob_mantissa_bits is None and cfg.storage.manifest_mantissa_bits is None  # exact
 

@@ -62,8 +62,8 @@ def _copy(setup, name: str) -> Path:
 
 # ---- 1. settings that change bytes are compared with everything already in the directory ----------------------
 @pytest.mark.parametrize(("extra", "needle"), [
-    (("--num-shards", 2, "--shard-index", 0, "--dtype", "bfloat16"), "differ in 'teacher.dtype': 'bfloat16' vs 'float32'"),
-    (("--num-shards", 2, "--shard-index", 0), "differ in 'num_slices': 2 vs 1"),
+    (("--num-slices", 2, "--slice-index", 0, "--dtype", "bfloat16"), "differ in 'teacher.dtype': 'bfloat16' vs 'float32'"),
+    (("--num-slices", 2, "--slice-index", 0), "differ in 'num_slices': 2 vs 1"),
     (("--head-chunk-size", 7), "differ in 'notes.backend.head_chunk_size': 7 vs 64"),
     (("--logprob-bits", 7), "differ in 'logprob_mantissa_bits': 7 vs None"),
     (("--pool-layers", "0"), "differ in 'pooled_layers': [0] vs [1]"),

@@ -51,7 +51,7 @@ def test_smollm2_targets_match_transformers_logits(tmp_path: Path) -> None:
                             top_k=32, head_chunk_size=128)
     cfg = PrecomputeConfig(corpus=CorpusConfig(dataset=_english_corpus(tmp_path), max_tokens=SEQ_LEN * SEQS),
                            teacher=teacher, storage=StorageConfig(output=str(tmp_path / "out"), shard_size=SEQS),
-                           seq_len=SEQ_LEN, num_shards=1, shard_index=0, progress=False)
+                           seq_len=SEQ_LEN, num_slices=1, slice_index=0, progress=False)
     backend = HFBackend(teacher)
     manifest = run_precompute(cfg, backend=backend)
     assert manifest.vocab_size == 49152 and manifest.teacher.num_layers == 30

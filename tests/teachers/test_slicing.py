@@ -30,7 +30,7 @@ def test_sbatch_without_srun_is_refused() -> None:
 
 
 def test_bad_values_are_user_errors() -> None:
-    with pytest.raises(ConfigError, match="needs --shard-index"):
+    with pytest.raises(ConfigError, match="needs --slice-index"):
         resolve_slice(3, None, env={})
     with pytest.raises(ConfigError, match="outside 0..1"):
         resolve_slice(2, 2, env={})
