@@ -51,6 +51,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.shared import add_options, status_kib  # noqa: E402
+
 SECTIONS = ("matmul", "precompute", "train", "writer")
 PATHS = ("naive", "torch_eager", "torch_compiled", "triton")
 QWEN2 = {  # transformers Qwen2 layouts (tied embeddings), vocab 151,936; keys hold no "." (dotted JSON paths)
@@ -231,19 +233,12 @@ class Suite:
             return seconds, (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
-        base = _status_kib("VmRSS")
+        base = status_kib("VmRSS")
         t0 = time.perf_counter()
         fn()
         seconds = time.perf_counter() - t0
-        return seconds, max(0.0, (_status_kib("VmHWM") - base) / 1024.0)
+        return seconds, max(0.0, (status_kib("VmHWM") - base) / 1024.0)
 
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 # ---- sections ------------------------------------------------------------------------------------
@@ -576,18 +571,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: the same code paths in well under a minute")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list among {', '.join(SECTIONS)}")
     ap.add_argument("--budget-s", type=float, default=450.0, help="whole-run time budget; later sections are skipped")
-    ap.add_argument("--device", default="cuda", help="CUDA device (ignored with --smoke)")
-    ap.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
-    ap.add_argument("--batch-tokens", type=int, default=16384, help="tokens per teacher forward / student step")
-    ap.add_argument("--top-k", type=int, default=64, help="top-k")
-    ap.add_argument("--vocab", type=int, default=151936, help="vocab of the random teachers and student")
+    add_options(ap, device="cuda", seq_len=2048, batch_tokens=16384, top_k=64, vocab=151936,
+                helps={"device": "CUDA device (ignored with --smoke)"})
     ap.add_argument("--batches", type=int, default=6, help="timed batches per precompute path (after one warm-up)")
     ap.add_argument("--head-chunk", type=int, default=1024, help="rows per chunk of the torch head")
     ap.add_argument("--fused-chunk", type=int, default=4096, help="rows per launch of the fused Triton head")
     ap.add_argument("--fused-blocks", default="64,128,64",
                     help="BLOCK_M,BLOCK_N,BLOCK_K of the fused head (rows, vocab tile, hidden step)")
     ap.add_argument("--train-steps", type=int, default=10, help="steps per training measurement (3 are warm-up)")
-    ap.add_argument("--workers", type=int, default=4, help="DataLoader workers of the cache run")
+    add_options(ap, workers=4)
     ap.add_argument("--writer-sequences", type=int, default=512, help="sequences per writer run (per format)")
     args = ap.parse_args(argv)
     chosen = [x.strip() for x in args.sections.split(",") if x.strip()]

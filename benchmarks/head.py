@@ -23,13 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+from benchmarks.shared import status_kib  # noqa: E402
 
 
 def _dense(hidden, weight, k: int):
@@ -59,12 +53,12 @@ def _measure(n: int, vocab: int, hidden_size: int, k: int, chunk: int, compiled:
         compile_s = time.perf_counter() - t0
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     t0 = time.perf_counter()
     with torch.inference_mode():
         run()
     seconds = time.perf_counter() - t0
-    queue.put(((_status_kib("VmHWM") - before) / 1024.0, seconds, compile_s))
+    queue.put(((status_kib("VmHWM") - before) / 1024.0, seconds, compile_s))
 
 
 def measure(n: int, vocab: int, hidden_size: int, k: int, chunk: int,

@@ -39,6 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.shared import add_options  # noqa: E402
+
 
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
@@ -101,13 +103,11 @@ def make_fused(n: int, vocab: int, teachers: int, k: int, seed: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=["tiny", "small"], help="student presets (student/model.py)")
-    ap.add_argument("--vocab", type=int, default=49152, help="vocab size (SmolLM2's)")
-    ap.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
-    ap.add_argument("--batch-size", type=int, default=4, help="sequences per step")
+    add_options(ap, vocab=49152, seq_len=256, batch_size=4)
     ap.add_argument("--teachers", type=int, default=3, help="teachers fused")
-    ap.add_argument("--top-k", type=int, default=64, help="top-k per teacher")
+    add_options(ap, top_k=64)
     ap.add_argument("--steps", type=int, default=7, help="timed steps per variant (median)")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op CPU threads")
+    add_options(ap, threads=1)
     ap.add_argument("--chunk-size", type=int, default=256, help="positions per chunk for the chunked loss")
     args = ap.parse_args()
     import torch

@@ -34,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.shared import add_options  # noqa: E402
+
 TEACHER_ORDER = ("smollm2", "smollm2-scripture", "smollm2-python", "smollm2-jargon")
 RESULTS = ROOT / "benchmarks/RESULTS.md"
 REUSED: list[str] = []  # caches and runs found complete (their time is not in this invocation's wall time)
@@ -271,11 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teachers-dir", required=True, help="output directory of scripts/build_teachers.py")
     ap.add_argument("--work", required=True, help="directory for caches, runs and evaluation JSON")
     ap.add_argument("--train-tokens", type=int, default=16384, help="cached training tokens per teacher")
-    ap.add_argument("--seq-len", type=int, default=128, help="packed window length")
-    ap.add_argument("--top-k", type=int, default=32, help="cached top-k per position")
+    add_options(ap, seq_len=128, top_k=32)
     ap.add_argument("--student", default="tiny", help="student preset, config or directory")
     ap.add_argument("--steps", type=int, default=150, help="optimizer steps per student")
-    ap.add_argument("--batch-size", type=int, default=4, help="sequences per step")
+    add_options(ap, batch_size=4)
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     ap.add_argument("--lambda-kd", type=float, default=0.5, help="weight of the distillation term")
     ap.add_argument(

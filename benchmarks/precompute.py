@@ -21,6 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.shared import add_options  # noqa: E402
+
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -82,14 +85,11 @@ def bench_run(name: str, teacher_cfg, dataset: str, out: str, seq_len: int, toke
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=["packing", "tiny", "smollm2"], default=None, help="run one part only")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
-    ap.add_argument("--batch-size", type=int, default=4, help="sequences per forward")
-    ap.add_argument("--top-k", type=int, default=64, help="top-k")
+    add_options(ap, device="cpu", seq_len=256, batch_size=4, top_k=64)
     ap.add_argument("--tiny-tokens", type=int, default=65536, help="tokens for the tiny random teacher")
     ap.add_argument("--smollm2-tokens", type=int, default=4096, help="tokens for SmolLM2")
     ap.add_argument("--pack-repeat", type=int, default=3, help="passes over the bundled corpus for packing")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op CPU threads (default: torch's)")
+    add_options(ap, threads=None)
     args = ap.parse_args()
     import torch
 

@@ -42,6 +42,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.shared import add_options  # noqa: E402
 from storage import parquet, zarr_shard  # noqa: E402
 from storage.manifest import SAMPLE_SEED_RULE, Manifest, TeacherInfo  # noqa: E402
 from storage.reader import TeacherDataset  # noqa: E402
@@ -272,9 +273,7 @@ def compare(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sequences", type=int, default=256, help="sequences written per variant")
-    ap.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (L)")
-    ap.add_argument("--top-k", type=int, default=64, help="stored top-k (k)")
-    ap.add_argument("--vocab", type=int, default=49152, help="vocab size")
+    add_options(ap, seq_len=512, top_k=64, vocab=49152)
     ap.add_argument("--dim", type=int, default=576, help="pooled hidden size d")
     ap.add_argument("--shard-size", type=int, default=128, help="sequences per shard")
     ap.add_argument("--repeat", type=int, default=1,

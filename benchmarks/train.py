@@ -22,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.shared import add_options  # noqa: E402
+
 
 def _teachers(root: Path, which: str, vocab: int) -> tuple[list[dict], str]:
     """[(TeacherConfig kwargs)], tokenizer dir."""
@@ -150,11 +152,7 @@ def main() -> None:
     p.add_argument("--student", default="tiny", help="student preset/dir/config")
     p.add_argument("--steps", type=int, default=30, help="training steps timed in each mode")
     p.add_argument("--warmup", type=int, default=3, help="steps excluded from the medians")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    p.add_argument("--top-k", type=int, default=32, help="cached top-k per teacher")
-    p.add_argument("--vocab", type=int, default=2048, help="vocab of the tiny teachers")
-    p.add_argument("--workers", type=int, default=1, help="DataLoader workers of the cache run")
+    add_options(p, batch_size=8, seq_len=128, top_k=32, vocab=2048, workers=1)
     p.add_argument("--keep", action="store_true", help="keep the temporary caches and runs")
     args = p.parse_args()
 

@@ -17,6 +17,7 @@ import gzip
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -208,6 +209,26 @@ def train_sentencepiece_tokenizer(directory: str | Path, texts: list[str], vocab
                                    pad_token=PAD_TOKEN_SP)
     fast.save_pretrained(directory)
     return directory
+
+
+def make_two_tokenizer_setup(root: str | Path, *, texts: list[str], s_vocab: int, t_vocab: int, t_seed: int,
+                             s_seed: int | None = None, t_texts: list[str] | None = None) -> SimpleNamespace:
+    """The setup of the aligned-cache tests under `root`: a student tokenizer S (byte-level BPE, `S/`) and a
+    teacher tokenizer T (SentencePiece-style, `T/`, trained on `t_texts`, default `texts`), a tiny teacher on
+    T (`teacher_t/`, seeded `t_seed`), one on S when `s_seed` is given (`teacher_s/`), and `texts` as
+    `corpus.jsonl`. Returns their paths as attributes s_dir, t_dir, teacher_t, teacher_s (None without s_seed),
+    corpus."""
+    from transformers import AutoTokenizer
+
+    root = Path(root)
+    s_dir = train_tiny_tokenizer(root / "S", texts, vocab_size=s_vocab)
+    t_dir = train_sentencepiece_tokenizer(root / "T", texts if t_texts is None else t_texts, vocab_size=t_vocab)
+    teacher_t = make_tiny_teacher(root / "teacher_t", len(AutoTokenizer.from_pretrained(str(t_dir))), seed=t_seed,
+                                  tokenizer_dir=t_dir)
+    teacher_s = None if s_seed is None else make_tiny_teacher(root / "teacher_s", s_vocab, seed=s_seed,
+                                                              tokenizer_dir=s_dir)
+    return SimpleNamespace(s_dir=s_dir, t_dir=t_dir, teacher_t=teacher_t, teacher_s=teacher_s,
+                           corpus=write_jsonl_corpus(root / "corpus.jsonl", texts))
 
 
 def run_cli(*args):

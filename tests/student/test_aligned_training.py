@@ -16,38 +16,25 @@ from click.testing import CliRunner
 from cli import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import (  # noqa: E402
-    make_tiny_teacher,
-    sample_texts_unicode,
-    train_sentencepiece_tokenizer,
-    train_tiny_tokenizer,
-    write_jsonl_corpus,
-)
+from helpers import make_two_tokenizer_setup, sample_texts_unicode  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):
-    from transformers import AutoTokenizer
-
     from common.corpus import CorpusConfig
     from teachers.config import tiny
     from teachers.precompute import run_precompute
 
     root = tmp_path_factory.mktemp("aligned_training")
-    texts = sample_texts_unicode(60, seed=21)
-    s_dir = train_tiny_tokenizer(root / "S", texts, vocab_size=380)
-    t_dir = train_sentencepiece_tokenizer(root / "T", texts, vocab_size=310)
-    teacher_t = make_tiny_teacher(root / "teacher_t", len(AutoTokenizer.from_pretrained(str(t_dir))), seed=8,
-                                  tokenizer_dir=t_dir)
-    teacher_s = make_tiny_teacher(root / "teacher_s", 380, seed=9, tokenizer_dir=s_dir)
-    corpus = write_jsonl_corpus(root / "corpus.jsonl", texts)
-    for name, teacher, align in (("plain_s", teacher_s, None), ("aligned", teacher_t, str(s_dir))):
-        cfg = tiny(str(teacher), str(corpus), str(root / name), corpus=CorpusConfig(dataset=str(corpus),
-                                                                                     max_tokens=32 * 24))
+    made = make_two_tokenizer_setup(root, texts=sample_texts_unicode(60, seed=21), s_vocab=380, t_vocab=310,
+                                    t_seed=8, s_seed=9)
+    for name, teacher, align in (("plain_s", made.teacher_s, None), ("aligned", made.teacher_t, str(made.s_dir))):
+        cfg = tiny(str(teacher), str(made.corpus), str(root / name),
+                   corpus=CorpusConfig(dataset=str(made.corpus), max_tokens=32 * 24))
         cfg.teacher.align_tokenizer = align
         cfg.teacher.name = name
         run_precompute(cfg)
-    return root, s_dir
+    return root, made.s_dir
 
 
 def _batch(root, *, correction=True, tamper=False):

@@ -18,29 +18,17 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import (  # noqa: E402
-    make_tiny_teacher,
-    sample_texts_unicode,
-    train_sentencepiece_tokenizer,
-    train_tiny_tokenizer,
-    write_jsonl_corpus,
-)
+from helpers import make_two_tokenizer_setup, sample_texts_unicode  # noqa: E402
 
 SEP = "\x00"  # stands for the EOS document separator in decoded reference text
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from transformers import AutoTokenizer
-
     root = tmp_path_factory.mktemp("align")
     texts = sample_texts_unicode(80, seed=5)
-    s_dir = train_tiny_tokenizer(root / "S", texts, vocab_size=420)
-    t_dir = train_sentencepiece_tokenizer(root / "T", texts[::-1], vocab_size=330)
-    t_tok = AutoTokenizer.from_pretrained(str(t_dir))
-    teacher = make_tiny_teacher(root / "teacher", len(t_tok), seed=7, tokenizer_dir=t_dir)
-    corpus = write_jsonl_corpus(root / "corpus.jsonl", texts)
-    return root, s_dir, teacher, corpus
+    made = make_two_tokenizer_setup(root, texts=texts, t_texts=texts[::-1], s_vocab=420, t_vocab=330, t_seed=7)
+    return root, made.s_dir, made.teacher_t, made.corpus
 
 
 def _precompute(root, s_dir, teacher, corpus, name, **teacher_overrides):
