@@ -43,7 +43,7 @@ def main() -> None:
 def _register() -> None:
     from storage.commands import inspect_cmd, merge_cmd
     from student.commands import plot_cmd, train_student_cmd
-    from student.evaluation import evaluate_cmd
+    from student.evaluation.command import evaluate_cmd
     from student.pruning import init_student_cmd
     from teachers.commands import precompute_cmd
 

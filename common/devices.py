@@ -47,6 +47,13 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`auto` -> bfloat16 on a GPU, float32 on CPU; any other name stays (a torch dtype name)."""
+    if dtype == "auto":
+        return "float32" if device == "cpu" else "bfloat16"
+    return dtype
+
+
 class DeviceParam(click.ParamType):
     """click type for `--device`: auto, cpu, cuda or cuda:N (a usage error names the accepted values)."""
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from safetensors import SafetensorError
 
-from common.devices import resolve_device
+from common.devices import resolve_device, resolve_dtype
 from common.errors import ConfigError
 from common.packing import PackedBatch
 from storage.manifest import TeacherInfo
@@ -39,13 +39,6 @@ _LOAD_ERRORS: tuple[type[BaseException], ...] = (
 weights-only unpickler refuses, a damaged safetensors header."""
 _LAYER_PATHS = ("layers", "h", "blocks", "decoder.layers", "transformer.h", "encoder.layers")
 _CHECK_TOKENS = 32
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    """`auto` -> bfloat16 on GPU, float32 on CPU."""
-    if dtype == "auto":
-        return "float32" if device == "cpu" else "bfloat16"
-    return dtype
 
 
 def decoder_layers(backbone: Any) -> Any:

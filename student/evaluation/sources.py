@@ -1,0 +1,281 @@
+"""Where `evaluate` gets its sequences and teacher targets, and how it loads models (one at a time).
+
+Held-out sequences come from text (`--dataset`, packed with the student's tokenizer exactly as `precompute`
+packs) or from teacher caches (`--teacher-data`, opened and cross-checked by training's `join_teachers`:
+fingerprints, sequence ids, temperature, an input_ids spot check, and the estimated-entropy warning of
+`check_weighting`; every batch's input_ids are compared again, as training's loader does).
+
+Teacher targets reach the metrics in one form, a `TeacherView` per teacher and batch (its sparse ids and
+log-probs, entropy, target mask), fused by training's `teacher_weights` + `fuse_topk` into the same
+`FusedTargets`. A cache's view is its stored columns. A live teacher is scored alone first, and its view is
+what `precompute` would store: its top-k log-probs and its exact entropy per position (`TeacherRecord`), kept
+on the host until the students are scored. So only one model is ever resident: three 7B teachers in bf16 need
+the memory of one.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.errors import ConfigError, UserError
+from storage.errors import MismatchError
+from student.data import check_weighting, join_teachers, sparse_target, target_columns
+from student.fusion import FusedTargets, fuse_topk, teacher_weights
+
+
+# ---- model specs and loading ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to score: its label, directory or hub id, and the GGUF file inside it (if any)."""
+
+    label: str
+    path: str
+    gguf_file: str | None = None
+
+
+def split_label(spec: str) -> tuple[str, str]:
+    """`LABEL=PATH` -> (LABEL, PATH); a bare PATH is labelled by its last component (without .gguf)."""
+    if "=" in spec and not Path(spec).exists():
+        label, path = spec.split("=", 1)
+        return label, path
+    return Path(spec.rstrip("/")).name.removesuffix(".gguf"), spec
+
+
+def model_specs(specs: Sequence[str], gguf_files: Sequence[str] = ()) -> list[ModelSpec]:
+    """`--student`/`--teacher` values plus `--gguf-file LABEL=FILE` (or a bare FILE with one model).
+
+    `DIR/FILE.gguf` is the older spelling of `DIR --gguf-file FILE` and is still accepted."""
+    out = []
+    for s in specs:
+        label, path = split_label(s)
+        p = Path(path)
+        out.append(ModelSpec(label, str(p.parent), p.name) if p.suffix == ".gguf" else ModelSpec(label, path))
+    by_label = {m.label: i for i, m in enumerate(out)}
+    for g in gguf_files:
+        if "=" in g:
+            label, name = g.split("=", 1)
+        elif len(out) == 1:
+            label, name = out[0].label, g
+        else:
+            raise ConfigError(f"--gguf-file {g}: with several --teacher give it as LABEL=FILE "
+                              f"(labels: {', '.join(by_label)})")
+        if label not in by_label:
+            raise ConfigError(f"--gguf-file {g}: no --teacher labelled {label!r} (labels: {', '.join(by_label)})")
+        m = out[by_label[label]]
+        if m.gguf_file is not None:
+            raise ConfigError(f"teacher {label!r} has two GGUF files ({m.gguf_file}, {name}); give one")
+        out[by_label[label]] = ModelSpec(label, m.path, name)
+    return out
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return not path.startswith((".", "/", "~")) and path.count("/") == 1
+
+
+def _check_exists(spec: ModelSpec) -> None:
+    if not Path(spec.path).exists() and not _looks_like_hub_id(spec.path):
+        raise ConfigError(f"model path {spec.path} does not exist")
+
+
+def model_config(spec: ModelSpec) -> Any:
+    """The model's transformers config (no weights read), for checks before anything loads."""
+    from transformers import AutoConfig
+
+    _check_exists(spec)
+    try:
+        return AutoConfig.from_pretrained(spec.path, gguf_file=spec.gguf_file)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the model config of {spec.label} ({spec.path}): "
+                        f"{str(e).splitlines()[0]}") from None
+
+
+def _from_pretrained(spec: ModelSpec, dtype: torch.dtype) -> Any:
+    """The one place `evaluate` reads model weights (GGUF files are dequantised to `dtype`)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=dtype)
+
+
+def load_model(spec: ModelSpec, device: str, dtype: torch.dtype) -> Any:
+    """A causal LM in eval mode on `device` in `dtype`. Callers hold it in a function's locals and call
+    `release()` after, so that the next model loads into freed memory."""
+    _check_exists(spec)
+    try:
+        model = _from_pretrained(spec, dtype)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a causal LM from {spec.path}: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def release() -> None:
+    """Free the last model's memory (host and GPU) before the next one loads."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def load_tokenizer(spec: ModelSpec) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec.path, gguf_file=spec.gguf_file)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"cannot load a tokenizer from {spec.path} ({str(e).splitlines()[0]}); pass --tokenizer DIR"
+        ) from None
+
+
+def vocab_size(model: Any) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+# ---- teacher targets -----------------------------------------------------------------------------
+@dataclass
+class TeacherView:
+    """One teacher's sparse target for the n = B * L positions of a batch."""
+
+    ids: torch.Tensor
+    """[n, k] integer ids (top-k, or a sampled cache's drawn ids)."""
+    logprobs: torch.Tensor
+    """[n, k] float32 log-probs at `ids` (a sampled cache: log(count / N))."""
+    entropy: torch.Tensor | None
+    """[n] float32 entropy (exact, or the cache's estimate); None when not read (weighting is not entropy)."""
+    valid: torch.Tensor | None = None
+    """[n] bool: positions where the teacher has a target (an aligned cache's target_mask); None: all."""
+    tailless: bool = False
+    """A sampled cache: the list is the whole target (no tail)."""
+
+    def to(self, device: str | torch.device) -> TeacherView:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return TeacherView(move(self.ids), move(self.logprobs), move(self.entropy), move(self.valid), self.tailless)
+
+
+def fuse(views: Sequence[TeacherView], weighting: str, fixed: Sequence[float] | None) -> FusedTargets:
+    """The fused target of K teacher views, as training builds it (`teacher_weights` + `fuse_topk`)."""
+    n = views[0].ids.shape[0]
+    if weighting == "entropy":
+        ent = torch.stack([v.entropy.float() for v in views], dim=1)  # [n, K]
+    else:
+        ent = torch.zeros((n, len(views)))  # shape only
+    valid = valid_mask(views) if any(v.valid is not None for v in views) else None
+    alpha = teacher_weights(ent, weighting, fixed, valid=valid)
+    return fuse_topk([v.ids for v in views], [v.logprobs for v in views], alpha, valid,
+                     tailless=[v.tailless for v in views])
+
+
+def valid_mask(views: Sequence[TeacherView]) -> torch.Tensor:
+    """[n, K] bool: where each teacher has a target."""
+    n = views[0].ids.shape[0]
+    return torch.stack([torch.ones(n, dtype=torch.bool) if v.valid is None else v.valid for v in views], dim=1)
+
+
+@dataclass
+class TeacherRecord:
+    """What a live teacher's pass keeps for the students' pass: its view at every held-out position."""
+
+    label: str
+    topk_ids: list[torch.Tensor] = field(default_factory=list)
+    """Per batch [n, k] int32."""
+    topk_logprobs: list[torch.Tensor] = field(default_factory=list)
+    """Per batch [n, k] float32."""
+    entropy: list[torch.Tensor] = field(default_factory=list)
+    """Per batch [n] float32, exact (from the full distribution)."""
+
+    def add(self, logits: torch.Tensor, top_k: int) -> None:
+        """Keep the top-k log-probs and the exact entropy of a batch's logits [B, L, V] (float32)."""
+        logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)  # [n, V]
+        top = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
+        self.topk_ids.append(top.indices.to(torch.int32).cpu())
+        self.topk_logprobs.append(top.values.cpu())
+        self.entropy.append(-(logp.exp() * logp).sum(dim=-1).cpu())
+
+    def view(self, batch: int) -> TeacherView:
+        return TeacherView(self.topk_ids[batch], self.topk_logprobs[batch], self.entropy[batch])
+
+
+# ---- held-out sequences --------------------------------------------------------------------------
+@dataclass
+class HeldOut:
+    """The held-out windows, in batches of `batch_size`; from packed text or from joined caches."""
+
+    seq_len: int
+    n_windows: int
+    batch_size: int
+    windows: torch.Tensor | None = None
+    """[S, L] int64 packed text windows (text source)."""
+    caches: list[Any] = field(default_factory=list)
+    """Joined `TeacherDataset`s (cache source)."""
+    cache_paths: list[str] = field(default_factory=list)
+
+    @property
+    def temperature(self) -> float:
+        return self.caches[0].manifest.temperature if self.caches else 1.0
+
+    def batches(self) -> range:
+        return range(0, self.n_windows, self.batch_size)
+
+    def rows(self, rows: Sequence[int]) -> torch.Tensor:
+        """[len(rows), L] int64 input ids of the given windows."""
+        if self.windows is not None:
+            return self.windows[list(rows)]
+        ids = self.caches[0].read_columns(list(rows), ["input_ids"])["input_ids"]
+        return torch.from_numpy(ids.astype(np.int64))
+
+    def batch(self, lo: int, weighting: str) -> tuple[torch.Tensor, list[TeacherView]]:
+        """The windows [b, L] int64 starting at `lo`, and the caches' views of them (none for text)."""
+        hi = min(self.n_windows, lo + self.batch_size)
+        if not self.caches:
+            return self.windows[lo:hi], []
+        cols = []
+        for ds in self.caches:
+            names = ["input_ids", *target_columns(ds.manifest)]
+            names += ["entropy"] if weighting == "entropy" else []
+            names += ["target_mask"] if ds.manifest.aligned else []
+            cols.append(ds.read_columns(list(range(lo, hi)), names))
+        for path, c in zip(self.cache_paths[1:], cols[1:], strict=True):
+            if (c["input_ids"] != cols[0]["input_ids"]).any():
+                raise MismatchError(f"{path} holds other tokens than {self.cache_paths[0]}", "input_ids", (lo, hi))
+        ids = torch.from_numpy(cols[0]["input_ids"].astype(np.int64))
+        n = ids.numel()
+        views = []
+        for c, ds in zip(cols, self.caches, strict=True):
+            k_ids, k_lp = sparse_target(c, ds.manifest, n)
+            views.append(TeacherView(
+                k_ids, k_lp.float(),
+                torch.from_numpy(c["entropy"]).reshape(n).float() if "entropy" in c else None,
+                torch.from_numpy(c["target_mask"] != 0).reshape(n) if "target_mask" in c else None,
+                ds.manifest.target_kind == "sampled"))
+        return ids, views
+
+
+def open_caches(paths: Sequence[str], weighting: str, verify: str, max_tokens: int | None,
+                batch_size: int) -> HeldOut:
+    """Held-out windows from teacher caches, joined and checked exactly as training joins them."""
+    caches = join_teachers(paths, verify=verify)
+    check_weighting(caches, weighting)
+    m = caches[0].manifest
+    n = len(caches[0]) if max_tokens is None else min(len(caches[0]), max_tokens // m.seq_len)
+    if n < 1:
+        raise UserError(f"max_tokens={max_tokens} is less than one window of {m.seq_len} tokens")
+    return HeldOut(seq_len=m.seq_len, n_windows=n, batch_size=batch_size, caches=caches, cache_paths=list(paths))
+
+
+def pack_text(corpus: Any, tokenizer: Any, seq_len: int, batch_size: int) -> HeldOut:
+    """Held-out windows of text (`common.corpus.CorpusConfig`), packed as `precompute` packs."""
+    from common.corpus import iter_documents
+    from common.packing import pack_documents
+
+    packed = list(pack_documents(iter_documents(corpus), tokenizer, seq_len=seq_len, max_tokens=corpus.max_tokens))
+    if not packed:
+        raise UserError(f"{corpus.dataset} holds fewer than seq_len={seq_len} tokens; lower --seq-len")
+    windows = torch.from_numpy(np.concatenate([b.input_ids for b in packed]).astype(np.int64))
+    return HeldOut(seq_len=seq_len, n_windows=windows.shape[0], batch_size=batch_size, windows=windows)
