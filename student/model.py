@@ -35,6 +35,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 """owner/name, as the hub spells model ids (checked only after presets, directories and files)."""
 
+
+def is_hub_id(spec: str) -> bool:
+    """`spec` is spelled as a hub model id (owner/name); the caller checks local paths first."""
+    return bool(_HUB_ID.match(spec))
+
+
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
@@ -70,7 +76,7 @@ def build_student(spec: str, *, vocab_size: int, seq_len: int, seed: int = 0,
         except (ValueError, KeyError) as e:
             raise ConfigError(f"--student {spec}: {e}") from None
         model = AutoModelForCausalLM.from_config(config)
-    elif _HUB_ID.match(spec):
+    elif is_hub_id(spec):
         try:
             model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
         except (OSError, ValueError) as e:

@@ -35,7 +35,7 @@ VALUES = ["nan", "inf", "-inf", "-1", "0", "1", "3", "0.5", "1e300", "-1e300", H
 # command -> (module.attribute of its run function, stubbed in tier one)
 RUN_FUNCTIONS = {
     "train-student": ("student.trainer", "run_train"),
-    "evaluate": ("student.evaluation", "run_evaluate"),
+    "evaluate": ("student.evaluation.command", "run_evaluate"),
     "precompute": ("teachers.precompute", "run_precompute"),
     "inspect": ("storage.describe", "describe"),
     "init-student": ("student.pruning", "run_init_student"),

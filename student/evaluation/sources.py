@@ -28,6 +28,7 @@ from common.errors import ConfigError, UserError
 from storage.errors import MismatchError
 from student.data import check_weighting, join_teachers, sparse_target, target_columns
 from student.fusion import FusedTargets, fuse_topk, teacher_weights
+from student.model import is_hub_id
 
 
 # ---- model specs and loading ---------------------------------------------------------------------
@@ -75,12 +76,8 @@ def model_specs(specs: Sequence[str], gguf_files: Sequence[str] = ()) -> list[Mo
     return out
 
 
-def _looks_like_hub_id(path: str) -> bool:
-    return not path.startswith((".", "/", "~")) and path.count("/") == 1
-
-
 def _check_exists(spec: ModelSpec) -> None:
-    if not Path(spec.path).exists() and not _looks_like_hub_id(spec.path):
+    if not Path(spec.path).exists() and not is_hub_id(spec.path):
         raise ConfigError(f"model path {spec.path} does not exist")
 
 
