@@ -19,9 +19,8 @@ VOCAB = 384
 SEQ_LEN = 48
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
+def make_setup(root: Path) -> tuple[Path, dict[str, Path], Path]:
+    """A tokenizer, three tiny models sharing it (student, t1, t2) and a held-out corpus under `root`."""
     texts = sample_texts(120, seed=3)
     tok = train_tiny_tokenizer(root / "tok", texts, vocab_size=VOCAB)
     models = {
@@ -30,6 +29,11 @@ def setup(tmp_path_factory):
     }
     held_out = write_jsonl_corpus(root / "held_out.jsonl", sample_texts(30, seed=9))
     return root, models, held_out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_setup(tmp_path_factory.mktemp("eval"))
 
 
 def _windows(model_dir: Path, corpus: Path) -> torch.Tensor:

@@ -19,7 +19,12 @@ from storage.errors import ConfigError
 from student.evaluation import run_evaluate
 from student.evaluation.sources import ModelSpec, model_specs
 from student.fusion import teacher_weights
-from tests.student.test_evaluation import SEQ_LEN, VOCAB, _cfg, _logp64, _one_error_line, _windows, setup  # noqa: F401
+from tests.student.test_evaluation import SEQ_LEN, VOCAB, _cfg, _logp64, _one_error_line, _windows, make_setup
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_setup(tmp_path_factory.mktemp("eval_sources"))
 
 
 @pytest.fixture
