@@ -53,6 +53,10 @@ class InitStudentConfig:
     """Hub revision of the teacher."""
     dataset: str | None = None
     """Calibration corpus (same forms as `precompute --dataset`); required when keep_layers is a count."""
+    dataset_config: str | None = None
+    """Hub dataset configuration (e.g. `en` for allenai/c4); hub datasets only."""
+    split: str = "train"
+    """Hub dataset split; hub datasets only."""
     text_field: str = "text"
     """Column holding the document text."""
     calibration_tokens: int = 16384
@@ -242,7 +246,8 @@ def calibration_windows(cfg: InitStudentConfig, tokenizer: Any) -> Any:
     from common.packing import pack_documents
 
     assert cfg.dataset is not None
-    corpus = CorpusConfig(dataset=cfg.dataset, text_field=cfg.text_field, max_tokens=cfg.calibration_tokens)
+    corpus = CorpusConfig(dataset=cfg.dataset, dataset_config=cfg.dataset_config, split=cfg.split,
+                          text_field=cfg.text_field, max_tokens=cfg.calibration_tokens)
     batches = list(pack_documents(iter_documents(corpus), tokenizer, seq_len=cfg.seq_len,
                                   max_tokens=cfg.calibration_tokens))
     if not batches:
@@ -304,6 +309,8 @@ def run_init_student(cfg: InitStudentConfig) -> dict[str, Any]:
 @click.option("--dataset", default=None,
               help="Calibration corpus, as precompute --dataset (needed for a count; with a list, scores are "
                    "recorded too).")
+@click.option("--dataset-config", default=None, help="Hub dataset configuration (e.g. en for allenai/c4).")
+@click.option("--split", default="train", show_default=True, help="Hub dataset split.")
 @click.option("--text-field", default="text", show_default=True, help="Column holding the document text.")
 @click.option("--calibration-tokens", type=int, default=16384, show_default=True,
               help="Tokens of the calibration slice (the first ones of the packed corpus).")

@@ -1,5 +1,18 @@
-"""One flag vocabulary across the click commands: --output, --device (auto/cpu/cuda/cuda:N), --dataset,
---verify/--no-verify; old spellings stay as hidden aliases."""
+"""One flag vocabulary across the click commands: --output, --device (auto/cpu/cuda/cuda:N), --dataset with
+--dataset-config/--split, --teacher + --gguf-file, --teacher-weighting, --verify; old spellings stay as hidden
+aliases. A flag shared by several commands has one type and default unless `DELIBERATE` says why not.
+
+The traps of "Commands disagree" and where each is checked:
+- --dataset/--dataset-config/--split vs --data: test_text_corpora_are_named_dataset;
+- GGUF teachers as --teacher DIR --gguf-file F: test_gguf_models_are_a_directory_and_a_file (and
+  tests/student/test_evaluation_sources.py for both spellings);
+- --device: test_device_is_one_type_everywhere;
+- --seq-len 2048 vs 256: test_seq_len_defaults_agree (evaluate derives it: test_evaluation_sources.py);
+- plot --out: test_old_spellings_are_hidden_aliases; inspect/merge --verify: test_verify_is_one_flag_pair;
+- --student without hub ids: test_students_take_hub_ids;
+- the final student without a tokenizer: tests/student/test_train.py::test_final_student_gets_the_caches_tokenizer_by_default;
+- any other shared flag whose default or type drifts: test_shared_flags_agree.
+"""
 
 from __future__ import annotations
 
@@ -44,8 +57,9 @@ def test_device_is_one_type_everywhere() -> None:
 
 
 def test_text_corpora_are_named_dataset() -> None:
-    for name in ("precompute", "evaluate"):
-        assert _option(main.commands[name], "--dataset") is not None, name
+    for name in ("precompute", "evaluate", "init-student"):
+        for flag in ("--dataset", "--dataset-config", "--split", "--text-field"):
+            assert _option(main.commands[name], flag) is not None, (name, flag)
     for name, cmd in main.commands.items():
         assert not {"--data", "--out"} & _visible_flags(cmd), name
 
@@ -101,3 +115,80 @@ def test_slices_are_named_slices(monkeypatch) -> None:
         assert (seen[-1].num_slices, seen[-1].slice_index) == (4, 3), flags
     one_error_line(run_cli(*base, "--num-slices", 2, "--num-shards", 2), "give --num-slices once")
     one_error_line(run_cli(*base, "--slice-index", 0, "--shard-index", 1), "give --slice-index once")
+
+
+DELIBERATE = {
+    "--batch-size": "sequences per teacher forward, training micro-batch, evaluation or calibration windows",
+    "--dataset": "required where text is the only input; optional where caches or a layer list can replace it",
+    "--dtype": "evaluate offers auto, float32 and bfloat16 (metrics from float32 logits); precompute float16 too",
+    "--gguf-file": "evaluate takes several teachers, so LABEL=FILE, repeatable",
+    "--output": "required where the file is the product; optional where the table printed is the result",
+    "--seq-len": "evaluate derives it from the caches or the models; init-student's is a calibration window",
+    "--split": "evaluate reads held-out text: validation",
+    "--student": "evaluate compares several students; train-student builds one (a preset by default)",
+    "--teacher": "evaluate scores several teachers",
+    "--temperature": "train-student defaults to the caches' temperature",
+    "--verify": "a flag pair where checking is all there is (inspect, merge), full/stamp/off where it is a cost",
+}
+"""Flags shared by several commands whose default, type or multiplicity differ on purpose, and why."""
+
+
+def _signature(p: click.Option) -> tuple:
+    kind = tuple(p.type.choices) if isinstance(p.type, click.Choice) else type(p.type).__name__
+    return p.default, kind, p.multiple, p.is_flag
+
+
+def test_shared_flags_agree() -> None:
+    by_flag: dict[str, dict[str, tuple]] = {}
+    for name, cmd in main.commands.items():
+        for p in cmd.params:
+            if isinstance(p, click.Option) and not p.hidden:
+                by_flag.setdefault(p.opts[0], {})[name] = _signature(p)
+    differing = {f for f, sigs in by_flag.items() if len(set(sigs.values())) > 1}
+    assert differing - set(DELIBERATE) == set(), {f: by_flag[f] for f in differing - set(DELIBERATE)}
+    assert set(DELIBERATE) - differing == set(), "stale entries: these flags agree now"
+
+
+def test_gguf_models_are_a_directory_and_a_file() -> None:
+    for name, model_flag in (("precompute", "--teacher"), ("evaluate", "--teacher"), ("init-student", "--from")):
+        cmd = main.commands[name]
+        assert _option(cmd, model_flag) is not None and _option(cmd, "--gguf-file") is not None, name
+    assert "DIR/FILE.gguf" in _option(main.commands["evaluate"], "--teacher").help  # the older form, documented
+
+
+def test_seq_len_defaults_agree() -> None:
+    from student.evaluation.config import DEFAULT_SEQ_LEN
+
+    precompute = _option(main.commands["precompute"], "--seq-len")
+    evaluate = _option(main.commands["evaluate"], "--seq-len")
+    assert precompute.default == DEFAULT_SEQ_LEN == 2048
+    assert evaluate.default is None and "2048" in evaluate.help and "caches' seq_len" in evaluate.help
+    assert _option(main.commands["train-student"], "--seq-len") is None  # the caches carry it
+
+
+def test_teacher_weighting_is_one_option() -> None:
+    train, evaluate = main.commands["train-student"], main.commands["evaluate"]
+    for flag in ("--teacher-weighting", "--teacher-weights"):
+        a, b = _option(train, flag), _option(evaluate, flag)
+        assert _signature(a) == _signature(b) and not b.hidden, flag
+    assert _option(evaluate, "--weighting").hidden
+
+
+def test_dtype_and_device_say_what_auto_means() -> None:
+    for name in ("precompute", "evaluate"):
+        opt = _option(main.commands[name], "--dtype")
+        assert opt.default == "auto" and "bfloat16" in opt.help, name
+    assert "bfloat16 on CUDA and float32 on CPU" in _option(main.commands["evaluate"], "--dtype").help
+
+
+def test_students_take_hub_ids() -> None:
+    from common.errors import ConfigError
+    from student.evaluation.sources import ModelSpec, _check_exists
+    from student.model import is_hub_id
+
+    for name in ("train-student", "evaluate"):
+        assert "hub id" in _option(main.commands[name], "--student").help, name
+    assert is_hub_id("HuggingFaceTB/SmolLM2-135M") and not is_hub_id("/models/s") and not is_hub_id("runs/a/b")
+    _check_exists(ModelSpec("s", "HuggingFaceTB/SmolLM2-135M"))  # left to the hub loader, not refused
+    with pytest.raises(ConfigError, match="does not exist"):
+        _check_exists(ModelSpec("s", "/no/such/student"))

@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from storage.errors import ConfigError
+from common.errors import ConfigError
 from student.evaluation import run_evaluate
 from student.evaluation.sources import ModelSpec, model_specs
 from student.fusion import teacher_weights
