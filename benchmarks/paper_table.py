@@ -341,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         data=str(ROOT / "data/corpus/validation.jsonl"),
         seq_len=256,
         max_tokens=args.eval_tokens,
+        top_k=1 << 30,  # each teacher's whole distribution kept (~8 bytes x vocab per token): the full-vocab KL
         bleu_prompts=16,
         output=str(work / "eval.json"),
     )

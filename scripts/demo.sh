@@ -98,8 +98,8 @@ m, ref = r["models"], sys.argv[2]
 d, c, t = m["distilled"], m["ce-only"], m[ref]
 print(f"\nheld-out: {r['windows']} windows x {r['seq_len']} tokens of data/corpus/validation.jsonl")
 for label, x in m.items():
-    print(f"  {label:>16} ({x['role']}): perplexity {x['perplexity']:8.2f}   KL to the fused teachers "
-          f"{x.get('kl_fused', float('nan')):.3f}")
+    kl = f"   KL to the fused teachers {x['kl_fused']:.3f}" if "kl_fused" in x else ""  # students only
+    print(f"  {label:>16} ({x['role']}): perplexity {x['perplexity']:8.2f}{kl}")
 for k in r["comparisons"]:
     for name in ("perplexity", "kl_fused"):
         s = k[name]
