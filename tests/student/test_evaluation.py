@@ -134,7 +134,7 @@ def test_greedy_continuation_with_kv_cache_equals_recomputing_from_scratch(setup
     assert torch.equal(got, seq[:, 10:])
 
 
-def _write_full_cache(out: Path, teacher: Path, ids: torch.Tensor, tok_dir: Path) -> None:
+def _write_full_cache(out: Path, teacher: Path, ids: torch.Tensor, tok_dir: Path, **manifest: object) -> None:
     """A cache with k = vocab (so the top-k + tail KL is the full KL), written by the storage writer."""
     from transformers import AutoTokenizer
 
@@ -154,6 +154,7 @@ def _write_full_cache(out: Path, teacher: Path, ids: torch.Tensor, tok_dir: Path
         top_k=VOCAB,
         corpus_fingerprint="held-out",
         shard_size=1000,
+        **manifest,
     )
     targets = TeacherTargets(
         seq_ids=np.arange(len(ids), dtype=np.int64),

@@ -141,6 +141,23 @@ def test_cache_windows_keep_their_length(setup, tmp_path):
     assert res["seq_len"] == SEQ_LEN and res["teacher_source"] == "caches"
 
 
+def test_caches_are_joined_as_training_joins_them(setup, tmp_path, caplog):
+    """The join's input_ids spot check and its estimated-entropy warning apply to evaluate's caches too."""
+    from storage.errors import MismatchError
+    from tests.student.test_evaluation import _write_full_cache
+
+    _, models, held_out = setup
+    ids = _windows(models["student"], held_out)
+    _write_full_cache(tmp_path / "t1", models["t1"], ids, models["student"])
+    _write_full_cache(tmp_path / "other", models["t2"], ids.roll(1, dims=1), models["student"])
+    with pytest.raises(MismatchError, match="differ in 'input_ids' at seq id"):
+        run_evaluate(_cfg(setup, data=None, teacher_data=[str(tmp_path / "t1"), str(tmp_path / "other")]))
+    _write_full_cache(tmp_path / "est", models["t2"], ids, models["student"], entropy_kind="estimate")
+    with caplog.at_level("WARNING", logger="student"):
+        res = run_evaluate(_cfg(setup, data=None, teacher_data=[str(tmp_path / "t1"), str(tmp_path / "est")]))
+    assert "stores an estimated entropy" in caplog.text and res["teachers"] == ["t1", "t2"]
+
+
 def test_old_spellings_still_work_and_clash_with_the_new_ones(setup):
     from cli import main
 
