@@ -172,6 +172,13 @@ def test_teacher_weighting_is_one_option() -> None:
         a, b = _option(train, flag), _option(evaluate, flag)
         assert _signature(a) == _signature(b) and not b.hidden, flag
     assert _option(evaluate, "--weighting").hidden
+    import dataclasses
+
+    from student.config import LossConfig
+    from student.evaluation import EvalConfig
+
+    shared = {f.name for f in dataclasses.fields(EvalConfig)} & {f.name for f in dataclasses.fields(LossConfig)}
+    assert {"teacher_weighting", "teacher_weights"} <= shared  # one name in both configs
 
 
 def test_dtype_and_device_say_what_auto_means() -> None:

@@ -62,11 +62,11 @@ def _alias(flag: str, name: str, new: str) -> Any:
 @_opt("--top-k", type=int,
       help="Log-probs kept per position of each live --teacher (with its exact entropy) for the students' pass, "
            "as precompute's --top-k. The KL is over top-k plus a tail bucket; at the vocab size it is the full KL.")
-@_opt("--teacher-weighting", field="weighting", type=click.Choice(WEIGHTINGS),
+@_opt("--teacher-weighting", field="teacher_weighting", type=click.Choice(WEIGHTINGS),
       help="Teacher weights of the fused target (per-position entropy, uniform, or --teacher-weights), as in "
            "train-student.")
 @_alias("--weighting", "weighting_alias", "--teacher-weighting")
-@_opt("--teacher-weights", field="fixed_weights", type=FLOAT_LIST,
+@_opt("--teacher-weights", field="teacher_weights", type=FLOAT_LIST,
       help="Fixed weights in teacher order, e.g. 0.5,0.3,0.2 (with --teacher-weighting fixed; same option as "
            "train-student).")
 @_opt("--bleu-prompts", type=int, help="Held-out prompts continued greedily for BLEU (0: skip).")
@@ -86,13 +86,13 @@ def evaluate_cmd(data_alias: str | None, weighting_alias: str | None, **options:
     top-1 agreement with the fused target, BLEU of greedy continuations. Models are loaded one at a time."""
     ctx = click.get_current_context()
     for name, old, flag, old_flag in (("data", data_alias, "--dataset", "--data"),
-                                      ("weighting", weighting_alias, "--teacher-weighting", "--weighting")):
+                                      ("teacher_weighting", weighting_alias, "--teacher-weighting", "--weighting")):
         if old is not None:
             if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
                 raise ConfigError(f"give {flag} once ({old_flag} is its old spelling)")
             options[name] = old
     lists = ("students", "teachers", "gguf_files", "teacher_data")
-    cfg = EvalConfig(**{k: list(v) if k in lists or (k == "fixed_weights" and v) else v
+    cfg = EvalConfig(**{k: list(v) if k in lists or (k == "teacher_weights" and v) else v
                         for k, v in options.items()})
     result = run_evaluate(cfg)
     click.echo(format_table(result))

@@ -53,9 +53,9 @@ class EvalConfig:
     top_k: int = 64
     """Log-probs kept per position of a live teacher (with its exact entropy) between its pass and the
     students' (each model is resident alone). At top_k >= vocab the KL is the full-vocab KL."""
-    weighting: str = "entropy"
-    """Teacher weighting of the fused target: entropy, uniform or fixed (training's `teacher_weighting`)."""
-    fixed_weights: list[float] | None = None
+    teacher_weighting: str = "entropy"
+    """Teacher weighting of the fused target: entropy, uniform or fixed (as training's `LossConfig`)."""
+    teacher_weights: list[float] | None = None
     """One weight per teacher for `fixed` weighting."""
     bleu_prompts: int = 16
     """Held-out prompts continued greedily for BLEU (0: no BLEU)."""
@@ -89,14 +89,14 @@ class EvalConfig:
             )
         if self.gguf_files and not self.teachers:
             raise ConfigError("--gguf-file names a file inside a --teacher directory; give --teacher")
-        if self.weighting not in WEIGHTINGS:
-            raise ConfigError(f"weighting is {self.weighting!r}, expected one of {', '.join(WEIGHTINGS)}")
+        if self.teacher_weighting not in WEIGHTINGS:
+            raise ConfigError(f"--teacher-weighting is {self.teacher_weighting!r}, expected one of {', '.join(WEIGHTINGS)}")
         n_teachers = len(self.teachers) + len(self.teacher_data)
-        if self.weighting == "fixed" and (
-            self.fixed_weights is None or len(self.fixed_weights) != n_teachers
+        if self.teacher_weighting == "fixed" and (
+            self.teacher_weights is None or len(self.teacher_weights) != n_teachers
         ):
             raise ConfigError(f"fixed weighting needs one weight per teacher ({n_teachers})")
-        check_weights("--teacher-weights", self.fixed_weights)
+        check_weights("--teacher-weights", self.teacher_weights)
         check_device("--device", self.device)
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype is {self.dtype!r}, expected one of {', '.join(DTYPES)}")

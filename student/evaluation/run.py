@@ -63,7 +63,7 @@ def _held_out(cfg: EvalConfig, tokenizer: Any, fingerprint: str, max_pos: dict[s
         corpus = CorpusConfig(dataset=cfg.data, dataset_config=cfg.dataset_config, split=cfg.split,
                               revision=cfg.dataset_revision, text_field=cfg.text_field, max_tokens=cfg.max_tokens)
         return pack_text(corpus, tokenizer, seq_len, cfg.batch_size)
-    held = open_caches(cfg.teacher_data, cfg.weighting, cfg.verify, cfg.max_tokens, cfg.batch_size)
+    held = open_caches(cfg.teacher_data, cfg.teacher_weighting, cfg.verify, cfg.max_tokens, cfg.batch_size)
     m = held.caches[0].manifest
     if cfg.seq_len is not None and cfg.seq_len != m.seq_len:
         raise ConfigError(f"--seq-len {cfg.seq_len} differs from the caches' seq_len {m.seq_len}; "
@@ -129,7 +129,7 @@ def _score_teacher(spec: ModelSpec, held: HeldOut, cfg: EvalConfig, run: _Pass) 
     record, scores = TeacherRecord(spec.label), run.scores[spec.label]
     with torch.no_grad(), tqdm(total=held.n_windows * held.seq_len, unit="tok", desc=spec.label) as bar:
         for lo in held.batches():
-            ids, _ = held.batch(lo, cfg.weighting)
+            ids, _ = held.batch(lo, cfg.teacher_weighting)
             ids = ids.to(run.device)
             logits = model(input_ids=ids).logits.float()  # [B, L, V]
             scores.add_nll(logits, ids)
@@ -149,14 +149,14 @@ def _score_student(spec: ModelSpec, held: HeldOut, records: list[TeacherRecord],
     scores = run.scores[spec.label]
     with torch.no_grad(), tqdm(total=held.n_windows * held.seq_len, unit="tok", desc=spec.label) as bar:
         for i, lo in enumerate(held.batches()):
-            ids, views = held.batch(lo, cfg.weighting)
+            ids, views = held.batch(lo, cfg.teacher_weighting)
             views = [r.view(i) for r in records] or views
             ids = ids.to(run.device)
             logits = model(input_ids=ids).logits.float()  # [B, L, V]
             scores.add_nll(logits, ids)
             if views:
                 views = [v.to(run.device) for v in views]
-                fused = fuse(views, cfg.weighting, cfg.fixed_weights)
+                fused = fuse(views, cfg.teacher_weighting, cfg.teacher_weights)
                 scores.add_targets(logits, ids, fused, valid_mask(views), run.teacher_names, held.temperature)
             bar.update(ids.numel())
     run.texts[spec.label] = _continuations(model, run.prompts, cfg.new_tokens, run.tokenizer)
@@ -224,7 +224,7 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "kl_kind": kl_kind,
         "top_k": min(cfg.top_k, vocab) if teachers else None,
         "temperature": held.temperature,
-        "weighting": cfg.weighting if teacher_names else None,
+        "teacher_weighting": cfg.teacher_weighting if teacher_names else None,
         "teachers": teacher_names,
         "windows": held.n_windows,
         "seq_len": held.seq_len,

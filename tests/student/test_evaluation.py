@@ -192,7 +192,7 @@ def test_config_refuses_both_or_neither_source(setup):
     with pytest.raises(ConfigError, match="exactly one"):
         _cfg(setup, data=None)
     with pytest.raises(ConfigError, match="one weight per teacher"):
-        _cfg(setup, teachers=["a", "b"], weighting="fixed", fixed_weights=[1.0])
+        _cfg(setup, teachers=["a", "b"], teacher_weighting="fixed", teacher_weights=[1.0])
 
 
 def test_cli_prints_table_writes_json_and_reports_user_errors_in_one_line(setup, tmp_path):

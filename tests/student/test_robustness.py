@@ -80,9 +80,9 @@ def test_config_objects_refuse_non_finite_values(tmp_path):
         OptimConfig(weight_decay=float("nan"))
     with pytest.raises(ConfigError, match="teacher_weights must be a finite number"):
         LossConfig(teacher_weighting="fixed", teacher_weights=(float("nan"), 1.0))
-    with pytest.raises(ConfigError, match="fixed_weights must be a finite number"):
-        EvalConfig(students=["s"], data="x", teachers=["a", "b"], weighting="fixed",
-                   fixed_weights=[float("inf"), 1.0])
+    with pytest.raises(ConfigError, match="teacher_weights must be a finite number"):
+        EvalConfig(students=["s"], data="x", teachers=["a", "b"], teacher_weighting="fixed",
+                   teacher_weights=[float("inf"), 1.0])
 
 
 def test_divergence_stops_with_one_line_and_saves_nothing_non_finite(caches, tmp_path):
