@@ -206,3 +206,25 @@ def test_gguf_teacher_spelled_as_in_precompute(tmp_path):
     # on English text a trained model is far better than uniform over its 49k ids; the random student is not
     assert res["models"]["smol"]["perplexity"] < len(tok) / 100 < res["models"]["s"]["perplexity"]
     assert res["models"]["s"]["kl"]["smol"] > 0 and res["kl_kind"] == "topk+tail"
+
+
+def test_hub_datasets_are_named_as_in_precompute(setup, monkeypatch):
+    """--dataset allenai/c4 --dataset-config en --split validation reaches the corpus reader as precompute's
+    options do (the documents are served locally here: no network)."""
+    import teachers.corpus
+    from cli import main
+
+    _, models, held_out = setup
+    seen = []
+    docs = [json.loads(line)["text"] for line in held_out.read_text().splitlines()]
+
+    def fake(cfg):
+        seen.append((cfg.dataset, cfg.dataset_config, cfg.split, cfg.revision))
+        return iter(docs)
+
+    monkeypatch.setattr(teachers.corpus, "iter_documents", fake)
+    r = CliRunner().invoke(main, ["evaluate", "--student", str(models["student"]), "--dataset", "allenai/c4",
+                                  "--dataset-config", "en", "--dataset-revision", "r1", "--seq-len", str(SEQ_LEN),
+                                  "--bleu-prompts", "0"])
+    assert r.exit_code == 0, r.output
+    assert seen == [("allenai/c4", "en", "validation", "r1")]  # held-out text: the validation split by default
