@@ -211,7 +211,7 @@ def test_gguf_teacher_spelled_as_in_precompute(tmp_path):
 def test_hub_datasets_are_named_as_in_precompute(setup, monkeypatch):
     """--dataset allenai/c4 --dataset-config en --split validation reaches the corpus reader as precompute's
     options do (the documents are served locally here: no network)."""
-    import teachers.corpus
+    import common.corpus
     from cli import main
 
     _, models, held_out = setup
@@ -222,7 +222,7 @@ def test_hub_datasets_are_named_as_in_precompute(setup, monkeypatch):
         seen.append((cfg.dataset, cfg.dataset_config, cfg.split, cfg.revision))
         return iter(docs)
 
-    monkeypatch.setattr(teachers.corpus, "iter_documents", fake)
+    monkeypatch.setattr(common.corpus, "iter_documents", fake)
     r = CliRunner().invoke(main, ["evaluate", "--student", str(models["student"]), "--dataset", "allenai/c4",
                                   "--dataset-config", "en", "--dataset-revision", "r1", "--seq-len", str(SEQ_LEN),
                                   "--bleu-prompts", "0"])
