@@ -91,10 +91,56 @@ def _prob_of(ids: np.ndarray, lp: np.ndarray, target: np.ndarray) -> tuple[np.nd
     return np.where(found, np.exp(hit_lp), kth), found
 
 
+def figures(*, p_s: np.ndarray, found_s: np.ndarray, p_g: np.ndarray, found_g: np.ndarray, mask: np.ndarray,
+            exact_lp: np.ndarray, h_s: np.ndarray, h_g: np.ndarray, totals: dict[str, float]) -> dict[str, float]:
+    """The figures of the module docstring from per-position arrays [N] over the scored positions (t < L-1).
+
+    p_s / p_g: SmolLM2's and Gemma's first-token probability of the observed next token (found_*: held
+    exactly, not the top-k upper bound); mask: Gemma aligned; exact_lp: Gemma's exact log-prob (NaN where
+    unavailable); h_s / h_g: entropies; totals: coverage and mass fractions (`Manifest.alignment_totals`).
+    """
+    from student.observed import corrected_entropy
+
+    p_s, p_g = np.asarray(p_s, dtype=np.float64), np.asarray(p_g, dtype=np.float64)
+    exact_lp = np.asarray(exact_lp, dtype=np.float64)
+    has_exact = ~np.isnan(exact_lp)
+    e = np.exp(np.where(has_exact, exact_lp, 0.0))
+    h_s, h_g = np.asarray(h_s, dtype=np.float64), np.asarray(h_g, dtype=np.float64)
+    h_g_corr = corrected_entropy(h_g, np.where(found_g, p_g, 0.0), e)
+    w_g = 1.0 / (h_g_corr + 1e-3)
+    w_s = 1.0 / (h_s + 1e-3)
+    alpha_g = w_g / (w_g + w_s)
+    w_g_first = 1.0 / (np.where(np.isnan(h_g), 0.0, h_g) + 1e-3)
+    alpha_first = w_g_first / (w_g_first + w_s)
+
+    def ppl(p: np.ndarray, sel: np.ndarray) -> float:
+        return float(np.exp(-np.log(p[sel]).mean()))
+
+    ex = has_exact
+    with np.errstate(divide="ignore"):
+        log_e_q = exact_lp - np.log(p_g)
+    return {
+        "coverage": totals["coverage"], "observed_fraction": totals["observed_fraction"],
+        "mass_whole": totals["mass_whole_fraction"], "mass_partial": totals["mass_partial_fraction"],
+        "mass_unmapped": totals["mass_unmapped_fraction"],
+        "scored_positions": float(mask.size), "aligned_scored": float(mask.sum()), "exact_scored": float(ex.sum()),
+        "ppl_gemma_first_aligned": ppl(p_g, mask), "ppl_smollm2_aligned": ppl(p_s, mask),
+        "ppl_gemma_exact": ppl(e, ex), "ppl_gemma_first_exactpos": ppl(p_g, ex), "ppl_smollm2_exactpos": ppl(p_s, ex),
+        "ppl_mix_50_50": ppl(0.5 * e + 0.5 * p_s, ex),
+        "ppl_entropy_weighted": ppl(alpha_g * e + (1 - alpha_g) * p_s, ex),
+        "ppl_entropy_weighted_first": ppl(alpha_first * p_g + (1 - alpha_first) * p_s, mask),
+        "mean_alpha_gemma": float(alpha_g[ex].mean()),
+        # where o is in Gemma's top-k: how the exact chunk probability e compares with the first-token q(o)
+        "median_log_e_over_q": float(np.median(log_e_q[ex & found_g])),
+        "frac_e_above_q": float((log_e_q[ex & found_g] > 0.01).mean()),
+        "frac_e_below_q": float((log_e_q[ex & found_g] < -0.01).mean()),
+        "outside_topk_gemma": float((~found_g & mask).sum()), "outside_topk_smollm2": float((~found_s & mask).sum()),
+    }
+
+
 def analyse(smol_path: str | Path, gemma_path: str | Path) -> dict[str, float]:
     """The figures of the module docstring, from the two caches."""
     from storage.reader import TeacherDataset
-    from student.observed import corrected_entropy
 
     s, g = TeacherDataset.open(str(smol_path)), TeacherDataset.open(str(gemma_path))
     rows = np.arange(min(len(s), len(g)))  # the first windows of the packed stream are the same in both
@@ -111,39 +157,11 @@ def analyse(smol_path: str | Path, gemma_path: str | Path) -> dict[str, float]:
 
     p_s, found_s = _prob_of(cut(a["topk_ids"]), cut(a["topk_logprobs"]), obs)
     p_g, found_g = _prob_of(cut(b["topk_ids"]), cut(b["topk_logprobs"]), obs)
-    mask = cut(b["target_mask"]).astype(bool)
-    exact_lp = cut(b["observed_logprob"]).astype(np.float64)
-    has_exact = ~np.isnan(exact_lp)
-    e = np.exp(np.where(has_exact, exact_lp, 0.0))
-    h_s, h_g = cut(a["entropy"]).astype(np.float64), cut(b["entropy"]).astype(np.float64)
-    h_g_corr = corrected_entropy(h_g, np.where(found_g, p_g, 0.0), e)
-    w_g = 1.0 / (h_g_corr + 1e-3)
-    w_s = 1.0 / (h_s + 1e-3)
-    alpha_g = w_g / (w_g + w_s)
-
-    def ppl(p: np.ndarray, sel: np.ndarray) -> float:
-        return float(np.exp(-np.log(p[sel]).mean()))
-
-    totals = g.manifest.alignment_totals()
-    ex = has_exact
-    out = {
-        "sequences": float(n), "positions": float(n * L), "seq_len": float(L), "top_k": float(g.manifest.top_k),
-        "coverage": totals["coverage"], "observed_fraction": totals["observed_fraction"],
-        "mass_whole": totals["mass_whole_fraction"], "mass_partial": totals["mass_partial_fraction"],
-        "mass_unmapped": totals["mass_unmapped_fraction"],
-        "scored_positions": float(n * (L - 1)), "aligned_scored": float(mask.sum()), "exact_scored": float(ex.sum()),
-        "ppl_gemma_first_aligned": ppl(p_g, mask), "ppl_smollm2_aligned": ppl(p_s, mask),
-        "ppl_gemma_exact": ppl(e, ex), "ppl_gemma_first_exactpos": ppl(p_g, ex), "ppl_smollm2_exactpos": ppl(p_s, ex),
-        "ppl_mix_50_50": ppl(0.5 * e + 0.5 * p_s, ex),
-        "ppl_entropy_weighted": ppl(alpha_g * e + (1 - alpha_g) * p_s, ex),
-        "ppl_entropy_weighted_first": ppl(alpha_g * p_g + (1 - alpha_g) * p_s, mask),
-        "mean_alpha_gemma": float(alpha_g[ex].mean()),
-        # where o is in Gemma's top-k: how the exact chunk probability e compares with the first-token q(o)
-        "median_log_e_over_q": float(np.median((exact_lp - np.log(p_g))[ex & found_g])),
-        "frac_e_above_q": float(((exact_lp - np.log(p_g))[ex & found_g] > 0.01).mean()),
-        "frac_e_below_q": float(((exact_lp - np.log(p_g))[ex & found_g] < -0.01).mean()),
-        "outside_topk_gemma": float((~found_g & mask).sum()), "outside_topk_smollm2": float((~found_s & mask).sum()),
-    }
+    out = figures(p_s=p_s, found_s=found_s, p_g=p_g, found_g=found_g, mask=cut(b["target_mask"]).astype(bool),
+                  exact_lp=cut(b["observed_logprob"]).astype(np.float64), h_s=cut(a["entropy"]),
+                  h_g=cut(b["entropy"]), totals=g.manifest.alignment_totals())
+    out.update({"sequences": float(n), "positions": float(n * L), "seq_len": float(L),
+                "top_k": float(g.manifest.top_k)})
     for key in ("vocab_map",):
         for kind, count in g.manifest.alignment[key].items():
             out[f"vocab_{kind}"] = float(count)
