@@ -16,10 +16,14 @@ token o = input_ids[t + 1] is known, i.e. t < L - 1):
 - where the exact observed-token log-prob is available: Gemma exact (`observed_logprob`), the first-token
   projection, SmolLM2, a 50/50 mixture of exact Gemma and SmolLM2, and the entropy-weighted fusion
   (alpha_k proportional to 1 / (H_k + 1e-3), with Gemma's entropy corrected as in stage two,
-  `student.observed.corrected_entropy`).
+  `student.observed.corrected_entropy`); at aligned positions, the same fusion with the first-token Gemma
+  and its uncorrected entropy.
 
 A probability the top-k cache does not hold (the observed token outside a teacher's top-k) is taken as that
-row's k-th probability, an upper bound; the table says how often that happened.
+row's k-th probability, an upper bound; the table says how often that happened. For Gemma's first-token
+projection that bound is optimistic: q(o) is exactly 0 wherever o is not the first S token of any Gemma token's
+text (`'s`, newline + indentation runs; 1.2% of aligned positions on the validation windows), so the true
+first-token perplexity is unbounded. benchmarks/align_gemma_dense.py measures it densely (RESULTS.md).
 """
 
 from __future__ import annotations
