@@ -421,12 +421,12 @@ def section_train(s: Suite) -> None:
         next(it)  # worker start-up is not throughput
         t0, n = time.perf_counter(), 0
         for b in it:
-            n += len(b["seq_ids"])
+            n += len(b.seq_ids)
         loader = n / (time.perf_counter() - t0) if n else math.nan
         # CE-only vs KD step on one cached batch
         batch = next(iter(tr.train_loader))
         ce_ms = _median_ms(s, lambda: _step(tr, lambda: _ce_only(tr, batch, next_token_ce)), warm, steps)
-        kd_ms = _median_ms(s, lambda: _step(tr, lambda: tr._losses(batch, train=True)["loss"]), warm, steps)
+        kd_ms = _median_ms(s, lambda: _step(tr, lambda: tr.compute_loss(batch, train=True).loss), warm, steps)
         # online KD: the teacher's forward + head on every batch, then the same fusion and step
         from benchmarks.train import _fused_batch
         from common.packing import PackedBatch
@@ -442,7 +442,7 @@ def section_train(s: Suite) -> None:
             ids = ds.teachers[0].read_columns(pos, ["input_ids"])["input_ids"]
             targets = [teacher.compute(PackedBatch(seq_ids=ds.teachers[0].seq_ids[pos].copy(), input_ids=ids))]
             fused = _fused_batch(targets, ids, cfg, sdata)
-            _step(tr, lambda fused=fused: tr._losses(fused, train=True)["loss"])
+            _step(tr, lambda fused=fused: tr.compute_loss(fused, train=True).loss)
             times.append(s.clock() - t0)
         online_tps = s.batch * s.seq_len / statistics.median(times[warm:])
     finally:
@@ -462,7 +462,7 @@ def section_train(s: Suite) -> None:
 
 
 def _ce_only(tr, batch, next_token_ce):
-    input_ids = batch["input_ids"].to(tr.device, non_blocking=True)
+    input_ids = batch.input_ids.to(tr.device, non_blocking=True)
     with tr.autocast:
         logits, _ = tr.model(input_ids, False)
     return next_token_ce(logits, input_ids)

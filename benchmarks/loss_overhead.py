@@ -5,7 +5,7 @@
 
 Times, on the same batch, `loss.backward()` of (a) `next_token_ce` alone and (b) `0.5 * CE + 0.5 * sparse_kl`
 against K teachers' top-k (each teacher's own top-k plus its own tail bucket, entropy weights), as the
-trainer's `_losses` computes them. Steps alternate between (a) and (b) so a noisy machine slows both alike;
+trainer's `DistillLoss` composes them. Steps alternate between (a) and (b) so a noisy machine slows both alike;
 each figure is the median over --steps steps after one warm-up step each. The fusion itself runs in the data
 loader workers, off the step, and is timed separately.
 

@@ -98,8 +98,8 @@ def _online(cfg, teachers: list[dict], args) -> float:
         targets = [b.compute(batch_in) for b in backends]
         batch = _fused_batch(targets, ids, cfg, sdata)
         tr.model.train()
-        terms = tr._losses(batch, train=True)
-        terms["loss"].backward()
+        terms = tr.compute_loss(batch, train=True)
+        terms.loss.backward()
         torch.nn.utils.clip_grad_norm_(tr.model.parameters(), 1.0)
         tr.optimizer.step()
         tr.optimizer.zero_grad(set_to_none=True)
@@ -108,10 +108,12 @@ def _online(cfg, teachers: list[dict], args) -> float:
     return args.batch_size * args.seq_len / statistics.median(times[args.warmup:])
 
 
-def _fused_batch(targets, ids, cfg, sdata) -> dict:
+def _fused_batch(targets, ids, cfg, sdata):
+    """The `DistillBatch` the cache path would load, built from live teacher targets."""
     import numpy as np
     import torch
 
+    from student.batch import DistillBatch
     from student.fusion import fuse_topk, teacher_weights
 
     b, seq_len = ids.shape
@@ -120,8 +122,8 @@ def _fused_batch(targets, ids, cfg, sdata) -> dict:
     alpha = teacher_weights(ent, cfg.loss.teacher_weighting, eps=cfg.loss.entropy_eps)
     fused = fuse_topk([torch.from_numpy(t.topk_ids).reshape(n, -1) for t in targets],
                       [torch.from_numpy(t.topk_logprobs).reshape(n, -1) for t in targets], alpha)
-    return {"input_ids": torch.from_numpy(ids.astype(np.int64)), **fused.to_batch(),
-            "pooled": [None] * len(targets), "mismatch": torch.tensor(-1)}
+    return DistillBatch(seq_ids=torch.from_numpy(targets[0].seq_ids.astype(np.int64)),
+                        input_ids=torch.from_numpy(ids.astype(np.int64)), fused=fused, pooled=[None] * len(targets))
 
 
 def _loader_rate(cfg, workers: int, batches: int) -> float:
@@ -138,7 +140,7 @@ def _loader_rate(cfg, workers: int, batches: int) -> float:
     n = 0
     for _ in range(batches):
         try:
-            n += len(next(it)["seq_ids"])
+            n += len(next(it).seq_ids)
         except StopIteration:
             break
     rate = n / (time.perf_counter() - t0)

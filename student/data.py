@@ -9,7 +9,7 @@ teacher's target is its own top-k plus its own tail (student/fusion.py), so diff
 sampled caches (`precompute --targets sampled`) may be mixed: a sampled teacher's sparse target is its drawn
 ids with probabilities count / N (`sparse_target`), an unbiased estimate of its distribution with no tail.
 
-Batches are dicts of tensors; the fusion (per-teacher probabilities, tails and weights) runs in the
+Batches are `DistillBatch`es (student/batch.py); the fusion (per-teacher probabilities, tails and weights) runs in the
 DataLoader workers, so the training process only receives the fused sparse target.
 """
 
@@ -27,6 +27,7 @@ from storage.errors import MismatchError
 from storage.manifest import JOIN_FIELDS, Manifest
 from storage.reader import TeacherDataset
 from storage.stamps import VerifyReport
+from student.batch import DistillBatch
 from student.fusion import fuse_topk, teacher_weights
 from student.observed import apply_observed_correction
 
@@ -218,14 +219,14 @@ class DistillDataset(Dataset):
     def __len__(self) -> int:
         return int(self.positions.size)
 
-    def __getitem__(self, index: int) -> dict[str, object]:
+    def __getitem__(self, index: int) -> DistillBatch:
         return self.__getitems__([index])
 
-    def __getitems__(self, indices: Sequence[int]) -> dict[str, object]:
+    def __getitems__(self, indices: Sequence[int]) -> DistillBatch:
         pos = self.positions[np.asarray(indices, dtype=np.int64)]
         cols = [t.read_columns(pos, c) for t, c in zip(self.teachers, self.columns, strict=True)]
         input_ids = cols[0]["input_ids"]  # [B, L] int32
-        mismatch = -1
+        mismatch: int | None = None
         for c in cols[1:]:
             bad = first_mismatch(input_ids, c["input_ids"])
             if bad is not None:
@@ -258,16 +259,13 @@ class DistillDataset(Dataset):
         fused = fuse_topk(ids, lps, alpha, mask, tailless=sampled)
         pooled = [None if layer is None else torch.from_numpy(c[f"pooled_{layer}"]).float()
                   for c, layer in zip(cols, self.pooled_layers, strict=True)]
-        return {
-            "seq_ids": torch.from_numpy(self.teachers[0].seq_ids[pos].copy()),  # [B] int64
-            "input_ids": torch.from_numpy(input_ids.astype(np.int64)),  # [B, L] int64
-            **fused.to_batch(),  # fused_ids, fused_probs [N, T], fused_tail, alpha [N, K], fused_sizes (K ints)
-            "pooled": pooled,  # per teacher [B, d_k] float32 or None
-            "mismatch": torch.tensor(mismatch),  # seq id whose input_ids differ between teachers, or -1
-        }
+        return DistillBatch(
+            seq_ids=torch.from_numpy(self.teachers[0].seq_ids[pos].copy()),  # [B] int64
+            input_ids=torch.from_numpy(input_ids.astype(np.int64)),  # [B, L] int64
+            fused=fused, pooled=pooled, mismatch=mismatch)
 
 
-def collate(batch: dict[str, object]) -> dict[str, object]:
+def collate(batch: DistillBatch) -> DistillBatch:
     """The dataset already returns a collated micro-batch."""
     return batch
 

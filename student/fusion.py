@@ -38,7 +38,6 @@ from dataclasses import dataclass
 import torch
 
 WEIGHTINGS = ("entropy", "uniform", "fixed")
-BATCH_KEYS = ("fused_ids", "fused_probs", "fused_tail", "alpha", "fused_sizes")
 
 
 @dataclass
@@ -88,15 +87,6 @@ class FusedTargets:
     def to(self, device: torch.device | str) -> FusedTargets:
         return FusedTargets(*(t.to(device, non_blocking=True) for t in (self.ids, self.probs, self.tail,
                                                                            self.weights)), sizes=self.sizes)
-
-    def to_batch(self) -> dict[str, object]:
-        """The fields under BATCH_KEYS, for a DataLoader batch dict."""
-        return dict(zip(BATCH_KEYS, (self.ids, self.probs, self.tail, self.weights, self.sizes), strict=True))
-
-    @classmethod
-    def from_batch(cls, batch: dict, device: torch.device | str | None = None) -> FusedTargets:
-        fused = cls(*(batch[k] for k in BATCH_KEYS))
-        return fused if device is None else fused.to(device)
 
 
 def teacher_weights(

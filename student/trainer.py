@@ -3,67 +3,67 @@
     run_train(cfg)  ==  Trainer(cfg): setup() -> train() -> close()
 
 One process per device; under torchrun the student is wrapped in DDP (gloo on CPU, nccl on GPU) or, with
-`fsdp`, sharded with FSDP2 `fully_shard`. Only rank 0 writes files. Run directory layout:
+`fsdp`, sharded with FSDP2 `fully_shard`. Only rank 0 writes files (layout: student/rundir.py).
 
-    config.json                      the TrainConfig
-    metrics.jsonl                    one JSON object per logged step ("split": "train") or evaluation ("eval")
-    checkpoints/step-NNNNNNN/state.pt  model + projections, optimizer, scheduler, RNG (every rank), data position
-    checkpoints/step-NNNNNNN/checkpoint.json  step, bytes and sha256 of state.pt (written before the rename)
-    final/                           save_pretrained student (+ tokenizer)
+The trainer orchestrates; its components are testable alone: the objective is `DistillLoss`
+(student/distill_loss.py) on typed `DistillBatch`es (student/batch.py), checkpoints are written and chosen
+by `CheckpointManager` (student/checkpoint.py), metrics.jsonl by `MetricsWriter` (student/metrics.py).
+`compute_loss(batch)` and `train_step(batches)` are the public steps benchmarks and tests drive.
 
-What is trusted: checkpoints hold tensors and plain Python values only and are loaded with
-`torch.load(weights_only=True)`, so a state.pt carrying other objects is refused, never unpickled. A
-checkpoint whose sha256 differs from its checkpoint.json, or that cannot be read, is skipped with a
-warning for the previous one. A non-finite loss or gradient norm stops training before the optimizer step,
-and a checkpoint or final model with a non-finite weight is never written.
+A non-finite loss or gradient norm stops training before the optimizer step, and a checkpoint or final
+model with a non-finite weight is never written.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
-import hashlib
+import itertools
 import json
 import logging
 import math
 import os
-import pickle
-import random
-import re
-import shutil
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from common.errors import ConfigError, UserError
 from common.params import non_finite
-from storage.errors import MismatchError, ShardCorruptError, StorageError
+from storage.errors import MismatchError, ShardCorruptError
 from storage.manifest import Manifest
 from student import data as sdata
 from student import model as smodel
+from student.batch import DistillBatch
+from student.checkpoint import CheckpointError, CheckpointManager, seed_everything, set_rng_state
 from student.config import EVAL_SEQUENCES_CAP, TrainConfig
+from student.distill_loss import DistillLoss, LossTerms
 from student.fusion import FusedTargets
-from student.losses import dkd_loss, feature_loss, next_token_ce, next_token_labels, sparse_kl
+from student.metrics import MetricsWriter
+from student.rundir import CONFIG_FILE, FINAL_DIR, prepare_output, writing
+
+__all__ = ["CheckpointError", "DistillModule", "DivergedError", "StepResult", "Trainer", "run_train"]
 
 log = logging.getLogger("student")
-KEEP_CHECKPOINTS = 2
 
 
 class DivergedError(UserError):
     """Training produced a non-finite loss, gradient norm or weight; nothing non-finite was saved."""
 
 
-class CheckpointError(StorageError):
-    """A checkpoint cannot be written, or no checkpoint of the run can be trusted and read."""
+@dataclasses.dataclass(kw_only=True)
+class StepResult:
+    """One optimizer step's outcome (tensors on the training device)."""
 
-
-class _Damaged(Exception):
-    """Internal: one checkpoint cannot be used (the caller falls back to an older one)."""
+    terms: dict[str, torch.Tensor]
+    """`LossTerms` fields averaged over the step's micro-batches (alpha: [K])."""
+    grad_norm: torch.Tensor
+    """Global gradient norm before clipping."""
+    lr: float
+    """Learning rate the step used."""
 
 
 class DistillModule(torch.nn.Module):
@@ -79,25 +79,21 @@ class DistillModule(torch.nn.Module):
         self.has_proj = [d is not None for d in proj_dims]
 
     def forward(self, input_ids: torch.Tensor, want_pooled: bool, fused: FusedTargets | None = None,
-                chunk_size: int | None = None, temperature: float = 1.0) -> tuple[Any, torch.Tensor | None]:
-        """(logits [B, L, V], pooled); with `chunk_size` (and `fused`):
-        ((CE, KD) computed in chunks from the final hidden states, pooled). The losses are computed inside
-        forward so DDP sees every use of the parameters."""
+                loss: DistillLoss | None = None) -> tuple[Any, torch.Tensor | None]:
+        """(logits [B, L, V], pooled [B, d_S] or None); with a chunked `loss` (and `fused`): ((CE, KD) computed
+        in chunks from the final hidden states, pooled). The chunked terms are computed inside forward so DDP
+        sees every use of the parameters."""
         # hidden_states[0] is the embedding output, hidden_states[i + 1] the output of block i
         index = self.pool_layer + 1 if self.pool_layer >= 0 else self.pool_layer
-        if chunk_size is None:
+        if loss is None or not loss.chunked:
             out = self.student(input_ids=input_ids, output_hidden_states=want_pooled, use_cache=False)
             pooled = out.hidden_states[index].float().mean(dim=1) if want_pooled else None  # [B, d_S]
             return out.logits, pooled
-        from student.chunked import chunked_ce_kd
-
         assert fused is not None, "the chunked loss needs the fused targets"
         out = self.student.base_model(input_ids=input_ids, output_hidden_states=want_pooled, use_cache=False)
         pooled = out.hidden_states[index].float().mean(dim=1) if want_pooled else None
         weight = self.student.get_output_embeddings().weight
-        terms = chunked_ce_kd(out.last_hidden_state, weight, input_ids, fused,
-                              temperature=temperature, chunk_size=chunk_size)
-        return terms, pooled
+        return loss.chunked_terms(out.last_hidden_state, weight, input_ids, fused), pooled
 
 
 def run_train(cfg: TrainConfig) -> dict[str, float]:
@@ -121,7 +117,7 @@ class Trainer:
         cfg, lc = self.cfg, self.cfg.loss
         self._setup_distributed()
         if self.rank == 0:
-            _prepare_output(cfg.output)
+            prepare_output(cfg.output)
         self.teachers = sdata.join_teachers(cfg.teacher_data, spot_check=cfg.spot_check, seed=cfg.seed,
                                             verify=False)
         self._verify_caches()
@@ -135,7 +131,7 @@ class Trainer:
         sdata.check_loss(self.teachers, lc.loss)
         self.pool_layers = sdata.feature_layers(self.teachers, lc.teacher_pool_layer, lc.gamma_feat > 0)
         self.use_feat = any(x is not None for x in self.pool_layers)
-        self.betas = list(lc.feat_weights) if lc.feat_weights is not None else [1.0] * len(self.teachers)
+        self.loss_fn = DistillLoss.from_config(lc, temperature=self.temperature, num_teachers=len(self.teachers))
 
         train_pos, eval_pos = sdata.split_positions(len(self.teachers[0]), eval_fraction=cfg.eval_fraction,
                                                     eval_sequences=cfg.eval_sequences, split_seed=cfg.split_seed,
@@ -184,15 +180,16 @@ class Trainer:
         self.model = self._wrap(self.module)
         self.optimizer = _adamw(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(cfg))
+        self.checkpoints = CheckpointManager(cfg.output, rank=self.rank, world_size=self.world)
+        self.metrics = MetricsWriter(cfg.output, rank=self.rank)
         self._maybe_resume()
         if self.rank == 0:
-            with _writing(cfg.output):
-                with open(os.path.join(cfg.output, "config.json"), "w") as f:
-                    json.dump(dataclasses.asdict(cfg), f, indent=2)
-                if not self.resumed:  # a fresh run starts a fresh log
-                    open(os.path.join(cfg.output, "metrics.jsonl"), "w").close()
+            path = os.path.join(cfg.output, CONFIG_FILE)
+            with writing(path), open(path, "w") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=2)
+        self.metrics.start(resumed_at=self.step if self.resumed else None)  # a fresh run starts a fresh log
         if not self.resumed:  # a resumed run restores every RNG from the checkpoint instead
-            _seed_everything(cfg.seed + self.rank)
+            seed_everything(cfg.seed + self.rank)
 
     def _setup_distributed(self) -> None:
         cfg = self.cfg
@@ -242,8 +239,8 @@ class Trainer:
         return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # ---- train ---------------------------------------------------------------------------------
-    def _micro_batches(self):
-        """Endless stream of (epoch, index in epoch, batch), starting at the saved data position."""
+    def _micro_batches(self) -> Iterator[DistillBatch]:
+        """Endless stream of training micro-batches, starting at the saved data position."""
         while True:
             self.sampler.set_epoch(self.epoch, self.micro_in_epoch)
             for batch in self.train_loader:
@@ -251,46 +248,54 @@ class Trainer:
                 yield batch
             self.epoch, self.micro_in_epoch = self.epoch + 1, 0
 
-    def _losses(self, batch: dict, *, train: bool) -> dict[str, torch.Tensor]:
-        lc = self.cfg.loss
-        dev = self.device
-        if int(batch["mismatch"]) >= 0:
-            sid = int(batch["mismatch"])
-            raise MismatchError(f"teachers differ in 'input_ids' at seq id {sid}", "input_ids", (sid, sid))
-        input_ids = batch["input_ids"].to(dev, non_blocking=True)  # [B, L]
-        fused = FusedTargets.from_batch(batch, dev)
-        want_feat = self.use_feat and lc.gamma_feat > 0 and train
-        if lc.chunk_size is not None:  # KD always in the graph here (times 0 when lambda_kd = 0)
+    def compute_loss(self, batch: DistillBatch, *, train: bool) -> LossTerms:
+        """The objective's terms for one micro-batch (forward only; `train` enables the KD gradient, DKD and
+        the feature term). MismatchError when the teachers' tokens differ in this batch."""
+        batch.check()
+        b = batch.to(self.device)
+        want_feat = self.use_feat and self.loss_fn.gamma_feat > 0 and train
+        if self.loss_fn.chunked:
             with self.autocast:
-                (ce, kd), pooled = self.model(input_ids, want_feat, fused, lc.chunk_size, self.temperature)
-            return self._total({"ce": ce, "kd": kd}, batch, fused, pooled, want_feat)
-        with self.autocast:
-            logits, pooled = self.model(input_ids, want_feat)  # [B, L, V]
-        flat = logits.reshape(-1, logits.shape[-1])
-        out: dict[str, torch.Tensor] = {"ce": next_token_ce(logits, input_ids)}
-        kd_grad = lc.lambda_kd > 0 and train
-        with torch.enable_grad() if kd_grad else torch.no_grad():
-            if lc.loss == "dkd" and train:
-                labels = next_token_labels(input_ids).reshape(-1)
-                out["kd"] = dkd_loss(flat, fused, labels, alpha=lc.dkd_alpha, beta=lc.dkd_beta,
-                                     temperature=self.temperature)
-            else:
-                out["kd"] = sparse_kl(flat, fused, temperature=self.temperature)
-        return self._total(out, batch, fused, pooled, want_feat)
-
-    def _total(self, out: dict[str, torch.Tensor], batch: dict, fused: FusedTargets, pooled: torch.Tensor | None,
-               want_feat: bool) -> dict[str, torch.Tensor]:
-        """Adds the feature term, the total loss and the mean teacher weights to `out` (CE and KD)."""
-        lc, dev = self.cfg.loss, self.device
-        if want_feat:
-            h_t = [None if p is None else p.to(dev) for p in batch["pooled"]]
-            projs = [p if has else None for p, has in zip(self.module.projections, self.module.has_proj, strict=True)]
-            out["feat"] = feature_loss(pooled, h_t, projs, self.betas)
+                (ce, kd), pooled = self.model(b.input_ids, want_feat, b.fused, self.loss_fn)
         else:
-            out["feat"] = torch.zeros((), device=dev)
-        out["loss"] = lc.lambda_kd * out["kd"] + (1 - lc.lambda_kd) * out["ce"] + lc.gamma_feat * out["feat"]
-        out["alpha"] = fused.weights.mean(dim=0).detach()  # [K]
-        return out
+            with self.autocast:
+                logits, pooled = self.model(b.input_ids, want_feat)  # [B, L, V]
+            ce, kd = self.loss_fn.logit_terms(logits, b.input_ids, b.fused, train=train)
+        if want_feat:
+            projs = [p if has else None for p, has in zip(self.module.projections, self.module.has_proj, strict=True)]
+            feat = self.loss_fn.feature(pooled, b.pooled, projs)
+        else:
+            feat = torch.zeros((), device=self.device)
+        return self.loss_fn.combine(ce, kd, feat, b.fused)
+
+    def train_step(self, batches: Iterable[DistillBatch]) -> StepResult:
+        """One optimizer step over the next `grad_accum` micro-batches of `batches`: forward, backward (DDP
+        synchronises on the last), gradient clipping, finite checks, AdamW and the schedule. `self.step` counts
+        it. DivergedError, before the optimizer step, when the loss or the gradient norm is not finite."""
+        cfg = self.cfg
+        sums: dict[str, torch.Tensor] = {}
+        self.model.train()
+        micro = -1
+        for micro, batch in enumerate(itertools.islice(batches, cfg.grad_accum)):
+            sync = micro == cfg.grad_accum - 1
+            ctx = self.model.no_sync() if (self.distributed and not cfg.fsdp and not sync) else nullcontext()
+            with ctx:
+                terms = self.compute_loss(batch, train=True)
+                (terms.loss / cfg.grad_accum).backward()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0) + v.detach() / cfg.grad_accum
+        if micro != cfg.grad_accum - 1:
+            raise ValueError(f"train_step needs {cfg.grad_accum} micro-batches (grad_accum), got {micro + 1}")
+        # the norm is measured even without clipping (max_norm=inf scales by exactly 1) to catch inf/NaN
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+        self._check_finite(sums["loss"], grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return StepResult(terms=sums, grad_norm=grad_norm, lr=lr)
 
     def train(self) -> dict[str, float]:
         from tqdm import tqdm
@@ -305,7 +310,7 @@ class Trainer:
             log.info("the run in %s is already finished (step %d of %d); nothing to train", cfg.output,
                      self.step, cfg.max_steps)
             bar.close()
-            if not any(os.path.isfile(os.path.join(cfg.output, "final", f)) for f in smodel.WEIGHT_FILES):
+            if not any(os.path.isfile(os.path.join(cfg.output, FINAL_DIR, f)) for f in smodel.WEIGHT_FILES):
                 self._save_final()  # killed between the last checkpoint and the final save
             return self._last_logged()
         self._eval_mark = time.perf_counter()
@@ -313,26 +318,8 @@ class Trainer:
             last = self._log_eval()
         t_log, steps_since_log = time.perf_counter(), 0
         while self.step < stop:
-            sums: dict[str, torch.Tensor] = {}
-            self.model.train()
-            for micro in range(cfg.grad_accum):
-                batch = next(stream)
-                sync = micro == cfg.grad_accum - 1
-                ctx = self.model.no_sync() if (self.distributed and not cfg.fsdp and not sync) else nullcontext()
-                with ctx:
-                    terms = self._losses(batch, train=True)
-                    (terms["loss"] / cfg.grad_accum).backward()
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0) + v.detach() / cfg.grad_accum
-            # the norm is measured even without clipping (max_norm=inf scales by exactly 1) to catch inf/NaN
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                       cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
-            self._check_finite(sums["loss"], grad_norm)
-            lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
+            result = self.train_step(stream)
+            sums, grad_norm, lr = result.terms, result.grad_norm, result.lr
             steps_since_log += 1
             if self.step % cfg.log_every == 0 or self.step == stop:
                 tps = self.tokens_per_step * steps_since_log / max(time.perf_counter() - t_log, 1e-9)
@@ -370,10 +357,10 @@ class Trainer:
         self.model.eval()
         sums = torch.zeros(4, dtype=torch.float64)  # kl sum, kl positions, nll sum, nll positions
         for batch in self.eval_loader:
-            terms = self._losses(batch, train=False)
-            b, seq_len = batch["input_ids"].shape
-            sums += torch.tensor([float(terms["kd"]) * b * seq_len, b * seq_len,
-                                  float(terms["ce"]) * b * (seq_len - 1), b * (seq_len - 1)], dtype=torch.float64)
+            terms = self.compute_loss(batch, train=False)
+            b, seq_len = batch.shape
+            sums += torch.tensor([float(terms.kd) * b * seq_len, b * seq_len,
+                                  float(terms.ce) * b * (seq_len - 1), b * (seq_len - 1)], dtype=torch.float64)
         if self.distributed:
             dist.all_reduce(sums)
         # the KD term carries tau^2; report the plain KL
@@ -408,63 +395,21 @@ class Trainer:
         return self.module.state_dict(), self.optimizer.state_dict()
 
     def save_checkpoint(self) -> str:
-        """Write checkpoints/step-NNNNNNN/ (rank 0), atomically; keeps the last KEEP_CHECKPOINTS.
-
-        state.pt holds only tensors and plain Python values (loadable with weights_only=True); checkpoint.json
-        records its size and sha256. A failed write (disk full) removes the partial directory and raises
-        CheckpointError; the previous checkpoints stay as they were."""
+        """Checkpoint this step (every rank calls it; rank 0 writes; student/checkpoint.py): refused with
+        DivergedError when a weight is not finite."""
         model_sd, optim_sd = self._state_dicts()
         self._check_weights_finite(model_sd)
-        rng = _rng_state()
-        rngs = [None] * self.world
-        if self.distributed:
-            dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
-        root = os.path.join(self.cfg.output, "checkpoints")
-        final = os.path.join(root, f"step-{self.step:07d}")
-        if self.rank == 0:
-            tmp = final + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            state = {"model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
-                     "rng": rngs, "step": self.step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
-                     "world_size": self.world, "config": dataclasses.asdict(self.cfg)}
-            try:
-                os.makedirs(tmp)
-                torch.save(state, os.path.join(tmp, "state.pt"))
-                size, digest = _sha256(os.path.join(tmp, "state.pt"))
-                with open(os.path.join(tmp, "checkpoint.json"), "w") as f:
-                    json.dump({"step": self.step, "bytes": size, "sha256": digest}, f)
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
-            except OSError as e:
-                shutil.rmtree(tmp, ignore_errors=True)
-                kept = sorted(_checkpoints(root)) if os.path.isdir(root) else []
-                raise CheckpointError(f"cannot write checkpoint {final}: {_reason(e)}; "
-                                      + (f"the previous checkpoint {kept[-1]} is intact, continue with --resume "
-                                         "once there is room" if kept else "no earlier checkpoint exists")) from e
-            for old in sorted(_checkpoints(root))[:-KEEP_CHECKPOINTS]:
-                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-        self._barrier()
-        return final
+        return self.checkpoints.save(self.step, {
+            "model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
+            "micro_in_epoch": self.micro_in_epoch, "config": dataclasses.asdict(self.cfg)})
 
     def _maybe_resume(self) -> None:
-        root = os.path.join(self.cfg.output, "checkpoints")
-        found = sorted(_checkpoints(root)) if os.path.isdir(root) else []
-        self.resumed = False
-        if not self.cfg.resume:
-            if found:
-                raise ConfigError(f"{self.cfg.output} already holds checkpoints; pass --resume to continue it "
-                                  "or choose another --output")
+        found = self.checkpoints.resume(dataclasses.asdict(self.cfg), requested=self.cfg.resume,
+                                        output=self.cfg.output)
+        self.resumed = found is not None
+        if found is None:
             return
-        if not found:
-            log.warning("--resume: no checkpoint in %s, starting from step 0", root)
-            return
-        path, state = _load_latest(root, found)
-        _check_resume_config(state["config"], dataclasses.asdict(self.cfg), path)
-        if state["world_size"] != self.world:
-            raise ConfigError(f"{path} was written by {state['world_size']} ranks, this run has {self.world}; "
-                              "resume with the same number of processes")
+        state = found.state
         if self.cfg.fsdp and self.distributed:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -475,11 +420,8 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.micro_in_epoch = state["step"], state["epoch"], state["micro_in_epoch"]
-        _set_rng_state(state["rng"][self.rank])
-        self.resumed = True
-        if self.rank == 0:
-            _truncate_metrics(os.path.join(self.cfg.output, "metrics.jsonl"), self.step)
-        log.info("resumed from %s (step %d, epoch %d, micro-batch %d)", path, self.step, self.epoch,
+        set_rng_state(state["rng"][self.rank])
+        log.info("resumed from %s (step %d, epoch %d, micro-batch %d)", found.path, self.step, self.epoch,
                  self.micro_in_epoch)
 
     def _save_final(self) -> None:
@@ -494,8 +436,8 @@ class Trainer:
                                                special_ids=self.special_ids)
                 student.load_state_dict({k[len("student."):]: v for k, v in model_sd.items()
                                          if k.startswith("student.")})
-            with _writing(os.path.join(self.cfg.output, "final")):
-                smodel.save_student(student, os.path.join(self.cfg.output, "final"), self.tokenizer)
+            with writing(os.path.join(self.cfg.output, FINAL_DIR)):
+                smodel.save_student(student, os.path.join(self.cfg.output, FINAL_DIR), self.tokenizer)
         self._barrier()
 
     # ---- helpers -------------------------------------------------------------------------------
@@ -535,17 +477,11 @@ class Trainer:
         if bad is not None:  # e.g. a held-out loss of weights that went to inf in the last optimizer step
             raise DivergedError(f"step {self.step}: {rec.get('split')} metrics are not finite ({bad}); nothing "
                                 "was saved from this step; lower --lr or the loss weights")
-        if self.rank == 0:
-            path = os.path.join(self.cfg.output, "metrics.jsonl")
-            with _writing(path), open(path, "a") as f:
-                f.write(json.dumps(rec, allow_nan=False) + "\n")
+        self.metrics.write(rec)
 
     def _last_logged(self) -> dict:
         """The last metrics.jsonl record (the final evaluation of a finished run); {} on ranks other than 0."""
-        if self.rank != 0:
-            return {}
-        records = _read_metrics(os.path.join(self.cfg.output, "metrics.jsonl"))
-        return records[-1] if records else {}
+        return self.metrics.last()
 
     def _any_rank(self, bad: bool) -> bool:
         """True on every rank when `bad` is True on any rank."""
@@ -558,8 +494,7 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         values = torch.stack([loss.detach().float().reshape(()), grad_norm.detach().float().reshape(())])
         if self._any_rank(not bool(torch.isfinite(values).all())):
-            saved = sorted(_checkpoints(os.path.join(self.cfg.output, "checkpoints"))) if self.rank == 0 and \
-                os.path.isdir(os.path.join(self.cfg.output, "checkpoints")) else []
+            saved = self.checkpoints.names() if self.rank == 0 else []
             raise DivergedError(
                 f"training diverged at step {self.step + 1}: loss {float(values[0]):.4g}, gradient norm "
                 f"{float(values[1]):.4g} (not finite); nothing was saved from this step"
@@ -646,172 +581,3 @@ def _schedule(cfg: TrainConfig):
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict:
-    """Every RNG's state in types torch.load(weights_only=True) accepts (tensors, ints, floats, tuples)."""
-    np_state = np.random.get_state(legacy=False)  # {'bit_generator', 'state': {'key', 'pos'}, 'has_gauss', 'gauss'}
-    return {"python": random.getstate(),
-            "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),  # [624] uint32 values
-                      "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
-                      "gauss": float(np_state["gauss"])},
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state({"bit_generator": "MT19937",
-                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
-                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# Fields a resumed run must share with its checkpoint (they decide the data order and the model).
-RESUME_FIELDS = ("teacher_data", "student", "batch_size", "grad_accum", "seed", "split_seed", "eval_fraction",
-                 "eval_sequences", "fsdp", "freeze_embeddings", "freeze_lm_head")
-_FREE_FIELDS = ("resume", "stop_after", "num_workers", "prefetch_factor", "log_every", "eval_every", "save_every",
-                "device", "output", "tokenizer")
-
-
-def _check_resume_config(saved: dict, now: dict, path: str) -> None:
-    for name in RESUME_FIELDS:
-        if saved.get(name) != now.get(name):
-            raise MismatchError(f"--resume: {path} and this run differ in {name!r}: {saved.get(name)!r} vs "
-                                f"{now.get(name)!r}", name, (saved.get(name), now.get(name)))
-    changed = [k for k in now if k not in RESUME_FIELDS + _FREE_FIELDS and saved.get(k) != now[k]]
-    if changed:
-        log.warning("--resume with changed settings %s: the continued run differs from an uninterrupted one",
-                    changed)
-
-
-_CHECKPOINT_NAME = re.compile(r"step-\d{7}")
-_STATE_KEYS = ("model", "optimizer", "scheduler", "rng", "step", "epoch", "micro_in_epoch", "world_size", "config")
-
-
-def _checkpoints(root: str) -> list[str]:
-    return [d for d in os.listdir(root) if _CHECKPOINT_NAME.fullmatch(d)]
-
-
-def _prepare_output(output: str) -> None:
-    """Create the run directory; ConfigError (one line) when it is a file or cannot be written."""
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise ConfigError(f"--output {output} is a file, not a run directory")
-    with _writing(output):
-        os.makedirs(output, exist_ok=True)
-        probe = os.path.join(output, f".write-test-{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-
-
-class _writing:
-    """Context manager turning an OSError while writing `what` (disk full, read-only, not a directory)
-    into a one-line StorageError naming it."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, exc, tb) -> None:
-        if isinstance(exc, OSError):
-            raise StorageError(f"cannot write {self.what}: {_reason(exc)}") from exc
-
-
-def _reason(e: OSError) -> str:
-    if e.errno == errno.ENOSPC:
-        return "no space left on the device"
-    return e.strerror or str(e)
-
-
-def _sha256(path: str) -> tuple[int, str]:
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-            size += len(block)
-    return size, h.hexdigest()
-
-
-def _load_checkpoint(directory: str) -> dict:
-    """The state dict of one checkpoint directory, after checking its size and sha256 against checkpoint.json.
-
-    Raises _Damaged when it is incomplete or unreadable, CheckpointError when state.pt holds anything but
-    tensors and plain values (a pickle that would run code is refused, never executed)."""
-    path = os.path.join(directory, "state.pt")
-    try:
-        with open(os.path.join(directory, "checkpoint.json")) as f:
-            meta = json.load(f)
-        size, digest = _sha256(path)
-    except (OSError, ValueError) as e:
-        raise _Damaged(f"{type(e).__name__}: {e}") from e
-    if not isinstance(meta, dict) or (size, digest) != (meta.get("bytes"), meta.get("sha256")):
-        raise _Damaged(f"state.pt has {size} bytes, sha256 {digest[:12]}..., checkpoint.json records "
-                       f"{meta.get('bytes') if isinstance(meta, dict) else '?'} bytes")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} holds objects other than tensors and plain values (or was written by an "
-                              f"older version); refusing to unpickle it: {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise _Damaged(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise CheckpointError(f"{path} is not a train-student checkpoint (no {', '.join(missing)})")
-    return state
-
-
-def _load_latest(root: str, found: list[str]) -> tuple[str, dict]:
-    """(path, state) of the newest usable checkpoint; a damaged one is skipped with a warning."""
-    problems = []
-    for name in reversed(found):
-        try:
-            return os.path.join(root, name, "state.pt"), _load_checkpoint(os.path.join(root, name))
-        except _Damaged as e:
-            log.warning("--resume: checkpoint %s is damaged (%s); trying the previous one", name, e)
-            problems.append(f"{name}: {e}")
-    raise CheckpointError(f"--resume: no usable checkpoint in {root} ({'; '.join(problems)})")
-
-
-def _read_metrics(path: str) -> list[dict]:
-    """metrics.jsonl records; a torn last line (killed mid-write) is dropped with a warning and cut from the
-    file; a damaged line before the last is a StorageError."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
-    records, good_bytes = [], 0
-    for i, raw in enumerate(lines):
-        if not raw.strip():
-            good_bytes += len(raw) + 1
-            continue
-        try:
-            records.append(json.loads(raw))
-        except ValueError:
-            if any(x.strip() for x in lines[i + 1 :]):
-                raise StorageError(f"{path}:{i + 1}: not valid JSON (only a torn last line is repaired)") from None
-            log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted write", path, len(raw))
-            with _writing(path), open(path, "r+b") as f:
-                f.truncate(good_bytes)
-            break
-        good_bytes += len(raw) + 1
-    return records
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
-    if not os.path.exists(path):
-        return
-    keep = [rec for rec in _read_metrics(path) if rec["step"] <= step]
-    with _writing(path), open(path, "w") as f:
-        f.writelines(json.dumps(rec) + "\n" for rec in keep)

@@ -20,7 +20,7 @@ from cli import main  # noqa: E402
 
 seen: list[list[int]] = []
 hashed: list[str] = []
-_original = trainer_mod.Trainer._losses
+_original = trainer_mod.Trainer.compute_loss
 _original_sha = storage_fs.sha256_of
 
 
@@ -31,13 +31,13 @@ def _counting_sha(fs, path):
 
 def _recording(self, batch, *, train):
     if train:
-        seen.append(batch["seq_ids"].tolist())
+        seen.append(batch.seq_ids.tolist())
     return _original(self, batch, train=train)
 
 
 if __name__ == "__main__":
     out_dir, args = sys.argv[1], sys.argv[2:]
-    trainer_mod.Trainer._losses = _recording
+    trainer_mod.Trainer.compute_loss = _recording
     storage_fs.sha256_of = _counting_sha
     try:
         main(["train-student", *args], standalone_mode=False)

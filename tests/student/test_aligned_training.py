@@ -63,12 +63,11 @@ def _batch(root, *, correction=True, tamper=False):
 
 
 def test_masked_positions_carry_no_kd(caches):
-    from student.fusion import FusedTargets
     from student.losses import sparse_kl
 
     root, _ = caches
     batch, teachers = _batch(root)
-    fused = FusedTargets.from_batch(batch)
+    fused = batch.fused
     mask = teachers[1].read_columns(np.arange(len(teachers[1])), ["target_mask"])["target_mask"].reshape(-1)
     off = torch.from_numpy(mask == 0)
     assert off.any() and (~off).any()
@@ -80,15 +79,13 @@ def test_masked_positions_carry_no_kd(caches):
     tampered, _ = _batch(root, tamper=True)
     logits = torch.randn(fused.ids.shape[0], 380, generator=torch.Generator().manual_seed(0))
     kd = sparse_kl(logits, fused, reduction="none")
-    kd_t = sparse_kl(logits, FusedTargets.from_batch(tampered), reduction="none")
+    kd_t = sparse_kl(logits, tampered.fused, reduction="none")
     torch.testing.assert_close(kd, kd_t, rtol=0, atol=0)
-    for key in ("fused_ids", "fused_probs", "fused_tail", "alpha"):
-        torch.testing.assert_close(batch[key], tampered[key], rtol=0, atol=0)
+    for key in ("ids", "probs", "tail", "weights"):
+        torch.testing.assert_close(getattr(batch.fused, key), getattr(tampered.fused, key), rtol=0, atol=0)
 
 
 def test_observed_correction_reaches_the_fused_target(caches):
-    from student.fusion import FusedTargets
-
     root, _ = caches
     on, teachers = _batch(root, correction=True)
     off, _ = _batch(root, correction=False)
@@ -97,7 +94,7 @@ def test_observed_correction_reaches_the_fused_target(caches):
     labels = np.roll(cols["input_ids"], -1, axis=1).reshape(-1)
     has = ~np.isnan(obs)
     assert has.any()
-    f_on, f_off = FusedTargets.from_batch(on), FusedTargets.from_batch(off)
+    f_on, f_off = on.fused, off.fused
     ids, probs = f_on.ids[:, f_on.columns(1)], f_on.probs[:, f_on.columns(1)]
     rows = np.flatnonzero(has)
     got = (probs[rows] * (ids[rows] == torch.from_numpy(labels[rows])[:, None])).sum(1)

@@ -58,8 +58,8 @@ def test_input_ids_mismatch_outside_spot_check_is_caught_by_the_loader(caches, t
     other = make_cache(tmp_path / "y", name="y", seed=3, tamper_input_seq=5)
     teachers = join_teachers([caches[0], str(other)], spot_check=0)
     ds = DistillDataset(teachers, np.arange(24), weighting="uniform")
-    assert int(ds.__getitems__([1, 2])["mismatch"]) == -1
-    assert int(ds.__getitems__([1, 5])["mismatch"]) == 5
+    assert ds.__getitems__([1, 2]).mismatch is None
+    assert ds.__getitems__([1, 5]).mismatch == 5
 
 
 def test_entropy_weighting_refused_without_entropy(tmp_path):
@@ -137,9 +137,9 @@ def test_dataset_batches_match_direct_fusion(caches):
                     [torch.from_numpy(c["topk_logprobs"]).reshape(n, -1) for c in cols],
                     teacher_weights(ent, "entropy"))
     got = batches[1]
-    assert torch.equal(got["seq_ids"], torch.tensor([9, 5]))
-    assert torch.equal(got["input_ids"], torch.from_numpy(cols[0]["input_ids"]).long())
-    assert torch.equal(got["fused_ids"], ref.ids) and torch.equal(got["fused_probs"], ref.probs)
-    assert torch.equal(got["fused_tail"], ref.tail) and torch.equal(got["alpha"], ref.weights)
-    assert tuple(got["fused_sizes"]) == ref.sizes == (8, 5)
-    assert got["pooled"][0].shape == (2, 12) and got["pooled"][1] is None
+    assert torch.equal(got.seq_ids, torch.tensor([9, 5]))
+    assert torch.equal(got.input_ids, torch.from_numpy(cols[0]["input_ids"]).long())
+    assert torch.equal(got.fused.ids, ref.ids) and torch.equal(got.fused.probs, ref.probs)
+    assert torch.equal(got.fused.tail, ref.tail) and torch.equal(got.fused.weights, ref.weights)
+    assert tuple(got.fused.sizes) == ref.sizes == (8, 5)
+    assert got.pooled[0].shape == (2, 12) and got.pooled[1] is None

@@ -73,11 +73,17 @@ def test_validity_mask_zeroes_teachers_and_renormalises_weights():
 
 
 def test_batch_round_trip_and_rows():
+    import pickle
+
+    from student.batch import DistillBatch
+
     dense, ids, lps = _teachers(5, 10, [3, 2])
     fused = fuse_topk(ids, lps, teacher_weights(torch.ones(5, 2), "uniform"))
-    batch = fused.to_batch()
-    batch["fused_sizes"] = list(batch["fused_sizes"])  # what a DataLoader's pin_memory makes of a tuple
-    back = FusedTargets.from_batch(batch, "cpu")
+    # what a DataLoader worker sends: a pickled DistillBatch; sizes given as a list come back as a tuple
+    listed = FusedTargets(ids=fused.ids, probs=fused.probs, tail=fused.tail, weights=fused.weights, sizes=[3, 2])
+    batch = DistillBatch(seq_ids=torch.arange(1), input_ids=torch.zeros(1, 5, dtype=torch.long), fused=listed,
+                         pooled=[None, None])
+    back = pickle.loads(pickle.dumps(batch)).to("cpu").fused
     assert back.sizes == (3, 2)
     for a, b in ((back.ids, fused.ids), (back.probs, fused.probs), (back.tail, fused.tail),
                  (back.weights, fused.weights)):

@@ -84,7 +84,7 @@ def test_training_reads_a_mixed_top_k_and_sampled_pair(stage_one, sampled_cache,
 
     teachers = join_teachers([stage_one["caches"][0], sampled_cache])
     batch = DistillDataset(teachers, np.arange(4), weighting="entropy")[[0, 1, 2, 3]]
-    assert torch.isfinite(batch["fused_probs"]).all() and (batch["fused_probs"] >= 0).all()
+    assert torch.isfinite(batch.fused.probs).all() and (batch.fused.probs >= 0).all()
     cfg = TrainConfig(teacher_data=[stage_one["caches"][0], sampled_cache], output=str(tmp_path / "run"),
                       student="tiny", tokenizer=stage_one["tokenizer"], batch_size=4, max_steps=3, eval_sequences=8,
                       eval_every=3, log_every=1, num_workers=0, optim=OptimConfig(lr=3e-3, warmup_steps=1),

@@ -57,17 +57,17 @@ def test_kill_and_resume_is_bitwise(stage_one, tmp_path, monkeypatch):
 
     # the interrupted run dies inside step 7, after its checkpoint at step 4 (and a partial metrics log)
     broken = replace(cfg, output=str(tmp_path / "cut"))
-    original = trainer_mod.Trainer._losses
+    original = trainer_mod.Trainer.compute_loss
 
     def dying(self, batch, *, train):
         if train and self.step == 6:
             raise RuntimeError("killed")
         return original(self, batch, train=train)
 
-    monkeypatch.setattr(trainer_mod.Trainer, "_losses", dying)
+    monkeypatch.setattr(trainer_mod.Trainer, "compute_loss", dying)
     with pytest.raises(RuntimeError, match="killed"):
         run_train(broken)
-    monkeypatch.setattr(trainer_mod.Trainer, "_losses", original)
+    monkeypatch.setattr(trainer_mod.Trainer, "compute_loss", original)
     assert max(m["step"] for m in _metrics(tmp_path / "cut")) == 6
     run_train(replace(broken, resume=True))
     timing = ("tokens_per_s", "eval_seconds", "eval_share")  # wall-clock figures, not results

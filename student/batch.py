@@ -1,0 +1,60 @@
+"""`DistillBatch`: one micro-batch of stage two, as `DistillDataset` yields it and the trainer consumes it.
+
+B sequences of L tokens from K joined teachers; the fused targets are flattened over N = B * L positions.
+The batch crosses a process boundary (DataLoader workers pickle it) and may be pinned (`pin_memory`), so it
+holds tensors and plain values only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from storage.errors import MismatchError
+from student.fusion import FusedTargets
+
+
+@dataclass(kw_only=True)
+class DistillBatch:
+    """One fused micro-batch."""
+
+    seq_ids: torch.Tensor
+    """[B] int64 sequence ids (the first teacher's; every teacher holds the same)."""
+    input_ids: torch.Tensor
+    """[B, L] int64 tokens."""
+    fused: FusedTargets
+    """The K teachers' sparse targets side by side, N = B * L positions."""
+    pooled: list[torch.Tensor | None]
+    """Per teacher, [B, d_k] float32 pooled hidden states of the layer the feature loss aligns to, or None."""
+    mismatch: int | None = None
+    """Seq id of the first sequence whose input_ids differ between teachers (None: they all agree). The
+    dataset records it rather than raising in a DataLoader worker, which would lose the error's type."""
+
+    def check(self) -> None:
+        """MismatchError naming the sequence when the teachers disagree on this batch's tokens."""
+        if self.mismatch is not None:
+            sid = self.mismatch
+            raise MismatchError(f"teachers differ in 'input_ids' at seq id {sid}", "input_ids", (sid, sid))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(B, L)."""
+        b, seq_len = self.input_ids.shape
+        return int(b), int(seq_len)
+
+    def to(self, device: torch.device | str) -> DistillBatch:
+        """The tensors on `device` (non-blocking from pinned memory)."""
+        return DistillBatch(seq_ids=self.seq_ids, input_ids=self.input_ids.to(device, non_blocking=True),
+                            fused=self.fused.to(device),
+                            pooled=[None if p is None else p.to(device, non_blocking=True) for p in self.pooled],
+                            mismatch=self.mismatch)
+
+    def pin_memory(self) -> DistillBatch:
+        """Page-locked copies (called by a DataLoader with `pin_memory=True`)."""
+        f = self.fused
+        fused = FusedTargets(ids=f.ids.pin_memory(), probs=f.probs.pin_memory(), tail=f.tail.pin_memory(),
+                             weights=f.weights.pin_memory(), sizes=f.sizes)
+        return DistillBatch(seq_ids=self.seq_ids.pin_memory(), input_ids=self.input_ids.pin_memory(), fused=fused,
+                            pooled=[None if p is None else p.pin_memory() for p in self.pooled],
+                            mismatch=self.mismatch)
