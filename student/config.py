@@ -24,6 +24,8 @@ MAX_SEED = 2**63 - 1
 """Seeds are in 0..MAX_SEED (torch.manual_seed takes 64-bit seeds; numpy refuses negative ones)."""
 
 
+ENTROPY_EPS_RANGE = (1e-8, 1e6)
+"""Accepted `entropy_eps` (nats): the entropy weights 1/(H + eps) stay finite and non-zero in float32."""
 EVAL_SEQUENCES_CAP = 512
 """Most sequences `eval_fraction` holds out: evaluation stays a bounded share of step time on large caches
 (10B tokens at 2048: 5% would be 244k sequences, about 2x the training work between two evaluations)."""
@@ -82,8 +84,10 @@ class LossConfig:
         check_weights("--teacher-weights", self.teacher_weights)
         if self.feat_weights is not None and any(b < 0 for b in self.feat_weights):
             raise ConfigError(f"--feat-weights must be >= 0, got {self.feat_weights}")
-        if not self.entropy_eps > 0:
-            raise ConfigError(f"entropy_eps must be > 0, got {self.entropy_eps}")
+        if not ENTROPY_EPS_RANGE[0] <= self.entropy_eps <= ENTROPY_EPS_RANGE[1]:
+            # float32 1/(H + eps) needs eps well above 0 (1/0 = inf) and well below the float32 range (1/inf = 0)
+            raise ConfigError(f"--entropy-eps must be in [{ENTROPY_EPS_RANGE[0]:g}, {ENTROPY_EPS_RANGE[1]:g}], "
+                              f"got {self.entropy_eps}")
         if self.dkd_alpha < 0 or self.dkd_beta < 0:
             raise ConfigError(f"--dkd-alpha/--dkd-beta must be >= 0, got {self.dkd_alpha}, {self.dkd_beta}")
         if self.chunk_size is not None:
@@ -102,7 +106,7 @@ class OptimConfig:
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to biases and norm weights)."""
     betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
+    """AdamW betas (beta1, beta2), each in [0, 1)."""
     warmup_steps: int = 10
     """Linear warmup length in optimizer steps."""
     min_lr_ratio: float = 0.1
@@ -118,8 +122,10 @@ class OptimConfig:
             raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.warmup_steps < 0:
             raise ConfigError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"--betas must be two values in [0, 1), got {self.betas}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.grad_clip < 0:
             raise ConfigError(f"--grad-clip must be >= 0, got {self.grad_clip}")
 
