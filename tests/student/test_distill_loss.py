@@ -173,3 +173,21 @@ def test_metrics_writer_repairs_a_torn_last_line(tmp_path, caplog):
     with pytest.raises(StorageError, match="not valid JSON"):
         read_metrics(w.path)
     assert MetricsWriter(str(tmp_path), rank=1).last() == {}
+
+
+def test_dataloader_pinning_keeps_the_batch_typed(monkeypatch):
+    """A DataLoader with pin_memory=True (CUDA runs) calls DistillBatch.pin_memory; on this CPU-only check the
+    tensor pinning itself is replaced by a copy."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from student.batch import DistillBatch
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **kw: self.clone())
+    _, _, _, _, _, fused, *_ = _setup()
+    pooled = torch.randn(B, 4)
+    batch = DistillBatch(seq_ids=torch.arange(B), input_ids=torch.ones(B, L, dtype=torch.long), fused=fused,
+                         pooled=[pooled, None], mismatch=3)
+    pinned = pin_memory(batch)
+    assert isinstance(pinned, DistillBatch) and pinned.mismatch == 3 and pinned.fused.sizes == fused.sizes
+    assert torch.equal(pinned.fused.probs, fused.probs) and pinned.fused.probs is not fused.probs
+    assert torch.equal(pinned.pooled[0], pooled) and pinned.pooled[1] is None
