@@ -20,6 +20,9 @@ MAX_WORKERS = 256
 """More DataLoader workers than this is refused as a typo (each is a process)."""
 MAX_LR = 1e6
 """Larger learning rates are refused: AdamW's first step is lr / (1 - beta1) and overflows float32 near 1e37."""
+MAX_SPOT_CHECK = 1_000_000
+"""More spot-checked sequences than this is refused (each is read from every cache at join time; every batch
+is checked anyway)."""
 MAX_SEED = 2**63 - 1
 """Seeds are in 0..MAX_SEED (torch.manual_seed takes 64-bit seeds; numpy refuses negative ones)."""
 
@@ -202,6 +205,8 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "num_workers", "spot_check"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.spot_check > MAX_SPOT_CHECK:
+            raise ConfigError(f"--spot-check must be <= {MAX_SPOT_CHECK}, got {self.spot_check}")
         if self.num_workers > MAX_WORKERS:
             raise ConfigError(f"--num-workers must be <= {MAX_WORKERS}, got {self.num_workers}")
         for name in ("seed", "split_seed"):
