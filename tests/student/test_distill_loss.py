@@ -9,7 +9,8 @@ import logging
 import pytest
 import torch
 
-from storage.errors import ConfigError, MismatchError, StorageError
+from common.errors import ConfigError
+from storage.errors import MismatchError, StorageError
 from student.config import LossConfig
 from student.distill_loss import DistillLoss
 from student.fusion import fuse_topk
