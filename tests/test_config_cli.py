@@ -105,6 +105,21 @@ def test_hidden_alias_maps_onto_the_field(tmp_path, monkeypatch):
     assert "--num-shards" not in CliRunner().invoke(cmd, ["--help"]).output
 
 
+def test_typed_backend_options_survive_the_written_config():
+    """A union of option classes is a leaf: the written dict becomes the backend's options class again."""
+    from common.config_cli import from_dict
+    from teachers.backend_options import VllmOptions
+    from teachers.config import tiny
+
+    cfg = dataclasses.replace(tiny("t", "c.jsonl", "out"), teacher=dataclasses.replace(
+        tiny("t", "c.jsonl", "out").teacher, backend="vllm", backend_options={"hidden_from": "hf",
+                                                                             "tensor_parallel_size": 2}))
+    assert isinstance(cfg.teacher.backend_options, VllmOptions)
+    back = from_dict(PrecomputeConfig, json.loads(json.dumps(dataclasses.asdict(cfg))), where="test")
+    assert back == cfg and isinstance(back.teacher.backend_options, VllmOptions)
+    assert back.teacher.backend_options.hidden_from == "hf" and back.teacher.backend_options.tensor_parallel_size == 2
+
+
 # ---- replay ------------------------------------------------------------------------------------------
 def _tensors(path: Path) -> dict:
     from safetensors.torch import load_file
@@ -176,7 +191,7 @@ def test_precompute_config_replays_the_shards(tmp_path):
     assert r.exit_code == 0, r.output
     config = first / "config-slice-00000-of-00001.json"
     written = json.loads(config.read_text())
-    assert written["num_shards"] == 1 and written["shard_index"] == 0 and written["teacher"]["pool_layers"] == [0, -1]
+    assert written["num_slices"] == 1 and written["slice_index"] == 0 and written["teacher"]["pool_layers"] == [0, -1]
     again = tmp_path / "again"
     r = run_cli("precompute", "--config", config, "--output", again)
     assert r.exit_code == 0, r.output
