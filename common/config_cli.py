@@ -138,14 +138,23 @@ def config_options(root: type, table: Sequence[Opt], *, config_help: str) -> Cal
                                   callback=opt.callback, hidden=True, default=None,
                                   help=f"Old spelling of {opt.flag.split('/')[0]}.")(fn)
             kw: dict[str, Any] = dict(help=opt.help, metavar=opt.metavar, callback=opt.callback)
+            # flags and repeatable options get click's own default (none) where the field's is off or empty, as
+            # in the other commands
             if tp is bool and "/" not in opt.flag:
-                kw.update(is_flag=True, default=bool(default))
+                kw["is_flag"] = True
+                if default:
+                    kw["default"] = True
             else:
-                if default is MISSING or default is None:
-                    kw["default"] = () if opt.multiple else None
-                else:
-                    kw["default"] = tuple(default) if opt.multiple else default
-                    kw["show_default"] = not opt.multiple
+                if opt.multiple:
+                    if default not in (MISSING, None) and len(default):
+                        kw["default"] = tuple(default)
+                elif default is None:
+                    kw["default"] = None
+                elif default is MISSING:  # a required field: required unless --config gives it
+                    pass
+                else:  # a list default as a tuple: click options' defaults are compared and hashed
+                    kw["default"] = tuple(default) if isinstance(default, list) else default
+                    kw["show_default"] = True
                 kw.update(type=opt.type, multiple=opt.multiple)
             fn = click.option(opt.flag, opt.name, **kw)(fn)
         return click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
