@@ -11,9 +11,9 @@
 #
 # OUT defaults to ./demo. Teachers, the cut student and caches already in OUT are reused; the two students are
 # retrained. Settings (environment): DEMO_TEACHERS (teacher names, built by scripts/build_teachers.py: smollm2
-# and smollm2-<domain>; "smollm2 smollm2-python"), DEMO_KEEP (init-student --keep-layers, 12), DEMO_TOKENS
+# and smollm2-<domain>; "smollm2 smollm2-python"), DEMO_KEEP (init-student --keep-layers, 20), DEMO_TOKENS
 # (cached training tokens, 18432 = 72 windows of 256, 8 of them held out by train-student), DEMO_STEPS (student
-# steps of 4 windows, 30), DEMO_LR (3e-4), DEMO_LAMBDA (KD weight of the distilled student, 0.9), DEMO_FT_STEPS
+# steps of 4 windows, 20), DEMO_LR (3e-4), DEMO_LAMBDA (KD weight of the distilled student, 0.5), DEMO_FT_STEPS
 # (teacher fine-tuning steps, 8), DEMO_EVAL_TOKENS (held-out tokens, 8192), DEMO_CALIBRATION_TOKENS (Block
 # Influence calibration tokens, 4096); PYTHON (interpreter, python).
 set -euo pipefail
@@ -22,11 +22,11 @@ cd "$(dirname "$0")/.."
 OUT=${1:-demo}
 PY=${PYTHON:-python}
 read -r -a TEACHERS <<< "${DEMO_TEACHERS:-smollm2 smollm2-python}"
-KEEP=${DEMO_KEEP:-12}
+KEEP=${DEMO_KEEP:-20}
 TOKENS=${DEMO_TOKENS:-18432}
-STEPS=${DEMO_STEPS:-30}
+STEPS=${DEMO_STEPS:-20}
 LR=${DEMO_LR:-3e-4}
-LAMBDA=${DEMO_LAMBDA:-0.9}
+LAMBDA=${DEMO_LAMBDA:-0.5}
 FT_STEPS=${DEMO_FT_STEPS:-8}
 EVAL_TOKENS=${DEMO_EVAL_TOKENS:-8192}
 CALIBRATION=${DEMO_CALIBRATION_TOKENS:-4096}
