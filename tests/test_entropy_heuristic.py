@@ -1,0 +1,69 @@
+"""benchmarks/entropy_heuristic.py: its statistics against independent hand computations (float64)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("entropy_heuristic", ROOT / "benchmarks" / "entropy_heuristic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_spearman_equals_the_rank_difference_formula():
+    m = _module()
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=200), rng.normal(size=200)
+    y = 0.6 * x + y  # correlated, no ties
+    rx = np.empty(200)
+    rx[np.argsort(x)] = np.arange(200)
+    ry = np.empty(200)
+    ry[np.argsort(y)] = np.arange(200)
+    n = 200
+    expected = 1.0 - 6.0 * ((rx - ry) ** 2).sum() / (n * (n * n - 1))
+    assert abs(m.spearman(x, y) - expected) < 1e-12
+    assert abs(m.spearman(x, np.exp(x)) - 1.0) < 1e-12  # any increasing transform
+    assert abs(m.spearman(x, -x) + 1.0) < 1e-12
+
+
+def test_figures_by_hand():
+    m = _module()
+    # two teachers, four positions: teacher 0 is the surer one at positions 0, 1 and 3
+    h = np.array([[0.5, 1.0, 3.0, 0.2], [2.0, 2.0, 1.0, 0.2 + 1e-9]])
+    p = np.array([[0.6, 0.1, 0.2, 0.5], [0.3, 0.4, 0.5, 0.5]])
+    f = m.figures(p, h)
+    # entropies differ by > 1e-6 at positions 0, 1, 2; the lower-entropy teacher has more p(o) at 0 and 2
+    assert f["lower_entropy_wins"] == 2 / 3
+    w = 1.0 / (h + 1e-3)
+    alpha = w / w.sum(axis=0)
+    assert np.allclose(f["alpha"], alpha.mean(axis=1), rtol=0, atol=1e-15)
+    fused = (alpha * p).sum(axis=0)
+    assert abs(f["nll_entropy_fused"] - float(np.mean(-np.log(fused)))) < 1e-14
+    assert abs(f["nll_uniform_fused"] - float(np.mean(-np.log((p[0] + p[1]) / 2)))) < 1e-14
+    assert np.allclose(f["ppl"], np.exp(-np.log(p).mean(axis=1)), rtol=1e-14, atol=0)
+
+
+def test_bootstrap_resamples_whole_windows_and_brackets_the_estimate():
+    m = _module()
+    rng = np.random.default_rng(1)
+    n_windows, per = 12, 30
+    window = np.repeat(np.arange(n_windows), per)
+    h = rng.uniform(0.5, 4.0, size=(2, n_windows * per))
+    p = np.clip(np.exp(-h + rng.normal(scale=0.3, size=h.shape)), 1e-6, 1.0)  # low entropy, high p(o)
+    r = m.bootstrap(p, h, window, n=200, seed=0)
+    assert r["windows"] == n_windows and r["positions"] == n_windows * per
+    for key in ("lower_entropy_wins", "nll_entropy_minus_uniform"):
+        lo, hi = r["ci"][key]
+        assert lo <= r["point"][key] <= hi
+    assert r["point"]["lower_entropy_wins"] > 0.5  # built so that the surer teacher is right more often
+    assert np.all(r["point"]["rho"] > 0.5)
+    # one window only: every resample is that window, so the interval collapses onto the estimate
+    one = m.bootstrap(p[:, :per], h[:, :per], window[:per], n=20, seed=0)
+    assert one["ci"]["lower_entropy_wins"][0] == one["ci"]["lower_entropy_wins"][1] == one["point"]["lower_entropy_wins"]
