@@ -14,6 +14,7 @@ Teachers built with the same tokenizer share its fingerprint and can be joined i
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import random
 from pathlib import Path
@@ -252,3 +253,12 @@ def one_error_line(result, *needles: str, ignore: tuple[str, ...] = ()) -> str:
         assert needle in lines[0], lines[0]
     assert "Traceback" not in result.output
     return lines[0]
+
+
+def load_script(relative: str, name: str | None = None):
+    """A script of the repository that is not in a package (benchmarks/*.py, scripts/*.py), loaded as a module."""
+    path = Path(__file__).resolve().parents[1] / relative
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import load_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("entropy_heuristic", ROOT / "benchmarks" / "entropy_heuristic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/entropy_heuristic.py")
 
 
 def test_spearman_equals_the_rank_difference_formula():
