@@ -104,6 +104,8 @@ def bootstrap(p: np.ndarray, h: np.ndarray, window: np.ndarray, *, n: int = 2000
 
 def from_caches(paths: list[str]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, dict]:
     """(names, p [K, N], h [K, N], window [N], counts) from project caches over the same windows."""
+    from align_gemma import _prob_of  # benchmarks/ is on the path when this runs as a script
+
     from storage.reader import TeacherDataset
     from student.observed import corrected_entropy
 
@@ -124,9 +126,7 @@ def from_caches(paths: list[str]) -> tuple[list[str], np.ndarray, np.ndarray, np
     for d in data:
         ids = d["topk_ids"][:, : length - 1].reshape(-1, d["topk_ids"].shape[-1])
         lp = d["topk_logprobs"][:, : length - 1].reshape(ids.shape).astype(np.float64)
-        hit = ids == obs[:, None]
-        found = hit.any(axis=1)
-        p = np.exp(np.where(hit, lp, 0.0).sum(axis=1))
+        p, found = _prob_of(ids, lp, obs)  # p: the k-th probability where o is not in the row (never scored)
         h = d["entropy"][:, : length - 1].reshape(-1).astype(np.float64)
         if "observed_logprob" in d:  # aligned: the exact value, and the entropy stage two uses with it
             exact = d["observed_logprob"][:, : length - 1].reshape(-1).astype(np.float64)
