@@ -12,6 +12,7 @@ some teacher has a target, and the counts are kept apart (`kl_positions`, `posit
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,12 +85,14 @@ class Scores:
 
 def greedy_continuations(model: Any, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """Greedy continuation [n, new_tokens] int64 of equal-length prompts [n, P] (KV cache, no padding)."""
+    # transformers 5 renamed the KV-cache argument and output field `past_key_values` to `cache`
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
         out = model(input_ids=prompts, use_cache=True)
         nxt = out.logits[:, -1].argmax(dim=-1)
         tokens = [nxt]
         for _ in range(new_tokens - 1):
-            out = model(input_ids=nxt[:, None], past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=nxt[:, None], use_cache=True, **{cache_arg: getattr(out, cache_arg)})
             nxt = out.logits[:, -1].argmax(dim=-1)
             tokens.append(nxt)
     return torch.stack(tokens, dim=1)
