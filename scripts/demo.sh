@@ -15,7 +15,8 @@
 # (cached training tokens, 18432 = 72 windows of 256, 8 of them held out by train-student), DEMO_STEPS (student
 # steps of 4 windows, 20), DEMO_LR (3e-4), DEMO_LAMBDA (KD weight of the distilled student, 0.5), DEMO_FT_STEPS
 # (teacher fine-tuning steps, 8), DEMO_EVAL_TOKENS (held-out tokens, 8192), DEMO_CALIBRATION_TOKENS (Block
-# Influence calibration tokens, 4096); PYTHON (interpreter, python).
+# Influence calibration tokens, 4096), DEMO_SEED (training seed of both students: data order, 0); PYTHON
+# (interpreter, python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +31,7 @@ LAMBDA=${DEMO_LAMBDA:-0.5}
 FT_STEPS=${DEMO_FT_STEPS:-8}
 EVAL_TOKENS=${DEMO_EVAL_TOKENS:-8192}
 CALIBRATION=${DEMO_CALIBRATION_TOKENS:-4096}
+SEED=${DEMO_SEED:-0}
 SEQ=256
 BATCH=4
 SECONDS=0
@@ -74,7 +76,7 @@ for t in "${TEACHERS[@]}"; do
 done
 
 TRAIN=(--student "$OUT/student-init" --tokenizer "$OUT/teachers/smollm2" --max-steps "$STEPS"
-  --batch-size "$BATCH" --lr "$LR" --warmup-steps $((STEPS / 10)) --seed 0 --eval-sequences 8
+  --batch-size "$BATCH" --lr "$LR" --warmup-steps $((STEPS / 10)) --seed "$SEED" --eval-sequences 8
   --eval-every 0 --num-workers 0 --device cpu)
 rm -rf "$OUT/runs"
 
