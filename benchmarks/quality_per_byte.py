@@ -1,0 +1,574 @@
+"""Quality per byte: the same cut student, same steps and data, trained on each storage setting of one teacher's
+targets (top-k float16 at several k, sampled at several N), scored against the teacher's full distribution.
+
+    python benchmarks/quality_per_byte.py --teacher demo/teachers/smollm2 --student-init demo/student-init \\
+        --work /tmp/qpb --write-results
+
+The teacher and the cut student are what scripts/demo.sh builds (`build_teachers.py`, `init-student`).
+Stages, each reused when already complete under --work (an interrupted run resumes where it stopped):
+  1. caches: WORK/caches/NAME for every setting, written by `run_precompute` exactly as `precompute` writes them
+     (`--targets topk --top-k K` or `--targets sampled --samples N`, --pool-layers none), with the teacher
+     forward computed once and reused for every setting (as benchmarks/sampled_caches.py does); bytes/token is
+     the shard files' size on disk over the cached tokens.
+  2. students: `train-student` from the same --student-init with identical options but the cache, per seed
+     (the seed fixes init RNGs and data order) -> WORK/runs/NAME-sSEED. All settings of a seed before the next.
+  3. evaluate: per seed, one `evaluate` of that seed's students with the live teacher at --top-k = vocab (the
+     KL is then the full KL(P_teacher || P_student) at every held-out position) -> WORK/eval-sSEED.json.
+  4. table: each setting minus the reference (top64) with 95% paired-bootstrap intervals over the held-out
+     windows, per seed and pooled (per window, the mean over seeds), for perplexity and KL; the figure.
+
+A setting is called "as good as" the reference when, for perplexity and for KL, every seed's interval and the
+pooled one reach zero or lie below it (setting - reference not shown to be > 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.shared import add_options  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+BEGIN, END = "<!-- quality_per_byte:begin -->", "<!-- quality_per_byte:end -->"
+HEADER = "## Quality per byte (`benchmarks/quality_per_byte.py`)\n"
+DEFAULT_SETTINGS = "top64,top8,top32,sampled8,sampled16,sampled32,sampled64"
+
+
+class Setting(NamedTuple):
+    """One storage setting of the teacher's targets."""
+
+    name: str
+    """top{K}, top{K}b{BITS} or sampled{N}: the cache and run names."""
+    targets: str
+    """`topk` or `sampled`, as `precompute --targets`."""
+    size: int
+    """K (top-k) or N (draws per position)."""
+    bits: int | None = None
+    """float16 mantissa bits kept (`--logprob-bits`); None: all 10."""
+
+    @property
+    def series(self) -> str:
+        if self.targets == "sampled":
+            return "sampled"
+        return "top-k" if self.bits is None else f"top-k, {self.bits} mantissa bits"
+
+
+def parse_setting(name: str) -> Setting:
+    """`top64` -> top-64 float16; `top64b6` -> with 6 mantissa bits; `sampled16` -> 16 draws per position."""
+    m = re.fullmatch(r"(top|sampled)(\d+)(?:b(\d+))?", name)
+    if not m or (m.group(1) == "sampled" and m.group(3)) or int(m.group(2)) < 1:
+        raise SystemExit(
+            f"error: setting {name!r}: give topK, topKbBITS or sampledN (e.g. top64, top32b6, sampled16)"
+        )
+    bits = int(m.group(3)) if m.group(3) else None
+    return Setting(
+        name=name, targets="topk" if m.group(1) == "top" else "sampled", size=int(m.group(2)), bits=bits
+    )
+
+
+def cache_bytes(cache: Path) -> tuple[int, int]:
+    """(bytes of the shard files on disk, cached tokens) of a finished cache (its manifest's shards)."""
+    manifest = json.loads((cache / "manifest.json").read_text(encoding="utf-8"))
+    size = 0
+    for shard in manifest["shards"]:
+        on_disk = (cache / shard["file"]).stat().st_size
+        if on_disk != shard["bytes"]:
+            raise RuntimeError(
+                f"{cache / shard['file']}: {on_disk} bytes on disk, manifest says {shard['bytes']}"
+            )
+        size += on_disk
+    return size, sum(s["rows"] for s in manifest["shards"]) * manifest["seq_len"]
+
+
+def versus(
+    values: dict[int, dict[str, list[float]]],
+    name: str,
+    reference: str,
+    metric: str,
+    *,
+    replicates: int,
+    seed: int,
+) -> dict[str, dict[str, float]]:
+    """`name` minus `reference` on `metric` (`perplexity` from per-window NLLs, or `kl`), with 95% paired-bootstrap
+    intervals over the held-out windows: per seed (key "s{seed}") and pooled over the seeds (key "pooled": per
+    window, the mean over seeds of each model's value, then the same bootstrap). values[seed][label] is the
+    per-window list (same windows, same order, for every seed)."""
+    from student.stats import mean, paired_bootstrap, perplexity_of_means
+
+    stat = perplexity_of_means if metric == "perplexity" else mean
+    out = {}
+    seeds = sorted(values)
+    for s in seeds:
+        r = paired_bootstrap(values[s][name], values[s][reference], n=replicates, seed=seed, stat=stat)
+        out[f"s{s}"] = {"difference": r.estimate, "low": r.low, "high": r.high}
+    if len(seeds) > 1:
+        a = np.mean([values[s][name] for s in seeds], axis=0)
+        b = np.mean([values[s][reference] for s in seeds], axis=0)
+        r = paired_bootstrap(a, b, n=replicates, seed=seed, stat=stat)
+        out["pooled"] = {"difference": r.estimate, "low": r.low, "high": r.high}
+    return out
+
+
+def as_good(intervals: dict[str, dict[str, float]]) -> bool:
+    """No interval (per seed and pooled) of setting - reference lies wholly above zero."""
+    return all(iv["low"] <= 0.0 for iv in intervals.values())
+
+
+def summarise(
+    evals: dict[int, dict[str, Any]],
+    settings: list[Setting],
+    bytes_per_token: dict[str, float],
+    reference: str,
+    *,
+    replicates: int,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """One row per setting: bytes/token, perplexity and KL per seed (and their mean), differences to the
+    reference with intervals. evals[seed] is that seed's `evaluate` JSON, students labelled NAME-sSEED."""
+    seeds = sorted(evals)
+    windows: dict[str, dict[int, dict[str, list[float]]]] = {"perplexity": {}, "kl": {}}
+    for s in seeds:
+        models = evals[s]["models"]
+        windows["perplexity"][s] = {st.name: models[f"{st.name}-s{s}"]["window_nll"] for st in settings}
+        windows["kl"][s] = {st.name: models[f"{st.name}-s{s}"]["window_kl_fused"] for st in settings}
+    rows = []
+    for st in settings:
+        row: dict[str, Any] = {
+            "setting": st.name,
+            "series": st.series,
+            "bytes_per_token": bytes_per_token[st.name],
+        }
+        for metric, key in (("perplexity", "perplexity"), ("kl", "kl_fused")):
+            per_seed = {s: evals[s]["models"][f"{st.name}-s{s}"][key] for s in seeds}
+            row[metric] = {"per_seed": per_seed, "mean": float(np.mean(list(per_seed.values())))}
+            if st.name != reference:
+                row[metric]["vs_reference"] = versus(
+                    windows[metric], st.name, reference, metric, replicates=replicates, seed=seed
+                )
+        row["as_good"] = (
+            None
+            if st.name == reference
+            else (as_good(row["perplexity"]["vs_reference"]) and as_good(row["kl"]["vs_reference"]))
+        )
+        rows.append(row)
+    return rows
+
+
+def _iv(d: dict[str, float], nd: int) -> str:
+    return f"{d['difference']:+.{nd}f} [{d['low']:+.{nd}f}, {d['high']:+.{nd}f}]"
+
+
+def format_table(rows: list[dict[str, Any]], reference: str) -> str:
+    """Markdown: setting, bytes/token, perplexity and KL (mean over seeds, then each seed), and each difference to
+    the reference with its interval (per seed, pooled)."""
+    seeds = sorted(rows[0]["perplexity"]["per_seed"])
+    keys = [f"s{s}" for s in seeds] + (["pooled"] if len(seeds) > 1 else [])
+    seed_names = "/".join(f"seed {s}" for s in seeds)
+    head = ["setting", "B/token", f"ppl mean ({seed_names})", f"KL mean ({seed_names})"]
+    head += [f"ppl - {reference} {k}" for k in keys] + [f"KL - {reference} {k}" for k in keys] + ["as good"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * 3 + "---|" * (2 * len(keys) + 1)]
+    for r in rows:
+        ppl, kl = r["perplexity"], r["kl"]
+        cells = [
+            r["setting"],
+            f"{r['bytes_per_token']:.1f}",
+            f"{ppl['mean']:.2f} (" + "/".join(f"{v:.2f}" for v in ppl["per_seed"].values()) + ")",
+            f"{kl['mean']:.4f} (" + "/".join(f"{v:.4f}" for v in kl["per_seed"].values()) + ")",
+        ]
+        if r["as_good"] is None:
+            cells += ["reference"] * (2 * len(keys)) + ["-"]
+        else:
+            cells += [_iv(ppl["vs_reference"][k], 2) for k in keys] + [
+                _iv(kl["vs_reference"][k], 4) for k in keys
+            ]
+            cells.append("yes" if r["as_good"] else "no")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict(rows: list[dict[str, Any]], reference: str, budget: float) -> str:
+    """The goal's line: the cheapest setting at <= budget bytes/token that is as good as the reference."""
+    ok = sorted(
+        (r for r in rows if r["as_good"] and r["bytes_per_token"] <= budget),
+        key=lambda r: r["bytes_per_token"],
+    )
+    ref = next(r for r in rows if r["setting"] == reference)
+    if not ok:
+        return (
+            f"goal NOT reached: no setting at <= {budget:g} B/token is as good as {reference} "
+            f"({ref['bytes_per_token']:.1f} B/token) on both perplexity and KL"
+        )
+    names = ", ".join(f"{r['setting']} ({r['bytes_per_token']:.1f} B/token)" for r in ok)
+    return (
+        f"goal reached: as good as {reference} ({ref['bytes_per_token']:.1f} B/token) at <= {budget:g} B/token: "
+        f"{names}"
+    )
+
+
+def plot(rows: list[dict[str, Any]], reference: str, path: str, title: str) -> None:
+    """Two panels, KL and perplexity minus the reference (pooled over seeds, 95% interval) against bytes/token."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = next(r for r in rows if r["setting"] == reference)
+    xs_all = [r["bytes_per_token"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, label in (
+        (axes[0], "kl", "KL to the teacher's full distribution"),
+        (axes[1], "perplexity", "perplexity"),
+    ):
+        for series in dict.fromkeys(r["series"] for r in rows):
+            marker = "s" if series == "sampled" else ("o" if series == "top-k" else "^")
+            pts = sorted((r for r in rows if r["series"] == series), key=lambda r: r["bytes_per_token"])
+            xs, ys, lo, hi = [], [], [], []
+            for r in pts:
+                xs.append(r["bytes_per_token"])
+                if r["setting"] == reference:
+                    ys.append(0.0)
+                    lo.append(0.0)
+                    hi.append(0.0)
+                    continue
+                ivs = r[metric]["vs_reference"]
+                iv = ivs.get("pooled", next(iter(ivs.values())))
+                ys.append(iv["difference"])
+                lo.append(iv["difference"] - iv["low"])
+                hi.append(iv["high"] - iv["difference"])
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker=marker, capsize=3, label=series)
+            for r, x, y in zip(pts, xs, ys, strict=True):
+                ax.annotate(r["setting"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.axvline(100.0, color="grey", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ticks = [t for t in (10, 20, 30, 50, 100, 200, 300) if min(xs_all) / 1.5 <= t <= max(xs_all) * 1.5]
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("cache bytes/token (Parquet, no pooled column)")
+        ax.set_ylabel(f"{label} - {reference}'s ({ref[metric]['mean']:.4g})")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- the stages ----------------------------------------------------------------------------------
+class Times:
+    """Wall seconds of each completed stage, kept in WORK/times.json so a resumed run reports them all."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+
+    def record(self, key: str, seconds: float) -> None:
+        self.data[key] = seconds
+        self.path.write_text(json.dumps(self.data, indent=1) + "\n")
+
+
+def build_caches(args: argparse.Namespace, settings: list[Setting], work: Path, times: Times) -> None:
+    """Every missing cache, with one teacher forward shared by all (memoised final hidden states)."""
+    missing = [s for s in settings if not (work / "caches" / s.name / "manifest.json").exists()]
+    for s in settings:
+        if s not in missing:
+            print(f"[qpb] cache {s.name} exists, reused", flush=True)
+    if not missing:
+        return
+    import torch
+
+    from benchmarks.sampled_caches import _memoised
+    from common.corpus import CorpusConfig
+    from teachers.backends import create_backend
+    from teachers.config import PrecomputeConfig, StorageConfig, TeacherConfig
+    from teachers.precompute import run_precompute
+
+    memo: dict[bytes, torch.Tensor] = {}
+    backend = None
+    for s in missing:
+        out = work / "caches" / s.name
+        if out.exists():  # an interrupted write
+            print(f"[qpb] {out} has no manifest (interrupted), rewritten", flush=True)
+            shutil.rmtree(out)
+        cfg = PrecomputeConfig(
+            corpus=CorpusConfig(dataset=args.train_data, max_tokens=args.max_tokens),
+            teacher=TeacherConfig(
+                path=args.teacher,
+                targets=s.targets,
+                top_k=s.size if s.targets == "topk" else 64,
+                samples=s.size if s.targets == "sampled" else 16,
+                pool_layers=[],
+                batch_size=args.precompute_batch_size,
+                device=args.device,
+            ),
+            storage=StorageConfig(output=str(out), logprob_mantissa_bits=s.bits),
+            seq_len=args.seq_len,
+            num_slices=1,
+            slice_index=0,
+            progress=False,
+        )
+        if backend is None:
+            backend = create_backend(cfg.teacher, seq_len=args.seq_len)
+            backend.final_hidden = _memoised(backend.final_hidden, memo)
+        backend.cfg = cfg.teacher  # the backend reads targets, top_k and samples from its config
+        t0 = time.perf_counter()
+        m = run_precompute(cfg, backend=backend)
+        times.record(f"cache {s.name}", time.perf_counter() - t0)
+        print(
+            f"[qpb] cache {s.name}: {m.num_sequences} sequences, {m.total_bytes / m.num_tokens:.1f} B/token, "
+            f"{time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
+
+
+def train_args(args: argparse.Namespace, cache: Path, seed: int, out: Path) -> list[str]:
+    """`train-student` options: identical for every setting but the cache (and the seed)."""
+    return [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "train-student",
+        "--teacher-data",
+        str(cache),
+        "--student",
+        args.student_init,
+        "--tokenizer",
+        args.tokenizer or args.teacher,
+        "--max-steps",
+        str(args.max_steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--lr",
+        str(args.lr),
+        "--warmup-steps",
+        str(args.max_steps // 10 if args.warmup_steps is None else args.warmup_steps),
+        "--seed",
+        str(seed),
+        "--eval-sequences",
+        "8",
+        "--eval-every",
+        "0",
+        "--num-workers",
+        "0",
+        "--device",
+        args.device,
+        "--lambda-kd",
+        str(args.lambda_kd),
+        "--output",
+        str(out),
+    ]
+
+
+def run_logged(cmd: list[str], log: Path) -> None:
+    print("[qpb] $ " + " ".join(cmd[1:]) + f"  (log: {log})", flush=True)
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    if rc:
+        tail = log.read_text(errors="replace").splitlines()[-20:]
+        raise SystemExit(f"error: command failed (exit {rc}); last lines of {log}:\n" + "\n".join(tail))
+
+
+def train(args: argparse.Namespace, settings: list[Setting], seed: int, work: Path, times: Times) -> None:
+    for s in settings:
+        out = work / "runs" / f"{s.name}-s{seed}"
+        if (out / "final" / "model.safetensors").exists():
+            print(f"[qpb] student {out.name} exists, reused", flush=True)
+            continue
+        if out.exists():
+            print(f"[qpb] {out} has no final model (interrupted), retrained", flush=True)
+            shutil.rmtree(out)
+        t0 = time.perf_counter()
+        run_logged(
+            train_args(args, work / "caches" / s.name, seed, out), work / "logs" / f"train-{out.name}.log"
+        )
+        times.record(f"train {out.name}", time.perf_counter() - t0)
+        print(f"[qpb] student {out.name}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def evaluate(args: argparse.Namespace, settings: list[Setting], seed: int, work: Path, times: Times) -> dict:
+    """That seed's students against the live teacher at --top-k = vocab; the JSON reused when it has them all."""
+    path = work / f"eval-s{seed}.json"
+    labels = [f"{s.name}-s{seed}" for s in settings]
+    if path.exists():
+        res = json.loads(path.read_text())
+        if all(lab in res["models"] for lab in labels):
+            print(f"[qpb] {path.name} exists, reused", flush=True)
+            return res
+    cmd = [sys.executable, str(ROOT / "cli.py"), "evaluate"]
+    for lab in labels:
+        cmd += ["--student", f"{lab}={work / 'runs' / lab / 'final'}"]
+    cmd += [
+        "--teacher",
+        f"teacher={args.teacher}",
+        "--tokenizer",
+        args.tokenizer or args.teacher,
+        "--dataset",
+        args.eval_data,
+        "--max-tokens",
+        str(args.eval_tokens),
+        "--seq-len",
+        str(args.seq_len),
+        "--top-k",
+        str(args.eval_top_k),
+        "--bleu-prompts",
+        "0",
+        "--bootstrap",
+        str(args.bootstrap),
+        "--device",
+        args.device,
+        "--output",
+        str(path),
+    ]
+    t0 = time.perf_counter()
+    run_logged(cmd, work / "logs" / f"eval-s{seed}.log")
+    times.record(f"evaluate s{seed}", time.perf_counter() - t0)
+    res = json.loads(path.read_text())
+    if res["kl_kind"] != "full":
+        raise SystemExit(
+            f"error: evaluate's KL is {res['kl_kind']!r}, not the full KL: raise --eval-top-k to the "
+            "teacher's vocab size"
+        )
+    return res
+
+
+def write_results(text: str) -> None:
+    doc = RESULTS.read_text(encoding="utf-8")
+    block = f"{BEGIN}\n{text}\n{END}"
+    if BEGIN in doc:
+        a, b = doc.index(BEGIN), doc.index(END) + len(END)
+        doc = doc[:a] + block + doc[b:]
+    elif HEADER in doc:
+        a = doc.index(HEADER) + len(HEADER)
+        doc = doc[:a] + "\n" + block + "\n" + doc[a:]
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + HEADER + "\n" + block + "\n"
+    RESULTS.write_text(doc, encoding="utf-8")
+    print(f"[qpb] updated {RESULTS}")
+
+
+def machine() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()}-core CPU ({platform.machine()}), {gpu}, torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--teacher", required=True, help="teacher model directory (transformers), e.g. demo/teachers/smollm2"
+    )
+    ap.add_argument(
+        "--student-init", required=True, help="the cut student (init-student output), e.g. demo/student-init"
+    )
+    ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --teacher)")
+    ap.add_argument(
+        "--work", required=True, help="directory for caches, runs, logs and evaluation JSON (reused)"
+    )
+    ap.add_argument(
+        "--settings",
+        default=DEFAULT_SETTINGS,
+        help="comma list of topK, topKbBITS (float16 with BITS mantissa bits), sampledN; must include "
+        "--reference",
+    )
+    ap.add_argument("--reference", default="top64", help="the setting every other one is compared with")
+    ap.add_argument("--budget", type=float, default=100.0, help="bytes/token of the goal line")
+    ap.add_argument(
+        "--train-data", default=str(ROOT / "data/corpus/train.jsonl"), help="corpus of the caches"
+    )
+    ap.add_argument("--max-tokens", type=int, default=18432, help="cached training tokens")
+    ap.add_argument("--precompute-batch-size", type=int, default=4, help="sequences per teacher forward")
+    add_options(ap, seq_len=256, batch_size=4, device="cpu")
+    ap.add_argument("--seeds", default="0,1", help="comma list of student seeds (init RNGs and data order)")
+    ap.add_argument("--max-steps", type=int, default=20, help="student optimizer steps")
+    ap.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    ap.add_argument("--warmup-steps", type=int, default=None, help="warmup steps (default: max-steps // 10)")
+    ap.add_argument("--lambda-kd", type=float, default=0.5, help="weight of the distillation term")
+    ap.add_argument("--eval-data", default=str(ROOT / "data/corpus/validation.jsonl"), help="held-out text")
+    ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens")
+    ap.add_argument(
+        "--eval-top-k",
+        type=int,
+        default=49152,
+        help="top-k of the live teacher in evaluate: the vocab size gives the full KL",
+    )
+    ap.add_argument("--bootstrap", type=int, default=2000, help="paired-bootstrap replicates")
+    ap.add_argument("--plot", default=str(ROOT / "benchmarks/quality_per_byte.png"), help="PNG of the figure")
+    ap.add_argument(
+        "--write-results", action="store_true", help="replace the marked block in benchmarks/RESULTS.md"
+    )
+    args = ap.parse_args(argv)
+
+    settings = [parse_setting(x) for x in args.settings.split(",") if x]
+    names = [s.name for s in settings]
+    if args.reference not in names:
+        raise SystemExit(f"error: --reference {args.reference} is not among --settings {args.settings}")
+    settings.sort(key=lambda s: s.name != args.reference)  # the reference first (evaluate compares with it)
+    seeds = [int(x) for x in args.seeds.split(",") if x]
+    work = Path(args.work)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    times = Times(work / "times.json")
+    start = time.perf_counter()
+
+    build_caches(args, settings, work, times)
+    bpt = {}
+    for s in settings:
+        size, tokens = cache_bytes(work / "caches" / s.name)
+        bpt[s.name] = size / tokens
+    evals = {}
+    for seed in seeds:
+        train(args, settings, seed, work, times)
+        evals[seed] = evaluate(args, settings, seed, work, times)
+
+    rows = summarise(evals, settings, bpt, args.reference, replicates=args.bootstrap, seed=0)
+    (work / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
+    wall = time.perf_counter() - start
+    ev = evals[seeds[0]]
+    cmd = "python benchmarks/quality_per_byte.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [
+        f"{machine()}, {time.strftime('%Y-%m-%d')}; `{cmd}` (wall {wall / 60:.0f} min this invocation; "
+        f"recorded stages {sum(times.data.values()) / 60:.0f} min in all).",
+        "",
+        f"Teacher {args.teacher} (float32); student {args.student_init}; caches of {args.max_tokens} tokens of "
+        f"{Path(args.train_data).name} x seq_len {args.seq_len}, no pooled column; students: {args.max_steps} steps "
+        f"of {args.batch_size} windows, lr {args.lr}, lambda_kd {args.lambda_kd}, seeds {args.seeds}. Held out: "
+        f"{ev['windows']} windows x {ev['seq_len']} of {Path(args.eval_data).name}; KL = full KL(P_teacher || "
+        f"P_student) (live teacher, top-k {ev['top_k']} = vocab, kl_kind {ev['kl_kind']}), mean over positions. "
+        f"Differences are setting - {args.reference} with 95% paired-bootstrap intervals over windows "
+        f"({args.bootstrap} replicates), per seed and pooled (per-window mean over seeds).",
+        "",
+        format_table(rows, args.reference),
+        "",
+        verdict(rows, args.reference, args.budget) + ".",
+        "",
+        f"![quality against bytes/token]({Path(args.plot).name})",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    plot(
+        rows,
+        args.reference,
+        args.plot,
+        f"{Path(args.student_init).name} trained {args.max_steps} steps on each cache, seeds {args.seeds}; "
+        f"differences pooled over seeds, 95% paired bootstrap",
+    )
+    print(f"[qpb] figure {args.plot}")
+    if args.write_results:
+        write_results(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
