@@ -403,9 +403,11 @@ def evaluate(args: argparse.Namespace, settings: list[Setting], seed: int, work:
     labels = [f"{s.name}-s{seed}" for s in settings]
     if path.exists():
         res = json.loads(path.read_text())
-        if all(lab in res["models"] for lab in labels):
+        same_windows = res["windows"] * res["seq_len"] == args.eval_tokens // args.seq_len * args.seq_len
+        if all(lab in res["models"] for lab in labels) and same_windows:
             print(f"[qpb] {path.name} exists, reused", flush=True)
             return res
+        print(f"[qpb] {path.name} lacks some students or has another held-out size: evaluated again", flush=True)
     cmd = [sys.executable, str(ROOT / "cli.py"), "evaluate"]
     for lab in labels:
         cmd += ["--student", f"{lab}={work / 'runs' / lab / 'final'}"]
