@@ -17,8 +17,9 @@ Stages, each reused when already complete under --work (an interrupted run resum
   4. table: each setting minus the reference (top64) with 95% paired-bootstrap intervals over the held-out
      windows, per seed and pooled (per window, the mean over seeds), for perplexity and KL; the figure.
 
-A setting is called "as good as" the reference when, for perplexity and for KL, every seed's interval and the
-pooled one reach zero or lie below it (setting - reference not shown to be > 0).
+A setting is called "as good as" the reference (non-inferiority, --margin) when, for perplexity and for KL, every
+seed's interval of setting - reference, and the pooled one, ends below margin x the reference's value (default
+1%: a student at most 1% worse, at 95% confidence).
 """
 
 from __future__ import annotations
@@ -123,9 +124,11 @@ def versus(
     return out
 
 
-def as_good(intervals: dict[str, dict[str, float]]) -> bool:
-    """No interval (per seed and pooled) of setting - reference lies wholly above zero."""
-    return all(iv["low"] <= 0.0 for iv in intervals.values())
+def as_good(intervals: dict[str, dict[str, float]], reference: dict[str, float], margin: float) -> bool:
+    """Non-inferiority: every interval of setting - reference (per seed, and pooled) ends below `margin` times
+    the reference's own value in that seed (`reference[key]`; "pooled": the mean over seeds). A setting that is
+    merely not shown worse, with an interval reaching far above the margin, is not "as good"."""
+    return all(iv["high"] <= margin * reference[key] for key, iv in intervals.items())
 
 
 def summarise(
@@ -136,9 +139,11 @@ def summarise(
     *,
     replicates: int,
     seed: int,
+    margin: float = 0.01,
 ) -> list[dict[str, Any]]:
     """One row per setting: bytes/token, perplexity and KL per seed (and their mean), differences to the
-    reference with intervals. evals[seed] is that seed's `evaluate` JSON, students labelled NAME-sSEED."""
+    reference with intervals, and whether it is as good as the reference (`as_good`, relative `margin`).
+    evals[seed] is that seed's `evaluate` JSON, students labelled NAME-sSEED."""
     seeds = sorted(evals)
     windows: dict[str, dict[int, dict[str, list[float]]]] = {"perplexity": {}, "kl": {}}
     for s in seeds:
@@ -159,11 +164,17 @@ def summarise(
                 row[metric]["vs_reference"] = versus(
                     windows[metric], st.name, reference, metric, replicates=replicates, seed=seed
                 )
-        row["as_good"] = (
-            None
-            if st.name == reference
-            else (as_good(row["perplexity"]["vs_reference"]) and as_good(row["kl"]["vs_reference"]))
-        )
+        if st.name == reference:
+            row["as_good"] = None
+        else:
+            ref_values = {}
+            for metric, key in (("perplexity", "perplexity"), ("kl", "kl_fused")):
+                per_seed = {f"s{s}": evals[s]["models"][f"{reference}-s{s}"][key] for s in seeds}
+                ref_values[metric] = {**per_seed, "pooled": float(np.mean(list(per_seed.values())))}
+            row["as_good"] = all(
+                as_good(row[metric]["vs_reference"], ref_values[metric], margin)
+                for metric in ("perplexity", "kl")
+            )
         rows.append(row)
     return rows
 
@@ -407,7 +418,9 @@ def evaluate(args: argparse.Namespace, settings: list[Setting], seed: int, work:
         if all(lab in res["models"] for lab in labels) and same_windows:
             print(f"[qpb] {path.name} exists, reused", flush=True)
             return res
-        print(f"[qpb] {path.name} lacks some students or has another held-out size: evaluated again", flush=True)
+        print(
+            f"[qpb] {path.name} lacks some students or has another held-out size: evaluated again", flush=True
+        )
     cmd = [sys.executable, str(ROOT / "cli.py"), "evaluate"]
     for lab in labels:
         cmd += ["--student", f"{lab}={work / 'runs' / lab / 'final'}"]
@@ -488,6 +501,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference", default="top64", help="the setting every other one is compared with")
     ap.add_argument("--budget", type=float, default=100.0, help="bytes/token of the goal line")
     ap.add_argument(
+        "--margin",
+        type=float,
+        default=0.01,
+        help="non-inferiority margin of 'as good as', relative to the reference's perplexity and KL",
+    )
+    ap.add_argument(
         "--train-data", default=str(ROOT / "data/corpus/train.jsonl"), help="corpus of the caches"
     )
     ap.add_argument("--max-tokens", type=int, default=18432, help="cached training tokens")
@@ -534,7 +553,9 @@ def main(argv: list[str] | None = None) -> int:
         train(args, settings, seed, work, times)
         evals[seed] = evaluate(args, settings, seed, work, times)
 
-    rows = summarise(evals, settings, bpt, args.reference, replicates=args.bootstrap, seed=0)
+    rows = summarise(
+        evals, settings, bpt, args.reference, replicates=args.bootstrap, seed=0, margin=args.margin
+    )
     (work / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
     wall = time.perf_counter() - start
     ev = evals[seeds[0]]
@@ -549,7 +570,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{ev['windows']} windows x {ev['seq_len']} of {Path(args.eval_data).name}; KL = full KL(P_teacher || "
         f"P_student) (live teacher, top-k {ev['top_k']} = vocab, kl_kind {ev['kl_kind']}), mean over positions. "
         f"Differences are setting - {args.reference} with 95% paired-bootstrap intervals over windows "
-        f"({args.bootstrap} replicates), per seed and pooled (per-window mean over seeds).",
+        f'({args.bootstrap} replicates), per seed and pooled (per-window mean over seeds). "As good": every '
+        f"interval's upper end below {100 * args.margin:g}% of {args.reference}'s value (non-inferiority).",
         "",
         format_table(rows, args.reference),
         "",

@@ -59,16 +59,22 @@ def test_versus_per_seed_and_pooled():
     for iv in kl.values():
         assert iv["difference"] == pytest.approx(0.2) and iv["low"] == pytest.approx(0.2)
         assert iv["high"] == pytest.approx(0.2)
-    assert not qpb.as_good(kl)
+    ref_kl = {"s0": 1.0, "s1": 1.0, "pooled": 1.0}
+    assert not qpb.as_good(kl, ref_kl, 0.01)  # 0.2 worse, margin 0.01
+    assert qpb.as_good(kl, ref_kl, 0.25)  # within a 25% margin
     same = qpb.versus({0: {"ref": ref[0], "x": ref[0]}}, "x", "ref", "kl", replicates=100, seed=0)
     assert set(same) == {"s0"} and same["s0"] == {"difference": 0.0, "low": 0.0, "high": 0.0}
-    assert qpb.as_good(same)
+    assert qpb.as_good(same, {"s0": 1.0}, 0.01)
 
 
-def test_as_good_needs_every_interval_to_reach_zero():
-    assert qpb.as_good({"s0": {"low": -0.1, "high": 0.2}, "pooled": {"low": -0.01, "high": 0.1}})
-    assert qpb.as_good({"s0": {"low": -0.3, "high": -0.1}})  # better than the reference
-    assert not qpb.as_good({"s0": {"low": -0.1, "high": 0.2}, "s1": {"low": 0.01, "high": 0.3}})
+def test_as_good_is_non_inferiority_within_the_margin_for_every_interval():
+    ref = {"s0": 50.0, "s1": 60.0, "pooled": 55.0}  # margin 1%: 0.5, 0.6, 0.55
+    assert qpb.as_good({"s0": {"low": -0.1, "high": 0.4}, "pooled": {"low": -0.01, "high": 0.5}}, ref, 0.01)
+    assert qpb.as_good({"s0": {"low": -0.3, "high": -0.1}}, ref, 0.01)  # better than the reference
+    # not shown worse (interval reaches zero), but possibly 2% worse: not as good
+    assert not qpb.as_good({"s0": {"low": -0.1, "high": 1.0}}, ref, 0.01)
+    # one seed's interval above the margin is enough to fail
+    assert not qpb.as_good({"s0": {"low": -0.1, "high": 0.2}, "s1": {"low": 0.01, "high": 0.7}}, ref, 0.01)
 
 
 def _eval(rng, shifts: dict[str, float], seed: int) -> dict:
