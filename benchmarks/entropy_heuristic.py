@@ -11,6 +11,9 @@ teacher's probability p_k(o) known, this prints:
 - per teacher: perplexity on o, mean entropy, mean alpha, and Spearman's rho between H_k and -log p_k(o);
 - for two teachers: how often the lower-entropy one puts more probability on o (positions whose entropies
   differ by more than 1e-6);
+- for any number of teachers: how often the lowest-entropy teacher (unique by more than 1e-6) is the one that
+  gives o the most probability, and Spearman's rho between the weights alpha_k and the teachers' losses
+  -log p_k(o), pooled over teachers and positions (negative: the weight goes to the teacher with low loss);
 - the fused prediction sum_k w_k p_k(o) with entropy weights against uniform weights: the perplexity of each
   and the paired difference of mean NLL.
 
@@ -74,6 +77,11 @@ def figures(p: np.ndarray, h: np.ndarray) -> dict[str, np.ndarray | float]:
         "nll_entropy_fused": float(-np.log((alpha * p).sum(axis=0)).mean()),
         "nll_uniform_fused": float(-np.log(p.mean(axis=0)).mean()),
     }
+    if k >= 2:  # does the most-trusted teacher give o the most probability; do weights go to low loss
+        hs = np.sort(h, axis=0)
+        unique = hs[1] - hs[0] > 1e-6  # the lowest entropy is unique by more than 1e-6
+        out["lowest_entropy_best"] = float((np.argmin(h, axis=0) == np.argmax(p, axis=0))[unique].mean())
+        out["rho_alpha_nll"] = spearman(alpha.reshape(-1), nll.reshape(-1))
     if k == 2:
         differ = np.abs(h[0] - h[1]) > 1e-6
         lower = np.where(h[0] < h[1], 0, 1)[differ]
@@ -179,6 +187,11 @@ def table(names: list[str], r: dict, counts: dict) -> str:
               f"| perplexity, entropy weights | {np.exp(pt['nll_entropy_fused']):.2f} |",
               f"| perplexity, uniform weights | {np.exp(pt['nll_uniform_fused']):.2f} |",
               f"| mean NLL, entropy minus uniform | {cell('nll_entropy_minus_uniform', None, '{:+.4f}')} |"]
+    if "lowest_entropy_best" in pt:
+        lines.append(f"| share of positions where the lowest-entropy teacher gives o the most probability | "
+                     f"{cell('lowest_entropy_best', None, '{:.3f}')} |")
+        lines.append(f"| Spearman rho(alpha, -log p(o)) over all teachers and positions | "
+                     f"{cell('rho_alpha_nll', None, '{:+.3f}')} |")
     if "lower_entropy_wins" in pt:
         lines.append(f"| share of positions where the lower-entropy teacher gives o more probability | "
                      f"{cell('lower_entropy_wins', None, '{:.3f}')} |")

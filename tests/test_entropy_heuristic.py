@@ -61,3 +61,24 @@ def test_bootstrap_resamples_whole_windows_and_brackets_the_estimate():
     # one window only: every resample is that window, so the interval collapses onto the estimate
     one = m.bootstrap(p[:, :per], h[:, :per], window[:per], n=20, seed=0)
     assert one["ci"]["lower_entropy_wins"][0] == one["ci"]["lower_entropy_wins"][1] == one["point"]["lower_entropy_wins"]
+
+
+def test_three_teachers_lowest_entropy_best_and_weight_loss_correlation_by_hand():
+    m = _module()
+    # three teachers, three positions; lowest entropy: teacher 0, 2, and a tie (< 1e-6) at position 2
+    h = np.array([[0.5, 2.0, 1.0], [1.0, 3.0, 1.0 + 1e-9], [2.0, 1.0, 3.0]])
+    p = np.array([[0.5, 0.2, 0.3], [0.4, 0.1, 0.6], [0.1, 0.3, 0.1]])
+    f = m.figures(p, h)
+    # position 0: teacher 0 lowest H and highest p (hit); position 1: teacher 2 lowest H and highest p (hit)
+    assert f["lowest_entropy_best"] == 1.0
+    p2 = p.copy()
+    p2[:, 1] = [0.5, 0.1, 0.3]  # position 1: teacher 0 now has the most probability (miss)
+    assert m.figures(p2, h)["lowest_entropy_best"] == 0.5
+    w = 1.0 / (h + 1e-3)
+    alpha = (w / w.sum(axis=0)).reshape(-1)
+    nll = -np.log(p).reshape(-1)
+    # Spearman by hand: Pearson correlation of the ranks (no ties among these nine values)
+    ra, rn = np.argsort(np.argsort(alpha)).astype(float), np.argsort(np.argsort(nll)).astype(float)
+    expected = np.corrcoef(ra, rn)[0, 1]
+    assert abs(f["rho_alpha_nll"] - expected) < 1e-12
+    assert f["rho_alpha_nll"] < 0  # here the weight goes to the teachers with the lower loss

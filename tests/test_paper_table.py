@@ -1,0 +1,91 @@
+"""benchmarks/paper_table.py: the verdict rules, the paired bootstrap and the tables, against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tests.helpers import load_script
+
+
+@pytest.fixture(scope="module")
+def pt():
+    return load_script("benchmarks/paper_table.py")
+
+
+def test_verdict_better(pt):
+    assert pt.verdict_better(-3.0, -1.0, [-2.0, -1.5]) == "holds"
+    assert pt.verdict_better(-3.0, -1.0, [-2.0, +0.5]) == "cannot tell"  # a seed disagrees
+    assert pt.verdict_better(-3.0, +1.0, [-2.0, -1.0]) == "cannot tell"  # the interval holds zero
+    assert pt.verdict_better(+0.5, +2.0, [+1.0, +1.0]) == "does not hold"
+
+
+def test_verdict_no_worse_and_all(pt):
+    assert pt.verdict_no_worse(-1.0, 0.5, margin=1.0) == "holds"
+    assert pt.verdict_no_worse(-1.0, 1.5, margin=1.0) == "cannot tell"
+    assert pt.verdict_no_worse(0.1, 0.5, margin=1.0) == "does not hold"  # significantly worse, even if small
+    assert pt.verdict_all(["holds", "holds"]) == "holds"
+    assert pt.verdict_all(["holds", "cannot tell"]) == "cannot tell"
+    assert pt.verdict_all(["holds", "does not hold", "cannot tell"]) == "does not hold"
+    assert pt.verdict_all([]) == "cannot tell"
+
+
+def test_paired_bootstrap_by_hand(pt):
+    rng = np.random.default_rng(0)
+    b = rng.uniform(2.0, 4.0, size=12)
+    strata = np.repeat([0, 1, 2], 4)
+    # a constant NLL shift c: every replicate's ratio is exp(c), so the relative interval is a point
+    r = pt.paired_bootstrap(b + 0.1, b, strata, n=300)
+    assert r["relative"] == pytest.approx(math.exp(0.1) - 1, rel=1e-12)
+    assert r["rel_low"] == pytest.approx(math.exp(0.1) - 1, rel=1e-9)
+    assert r["rel_high"] == pytest.approx(math.exp(0.1) - 1, rel=1e-9)
+    assert r["difference"] == pytest.approx(math.exp(b.mean() + 0.1) - math.exp(b.mean()), rel=1e-12)
+    assert r["low"] <= r["difference"] <= r["high"] and r["low"] > 0
+    same = pt.paired_bootstrap(b, b, strata, n=100)
+    assert same["low"] == same["high"] == same["difference"] == 0.0
+    # a difference in one domain only: an interval that holds the point estimate and is not a point
+    a = b.copy()
+    a[:4] -= rng.uniform(0.0, 0.4, size=4)
+    r = pt.paired_bootstrap(a, b, strata, n=500)
+    assert r["low"] < r["difference"] < r["high"] <= 0
+    with pytest.raises(ValueError):
+        pt.paired_bootstrap(a[:5], b, strata)
+
+
+def _results(values: dict[str, dict[str, list[float]]]) -> dict[str, dict]:
+    """Fake `evaluate` JSON per domain: label -> domain -> window NLLs (KL = NLL / 10)."""
+    doms = next(iter(values.values())).keys()
+    return {d: {"models": {lab: {"window_nll": v[d], "window_kl_fused": [x / 10 for x in v[d]]}
+                           for lab, v in values.items()}} for d in doms}
+
+
+def test_scores_rows_compare_and_table_by_hand(pt):
+    vals = {
+        "ce-s0": {"x": [3.0, 3.2], "y": [4.0, 4.2]},
+        "ce-s1": {"x": [3.2, 3.4], "y": [4.2, 4.0]},
+        "k1-s0": {"x": [2.8, 3.0], "y": [3.8, 3.9]},
+        "k1-s1": {"x": [2.9, 3.1], "y": [3.9, 3.7]},
+    }
+    s = pt.Scores.from_results(_results(vals))
+    rows = {"ce": ["ce-s0", "ce-s1"], "k1": ["k1-s0", "k1-s1"]}
+    assert s.strata().tolist() == [0, 0, 1, 1]
+    ce_windows = [(3.0 + 3.2) / 2, (3.2 + 3.4) / 2, (4.0 + 4.2) / 2, (4.2 + 4.0) / 2]
+    assert np.allclose(s.row(rows["ce"]), ce_windows)
+    assert pt.ppl(s.row(rows["ce"])) == pytest.approx(math.exp(np.mean(ce_windows)))
+    assert pt.ppl(s.row(rows["ce"], "y")) == pytest.approx(math.exp(np.mean(ce_windows[2:])))
+    c = pt.compare(s, rows, "k1 vs ce", "k1", "ce", replicates=200)
+    by_seed = [math.exp(np.mean([2.8, 3.0, 3.8, 3.9])) - math.exp(np.mean([3.0, 3.2, 4.0, 4.2])),
+               math.exp(np.mean([2.9, 3.1, 3.9, 3.7])) - math.exp(np.mean([3.2, 3.4, 4.2, 4.0]))]
+    assert c.seed_diffs == pytest.approx(by_seed)
+    assert c.verdict == "holds"  # every window is lower for k1 in the seed mean, and both seeds agree
+    lines = pt.row_table(s, rows, {"ce": "CE only", "k1": "KD"}, "ce")
+    assert lines[0].startswith("| row |") and "| x | y |" in lines[0]
+    k1 = lines[3]
+    k1_ppl = math.exp(np.mean(s.row(rows["k1"])))
+    ce_ppl = math.exp(np.mean(ce_windows))
+    assert f"**{k1_ppl:.2f}**" in k1
+    assert f"{100 * (k1_ppl / ce_ppl - 1):+.1f}%" in k1
+    assert f"{np.mean(s.row(rows['k1'], kind='kl')):.3f}" in k1
+    assert lines[2].endswith("| +0.0% |")
