@@ -40,9 +40,11 @@ each domain), with each seed's own difference beside it.
 Before any training, the entropy heuristic (benchmarks/entropy_heuristic.py) on the caches: the training caches
 (all five and the four), and each domain's validation caches.
 
-Compute scale (2-core CPU): 18,432 cached training tokens (72 windows), 20 steps x 4 x 256 tokens per student
-(~1.1 epochs), 2 seeds for every claim row and 1 for `feat`, 3 x 2,816 held-out tokens (33 windows), top-32
-caches. Completed caches, runs and evaluations are reused, so an interrupted run resumes where it stopped.
+Compute scale, cut to fit a shared 2-core CPU: 18,432 cached training tokens (72 windows), 10 steps x 4 x 256
+tokens per student (half the demo's 20 steps; 40 of the 72 windows seen once), 2 seeds for ce, k1, gemma, the
+method, the method + weak, uniform and DKD, 1 seed for the sweep's inner points (k2, k3) and feat, 3 x 2,816
+held-out tokens (33 windows), top-32 caches. Completed caches, runs and evaluations are reused, so an
+interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -95,8 +97,14 @@ def paired_bootstrap(
     ea, eb = math.exp(a.mean()), math.exp(b.mean())
     lo, hi = np.quantile(d, [0.025, 0.975])
     rlo, rhi = np.quantile(r, [0.025, 0.975])
-    return {"difference": ea - eb, "low": float(lo), "high": float(hi), "relative": ea / eb - 1.0,
-            "rel_low": float(rlo), "rel_high": float(rhi)}
+    return {
+        "difference": ea - eb,
+        "low": float(lo),
+        "high": float(hi),
+        "relative": ea / eb - 1.0,
+        "rel_low": float(rlo),
+        "rel_high": float(rhi),
+    }
 
 
 def verdict_better(low: float, high: float, seed_diffs: Sequence[float]) -> str:
@@ -183,15 +191,25 @@ class Comparison:
 
 
 def compare(
-    scores: Scores, rows: dict[str, list[str]], name: str, a: str, b: str, kind: str = "better", *,
-    margin_rel: float = 0.01, replicates: int = 2000
+    scores: Scores,
+    rows: dict[str, list[str]],
+    name: str,
+    a: str,
+    b: str,
+    kind: str = "better",
+    *,
+    margin_rel: float = 0.01,
+    replicates: int = 2000,
 ) -> Comparison:
     """Perplexity of row a against row b: paired bootstrap on seed-averaged windows; seeds they share."""
     res = paired_bootstrap(scores.row(rows[a]), scores.row(rows[b]), scores.strata(), n=replicates)
     seeds_a = {lab.rsplit("-s", 1)[1]: lab for lab in rows[a]}
     seeds_b = {lab.rsplit("-s", 1)[1]: lab for lab in rows[b]}
-    diffs = [ppl(scores.windows(seeds_a[s])) - ppl(scores.windows(seeds_b[s])) for s in sorted(seeds_a)
-             if s in seeds_b]
+    diffs = [
+        ppl(scores.windows(seeds_a[s])) - ppl(scores.windows(seeds_b[s]))
+        for s in sorted(seeds_a)
+        if s in seeds_b
+    ]
     if kind == "better":
         v = verdict_better(res["low"], res["high"], diffs)
     else:
@@ -202,22 +220,34 @@ def compare(
 def fmt_diff(c: Comparison) -> str:
     r = c.result
     seeds = ", ".join(f"{d:+.2f}" for d in c.seed_diffs)
-    return (f"{r['difference']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}] ({100 * r['relative']:+.1f}% "
-            f"[{100 * r['rel_low']:+.1f}, {100 * r['rel_high']:+.1f}]); per seed {seeds}")
+    return (
+        f"{r['difference']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}] ({100 * r['relative']:+.1f}% "
+        f"[{100 * r['rel_low']:+.1f}, {100 * r['rel_high']:+.1f}]); per seed {seeds}"
+    )
 
 
 def row_table(scores: Scores, rows: dict[str, list[str]], desc: dict[str, str], ce: str) -> list[str]:
     doms = scores.domains
-    lines = ["| row | loss / teachers | seeds | perplexity (per seed) | " + " | ".join(doms)
-             + " | KL to fused | vs CE |", "|---|---|---|---|" + "---|" * len(doms) + "---|---|"]
+    lines = [
+        "| row | loss / teachers | seeds | perplexity (per seed) | "
+        + " | ".join(doms)
+        + " | KL to fused | vs CE |",
+        "|---|---|---|---|" + "---|" * len(doms) + "---|---|",
+    ]
     ce_ppl = ppl(scores.row(rows[ce]))
     for r, labels in rows.items():
         p = ppl(scores.row(labels))
         per_seed = ", ".join(f"{ppl(scores.windows(lab)):.2f}" for lab in labels)
-        kl = f"{float(np.mean(scores.row(labels, kind='kl'))):.3f}" if all(lab in scores.kl for lab in labels) else "-"
+        kl = (
+            f"{float(np.mean(scores.row(labels, kind='kl'))):.3f}"
+            if all(lab in scores.kl for lab in labels)
+            else "-"
+        )
         cells = " | ".join(f"{ppl(scores.row(labels, d)):.2f}" for d in doms)
-        lines.append(f"| {r} | {desc.get(r, '')} | {len(labels)} | **{p:.2f}** ({per_seed}) | {cells} | {kl} | "
-                     f"{100 * (p / ce_ppl - 1):+.1f}% |")
+        lines.append(
+            f"| {r} | {desc.get(r, '')} | {len(labels)} | **{p:.2f}** ({per_seed}) | {cells} | {kl} | "
+            f"{100 * (p / ce_ppl - 1):+.1f}% |"
+        )
     return lines
 
 
@@ -257,17 +287,49 @@ class Teacher:
     pool_layer: int | None = None  # decoder block pooled into the training cache (feature row)
 
 
-def precompute(t: Teacher, dataset: Path, tokens: int, out: Path, args: argparse.Namespace, tok: Path,
-               threads: int, pool: bool) -> Path:
+def precompute(
+    t: Teacher,
+    dataset: Path,
+    tokens: int,
+    out: Path,
+    args: argparse.Namespace,
+    tok: Path,
+    threads: int,
+    pool: bool,
+) -> Path:
     if (out / "manifest.json").exists():
         print(f"[paper] cache {out} exists, reused", flush=True)
         REUSED.append(str(out))
         return out
-    cmd = [sys.executable, "cli.py", "precompute", "--teacher", str(t.path), "--teacher-name", t.name,
-           "--dataset", str(dataset), "--max-tokens", str(tokens), "--seq-len", str(args.seq_len),
-           "--top-k", str(args.top_k), "--pool-layers", str(t.pool_layer) if pool and t.pool_layer is not None
-           else "none", "--batch-size", "4", "--head-chunk-size", "256", "--shard-size", "128",
-           "--device", "cpu", "--output", str(out)]
+    cmd = [
+        sys.executable,
+        "cli.py",
+        "precompute",
+        "--teacher",
+        str(t.path),
+        "--teacher-name",
+        t.name,
+        "--dataset",
+        str(dataset),
+        "--max-tokens",
+        str(tokens),
+        "--seq-len",
+        str(args.seq_len),
+        "--top-k",
+        str(args.top_k),
+        "--pool-layers",
+        str(t.pool_layer) if pool and t.pool_layer is not None else "none",
+        "--batch-size",
+        "4",
+        "--head-chunk-size",
+        "256",
+        "--shard-size",
+        "128",
+        "--device",
+        "cpu",
+        "--output",
+        str(out),
+    ]
     if t.gguf:
         cmd += ["--gguf-file", t.gguf]
     if t.align:
@@ -276,18 +338,52 @@ def precompute(t: Teacher, dataset: Path, tokens: int, out: Path, args: argparse
     return out
 
 
-def train(label: str, caches: list[Path], extra: list[str], seed: int, args: argparse.Namespace, student: Path,
-          tok: Path, threads: int) -> Path:
+def train(
+    label: str,
+    caches: list[Path],
+    extra: list[str],
+    seed: int,
+    args: argparse.Namespace,
+    student: Path,
+    tok: Path,
+    threads: int,
+) -> Path:
     out = Path(args.work) / "runs" / label
     if (out / "final" / "config.json").exists():
         print(f"[paper] run {out} exists, reused", flush=True)
         REUSED.append(label)
         return out / "final"
-    cmd = [sys.executable, "cli.py", "train-student", "--output", str(out), "--student", str(student),
-           "--tokenizer", str(tok), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
-           "--lr", str(args.lr), "--warmup-steps", str(max(1, args.steps // 10)), "--seed", str(seed),
-           "--eval-sequences", "0", "--eval-every", "0", "--log-every", "5", "--num-workers", "0",
-           "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "cli.py",
+        "train-student",
+        "--output",
+        str(out),
+        "--student",
+        str(student),
+        "--tokenizer",
+        str(tok),
+        "--max-steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--lr",
+        str(args.lr),
+        "--warmup-steps",
+        str(max(1, args.steps // 10)),
+        "--seed",
+        str(seed),
+        "--eval-sequences",
+        "0",
+        "--eval-every",
+        "0",
+        "--log-every",
+        "5",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
     for c in caches:
         cmd += ["--teacher-data", str(c)]
     run(cmd + extra, out.parent / f"{label}.log", threads)
@@ -295,22 +391,49 @@ def train(label: str, caches: list[Path], extra: list[str], seed: int, args: arg
 
 
 def evaluate(domain: str, models: dict[str, Path], caches: list[Path], out: Path, threads: int) -> dict:
-    """One `evaluate` call on one domain's held-out windows (those of the caches); reused when complete."""
-    if out.exists():
-        res = json.loads(out.read_text())
-        if set(models) <= set(res["models"]):
-            print(f"[paper] evaluation {out} holds every model, reused", flush=True)
-            REUSED.append(str(out))
-            return res
-        out.unlink()
-    cmd = [sys.executable, "cli.py", "evaluate", "--bleu-prompts", "0", "--bootstrap", "0", "--device", "cpu",
-           "--output", str(out)]
-    for label, path in models.items():
+    """`evaluate` on one domain's held-out windows (those of the caches) for the models `out` does not hold yet.
+
+    Models evaluated by an earlier invocation are reused: the new ones are scored by one more `evaluate` call on
+    the same caches (OUT stem + -N.json) and merged into `out` (the windows must be the same)."""
+    res = json.loads(out.read_text()) if out.exists() else None
+    missing = {k: v for k, v in models.items() if res is None or k not in res["models"]}
+    if not missing:
+        print(f"[paper] evaluation {out} holds every model, reused", flush=True)
+        REUSED.append(str(out))
+        return res
+    part = out.with_name(f"{out.stem}-{len(list(out.parent.glob(out.stem + '-*.json')))}.json")
+    cmd = [
+        sys.executable,
+        "cli.py",
+        "evaluate",
+        "--bleu-prompts",
+        "0",
+        "--bootstrap",
+        "0",
+        "--device",
+        "cpu",
+        "--output",
+        str(part),
+    ]
+    for label, path in missing.items():
         cmd += ["--student", f"{label}={path}"]
     for c in caches:
         cmd += ["--teacher-data", str(c)]
-    run(cmd, out.with_suffix(".log"), threads)
-    return json.loads(out.read_text())
+    run(cmd, part.with_suffix(".log"), threads)
+    new = json.loads(part.read_text())
+    if res is None:
+        res = new
+    else:
+        if (new["windows"], new["seq_len"], new["teachers"]) != (
+            res["windows"],
+            res["seq_len"],
+            res["teachers"],
+        ):
+            raise SystemExit(f"error: {part} was evaluated on other windows or teachers than {out}")
+        REUSED.append(f"{out} ({len(res['models'])} models)")
+        res["models"].update(new["models"])
+    out.write_text(json.dumps(res), encoding="utf-8")
+    return res
 
 
 def split_validation(work: Path) -> dict[str, Path]:
@@ -347,31 +470,64 @@ def heuristic(paths: list[Path], replicates: int) -> tuple[str, dict]:
 # --------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--teachers-dir", required=True,
-                    help="output of scripts/build_teachers.py (smollm2, smollm2-scripture, smollm2-python)")
+    ap.add_argument(
+        "--teachers-dir",
+        required=True,
+        help="output of scripts/build_teachers.py (smollm2, smollm2-scripture, smollm2-python)",
+    )
     ap.add_argument("--work", required=True, help="directory for caches, runs and evaluation JSON (resumed)")
-    ap.add_argument("--student-init", default=None,
-                    help="the cut student (default: WORK/student-init, made by init-student --keep-layers 20)")
-    ap.add_argument("--gemma-gguf", default=GEMMA_GGUF, help="Gemma 3 270M GGUF file ('none': leave Gemma out)")
-    ap.add_argument("--weak-layers", default="0-5,24-29", help="init-student --keep-layers of the weak teacher")
+    ap.add_argument(
+        "--student-init",
+        default=None,
+        help="the cut student (default: WORK/student-init, made by init-student --keep-layers 20)",
+    )
+    ap.add_argument(
+        "--gemma-gguf", default=GEMMA_GGUF, help="Gemma 3 270M GGUF file ('none': leave Gemma out)"
+    )
+    ap.add_argument(
+        "--weak-layers", default="0-5,24-29", help="init-student --keep-layers of the weak teacher"
+    )
     ap.add_argument("--train-tokens", type=int, default=18432, help="cached training tokens per teacher")
     ap.add_argument("--seq-len", type=int, default=256, help="window length, training and evaluation")
     ap.add_argument("--top-k", type=int, default=32, help="top-k stored per position and teacher")
-    ap.add_argument("--steps", type=int, default=20, help="optimizer steps per student")
+    ap.add_argument("--steps", type=int, default=10, help="optimizer steps per student")
     ap.add_argument("--batch-size", type=int, default=4, help="windows per student step")
     ap.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     ap.add_argument("--lambda-kd", type=float, default=0.5, help="weight of the distillation term")
     ap.add_argument("--gamma-feat", type=float, default=0.1, help="weight of the feature term (feat row)")
-    ap.add_argument("--teacher-pool-layer", type=int, default=11, help="teacher block aligned by the feat row")
-    ap.add_argument("--student-pool-layer", type=int, default=8,
-                    help="student block aligned by the feat row (the cut keeps teacher block 11 as block 8)")
-    ap.add_argument("--eval-tokens", type=int, default=2816, help="held-out tokens per domain (whole windows)")
+    ap.add_argument(
+        "--teacher-pool-layer", type=int, default=11, help="teacher block aligned by the feat row"
+    )
+    ap.add_argument(
+        "--student-pool-layer",
+        type=int,
+        default=8,
+        help="student block aligned by the feat row (the cut keeps teacher block 11 as block 8)",
+    )
+    ap.add_argument(
+        "--eval-tokens", type=int, default=2816, help="held-out tokens per domain (whole windows)"
+    )
     ap.add_argument("--seeds", type=int, default=2, help="seeds of every row a claim rests on")
+    ap.add_argument(
+        "--sweep-seeds",
+        type=int,
+        default=1,
+        help="seeds of the sweep's inner points (K = 2 .. K-1 of the method)",
+    )
     ap.add_argument("--feat-seeds", type=int, default=1, help="seeds of the feat row (no claim rests on it)")
     ap.add_argument("--bootstrap", type=int, default=2000, help="paired-bootstrap replicates")
-    ap.add_argument("--margin", type=float, default=0.01,
-                    help="allowed relative perplexity loss for 'the weak teacher is handled' (non-inferiority)")
-    ap.add_argument("--jobs", type=int, default=1, help="commands run at once (each gets cores / jobs threads)")
+    ap.add_argument(
+        "--heuristic-replicates", type=int, default=1000, help="window-bootstrap replicates of the heuristic"
+    )
+    ap.add_argument(
+        "--margin",
+        type=float,
+        default=0.01,
+        help="allowed relative perplexity loss for 'the weak teacher is handled' (non-inferiority)",
+    )
+    ap.add_argument(
+        "--jobs", type=int, default=1, help="commands run at once (each gets cores / jobs threads)"
+    )
     ap.add_argument("--plot", default=str(ROOT / "benchmarks/paper_sweep.png"), help="PNG of the sweep")
     ap.add_argument("--write-results", action="store_true", help="replace the marked block of RESULTS.md")
     args = ap.parse_args(argv)
@@ -382,25 +538,62 @@ def main(argv: list[str] | None = None) -> int:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     for n in ("smollm2", *SPECIALISTS):
         if not (tdir / n / "config.json").exists():
-            print(f"error: {tdir / n} missing (run scripts/build_teachers.py --finetune scripture "
-                  "--finetune python)", file=sys.stderr)
+            print(
+                f"error: {tdir / n} missing (run scripts/build_teachers.py --finetune scripture "
+                "--finetune python)",
+                file=sys.stderr,
+            )
             return 2
     tok = tdir / "smollm2"
 
     # the student's start and the weak teacher: two different cuts of SmolLM2
     student = Path(args.student_init) if args.student_init else work / "student-init"
     if not (student / "init_student.json").exists():
-        run([sys.executable, "cli.py", "init-student", "--from", str(tok), "--keep-layers", "20", "--dataset",
-             str(ROOT / "data/corpus/train.jsonl"), "--calibration-tokens", "4096", "--seq-len", "256",
-             "--output", str(student)], None, threads * args.jobs)
+        run(
+            [
+                sys.executable,
+                "cli.py",
+                "init-student",
+                "--from",
+                str(tok),
+                "--keep-layers",
+                "20",
+                "--dataset",
+                str(ROOT / "data/corpus/train.jsonl"),
+                "--calibration-tokens",
+                "4096",
+                "--seq-len",
+                "256",
+                "--output",
+                str(student),
+            ],
+            None,
+            threads * args.jobs,
+        )
     kept = json.loads((student / "init_student.json").read_text())["kept_blocks"]
     if kept[args.student_pool_layer] != args.teacher_pool_layer:
-        print(f"[paper] note: student block {args.student_pool_layer} is teacher block "
-              f"{kept[args.student_pool_layer]}, not {args.teacher_pool_layer}", flush=True)
+        print(
+            f"[paper] note: student block {args.student_pool_layer} is teacher block "
+            f"{kept[args.student_pool_layer]}, not {args.teacher_pool_layer}",
+            flush=True,
+        )
     weak = work / "teachers" / "weak"
     if not (weak / "init_student.json").exists():
-        run([sys.executable, "cli.py", "init-student", "--from", str(tok), "--keep-layers", args.weak_layers,
-             "--output", str(weak)], None, threads * args.jobs)
+        run(
+            [
+                sys.executable,
+                "cli.py",
+                "init-student",
+                "--from",
+                str(tok),
+                "--keep-layers",
+                args.weak_layers,
+                "--output",
+                str(weak),
+            ],
+            None,
+            threads * args.jobs,
+        )
 
     teachers = [Teacher("smollm2", tok)]
     if args.gemma_gguf != "none":
@@ -414,10 +607,19 @@ def main(argv: list[str] | None = None) -> int:
     # stage one: training caches of all five, validation caches (per domain) of the four
     val = split_validation(work)
     train_jsonl = ROOT / "data/corpus/train.jsonl"
-    calls = [lambda t=t: precompute(t, train_jsonl, args.train_tokens, work / "caches" / t.name, args, tok,
-                                    threads, True) for t in teachers]
-    calls += [lambda t=t, d=d: precompute(t, val[d], args.eval_tokens, work / "caches" / f"val-{d}" / t.name,
-                                          args, tok, threads, False) for d in DOMAINS for t in main_t]
+    calls = [
+        lambda t=t: precompute(
+            t, train_jsonl, args.train_tokens, work / "caches" / t.name, args, tok, threads, True
+        )
+        for t in teachers
+    ]
+    calls += [
+        lambda t=t, d=d: precompute(
+            t, val[d], args.eval_tokens, work / "caches" / f"val-{d}" / t.name, args, tok, threads, False
+        )
+        for d in DOMAINS
+        for t in main_t
+    ]
     parallel(args.jobs, calls)
     caches = [work / "caches" / t.name for t in teachers]
     val_caches = {d: [work / "caches" / f"val-{d}" / t.name for t in main_t] for d in DOMAINS}
@@ -428,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     heur += [(f"validation caches, {d}", val_caches[d]) for d in DOMAINS]
     heur_tables = []
     for title, paths in heur:
-        text, r = heuristic(paths, args.bootstrap)
+        text, r = heuristic(paths, args.heuristic_replicates)
         print(f"\n[heuristic] {title}\n{text}", flush=True)
         heur_tables.append((title, text, r))
     entropies = {t.name: cache_mean_entropy(c) for t, c in zip(teachers, caches, strict=True)}
@@ -437,24 +639,59 @@ def main(argv: list[str] | None = None) -> int:
     lam = ["--lambda-kd", str(args.lambda_kd)]
     gi = next((i for i, t in enumerate(teachers) if t.name == "gemma3"), None)
     specs: list[tuple[str, str, list[Path], list[str], int]] = [
-        ("ce", "CE only", caches[:1], ["--lambda-kd", "0"], args.seeds)]
-    specs += [(f"k{k}", f"entropy KD, first {k}: {', '.join(t.name for t in teachers[:k])}", caches[:k], lam,
-               args.seeds) for k in range(1, k_all + 1)]
+        ("ce", "CE only", caches[:1], ["--lambda-kd", "0"], args.seeds)
+    ]
+    specs += [
+        (
+            f"k{k}",
+            f"entropy KD, first {k}: {', '.join(t.name for t in teachers[:k])}",
+            caches[:k],
+            lam,
+            args.seeds if k in (1, k_main, k_all) else args.sweep_seeds,
+        )
+        for k in range(1, k_all + 1)
+    ]
     if gi is not None:
         specs.append(("gemma", "KD, gemma3 alone", [caches[gi]], lam, args.seeds))
     specs += [
-        ("uniform", f"uniform KD, the {k_main}", caches[:k_main], lam + ["--teacher-weighting", "uniform"],
-         args.seeds),
+        (
+            "uniform",
+            f"uniform KD, the {k_main}",
+            caches[:k_main],
+            lam + ["--teacher-weighting", "uniform"],
+            args.seeds,
+        ),
         ("dkd", f"DKD on the entropy-fused {k_main}", caches[:k_main], lam + ["--loss", "dkd"], args.seeds),
-        ("feat", f"k{k_main} + feature: specialists' block {args.teacher_pool_layer} -> student block "
-         f"{args.student_pool_layer}, gamma {args.gamma_feat}", caches[:k_main],
-         lam + ["--gamma-feat", str(args.gamma_feat), "--teacher-pool-layer", str(args.teacher_pool_layer),
-                "--student-pool-layer", str(args.student_pool_layer)], args.feat_seeds),
+        (
+            "feat",
+            f"k{k_main} + feature: specialists' block {args.teacher_pool_layer} -> student block "
+            f"{args.student_pool_layer}, gamma {args.gamma_feat}",
+            caches[:k_main],
+            lam
+            + [
+                "--gamma-feat",
+                str(args.gamma_feat),
+                "--teacher-pool-layer",
+                str(args.teacher_pool_layer),
+                "--student-pool-layer",
+                str(args.student_pool_layer),
+            ],
+            args.feat_seeds,
+        ),
     ]
-    jobs = [(row, cs, extra, s) for s in range(max(args.seeds, args.feat_seeds))
-            for row, _, cs, extra, n in specs if s < n]
-    paths = parallel(args.jobs, [lambda j=j: train(run_label(j[0], j[3]), j[1], j[2], j[3], args, student, tok,
-                                                   threads) for j in jobs])
+    jobs = [
+        (row, cs, extra, s)
+        for s in range(max(args.seeds, args.sweep_seeds, args.feat_seeds))
+        for row, _, cs, extra, n in specs
+        if s < n
+    ]
+    paths = parallel(
+        args.jobs,
+        [
+            lambda j=j: train(run_label(j[0], j[3]), j[1], j[2], j[3], args, student, tok, threads)
+            for j in jobs
+        ],
+    )
     finals = {run_label(j[0], j[3]): p for j, p in zip(jobs, paths, strict=True)}
     rows = {row: [run_label(row, s) for s in range(n)] for row, _, _, _, n in specs}
     desc = {row: d for row, d, _, _, _ in specs}
@@ -463,8 +700,10 @@ def main(argv: list[str] | None = None) -> int:
     # held-out evaluation: students, then the SmolLM2-family teachers as models (their perplexity)
     models = dict(finals)
     models.update({f"teacher:{t.name}": t.path for t in teachers if not t.align})
-    ev = parallel(min(args.jobs, len(DOMAINS)), [
-        lambda d=d: evaluate(d, models, val_caches[d], work / f"eval-{d}.json", threads) for d in DOMAINS])
+    ev = parallel(
+        min(args.jobs, len(DOMAINS)),
+        [lambda d=d: evaluate(d, models, val_caches[d], work / f"eval-{d}.json", threads) for d in DOMAINS],
+    )
     scores = Scores.from_results(dict(zip(DOMAINS, ev, strict=True)))
     t_stage3 = time.perf_counter() - start - t_stage1 - t_stage2
 
@@ -479,17 +718,36 @@ def main(argv: list[str] | None = None) -> int:
         "vs_uniform": compare(scores, rows, "entropy vs uniform weighting", method, "uniform", **cmp_kw),
         "vs_best": compare(scores, rows, f"method vs best single ({best})", method, best, **cmp_kw),
         "feat": compare(scores, rows, "method + feature vs method", "feat", method, **cmp_kw),
-        "weak": compare(scores, rows, "with vs without the weak teacher", f"k{k_all}", method, "no-worse",
-                        **cmp_kw),
+        "weak": compare(
+            scores, rows, "with vs without the weak teacher", f"k{k_all}", method, "no-worse", **cmp_kw
+        ),
     }
-    steps = [compare(scores, rows, f"K={k} vs K={k - 1}", f"k{k}", f"k{k - 1}", **cmp_kw)
-             for k in range(2, k_all + 1)]
+    steps = [
+        compare(scores, rows, f"K={k} vs K={k - 1}", f"k{k}", f"k{k - 1}", **cmp_kw)
+        for k in range(2, k_all + 1)
+    ]
     sweep_main = [c.verdict for c in steps[: k_main - 1]]
 
     plot(scores, rows, k_all, k_main, args.plot, args.bootstrap)
     wall = time.perf_counter() - start
-    text = markdown(args, teachers, entropies, scores, rows, desc, comps, steps, sweep_main, heur_tables, best,
-                    wall, (t_stage1, t_stage2, t_stage3), load0, os.getloadavg(), argv)
+    text = markdown(
+        args,
+        teachers,
+        entropies,
+        scores,
+        rows,
+        desc,
+        comps,
+        steps,
+        sweep_main,
+        heur_tables,
+        best,
+        wall,
+        (t_stage1, t_stage2, t_stage3),
+        load0,
+        os.getloadavg(),
+        argv,
+    )
     print("\n" + text, flush=True)
     (work / "paper_table.md").write_text(text + "\n", encoding="utf-8")
     if args.write_results:
@@ -497,7 +755,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def plot(scores: Scores, rows: dict[str, list[str]], k_all: int, k_main: int, path: str, replicates: int) -> None:
+def plot(
+    scores: Scores, rows: dict[str, list[str]], k_all: int, k_main: int, path: str, replicates: int
+) -> None:
     """Perplexity against K with the 95% bootstrap interval of each point (windows resampled per domain)."""
     import matplotlib
 
@@ -518,12 +778,23 @@ def plot(scores: Scores, rows: dict[str, list[str]], k_all: int, k_main: int, pa
     ks = list(range(1, k_all + 1))
     pts = [point(f"k{k}") for k in ks]
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    ax.errorbar(ks, [p[0] for p in pts], yerr=[[p[0] - p[1] for p in pts], [p[2] - p[0] for p in pts]],
-                fmt="o-", capsize=3, label="entropy-weighted KD, first K teachers")
+    ax.errorbar(
+        ks,
+        [p[0] for p in pts],
+        yerr=[[p[0] - p[1] for p in pts], [p[2] - p[0] for p in pts]],
+        fmt="o-",
+        capsize=3,
+        label="entropy-weighted KD, first K teachers",
+    )
     for row, style in (("ce", "--"), ("uniform", ":"), ("dkd", "-.")):
         p = point(row)
-        ax.axhline(p[0], ls=style, color="grey" if row == "ce" else None, lw=1,
-                   label=f"{row} ({p[0]:.1f} [{p[1]:.1f}, {p[2]:.1f}])")
+        ax.axhline(
+            p[0],
+            ls=style,
+            color="grey" if row == "ce" else None,
+            lw=1,
+            label=f"{row} ({p[0]:.1f} [{p[1]:.1f}, {p[2]:.1f}])",
+        )
     ax.axvline(k_main + 0.5, color="red", lw=0.6)
     ax.set_xlabel("number of teachers K (last: + the weak teacher)")
     ax.set_xticks(ks)
@@ -534,20 +805,41 @@ def plot(scores: Scores, rows: dict[str, list[str]], k_all: int, k_main: int, pa
     print(f"[paper] wrote {path}", flush=True)
 
 
-def markdown(args, teachers, entropies, scores, rows, desc, comps, steps, sweep_main, heur_tables, best, wall,
-             stages, load0, load1, argv) -> str:
+def markdown(
+    args,
+    teachers,
+    entropies,
+    scores,
+    rows,
+    desc,
+    comps,
+    steps,
+    sweep_main,
+    heur_tables,
+    best,
+    wall,
+    stages,
+    load0,
+    load1,
+    argv,
+) -> str:
     cmd = "python benchmarks/paper_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
     doms = scores.domains
     out = [
         f"2-core CPU, no GPU, {time.strftime('%Y-%m-%d')}; `{cmd}`; wall {wall / 60:.1f} min (caches "
         f"{stages[0] / 60:.1f}, students {stages[1] / 60:.1f}, evaluation {stages[2] / 60:.1f}), load average "
         f"{load0[0]:.1f} at the start and {load1[0]:.1f} at the end"
-        + (f"; {len(REUSED)} caches/runs/evaluations reused from an earlier invocation (their time is not in "
-           "this wall time)" if REUSED else "") + ".",
+        + (
+            f"; {len(REUSED)} caches/runs/evaluations reused from an earlier invocation (their time is not in "
+            "this wall time)"
+            if REUSED
+            else ""
+        )
+        + ".",
         "",
         f"Scale (cut to fit ~60 min on 2 cores): {args.train_tokens} cached training tokens, {args.steps} steps x "
         f"{args.batch_size} x {args.seq_len} tokens per student, lr {args.lr}, lambda {args.lambda_kd}, top-"
-        f"{args.top_k} caches; {args.seeds} seeds per claim row, {args.feat_seeds} for feat; held out: the first "
+        f"{args.top_k} caches; {args.seeds} seeds per row, {args.sweep_seeds} for the sweep's inner points, {args.feat_seeds} for feat; held out: the first "
         f"{args.eval_tokens} tokens of each domain of data/corpus/validation.jsonl ({len(scores.strata())} "
         f"windows of {args.seq_len}); {args.bootstrap} paired-bootstrap replicates (windows resampled within "
         "domains); KL is to the entropy fusion of the four non-weak teachers' top-k caches (top-k + tail).",
@@ -560,8 +852,9 @@ def markdown(args, teachers, entropies, scores, rows, desc, comps, steps, sweep_
     for i, t in enumerate(teachers, 1):
         lab = f"teacher:{t.name}"
         if lab in scores.nll:
-            cells = f"{ppl(scores.windows(lab)):.2f} | " + " | ".join(f"{ppl(scores.windows(lab, d)):.2f}"
-                                                                       for d in doms)
+            cells = f"{ppl(scores.windows(lab)):.2f} | " + " | ".join(
+                f"{ppl(scores.windows(lab, d)):.2f}" for d in doms
+            )
         else:
             cells = "- | " + " | ".join("-" for _ in doms)
         out.append(f"| {i} | {t.name} | {cells} | {entropies[t.name]:.3f} |")
@@ -569,15 +862,25 @@ def markdown(args, teachers, entropies, scores, rows, desc, comps, steps, sweep_
     for name, dom in SPECIALISTS.items():
         lab = f"teacher:{name}"
         gain = ppl(scores.windows(lab, dom)) / ppl(scores.windows(base, dom)) - 1
-        off = [f"{d} {100 * (ppl(scores.windows(lab, d)) / ppl(scores.windows(base, d)) - 1):+.1f}%"
-               for d in doms if d != dom]
+        off = [
+            f"{d} {100 * (ppl(scores.windows(lab, d)) / ppl(scores.windows(base, d)) - 1):+.1f}%"
+            for d in doms
+            if d != dom
+        ]
         out.append("")
-        out.append(f"- {name}: in-domain ({dom}) {100 * gain:+.1f}% against smollm2 "
-                   f"({'meets' if gain <= -0.20 else 'does NOT meet'} the 20% gain); off-domain {', '.join(off)}.")
+        out.append(
+            f"- {name}: in-domain ({dom}) {100 * gain:+.1f}% against smollm2 "
+            f"({'meets' if gain <= -0.20 else 'does NOT meet'} the 20% gain); off-domain {', '.join(off)}."
+        )
     out += ["", "**Students** (perplexity = exp of the mean window NLL, seeds averaged per window):", ""]
     out += row_table(scores, rows, desc, "ce")
-    out += ["", "**Differences** (perplexity of the first row minus the second; 95% paired-bootstrap interval):",
-            "", "| comparison | difference [95%] (relative) | verdict |", "|---|---|---|"]
+    out += [
+        "",
+        "**Differences** (perplexity of the first row minus the second; 95% paired-bootstrap interval):",
+        "",
+        "| comparison | difference [95%] (relative) | verdict |",
+        "|---|---|---|",
+    ]
     for c in [*comps.values(), *steps]:
         out.append(f"| {c.name} ({c.a} - {c.b}) | {fmt_diff(c)} | {c.verdict} |")
 
@@ -589,10 +892,13 @@ def markdown(args, teachers, entropies, scores, rows, desc, comps, steps, sweep_
     sweep_cells = "; ".join(f"K{k + 2}-K{k + 1} {v(c)}" for k, c in enumerate(steps[: k_main - 1]))
     ks = " -> ".join(f"{ppl(scores.row(rows[f'k{k}'])):.2f}" for k in range(1, k_main + 1))
     out += [
-        "", "**Verdicts** (holds: the interval excludes zero in the claimed direction and every seed agrees; "
+        "",
+        "**Verdicts** (holds: the interval excludes zero in the claimed direction and every seed agrees; "
         "does not hold: it excludes zero the other way; for the weak teacher, non-inferiority within "
-        f"{100 * args.margin:.0f}%):", "",
-        "| paper claim | our number [95%] | verdict |", "|---|---|---|",
+        f"{100 * args.margin:.0f}%):",
+        "",
+        "| paper claim | our number [95%] | verdict |",
+        "|---|---|---|",
         f"| the method beats DKD | method - DKD {v(comps['vs_dkd'])} | {comps['vs_dkd'].verdict} |",
         f"| perplexity falls steadily from 1 to K teachers | {ks}; {sweep_cells} | {verdict_all(sweep_main)} |",
         f"| entropy weighting beats uniform | entropy - uniform {v(comps['vs_uniform'])} | "
@@ -601,7 +907,9 @@ def markdown(args, teachers, entropies, scores, rows, desc, comps, steps, sweep_
         f"{comps['vs_best'].verdict} |",
         f"| the weak teacher is handled | with - without {v(comps['weak'])} | {comps['weak'].verdict} |",
         f"| (distillation beats CE) | method - CE {v(comps['vs_ce'])} | {comps['vs_ce'].verdict} |",
-        "", f"![held-out perplexity against the number of teachers]({Path(args.plot).name})", "",
+        "",
+        f"![held-out perplexity against the number of teachers]({Path(args.plot).name})",
+        "",
         "**The heuristic before training** (benchmarks/entropy_heuristic.py on the caches; positions where some "
         "teacher's p(o) is outside its top-k are left out, so perplexities are optimistic):",
     ]

@@ -57,8 +57,15 @@ def test_paired_bootstrap_by_hand(pt):
 def _results(values: dict[str, dict[str, list[float]]]) -> dict[str, dict]:
     """Fake `evaluate` JSON per domain: label -> domain -> window NLLs (KL = NLL / 10)."""
     doms = next(iter(values.values())).keys()
-    return {d: {"models": {lab: {"window_nll": v[d], "window_kl_fused": [x / 10 for x in v[d]]}
-                           for lab, v in values.items()}} for d in doms}
+    return {
+        d: {
+            "models": {
+                lab: {"window_nll": v[d], "window_kl_fused": [x / 10 for x in v[d]]}
+                for lab, v in values.items()
+            }
+        }
+        for d in doms
+    }
 
 
 def test_scores_rows_compare_and_table_by_hand(pt):
@@ -76,8 +83,10 @@ def test_scores_rows_compare_and_table_by_hand(pt):
     assert pt.ppl(s.row(rows["ce"])) == pytest.approx(math.exp(np.mean(ce_windows)))
     assert pt.ppl(s.row(rows["ce"], "y")) == pytest.approx(math.exp(np.mean(ce_windows[2:])))
     c = pt.compare(s, rows, "k1 vs ce", "k1", "ce", replicates=200)
-    by_seed = [math.exp(np.mean([2.8, 3.0, 3.8, 3.9])) - math.exp(np.mean([3.0, 3.2, 4.0, 4.2])),
-               math.exp(np.mean([2.9, 3.1, 3.9, 3.7])) - math.exp(np.mean([3.2, 3.4, 4.2, 4.0]))]
+    by_seed = [
+        math.exp(np.mean([2.8, 3.0, 3.8, 3.9])) - math.exp(np.mean([3.0, 3.2, 4.0, 4.2])),
+        math.exp(np.mean([2.9, 3.1, 3.9, 3.7])) - math.exp(np.mean([3.2, 3.4, 4.2, 4.0])),
+    ]
     assert c.seed_diffs == pytest.approx(by_seed)
     assert c.verdict == "holds"  # every window is lower for k1 in the seed mean, and both seeds agree
     lines = pt.row_table(s, rows, {"ce": "CE only", "k1": "KD"}, "ce")
