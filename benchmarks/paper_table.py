@@ -772,7 +772,9 @@ def main(argv: list[str] | None = None) -> int:
 def plot(
     scores: Scores, rows: dict[str, list[str]], k_all: int, k_main: int, path: str, replicates: int
 ) -> None:
-    """Perplexity against K with the 95% bootstrap interval of each point (windows resampled per domain)."""
+    """Left: perplexity against K with the 95% bootstrap interval of each point. Right: each K's perplexity minus
+    K = 1's, with its paired interval (the same resampled windows for both), which is what separates the points.
+    Windows are resampled within domains."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -783,37 +785,56 @@ def plot(
     groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
     idx = np.concatenate([g[rng.integers(0, len(g), size=(replicates, len(g)))] for g in groups], axis=1)
 
-    def point(row: str) -> tuple[float, float, float]:
+    def reps(row: str) -> tuple[float, np.ndarray]:
         w = scores.row(rows[row])
-        reps = np.exp(w[idx].mean(axis=1))
-        lo, hi = np.quantile(reps, [0.025, 0.975])
-        return ppl(w), float(lo), float(hi)
+        return ppl(w), np.exp(w[idx].mean(axis=1))
+
+    def interval(x: np.ndarray) -> tuple[float, float]:
+        lo, hi = np.quantile(x, [0.025, 0.975])
+        return float(lo), float(hi)
 
     ks = list(range(1, k_all + 1))
-    pts = [point(f"k{k}") for k in ks]
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    pts = [reps(f"k{k}") for k in ks]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ci = [interval(r) for _, r in pts]
     ax.errorbar(
         ks,
-        [p[0] for p in pts],
-        yerr=[[p[0] - p[1] for p in pts], [p[2] - p[0] for p in pts]],
+        [p for p, _ in pts],
+        yerr=[
+            [p - c[0] for (p, _), c in zip(pts, ci, strict=True)],
+            [c[1] - p for (p, _), c in zip(pts, ci, strict=True)],
+        ],
         fmt="o-",
         capsize=3,
         label="entropy-weighted KD, first K teachers",
     )
     for row, style in (("ce", "--"), ("uniform", ":"), ("dkd", "-.")):
-        p = point(row)
+        p, r = reps(row)
+        lo, hi = interval(r)
         ax.axhline(
-            p[0],
+            p,
             ls=style,
             color="grey" if row == "ce" else None,
             lw=1,
-            label=f"{row} ({p[0]:.1f} [{p[1]:.1f}, {p[2]:.1f}])",
+            label=f"{row} ({p:.1f} [{lo:.1f}, {hi:.1f}])",
         )
-    ax.axvline(k_main + 0.5, color="red", lw=0.6)
-    ax.set_xlabel("number of teachers K (last: + the weak teacher)")
-    ax.set_xticks(ks)
+    d = [(p - pts[0][0], interval(r - pts[0][1])) for p, r in pts]
+    bx.errorbar(
+        ks,
+        [x for x, _ in d],
+        yerr=[[x - c[0] for x, c in d], [c[1] - x for x, c in d]],
+        fmt="o-",
+        capsize=3,
+        label="perplexity(K) - perplexity(1), paired 95%",
+    )
+    bx.axhline(0.0, color="grey", lw=0.8)
+    for a_ in (ax, bx):
+        a_.axvline(k_main + 0.5, color="red", lw=0.6)
+        a_.set_xlabel("number of teachers K (right of the red line: + the weak teacher)")
+        a_.set_xticks(ks)
+        a_.legend(fontsize=7)
     ax.set_ylabel("held-out perplexity (mean of seeds)")
-    ax.legend(fontsize=7)
+    bx.set_ylabel("difference to K = 1")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"[paper] wrote {path}", flush=True)
@@ -859,7 +880,13 @@ def markdown(
         "domains); KL (top-k + tail) is to the entropy fusion of the held-out caches of "
         "smollm2 and the two specialists (Gemma's aligned precompute of the held-out text was left out for time).",
         "",
-        "**Teachers** (held-out perplexity as models; Gemma has another tokenizer, so only its cache enters):",
+        "**Teachers** (held-out perplexity as models"
+        + (
+            "; Gemma has another tokenizer, so only its cache enters"
+            if any(t.align for t in teachers)
+            else ""
+        )
+        + "):",
         "",
         "| # | teacher | perplexity | " + " | ".join(doms) + " | mean entropy (training cache) |",
         "|---|---|---|" + "---|" * len(doms) + "---|",
