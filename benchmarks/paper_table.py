@@ -182,6 +182,11 @@ class Scores:
         return np.mean([self.windows(lab, domain, kind) for lab in labels], axis=0)
 
 
+def feat_label(i: int, gamma: float) -> str:
+    """Row label of the i-th feature weight: 'feat' for the first (as runs made before the list existed)."""
+    return "feat" if i == 0 else f"feat-g{gamma:g}"
+
+
 def run_label(row: str, seed: int) -> str:
     return f"{row}-s{seed}"
 
@@ -501,7 +506,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=4, help="windows per student step")
     ap.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     ap.add_argument("--lambda-kd", type=float, default=0.5, help="weight of the distillation term")
-    ap.add_argument("--gamma-feat", type=float, default=0.1, help="weight of the feature term (feat row)")
+    ap.add_argument(
+        "--gamma-feat",
+        type=lambda x: [float(v) for v in x.split(",")],
+        default=[0.1],
+        help="weights of the feature term, comma list: one feat row each (the first is row 'feat')",
+    )
     ap.add_argument(
         "--teacher-pool-layer", type=int, default=11, help="teacher block aligned by the feat row"
     )
@@ -676,22 +686,25 @@ def main(argv: list[str] | None = None) -> int:
             args.seeds,
         ),
         ("dkd", f"DKD on the entropy-fused {k_main}", caches[:k_main], lam + ["--loss", "dkd"], args.seeds),
+    ]
+    specs += [
         (
-            "feat",
+            feat_label(i, g),
             f"k{k_main} + feature: specialists' block {args.teacher_pool_layer} -> student block "
-            f"{args.student_pool_layer}, gamma {args.gamma_feat}",
+            f"{args.student_pool_layer}, gamma {g}",
             caches[:k_main],
             lam
             + [
                 "--gamma-feat",
-                str(args.gamma_feat),
+                str(g),
                 "--teacher-pool-layer",
                 str(args.teacher_pool_layer),
                 "--student-pool-layer",
                 str(args.student_pool_layer),
             ],
             args.feat_seeds,
-        ),
+        )
+        for i, g in enumerate(args.gamma_feat)
     ]
     jobs = [
         (row, cs, extra, s)
@@ -731,7 +744,12 @@ def main(argv: list[str] | None = None) -> int:
         "vs_dkd": compare(scores, rows, "method vs DKD", method, "dkd", **cmp_kw),
         "vs_uniform": compare(scores, rows, "entropy vs uniform weighting", method, "uniform", **cmp_kw),
         "vs_best": compare(scores, rows, f"method vs best single ({best})", method, best, **cmp_kw),
-        "feat": compare(scores, rows, "method + feature vs method", "feat", method, **cmp_kw),
+        **{
+            f"feat{i}": compare(
+                scores, rows, f"method + feature (gamma {g}) vs method", feat_label(i, g), method, **cmp_kw
+            )
+            for i, g in enumerate(args.gamma_feat)
+        },
         "weak": compare(
             scores, rows, "with vs without the weak teacher", f"k{k_all}", method, "no-worse", **cmp_kw
         ),

@@ -98,3 +98,9 @@ def test_scores_rows_compare_and_table_by_hand(pt):
     assert f"{100 * (k1_ppl / ce_ppl - 1):+.1f}%" in k1
     assert f"{np.mean(s.row(rows['k1'], kind='kl')):.3f}" in k1
     assert lines[2].endswith("| +0.0% |")
+
+
+def test_feature_row_labels_keep_the_first_gamma_as_feat(pt):
+    assert pt.feat_label(0, 0.1) == "feat"  # runs made with a single gamma stay reusable
+    assert pt.feat_label(1, 0.01) == "feat-g0.01"
+    assert pt.run_label("feat-g0.01", 0) == "feat-g0.01-s0"
