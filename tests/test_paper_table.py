@@ -104,3 +104,19 @@ def test_feature_row_labels_keep_the_first_gamma_as_feat(pt):
     assert pt.feat_label(0, 0.1) == "feat"  # runs made with a single gamma stay reusable
     assert pt.feat_label(1, 0.01) == "feat-g0.01"
     assert pt.run_label("feat-g0.01", 0) == "feat-g0.01-s0"
+
+
+def test_rows_with_other_seed_counts_are_compared_on_shared_seeds(pt):
+    vals = {
+        "a-s0": {"x": [3.0, 3.1], "y": [3.2, 3.3]},
+        "a-s1": {"x": [2.0, 2.1], "y": [2.2, 2.3]},  # a much luckier seed 1
+        "b-s0": {"x": [2.9, 3.0], "y": [3.1, 3.2]},
+    }
+    s = pt.Scores.from_results(_results(vals))
+    rows = {"a": ["a-s0", "a-s1"], "b": ["b-s0"]}
+    c = pt.compare(s, rows, "b vs a", "b", "a", replicates=200)
+    # only seed 0 is shared: b is lower than a there, although a's seed mean is lower still
+    expected = math.exp(np.mean([2.9, 3.0, 3.1, 3.2])) - math.exp(np.mean([3.0, 3.1, 3.2, 3.3]))
+    assert c.seed_diffs == pytest.approx([expected])
+    assert c.result["difference"] == pytest.approx(expected)
+    assert c.verdict == "holds"
