@@ -43,14 +43,20 @@ def _alias(flag: str, name: str, new: str) -> Any:
 @_opt("--dataset-revision", help="Hub dataset revision.")
 @_opt("--text-field", help="Field holding the text in jsonl/parquet files and hub datasets.")
 @_opt("--teacher", field="teachers", multiple=True,
-      help="Teacher model directory or hub id, or LABEL=DIR; repeat. Scored alone before the students (one model "
-           "resident at a time). DIR/FILE.gguf is accepted as the older spelling of DIR --gguf-file FILE.")
+      help="Teacher model directory or hub id, or LABEL=DIR, with the student's tokenizer; repeat. Scored alone "
+           "before the students (one model resident at a time), on the --dataset windows or on those of the "
+           "--teacher-data caches (joining them in the fused target, after the caches). DIR/FILE.gguf is "
+           "accepted as the older spelling of DIR --gguf-file FILE.")
 @_opt("--gguf-file", field="gguf_files", multiple=True,
       help="GGUF file inside a --teacher directory (dequantised), as in precompute; with several teachers "
            "LABEL=FILE. Repeat for several GGUF teachers.")
 @_opt("--teacher-data", multiple=True,
       help="Teacher cache precomputed on held-out text; repeat. Joined as train-student joins them; KL over "
-           "top-k plus a tail bucket.")
+           "top-k plus a tail bucket. An aligned cache (a teacher with another tokenizer) also gives that "
+           "teacher's perplexity over the positions where its next-token log-prob is exact.")
+@_opt("--observed-correction/--no-observed-correction", field="observed_correction",
+      help="Aligned caches: put the exact log-prob of the observed next token into their target, as "
+           "train-student does.")
 @_opt("--verify", type=click.Choice(["full", "stamp", "off"]),
       help="Check of the caches' shards on open, as in train-student.")
 @_opt("--tokenizer", help="Tokenizer directory or .gguf file (default: the first student's directory).")
@@ -67,7 +73,7 @@ def _alias(flag: str, name: str, new: str) -> Any:
            "train-student.")
 @_alias("--weighting", "weighting_alias", "--teacher-weighting")
 @_opt("--teacher-weights", field="teacher_weights", type=FLOAT_LIST,
-      help="Fixed weights in teacher order, e.g. 0.5,0.3,0.2 (with --teacher-weighting fixed; same option as "
+      help="Fixed weights in teacher order (--teacher-data caches, then --teacher models), e.g. 0.5,0.3,0.2 (with --teacher-weighting fixed; same option as "
            "train-student).")
 @_opt("--bleu-prompts", type=int, help="Held-out prompts continued greedily for BLEU (0: skip).")
 @_opt("--prompt-tokens", type=int, help="Tokens per BLEU prompt.")

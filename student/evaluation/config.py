@@ -34,11 +34,15 @@ class EvalConfig:
     """Field holding the document text in jsonl/parquet files and hub datasets."""
     teachers: list[str] = field(default_factory=list)
     """Teacher models (directory or hub id; the old `DIR/FILE.gguf` form is accepted), each optionally
-    `LABEL=PATH`; needs `data`."""
+    `LABEL=PATH`, sharing the student's tokenizer; scored on the `data` windows, or on the caches' windows
+    beside the `teacher_data` caches (whose teachers come first in the fused target's teacher order)."""
     gguf_files: list[str] = field(default_factory=list)
     """GGUF files inside teacher directories, each `LABEL=FILE`, or a bare `FILE` with exactly one teacher."""
     teacher_data: list[str] = field(default_factory=list)
     """Teacher caches precomputed on held-out text; their `input_ids` are the evaluation sequences."""
+    observed_correction: bool = True
+    """Aligned caches: use the exact log-prob of the observed next token (`observed_logprob`) in the target,
+    as train-student does by default (student/observed.py)."""
     verify: str = "stamp"
     """How the caches' shards are checked on open: full, stamp or off (storage/stamps.py)."""
     tokenizer: str | None = None
@@ -82,10 +86,6 @@ class EvalConfig:
         if (self.data is None) == (not self.teacher_data):
             raise ConfigError(
                 "give held-out text with --dataset or held-out caches with --teacher-data (exactly one)"
-            )
-        if self.teachers and self.data is None:
-            raise ConfigError(
-                "--teacher models need --dataset (with --teacher-data the KL comes from the caches)"
             )
         if self.gguf_files and not self.teachers:
             raise ConfigError("--gguf-file names a file inside a --teacher directory; give --teacher")

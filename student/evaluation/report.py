@@ -72,7 +72,7 @@ def format_table(result: dict[str, Any]) -> str:
     if result["kl_kind"]:
         header += ["KL fused", *[f"KL {t}" for t in teachers], "top-1 agree"]
     has_bleu = result["bleu_prompts"] > 0
-    live = result["teacher_source"] == "models"  # the teachers' own continuations exist
+    live = "models" in (result["teacher_source"] or "")  # the live teachers' own continuations exist
     if has_bleu:
         header += (["BLEU teachers"] if live else []) + ["BLEU text"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -96,4 +96,8 @@ def format_table(result: dict[str, Any]) -> str:
         if partial:  # aligned caches: their KL is over the positions with a target only
             lines.append(f"{label}: KL over positions with a target only: "
                          + ", ".join(f"{t} {n} of {total}" for t, n in partial.items()))
+    for name, c in result.get("cache_teachers", {}).items():  # aligned caches: teachers with another tokenizer
+        lines.append(f"{name} (teacher, aligned cache): perplexity {c['perplexity_observed']:.2f} over the "
+                     f"{c['observed_positions']} of {c['positions']} positions where its log-prob of the next token "
+                     "is exact")
     return "\n".join(lines)

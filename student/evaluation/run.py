@@ -3,7 +3,7 @@
 Every check that needs no weights runs first (tokenizers, model configs, window length, output file), so a
 mistake fails before anything loads. Then one model at a time is loaded, scored over all held-out batches,
 and released: live teachers keep their top-k + exact entropy per position (`sources.TeacherRecord`), students
-are scored against the fused target built from those records or from the caches.
+are scored against the fused target built from the caches and those records (the caches' teachers first).
 """
 
 from __future__ import annotations
@@ -129,8 +129,7 @@ def _score_teacher(spec: ModelSpec, held: HeldOut, cfg: EvalConfig, run: _Pass) 
     record, scores = TeacherRecord(spec.label), run.scores[spec.label]
     with torch.no_grad(), tqdm(total=held.n_windows * held.seq_len, unit="tok", desc=spec.label) as bar:
         for lo in held.batches():
-            ids, _ = held.batch(lo, cfg.teacher_weighting)
-            ids = ids.to(run.device)
+            ids = held.ids(lo).to(run.device)
             logits = model(input_ids=ids).logits.float()  # [B, L, V]
             scores.add_nll(logits, ids)
             record.add(logits, cfg.top_k)
@@ -149,8 +148,8 @@ def _score_student(spec: ModelSpec, held: HeldOut, records: list[TeacherRecord],
     scores = run.scores[spec.label]
     with torch.no_grad(), tqdm(total=held.n_windows * held.seq_len, unit="tok", desc=spec.label) as bar:
         for i, lo in enumerate(held.batches()):
-            ids, views = held.batch(lo, cfg.teacher_weighting)
-            views = [r.view(i) for r in records] or views
+            ids, views = held.batch(lo, cfg.teacher_weighting, cfg.observed_correction)
+            views = views + [r.view(i) for r in records]  # the caches' teachers first, then the live ones
             ids = ids.to(run.device)
             logits = model(input_ids=ids).logits.float()  # [B, L, V]
             scores.add_nll(logits, ids)
@@ -197,7 +196,13 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
         truth = [decode_until_eos(tokenizer, r.tolist(), tokenizer.eos_token_id)
                  for r in win[:, cfg.prompt_tokens : cfg.prompt_tokens + cfg.new_tokens]]
 
-    teacher_names = [t.label for t in teachers] or [ds.manifest.teacher.name for ds in held.caches]
+    teacher_names = [ds.manifest.teacher.name for ds in held.caches] + [t.label for t in teachers]
+    if len(set(teacher_names)) < len(teacher_names):
+        raise ConfigError(f"two teachers share a name ({', '.join(teacher_names)}): a --teacher model's label "
+                          "must differ from the caches' teacher names (name it with LABEL=PATH)")
+    if teachers and held.caches and held.temperature != 1.0:
+        raise ConfigError(f"the caches were computed at temperature {held.temperature}; live --teacher models "
+                          "are scored at temperature 1, so they cannot join them")
     run = _Pass(device=device, dtype=dtype, vocab=_Vocab(held), tokenizer=tokenizer, prompts=prompts,
                 teacher_names=teacher_names, scores={label: Scores() for label in labels})
     start = time.perf_counter()
@@ -211,16 +216,16 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     vocab = run.vocab.size
     kl_kind = None
-    if teachers:
-        kl_kind = "full" if cfg.top_k >= vocab else "topk+tail"
-    elif held.caches:
+    if held.caches:
         kl_kind = "topk+tail"
+    elif teachers:
+        kl_kind = "full" if cfg.top_k >= vocab else "topk+tail"
     student_labels, teacher_labels = [s.label for s in students], [t.label for t in teachers]
     bleu = bleu_scores(run.texts, truth, student_labels, teacher_labels) if n_prompts else {}
     scores = run.scores
     result = {
         "source": cfg.data if cfg.data else cfg.teacher_data,
-        "teacher_source": "models" if teachers else ("caches" if held.caches else None),
+        "teacher_source": "+".join(x for x, on in (("caches", held.caches), ("models", teachers)) if on) or None,
         "kl_kind": kl_kind,
         "top_k": min(cfg.top_k, vocab) if teachers else None,
         "temperature": held.temperature,
@@ -235,6 +240,7 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
             **{lab: model_summary(scores[lab], "student", teacher_names, bleu.get(lab)) for lab in student_labels},
             **{lab: model_summary(scores[lab], "teacher", teacher_names, bleu.get(lab)) for lab in teacher_labels},
         },
+        "cache_teachers": held.observed_nll(),
         "comparisons": compare_students(scores, student_labels, cfg.bootstrap, cfg.seed),
         "continuations": ({"prompts": [tokenizer.decode(p.tolist(), skip_special_tokens=True) for p in prompts],
                            "reference": truth, **run.texts} if n_prompts else {}),

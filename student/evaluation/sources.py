@@ -16,6 +16,7 @@ the memory of one.
 from __future__ import annotations
 
 import gc
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from storage.errors import MismatchError
 from student.data import check_weighting, join_teachers, sparse_target, target_columns
 from student.fusion import FusedTargets, fuse_topk, teacher_weights
 from student.model import is_hub_id
+from student.observed import apply_observed_correction
 
 
 # ---- model specs and loading ---------------------------------------------------------------------
@@ -227,8 +229,15 @@ class HeldOut:
         ids = self.caches[0].read_columns(list(rows), ["input_ids"])["input_ids"]
         return torch.from_numpy(ids.astype(np.int64))
 
-    def batch(self, lo: int, weighting: str) -> tuple[torch.Tensor, list[TeacherView]]:
-        """The windows [b, L] int64 starting at `lo`, and the caches' views of them (none for text)."""
+    def ids(self, lo: int) -> torch.Tensor:
+        """The windows [b, L] int64 starting at `lo` (no teacher columns read)."""
+        hi = min(self.n_windows, lo + self.batch_size)
+        return self.windows[lo:hi] if not self.caches else self.rows(range(lo, hi))
+
+    def batch(self, lo: int, weighting: str, observed_correction: bool = True
+              ) -> tuple[torch.Tensor, list[TeacherView]]:
+        """The windows [b, L] int64 starting at `lo`, and the caches' views of them (none for text). An aligned
+        cache's view takes the observed-token correction when `observed_correction`, as training's loader."""
         hi = min(self.n_windows, lo + self.batch_size)
         if not self.caches:
             return self.windows[lo:hi], []
@@ -237,6 +246,7 @@ class HeldOut:
             names = ["input_ids", *target_columns(ds.manifest)]
             names += ["entropy"] if weighting == "entropy" else []
             names += ["target_mask"] if ds.manifest.aligned else []
+            names += ["observed_logprob"] if ds.manifest.aligned and observed_correction else []
             cols.append(ds.read_columns(list(range(lo, hi)), names))
         for path, c in zip(self.cache_paths[1:], cols[1:], strict=True):
             if (c["input_ids"] != cols[0]["input_ids"]).any():
@@ -246,12 +256,49 @@ class HeldOut:
         views = []
         for c, ds in zip(cols, self.caches, strict=True):
             k_ids, k_lp = sparse_target(c, ds.manifest, n)
+            ent = torch.from_numpy(c["entropy"]).reshape(n).float() if "entropy" in c else None
+            if "observed_logprob" in c:
+                k_ids, k_lp, ent = apply_observed_correction(k_ids, k_lp, ent, observed_logprobs(c, ids), labels_of(ids))
             views.append(TeacherView(
-                k_ids, k_lp.float(),
-                torch.from_numpy(c["entropy"]).reshape(n).float() if "entropy" in c else None,
+                k_ids, k_lp.float(), ent,
                 torch.from_numpy(c["target_mask"] != 0).reshape(n) if "target_mask" in c else None,
                 ds.manifest.target_kind == "sampled"))
         return ids, views
+
+    def observed_nll(self) -> dict[str, dict[str, float]]:
+        """Per aligned cache (by teacher name): its teacher's perplexity over the positions where its log-prob of
+        the observed next token is exact (`observed_logprob`), and how many positions those are."""
+        out = {}
+        for ds in self.caches:
+            if not ds.manifest.aligned:
+                continue
+            nll, count = 0.0, 0
+            for lo in self.batches():
+                ids = self.ids(lo)
+                c = ds.read_columns(list(range(lo, lo + ids.shape[0])), ["observed_logprob"])
+                obs = observed_logprobs(c, ids)
+                use = ~torch.isnan(obs)
+                nll -= float(obs[use].double().sum())
+                count += int(use.sum())
+            out[ds.manifest.teacher.name] = {
+                "perplexity_observed": math.exp(nll / count) if count else float("nan"),
+                "observed_positions": count,
+                "positions": self.n_windows * (self.seq_len - 1),
+            }
+        return out
+
+
+def labels_of(ids: torch.Tensor) -> torch.Tensor:
+    """[B * L] int64: the next token of each position of windows [B, L] (the last one's is unknown: any id)."""
+    return torch.cat([ids[:, 1:], ids[:, :1]], dim=1).reshape(-1)
+
+
+def observed_logprobs(cols: dict[str, np.ndarray], ids: torch.Tensor) -> torch.Tensor:
+    """[B * L] float32 observed-token log-probs of an aligned cache's read columns, NaN at each window's last
+    position (its next token is not in the window), as training's loader reads them."""
+    obs = torch.from_numpy(cols["observed_logprob"]).reshape(ids.shape).clone().float()
+    obs[:, -1] = float("nan")
+    return obs.reshape(-1)
 
 
 def open_caches(paths: Sequence[str], weighting: str, verify: str, max_tokens: int | None,

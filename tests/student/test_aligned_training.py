@@ -34,7 +34,7 @@ def caches(tmp_path_factory):
         cfg.teacher.align_tokenizer = align
         cfg.teacher.name = name
         run_precompute(cfg)
-    return root, made.s_dir
+    return root, made.s_dir, made.teacher_s
 
 
 def _batch(root, *, correction=True, tamper=False):
@@ -65,7 +65,7 @@ def _batch(root, *, correction=True, tamper=False):
 def test_masked_positions_carry_no_kd(caches):
     from student.losses import sparse_kl
 
-    root, _ = caches
+    root, *_ = caches
     batch, teachers = _batch(root)
     fused = batch.fused
     mask = teachers[1].read_columns(np.arange(len(teachers[1])), ["target_mask"])["target_mask"].reshape(-1)
@@ -86,7 +86,7 @@ def test_masked_positions_carry_no_kd(caches):
 
 
 def test_observed_correction_reaches_the_fused_target(caches):
-    root, _ = caches
+    root, *_ = caches
     on, teachers = _batch(root, correction=True)
     off, _ = _batch(root, correction=False)
     cols = teachers[1].read_columns(np.arange(len(teachers[1])), ["input_ids", "observed_logprob"])
@@ -109,7 +109,7 @@ def test_observed_correction_reaches_the_fused_target(caches):
 
 @pytest.mark.parametrize("correction", ["--observed-correction", "--no-observed-correction"])
 def test_train_student_from_s_cache_and_aligned_cache(caches, tmp_path, correction):
-    root, s_dir = caches
+    root, s_dir, _ = caches
     out = tmp_path / "run"
     r = CliRunner().invoke(main, ["train-student", "--teacher-data", str(root / "plain_s"), "--teacher-data",
                                   str(root / "aligned"), "--output", str(out), "--student", "tiny", "--tokenizer",
@@ -124,7 +124,7 @@ def test_train_student_from_s_cache_and_aligned_cache(caches, tmp_path, correcti
 
 
 def test_evaluate_reports_masked_positions_apart(caches, tmp_path):
-    root, s_dir = caches
+    root, s_dir, _ = caches
     out = tmp_path / "run"
     r = CliRunner().invoke(main, ["train-student", "--teacher-data", str(root / "plain_s"), "--teacher-data",
                                   str(root / "aligned"), "--output", str(out), "--student", "tiny", "--tokenizer",
@@ -145,3 +145,52 @@ def test_evaluate_reports_masked_positions_apart(caches, tmp_path):
     assert m["target_positions"]["plain_s"] == total and m["target_positions"]["aligned"] == n_mask < total
     assert m["positions_with_target"] == total  # the plain teacher has a target everywhere
     assert all(np.isfinite(v) for v in m["kl"].values()) and "positions with a target only" in r.output
+
+
+def _evaluate(args: list[str], res: Path) -> dict:
+    r = CliRunner().invoke(main, ["evaluate", *args, "--bleu-prompts", "0", "--output", str(res)])
+    assert r.exit_code == 0, r.output
+    return json.loads(res.read_text()) | {"output": r.output}
+
+
+def test_evaluate_joins_live_teachers_to_caches_and_scores_the_aligned_teacher(caches, tmp_path):
+    """A live teacher with the student's tokenizer scored on an aligned cache's windows gives what its own cache
+    of those windows gives; the aligned cache takes the observed-token correction as training does, and reports
+    its teacher's perplexity over the positions where the next token's log-prob is exact."""
+    root, s_dir, teacher_s = caches
+    common = ["--student", f"s={teacher_s}", "--tokenizer", str(s_dir), "--top-k", "8"]
+    both_cached = _evaluate([*common, "--teacher-data", str(root / "aligned"), "--teacher-data",
+                             str(root / "plain_s")], tmp_path / "a.json")
+    mixed = _evaluate([*common, "--teacher-data", str(root / "aligned"), "--teacher", f"plain_s={teacher_s}"],
+                      tmp_path / "b.json")
+    assert mixed["teacher_source"] == "caches+models" and mixed["teachers"] == ["aligned", "plain_s"]
+    a, b = both_cached["models"]["s"], mixed["models"]["s"]
+    for t in ("aligned", "plain_s"):
+        assert b["kl"][t] == pytest.approx(a["kl"][t], rel=1e-2, abs=1e-4)
+    assert b["kl_fused"] == pytest.approx(a["kl_fused"], rel=1e-2, abs=1e-4)
+    assert b["target_positions"] == a["target_positions"]
+    assert mixed["models"]["plain_s"]["perplexity"] == pytest.approx(a["perplexity"], rel=1e-5)  # s is plain_s
+
+    off = _evaluate([*common, "--teacher-data", str(root / "aligned"), "--no-observed-correction"],
+                    tmp_path / "c.json")
+    on = _evaluate([*common, "--teacher-data", str(root / "aligned")], tmp_path / "d.json")
+    assert on["models"]["s"]["kl"]["aligned"] != pytest.approx(off["models"]["s"]["kl"]["aligned"], rel=1e-4)
+
+    from storage.reader import TeacherDataset
+
+    ds = TeacherDataset.open(str(root / "aligned"))
+    obs = ds.read_columns(np.arange(len(ds)), ["observed_logprob"])["observed_logprob"].astype(np.float64)
+    obs = obs[:, :-1][~np.isnan(obs[:, :-1])]  # the last position's next token is outside the window
+    got = on["cache_teachers"]["aligned"]
+    assert got["observed_positions"] == obs.size > 0
+    assert got["positions"] == len(ds) * (ds.manifest.seq_len - 1)
+    assert got["perplexity_observed"] == pytest.approx(float(np.exp(-obs.mean())), rel=1e-6)
+    assert "aligned (teacher, aligned cache): perplexity" in on["output"]
+
+
+def test_evaluate_refuses_a_live_teacher_named_like_a_cache(caches, tmp_path):
+    root, s_dir, teacher_s = caches
+    r = CliRunner().invoke(main, ["evaluate", "--student", str(teacher_s), "--tokenizer", str(s_dir),
+                                  "--teacher-data", str(root / "aligned"), "--teacher", f"aligned={teacher_s}",
+                                  "--bleu-prompts", "0"])
+    assert r.exit_code != 0 and "two teachers share a name" in r.output and "Traceback" not in r.output
