@@ -33,10 +33,8 @@ windows, for the same steps with the same seeds; only the loss differs:
 
 Held-out evaluation: `python cli.py evaluate`, one call per domain of data/corpus/validation.jsonl (the domain
 is the `url` prefix), the first --eval-tokens of each domain's documents packed in 256-token windows. The fused
-target for the KL is the entropy fusion of the top-k caches of the same windows of the method's teachers that share
-SmolLM2's tokenizer (smollm2 and the two specialists): Gemma's aligned precompute is too slow on a shared 2-core
-CPU to also run on the held-out text, so the KL leaves Gemma out (perplexity does not need it). Perplexity of
-a row = exp(mean window NLL), the window NLLs averaged over the row's seeds first.
+target for the KL is the entropy fusion of the top-k caches of the same windows of the method's teachers (Gemma's
+aligned cache: at the positions where it has a target). Perplexity of a row = exp(mean window NLL), the window NLLs averaged over the row's seeds first.
 Every difference a claim rests on gets a 95% paired-bootstrap interval over held-out windows (resampled within
 each domain), with each seed's own difference beside it.
 
@@ -49,9 +47,11 @@ tokens per student (half the demo's 20 steps; 40 of the 72 windows seen once), 2
 the method, the method + weak, uniform and DKD, 1 seed (--sweep-seeds, --feat-seeds) for the sweep's inner
 points, the other single-teacher rows and feat, 3 x 2,816 held-out tokens (33 windows), top-32 caches.
 Run it with --seeds 1 first and then with --seeds 2: the second invocation reuses every cache, run and evaluated
-model and adds the second seed. Gemma's aligned precompute runs at ~5-25 tok/s on a shared 2-core CPU (18,432
-tokens: 20-60 min); --gemma-gguf none leaves it out (the teachers are then smollm2, the two specialists and the
-weak one, K = 1..4).
+model and adds the second seed. Gemma is read from TEACHERS_DIR/gemma3 when build_teachers.py --gemma wrote it
+(loads in seconds), else from --gemma-gguf (~2.5 min per load). Its aligned precompute runs at ~85 tok/s on a quiet
+2-core CPU (its 262,144-id output layer is most of the work), 5-25 tok/s on a shared one; --gemma-gguf none leaves
+it out (the teachers are then smollm2, the two specialists and the weak one, K = 1..4). A run directory is reused
+only when its train-student config names the same teachers and settings as the row (else the script stops).
 """
 
 from __future__ import annotations
@@ -89,28 +89,26 @@ REUSED: list[str] = []
 def paired_bootstrap(
     a: np.ndarray, b: np.ndarray, strata: np.ndarray, *, n: int = 2000, seed: int = 0
 ) -> dict[str, float]:
-    """Perplexity difference exp(mean a) - exp(mean b) of two models' window NLLs [W] on the same windows.
+    """Perplexity difference exp(mean a) - exp(mean b) of two models' window NLLs [W] on the same windows, by
+    `student.stats.paired_bootstrap` with the windows resampled within each stratum (domain).
 
-    Windows are resampled with replacement within each stratum (domain), the same windows for a and b.
-    Returns difference, relative (a / b - 1) and the 95% percentile interval of both."""
-    a, b, strata = np.asarray(a, np.float64), np.asarray(b, np.float64), np.asarray(strata)
-    if a.shape != b.shape or a.shape != strata.shape:
-        raise ValueError(f"shapes differ: {a.shape}, {b.shape}, {strata.shape}")
-    groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
-    rng = np.random.default_rng(seed)
-    idx = np.concatenate([g[rng.integers(0, len(g), size=(n, len(g)))] for g in groups], axis=1)  # [n, W]
-    pa, pb = np.exp(a[idx].mean(axis=1)), np.exp(b[idx].mean(axis=1))
-    d, r = pa - pb, pa / pb - 1.0
-    ea, eb = math.exp(a.mean()), math.exp(b.mean())
-    lo, hi = np.quantile(d, [0.025, 0.975])
-    rlo, rhi = np.quantile(r, [0.025, 0.975])
+    Returns difference, relative (a / b - 1) and the 95% percentile interval of both. The relative interval
+    is exp(interval of mean a - mean b) - 1: the same resamples (same seed), through a monotone map."""
+    from student.stats import mean, perplexity_of_means
+    from student.stats import paired_bootstrap as bootstrap
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.shape != np.shape(strata):
+        raise ValueError(f"shapes differ: {a.shape}, {b.shape}, {np.shape(strata)}")
+    ppl = bootstrap(a, b, n, seed, stat=perplexity_of_means, strata=strata)
+    nll = bootstrap(a, b, n, seed, stat=mean, strata=strata)
     return {
-        "difference": ea - eb,
-        "low": float(lo),
-        "high": float(hi),
-        "relative": ea / eb - 1.0,
-        "rel_low": float(rlo),
-        "rel_high": float(rhi),
+        "difference": ppl.estimate,
+        "low": ppl.low,
+        "high": ppl.high,
+        "relative": math.expm1(nll.estimate),
+        "rel_low": math.expm1(nll.low),
+        "rel_high": math.expm1(nll.high),
     }
 
 
@@ -350,6 +348,48 @@ def precompute(
     return out
 
 
+def run_settings(config: dict) -> dict:
+    """What makes two runs of a row the same, from train-student's `config.json` of a run."""
+    loss = config["loss"]
+    return {
+        "teachers": [Path(p).name for p in config["teacher_data"]],
+        "seed": config["seed"],
+        "max_steps": config["max_steps"],
+        "batch_size": config["batch_size"],
+        "lr": config["optim"]["lr"],
+        "student": str(Path(config["student"]).resolve()),
+        **{k: loss[k] for k in ("loss", "lambda_kd", "teacher_weighting", "gamma_feat")},
+    }
+
+
+def check_reused_run(
+    out: Path, caches: list[Path], extra: list[str], seed: int, args: argparse.Namespace, student: Path
+) -> None:
+    """Refuse to reuse a run trained with other teachers or settings than this row asks for (a row's label,
+    such as k2, names other teachers once the teacher list changes)."""
+    flags = dict(zip(extra[::2], extra[1::2], strict=False))
+    want = {
+        "teachers": [c.name for c in caches],
+        "seed": seed,
+        "max_steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "student": str(student.resolve()),
+        "loss": flags.get("--loss", "kd"),
+        "lambda_kd": float(flags["--lambda-kd"]),
+        "teacher_weighting": flags.get("--teacher-weighting", "entropy"),
+        "gamma_feat": float(flags.get("--gamma-feat", 0.0)),
+    }
+    have = run_settings(json.loads((out / "config.json").read_text()))
+    diff = {k: (have[k], v) for k, v in want.items() if have[k] != v}
+    if diff:
+        raise SystemExit(
+            f"error: {out} was trained with other settings than this row asks for ("
+            + "; ".join(f"{k}: {a} there, {b} here" for k, (a, b) in diff.items())
+            + "): remove it, or use another --work"
+        )
+
+
 def train(
     label: str,
     caches: list[Path],
@@ -362,6 +402,7 @@ def train(
 ) -> Path:
     out = Path(args.work) / "runs" / label
     if (out / "final" / "config.json").exists():
+        check_reused_run(out, caches, extra, seed, args, student)
         print(f"[paper] run {out} exists, reused", flush=True)
         REUSED.append(label)
         return out / "final"
@@ -614,14 +655,16 @@ def main(argv: list[str] | None = None) -> int:
 
     teachers = [Teacher("smollm2", tok)]
     if args.gemma_gguf != "none":
-        g = Path(args.gemma_gguf)
-        teachers.append(Teacher("gemma3", g.parent, gguf=g.name, align=True))
+        if (tdir / "gemma3" / "config.json").exists():  # build_teachers.py --gemma: loads in seconds
+            teachers.append(Teacher("gemma3", tdir / "gemma3", align=True))
+        else:  # the GGUF file: ~2.5 min of parsing and de-quantising per load
+            g = Path(args.gemma_gguf)
+            teachers.append(Teacher("gemma3", g.parent, gguf=g.name, align=True))
     teachers += [Teacher(n, tdir / n, pool_layer=args.teacher_pool_layer) for n in SPECIALISTS]
     teachers.append(Teacher("weak", weak))
     main_t = [t for t in teachers if t.name != "weak"]  # the method's teachers
-    # the held-out fused target: the method's teachers that share SmolLM2's tokenizer (Gemma's aligned
-    # precompute runs at ~5-25 tok/s on a shared 2-core CPU: its held-out cache is left out to save ~20 min)
-    val_t = [t for t in main_t if not t.align]
+    # the held-out fused target: the method's teachers (Gemma through its aligned cache of the same windows)
+    val_t = main_t
     k_main, k_all = len(main_t), len(teachers)
 
     # stage one: training caches of all five, validation caches (per domain) of val_t
@@ -896,11 +939,17 @@ def markdown(
         f"{args.eval_tokens} tokens of each domain of data/corpus/validation.jsonl ({len(scores.strata())} "
         f"windows of {args.seq_len}); {args.bootstrap} paired-bootstrap replicates (windows resampled within "
         "domains); KL (top-k + tail) is to the entropy fusion of the held-out caches of "
-        "smollm2 and the two specialists (Gemma's aligned precompute of the held-out text was left out for time).",
+        + ", ".join(t.name for t in teachers if t.name != "weak")
+        + (
+            " (Gemma's aligned cache: at the positions where it has a target)"
+            if any(t.align for t in teachers)
+            else ""
+        )
+        + ".",
         "",
         "**Teachers** (held-out perplexity as models"
         + (
-            "; Gemma has another tokenizer, so only its cache enters"
+            "; Gemma has another tokenizer, so it is not scored as a model"
             if any(t.align for t in teachers)
             else ""
         )

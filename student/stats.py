@@ -52,11 +52,13 @@ def perplexity_of_means(values: np.ndarray) -> np.ndarray:
 
 
 def paired_bootstrap(a, b, n: int = 2000, seed: int = 0, *, confidence: float = 0.95,
-                     stat: Callable[[np.ndarray], np.ndarray] = mean) -> BootstrapResult:
+                     stat: Callable[[np.ndarray], np.ndarray] = mean, strata=None) -> BootstrapResult:
     """stat(a) - stat(b) and its percentile interval from `n` paired resamples of the windows.
 
     a, b: [W] float values per window (same windows, same order). `stat` maps [R, W] -> [R] (vectorised
-    over the leading axis). Deterministic for a given seed.
+    over the leading axis). strata: [W] labels (e.g. the domain of each window), or None; with them every
+    resample draws each stratum's windows from that stratum only, so the strata keep their sizes. The same
+    seed draws the same resamples whatever `stat` is. Deterministic for a given seed.
     """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
@@ -67,11 +69,19 @@ def paired_bootstrap(a, b, n: int = 2000, seed: int = 0, *, confidence: float = 
     if n < 1 or not 0.0 < confidence < 1.0:
         raise ConfigError(f"paired_bootstrap needs n >= 1 and 0 < confidence < 1, got {n}, {confidence}")
     w = a.shape[0]
+    if strata is None:
+        groups = [np.arange(w)]
+    else:
+        strata = np.asarray(strata)
+        if strata.shape != a.shape:
+            raise ConfigError(f"paired_bootstrap: strata {strata.shape} must match the windows {a.shape}")
+        groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
     rng = np.random.default_rng(seed)
     diffs = np.empty(n, dtype=np.float64)
     for start in range(0, n, 256):  # [chunk, W] index blocks bound the memory
-        idx = rng.integers(0, w, size=(min(256, n - start), w))
-        diffs[start: start + idx.shape[0]] = stat(a[idx]) - stat(b[idx])
+        c = min(256, n - start)
+        idx = np.concatenate([g[rng.integers(0, len(g), size=(c, len(g)))] for g in groups], axis=1)
+        diffs[start: start + c] = stat(a[idx]) - stat(b[idx])
     tail = (1.0 - confidence) / 2.0
     low, high = np.quantile(diffs, [tail, 1.0 - tail])
     estimate = float(stat(a[None])[0] - stat(b[None])[0])

@@ -66,3 +66,20 @@ def test_bad_inputs_are_refused():
         paired_bootstrap([1.0], [1.0], n=10)
     with pytest.raises(ConfigError):
         paired_bootstrap([1.0, 2.0], [1.0, 2.0], n=0)
+
+
+def test_strata_keep_their_sizes_in_every_resample():
+    """With strata, each resample draws every stratum's windows from that stratum: a value that is constant
+    within strata has the same mean in every resample (a point interval); without strata it does not."""
+    a = np.array([0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 3.0, 3.0])
+    b = np.zeros_like(a)
+    strata = np.array(["x", "x", "x", "y", "y", "y", "z", "z"])
+    r = paired_bootstrap(a, b, n=500, seed=1, strata=strata)
+    assert r.low == pytest.approx(a.mean()) and r.high == pytest.approx(a.mean())
+    free = paired_bootstrap(a, b, n=500, seed=1)
+    assert free.high - free.low > 0.5
+    # one stratum draws exactly what no strata draws (same seed, same stat)
+    one = paired_bootstrap(a, b, n=300, seed=4, strata=np.zeros(len(a)))
+    assert (one.low, one.high) == (paired_bootstrap(a, b, n=300, seed=4).low, paired_bootstrap(a, b, n=300, seed=4).high)
+    with pytest.raises(ConfigError):
+        paired_bootstrap(a, b, n=10, strata=strata[:3])
