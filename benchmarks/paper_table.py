@@ -154,6 +154,8 @@ class Scores:
     domains: list[str]
     nll: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # label -> domain -> [windows]
     kl: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    observed: dict[str, dict[str, tuple[float, int, int]]] = field(default_factory=dict)
+    """Aligned caches' teachers: name -> domain -> (NLL sum, positions with an exact log-prob, positions)."""
 
     @classmethod
     def from_results(cls, per_domain: dict[str, dict]) -> Scores:
@@ -164,7 +166,20 @@ class Scores:
                 s.nll.setdefault(label, {})[d] = list(m["window_nll"])
                 if "window_kl_fused" in m:
                     s.kl.setdefault(label, {})[d] = list(m["window_kl_fused"])
+            for name, c in res.get("cache_teachers", {}).items():
+                n = c["observed_positions"]
+                s.observed.setdefault(name, {})[d] = (
+                    math.log(c["perplexity_observed"]) * n,
+                    n,
+                    c["positions"],
+                )
         return s
+
+    def observed_ppl(self, name: str, domain: str | None = None) -> tuple[float, float]:
+        """An aligned teacher's perplexity over its exact positions, and the share of positions they are."""
+        parts = [self.observed[name][d] for d in (self.domains if domain is None else [domain])]
+        nll, n, total = (sum(x[i] for x in parts) for i in range(3))
+        return math.exp(nll / n), n / total
 
     def strata(self) -> np.ndarray:
         any_label = next(iter(self.nll))
@@ -485,6 +500,7 @@ def evaluate(domain: str, models: dict[str, Path], caches: list[Path], out: Path
             raise SystemExit(f"error: {part} was evaluated on other windows or teachers than {out}")
         REUSED.append(f"{out} ({len(res['models'])} models)")
         res["models"].update(new["models"])
+        res.setdefault("cache_teachers", new.get("cache_teachers", {}))
     out.write_text(json.dumps(res), encoding="utf-8")
     return res
 
@@ -806,22 +822,22 @@ def main(argv: list[str] | None = None) -> int:
     plot(scores, rows, k_all, k_main, args.plot, args.bootstrap)
     wall = time.perf_counter() - start
     text = markdown(
-        args,
-        teachers,
-        entropies,
-        scores,
-        rows,
-        desc,
-        comps,
-        steps,
-        sweep_main,
-        heur_tables,
-        best,
-        wall,
-        (t_stage1, t_stage2, t_stage3),
-        load0,
-        os.getloadavg(),
-        argv,
+        args=args,
+        teachers=teachers,
+        entropies=entropies,
+        scores=scores,
+        rows=rows,
+        desc=desc,
+        comps=comps,
+        steps=steps,
+        sweep_main=sweep_main,
+        heur_tables=heur_tables,
+        best=best,
+        wall=wall,
+        stages=(t_stage1, t_stage2, t_stage3),
+        load0=load0,
+        load1=os.getloadavg(),
+        argv=argv,
     )
     print("\n" + text, flush=True)
     (work / "paper_table.md").write_text(text + "\n", encoding="utf-8")
@@ -902,6 +918,7 @@ def plot(
 
 
 def markdown(
+    *,
     args,
     teachers,
     entropies,
@@ -949,7 +966,8 @@ def markdown(
         "",
         "**Teachers** (held-out perplexity as models"
         + (
-            "; Gemma has another tokenizer, so it is not scored as a model"
+            "; * Gemma has another tokenizer: its perplexity comes from its aligned held-out cache, over the "
+            "positions (share in brackets) where its log-prob of the next SmolLM2 token is exact"
             if any(t.align for t in teachers)
             else ""
         )
@@ -963,6 +981,10 @@ def markdown(
         if lab in scores.nll:
             cells = f"{ppl(scores.windows(lab)):.2f} | " + " | ".join(
                 f"{ppl(scores.windows(lab, d)):.2f}" for d in doms
+            )
+        elif t.name in scores.observed:  # another tokenizer: over the positions where its log-prob is exact
+            cells = " | ".join(
+                "{:.2f}* ({:.0%})".format(*scores.observed_ppl(t.name, d)) for d in (None, *doms)
             )
         else:
             cells = "- | " + " | ".join("-" for _ in doms)

@@ -151,3 +151,25 @@ def test_a_run_trained_for_other_teachers_is_not_reused(pt, tmp_path):
         pt.check_reused_run(run, same, lam, 1, args, student)
     with pytest.raises(SystemExit, match="teacher_weighting: entropy there, uniform here"):
         pt.check_reused_run(run, same, lam + ["--teacher-weighting", "uniform"], 0, args, student)
+
+
+def test_an_aligned_teachers_perplexity_pools_its_exact_positions_over_domains(pt):
+    res = {
+        "a": {
+            "models": {},
+            "cache_teachers": {
+                "gemma3": {"perplexity_observed": math.e, "observed_positions": 30, "positions": 40}
+            },
+        },
+        "b": {
+            "models": {},
+            "cache_teachers": {
+                "gemma3": {"perplexity_observed": math.e**3, "observed_positions": 10, "positions": 40}
+            },
+        },
+    }
+    s = pt.Scores.from_results(res)
+    assert s.observed_ppl("gemma3", "b") == pytest.approx((math.e**3, 0.25))
+    assert s.observed_ppl("gemma3") == pytest.approx(
+        (math.exp((30 * 1 + 10 * 3) / 40), 0.5)
+    )  # token-weighted
