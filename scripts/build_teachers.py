@@ -34,6 +34,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,14 +99,16 @@ def _one_gguf_parse():
         gguf.GGUFReader = real
 
 
-def convert_gguf(gguf: Path, target: Path, name: str, how: str) -> Path:
-    """De-quantise a GGUF model to a float32 transformers directory (skipped when already there)."""
+def convert_gguf(find_gguf: Callable[[], Path], target: Path, name: str, how: str) -> Path:
+    """De-quantise a GGUF model (`find_gguf()`, called only when needed) to a float32 transformers directory
+    (skipped when already there)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if (target / "teacher_card.json").exists():
         print(f"[teachers] {target} exists, kept")
         return target
+    gguf = find_gguf()
     start = time.perf_counter()
     print(f"[teachers] de-quantising {gguf.name} into {target}")
     with _one_gguf_parse():
@@ -130,26 +133,16 @@ def convert_gguf(gguf: Path, target: Path, name: str, how: str) -> Path:
 
 def convert_base(out: Path) -> Path:
     """SmolLM2-135M-Instruct as a float32 transformers directory `out/smollm2`."""
-    target = out / "smollm2"
-    if (target / "teacher_card.json").exists():
-        print(f"[teachers] {target} exists, kept")
-        return target
-    return convert_gguf(
-        smollm2_gguf(), target, "smollm2", "SmolLM2-135M-Instruct (Q4_1 GGUF) de-quantised to float32"
-    )
+    how = "SmolLM2-135M-Instruct (Q4_1 GGUF) de-quantised to float32"
+    return convert_gguf(smollm2_gguf, out / "smollm2", "smollm2", how)
 
 
 def convert_gemma(out: Path) -> Path:
     """Gemma 3 270M (base) as a float32 transformers directory `out/gemma3`: its own tokenizer (262,144 ids),
-    so `precompute --align-tokenizer` projects it onto the student's. One conversion (~1.5 min on 2 CPU
-    cores) makes each later load take seconds instead of ~2.5 min."""
-    target = out / "gemma3"
-    if (target / "teacher_card.json").exists():
-        print(f"[teachers] {target} exists, kept")
-        return target
-    return convert_gguf(
-        gemma3_gguf(), target, "gemma3", "Gemma 3 270M base (Q4_K_M GGUF) de-quantised to float32"
-    )
+    so `precompute --align-tokenizer` projects it onto the student's. One conversion (~1 min on 2 CPU cores)
+    makes each later load take seconds instead of ~2.5 min."""
+    how = "Gemma 3 270M base (Q4_K_M GGUF) de-quantised to float32"
+    return convert_gguf(gemma3_gguf, out / "gemma3", "gemma3", how)
 
 
 def domain_windows(tokenizer: object, domain: str, split: str, seq_len: int, max_tokens: int | None = None):
