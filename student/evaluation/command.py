@@ -73,8 +73,8 @@ def _alias(flag: str, name: str, new: str) -> Any:
            "train-student.")
 @_alias("--weighting", "weighting_alias", "--teacher-weighting")
 @_opt("--teacher-weights", field="teacher_weights", type=FLOAT_LIST,
-      help="Fixed weights in teacher order (--teacher-data caches, then --teacher models), e.g. 0.5,0.3,0.2 (with --teacher-weighting fixed; same option as "
-           "train-student).")
+      help="Fixed weights in teacher order (--teacher-data caches, then --teacher models), e.g. 0.5,0.3,0.2 "
+           "(with --teacher-weighting fixed; same option as train-student).")
 @_opt("--bleu-prompts", type=int, help="Held-out prompts continued greedily for BLEU (0: skip).")
 @_opt("--prompt-tokens", type=int, help="Tokens per BLEU prompt.")
 @_opt("--new-tokens", type=int, help="Tokens of each greedy continuation.")

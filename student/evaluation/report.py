@@ -97,6 +97,9 @@ def format_table(result: dict[str, Any]) -> str:
             lines.append(f"{label}: KL over positions with a target only: "
                          + ", ".join(f"{t} {n} of {total}" for t, n in partial.items()))
     for name, c in result.get("cache_teachers", {}).items():  # aligned caches: teachers with another tokenizer
+        if c["perplexity_observed"] is None:
+            lines.append(f"{name} (teacher, aligned cache): no position where its log-prob of the next token is exact")
+            continue
         lines.append(f"{name} (teacher, aligned cache): perplexity {c['perplexity_observed']:.2f} over the "
                      f"{c['observed_positions']} of {c['positions']} positions where its log-prob of the next token "
                      "is exact")

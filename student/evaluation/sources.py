@@ -258,16 +258,18 @@ class HeldOut:
             k_ids, k_lp = sparse_target(c, ds.manifest, n)
             ent = torch.from_numpy(c["entropy"]).reshape(n).float() if "entropy" in c else None
             if "observed_logprob" in c:
-                k_ids, k_lp, ent = apply_observed_correction(k_ids, k_lp, ent, observed_logprobs(c, ids), labels_of(ids))
+                obs = observed_logprobs(c, ids)
+                k_ids, k_lp, ent = apply_observed_correction(k_ids, k_lp, ent, obs, labels_of(ids))
             views.append(TeacherView(
                 k_ids, k_lp.float(), ent,
                 torch.from_numpy(c["target_mask"] != 0).reshape(n) if "target_mask" in c else None,
                 ds.manifest.target_kind == "sampled"))
         return ids, views
 
-    def observed_nll(self) -> dict[str, dict[str, float]]:
+    def observed_nll(self) -> dict[str, dict[str, float | None]]:
         """Per aligned cache (by teacher name): its teacher's perplexity over the positions where its log-prob of
-        the observed next token is exact (`observed_logprob`), and how many positions those are."""
+        the observed next token is exact (`observed_logprob`; None when there is none), and how many positions
+        those are."""
         out = {}
         for ds in self.caches:
             if not ds.manifest.aligned:
@@ -281,7 +283,7 @@ class HeldOut:
                 nll -= float(obs[use].double().sum())
                 count += int(use.sum())
             out[ds.manifest.teacher.name] = {
-                "perplexity_observed": math.exp(nll / count) if count else float("nan"),
+                "perplexity_observed": math.exp(nll / count) if count else None,
                 "observed_positions": count,
                 "positions": self.n_windows * (self.seq_len - 1),
             }
