@@ -139,6 +139,9 @@ for label, x in m.items():
     kl = f"   KL to the fused teachers {x['kl_fused']:.3f}" if "kl_fused" in x else ""  # students only
     print(f"  {label:>16} ({x['role']}): perplexity {x['perplexity']:8.2f}{kl}")
 for label, x in r.get("cache_teachers", {}).items():  # another tokenizer: scored through its aligned cache
+    if x["perplexity_observed"] is None:
+        print(f"  {label:>16} (teacher): no position where its log-prob of the next SmolLM2 token is exact")
+        continue
     print(f"  {label:>16} (teacher): perplexity {x['perplexity_observed']:8.2f}   over the "
           f"{100 * x['observed_positions'] / x['positions']:.0f}% of positions where its log-prob of the next "
           "SmolLM2 token is exact")
