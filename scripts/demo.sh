@@ -16,8 +16,8 @@
 # OUT defaults to ./demo. Teachers, the cut student and caches already in OUT are reused; the two students are
 # retrained. Settings (environment): DEMO_TEACHERS (teacher names, built by scripts/build_teachers.py: smollm2,
 # gemma3 and smollm2-<domain>, smollm2 first; "smollm2 gemma3"), DEMO_KEEP (init-student --keep-layers, 20),
-# DEMO_TOKENS (cached training tokens, 10240 = 40 windows of 256, 4 of them held out by train-student),
-# DEMO_STEPS (student steps of 4 windows, 20), DEMO_LR (3e-4), DEMO_LAMBDA (KD weight of the distilled student,
+# DEMO_TOKENS (cached training tokens, 8192 = 32 windows of 256, 4 of them held out by train-student),
+# DEMO_STEPS (student steps of 4 windows, 16), DEMO_LR (3e-4), DEMO_LAMBDA (KD weight of the distilled student,
 # 0.5), DEMO_FT_STEPS (fine-tuning steps of smollm2-<domain> teachers, 8), DEMO_EVAL_TOKENS (held-out tokens,
 # 6144), DEMO_CALIBRATION_TOKENS (Block Influence calibration tokens, 4096), DEMO_SEED (training seed of both
 # students: data order, 0); PYTHON (interpreter, python).
@@ -28,8 +28,8 @@ OUT=${1:-demo}
 PY=${PYTHON:-python}
 read -r -a TEACHERS <<< "${DEMO_TEACHERS:-smollm2 gemma3}"
 KEEP=${DEMO_KEEP:-20}
-TOKENS=${DEMO_TOKENS:-10240}
-STEPS=${DEMO_STEPS:-20}
+TOKENS=${DEMO_TOKENS:-8192}
+STEPS=${DEMO_STEPS:-16}
 LR=${DEMO_LR:-3e-4}
 LAMBDA=${DEMO_LAMBDA:-0.5}
 FT_STEPS=${DEMO_FT_STEPS:-8}
