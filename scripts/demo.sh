@@ -16,8 +16,8 @@
 # OUT defaults to ./demo. Teachers, the cut student and caches already in OUT are reused; the two students are
 # retrained. Settings (environment): DEMO_TEACHERS (teacher names, built by scripts/build_teachers.py: smollm2,
 # gemma3 and smollm2-<domain>, smollm2 first; "smollm2 gemma3"), DEMO_KEEP (init-student --keep-layers, 20),
-# DEMO_TOKENS (cached training tokens, 8192 = 32 windows of 256, 4 of them held out by train-student),
-# DEMO_STEPS (student steps of 4 windows, 16), DEMO_LR (3e-4), DEMO_LAMBDA (KD weight of the distilled student,
+# DEMO_TOKENS (cached training tokens, 6144 = 24 windows of 256, 4 of them held out by train-student),
+# DEMO_STEPS (student steps of 4 windows, 12), DEMO_LR (3e-4), DEMO_LAMBDA (KD weight of the distilled student,
 # 0.5), DEMO_FT_STEPS (fine-tuning steps of smollm2-<domain> teachers, 8), DEMO_EVAL_TOKENS (held-out tokens,
 # 6144), DEMO_CALIBRATION_TOKENS (Block Influence calibration tokens, 4096), DEMO_SEED (training seed of both
 # students: data order, 0); PYTHON (interpreter, python).
@@ -28,8 +28,8 @@ OUT=${1:-demo}
 PY=${PYTHON:-python}
 read -r -a TEACHERS <<< "${DEMO_TEACHERS:-smollm2 gemma3}"
 KEEP=${DEMO_KEEP:-20}
-TOKENS=${DEMO_TOKENS:-8192}
-STEPS=${DEMO_STEPS:-16}
+TOKENS=${DEMO_TOKENS:-6144}
+STEPS=${DEMO_STEPS:-12}
 LR=${DEMO_LR:-3e-4}
 LAMBDA=${DEMO_LAMBDA:-0.5}
 FT_STEPS=${DEMO_FT_STEPS:-8}
@@ -68,7 +68,9 @@ for t in "${TEACHERS[@]}"; do
 done
 is_aligned() { local a; for a in "${ALIGNED[@]}"; do [ "$a" = "$1" ] && return 0; done; return 1; }
 
-stage 1/6 "teachers: ${TEACHERS[*]} (de-quantised once; fine-tunes: $FT_STEPS steps each)"
+FT_NOTE=""
+for t in "${TEACHERS[@]}"; do case "$t" in smollm2-*) FT_NOTE="; fine-tunes: $FT_STEPS steps each" ;; esac; done
+stage 1/6 "teachers: ${TEACHERS[*]} (de-quantised once from their GGUF files$FT_NOTE)"
 "$PY" scripts/build_teachers.py --output "$OUT/teachers" "${BUILD[@]}" --steps "$FT_STEPS" --eval-tokens 0
 
 stage 2/6 "init-student: keep $KEEP of SmolLM2's 30 blocks (Block Influence on $CALIBRATION training tokens)"
