@@ -524,8 +524,10 @@ def cache_mean_entropy(path: Path) -> float:
     from storage.reader import TeacherDataset
 
     ds = TeacherDataset.open(str(path))
-    h = ds.read_columns(np.arange(len(ds)), ["entropy"])["entropy"]
-    return float(np.mean(h[:, :-1]))
+    aligned = ds.manifest.aligned  # entropy only where the teacher has a target (NaN elsewhere)
+    cols = ds.read_columns(np.arange(len(ds)), ["entropy", *(["target_mask"] if aligned else [])])
+    h = cols["entropy"][:, :-1]
+    return float(np.mean(h[cols["target_mask"][:, :-1] != 0] if aligned else h))
 
 
 def heuristic(paths: list[Path], replicates: int) -> tuple[str, dict]:
