@@ -82,11 +82,18 @@ else
 fi
 
 # precompute TEACHER DATASET TOKENS CACHE: top-32 log-probs + exact entropy (aligned onto SmolLM2's tokens for a
-# teacher with another tokenizer); a finished cache is reused
+# teacher with another tokenizer); a finished cache of the same number of tokens is reused, one of another
+# number (DEMO_TOKENS or DEMO_EVAL_TOKENS changed) is made again
 precompute() {
   if [ -f "$4/manifest.json" ]; then
-    echo "$4 exists, reused"
-    return
+    local made
+    made=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['corpus']['max_tokens'])" "$4/manifest.json")
+    if [ "$made" = "$3" ]; then
+      echo "$4 exists ($3 tokens), reused"
+      return
+    fi
+    echo "$4 was made for $made tokens, not $3: made again"
+    rm -rf "$4"
   fi
   local align=()
   if is_aligned "$1"; then align=(--align-tokenizer "$OUT/teachers/smollm2"); fi
