@@ -34,7 +34,8 @@ windows, for the same steps with the same seeds; only the loss differs:
 Held-out evaluation: `python cli.py evaluate`, one call per domain of data/corpus/validation.jsonl (the domain
 is the `url` prefix), the first --eval-tokens of each domain's documents packed in 256-token windows. The fused
 target for the KL is the entropy fusion of the top-k caches of the same windows of the method's teachers (Gemma's
-aligned cache: at the positions where it has a target). Perplexity of a row = exp(mean window NLL), the window NLLs averaged over the row's seeds first.
+aligned cache: at the positions where it has a target). Perplexity of a row = exp(mean window NLL), the window
+NLLs averaged over the row's seeds first.
 Every difference a claim rests on gets a 95% paired-bootstrap interval over held-out windows (resampled within
 each domain), with each seed's own difference beside it.
 
@@ -167,19 +168,15 @@ class Scores:
                 if "window_kl_fused" in m:
                     s.kl.setdefault(label, {})[d] = list(m["window_kl_fused"])
             for name, c in res.get("cache_teachers", {}).items():
-                n = c["observed_positions"]
-                s.observed.setdefault(name, {})[d] = (
-                    math.log(c["perplexity_observed"]) * n,
-                    n,
-                    c["positions"],
-                )
+                n, ppl_obs = c["observed_positions"], c["perplexity_observed"]  # None when n is 0
+                s.observed.setdefault(name, {})[d] = (math.log(ppl_obs) * n if n else 0.0, n, c["positions"])
         return s
 
     def observed_ppl(self, name: str, domain: str | None = None) -> tuple[float, float]:
         """An aligned teacher's perplexity over its exact positions, and the share of positions they are."""
         parts = [self.observed[name][d] for d in (self.domains if domain is None else [domain])]
         nll, n, total = (sum(x[i] for x in parts) for i in range(3))
-        return math.exp(nll / n), n / total
+        return (math.exp(nll / n) if n else math.nan), n / total
 
     def strata(self) -> np.ndarray:
         any_label = next(iter(self.nll))

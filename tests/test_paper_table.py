@@ -173,3 +173,14 @@ def test_an_aligned_teachers_perplexity_pools_its_exact_positions_over_domains(p
     assert s.observed_ppl("gemma3") == pytest.approx(
         (math.exp((30 * 1 + 10 * 3) / 40), 0.5)
     )  # token-weighted
+
+
+def test_an_aligned_teacher_without_exact_positions_has_no_perplexity(pt):
+    res = {
+        "a": {
+            "models": {},
+            "cache_teachers": {"g": {"perplexity_observed": None, "observed_positions": 0, "positions": 40}},
+        }
+    }
+    ppl, share = pt.Scores.from_results(res).observed_ppl("g")
+    assert math.isnan(ppl) and share == 0.0
