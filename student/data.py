@@ -29,7 +29,7 @@ from storage.reader import TeacherDataset
 from storage.stamps import VerifyReport
 from student.batch import DistillBatch
 from student.fusion import fuse_topk, teacher_weights
-from student.observed import apply_observed_correction
+from student.observed import apply_observed_correction, next_tokens, observed_logprobs
 
 log = logging.getLogger("student")
 
@@ -237,17 +237,14 @@ class DistillDataset(Dataset):
         targets = [sparse_target(c, t.manifest, n) for c, t in zip(cols, self.teachers, strict=True)]
         ids, lps = [i for i, _ in targets], [lp for _, lp in targets]
         ents = [torch.from_numpy(c["entropy"]).reshape(n) if "entropy" in c else None for c in cols]
-        # positions 0..L-2 predict the next token of the window; the last one's is unknown (no correction)
-        labels = torch.from_numpy(np.concatenate([input_ids[:, 1:], input_ids[:, :1]], axis=1)
-                                  .astype(np.int64)).reshape(n)
+        labels = next_tokens(input_ids)  # the last position's is unknown: no correction there
         valid = torch.ones((n, len(cols)), dtype=torch.bool)
         for k, c in enumerate(cols):
             if not self.aligned[k]:
                 continue
             valid[:, k] = torch.from_numpy(c["target_mask"]).reshape(n) != 0
             if self.observed_correction:
-                obs = torch.from_numpy(c["observed_logprob"]).reshape(n).clone()
-                obs.view(b, seq_len)[:, -1] = float("nan")
+                obs = observed_logprobs(c["observed_logprob"])
                 ids[k], lps[k], ents[k] = apply_observed_correction(ids[k], lps[k], ents[k], obs, labels)
         if self.weighting == "entropy":
             ent = torch.stack([e.float() for e in ents], dim=1)  # [N, K] (NaN where a teacher has no target)

@@ -25,6 +25,21 @@ import numpy as np
 import torch
 
 
+def next_tokens(input_ids: np.ndarray) -> torch.Tensor:
+    """[B * L] int64: the observed next token o of every position of windows [B, L]. A window's last position
+    has none (its label is then any id: the observed log-prob there is NaN, see `observed_logprobs`)."""
+    ids = np.asarray(input_ids)
+    return torch.from_numpy(np.concatenate([ids[:, 1:], ids[:, :1]], axis=1).astype(np.int64)).reshape(-1)
+
+
+def observed_logprobs(column: np.ndarray) -> torch.Tensor:
+    """[B * L] float32: an aligned cache's `observed_logprob` column [B, L] as the correction reads it, NaN at
+    each window's last position (its next token is outside the window)."""
+    obs = torch.from_numpy(np.asarray(column, dtype=np.float32)).clone()
+    obs[:, -1] = float("nan")
+    return obs.reshape(-1)
+
+
 def corrected_entropy(entropy: np.ndarray, q_o: np.ndarray, e: np.ndarray) -> np.ndarray:
     """H' of the module docstring (float64 numpy; all arguments broadcast). q_o: the projected q(o)
     (0 when unknown); e: the exact probability of o."""

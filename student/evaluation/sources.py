@@ -30,7 +30,7 @@ from storage.errors import MismatchError
 from student.data import check_weighting, join_teachers, sparse_target, target_columns
 from student.fusion import FusedTargets, fuse_topk, teacher_weights
 from student.model import is_hub_id
-from student.observed import apply_observed_correction
+from student.observed import apply_observed_correction, next_tokens, observed_logprobs
 
 
 # ---- model specs and loading ---------------------------------------------------------------------
@@ -258,8 +258,8 @@ class HeldOut:
             k_ids, k_lp = sparse_target(c, ds.manifest, n)
             ent = torch.from_numpy(c["entropy"]).reshape(n).float() if "entropy" in c else None
             if "observed_logprob" in c:
-                obs = observed_logprobs(c, ids)
-                k_ids, k_lp, ent = apply_observed_correction(k_ids, k_lp, ent, obs, labels_of(ids))
+                obs = observed_logprobs(c["observed_logprob"])
+                k_ids, k_lp, ent = apply_observed_correction(k_ids, k_lp, ent, obs, next_tokens(c["input_ids"]))
             views.append(TeacherView(
                 k_ids, k_lp.float(), ent,
                 torch.from_numpy(c["target_mask"] != 0).reshape(n) if "target_mask" in c else None,
@@ -276,9 +276,8 @@ class HeldOut:
                 continue
             nll, count = 0.0, 0
             for lo in self.batches():
-                ids = self.ids(lo)
-                c = ds.read_columns(list(range(lo, lo + ids.shape[0])), ["observed_logprob"])
-                obs = observed_logprobs(c, ids)
+                hi = min(self.n_windows, lo + self.batch_size)
+                obs = observed_logprobs(ds.read_columns(list(range(lo, hi)), ["observed_logprob"])["observed_logprob"])
                 use = ~torch.isnan(obs)
                 nll -= float(obs[use].double().sum())
                 count += int(use.sum())
@@ -288,19 +287,6 @@ class HeldOut:
                 "positions": self.n_windows * (self.seq_len - 1),
             }
         return out
-
-
-def labels_of(ids: torch.Tensor) -> torch.Tensor:
-    """[B * L] int64: the next token of each position of windows [B, L] (the last one's is unknown: any id)."""
-    return torch.cat([ids[:, 1:], ids[:, :1]], dim=1).reshape(-1)
-
-
-def observed_logprobs(cols: dict[str, np.ndarray], ids: torch.Tensor) -> torch.Tensor:
-    """[B * L] float32 observed-token log-probs of an aligned cache's read columns, NaN at each window's last
-    position (its next token is not in the window), as training's loader reads them."""
-    obs = torch.from_numpy(cols["observed_logprob"]).reshape(ids.shape).clone().float()
-    obs[:, -1] = float("nan")
-    return obs.reshape(-1)
 
 
 def open_caches(paths: Sequence[str], weighting: str, verify: str, max_tokens: int | None,
