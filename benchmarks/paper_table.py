@@ -74,6 +74,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from benchmarks import shared  # noqa: E402
+
 RESULTS = ROOT / "benchmarks/RESULTS.md"
 BEGIN, END = "<!-- paper_table:begin -->", "<!-- paper_table:end -->"
 DOMAINS = {  # as scripts/build_teachers.py: the url prefix of each domain's documents
@@ -282,11 +284,7 @@ def run(cmd: list[str], log: Path | None, threads: int) -> None:
     if log is None:
         subprocess.run(cmd, check=True, cwd=ROOT, env=env)
     else:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as f:
-            proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
-        if proc.returncode:
-            raise SystemExit(f"error: command failed ({proc.returncode}), see {log}")
+        shared.run_logged(cmd, log, env)
     print(f"[paper] done in {time.perf_counter() - t0:.0f} s: {log.stem if log else cmd[2]}", flush=True)
 
 
@@ -1057,10 +1055,7 @@ def markdown(
 
 
 def write_results(text: str) -> None:
-    doc = RESULTS.read_text(encoding="utf-8")
-    block = f"{BEGIN}\n{text}\n{END}"
-    a, b = doc.index(BEGIN), doc.index(END) + len(END)
-    RESULTS.write_text(doc[:a] + block + doc[b:], encoding="utf-8")
+    shared.replace_block(RESULTS, BEGIN, END, text)
     print(f"[paper] updated {RESULTS}", flush=True)
 
 

@@ -30,7 +30,6 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import shared  # noqa: E402
 from benchmarks.shared import add_options  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -384,11 +384,7 @@ def train_args(args: argparse.Namespace, cache: Path, seed: int, out: Path) -> l
 
 def run_logged(cmd: list[str], log: Path) -> None:
     print("[qpb] $ " + " ".join(cmd[1:]) + f"  (log: {log})", flush=True)
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-    if rc:
-        tail = log.read_text(errors="replace").splitlines()[-20:]
-        raise SystemExit(f"error: command failed (exit {rc}); last lines of {log}:\n" + "\n".join(tail))
+    shared.run_logged(cmd, log)
 
 
 def train(args: argparse.Namespace, settings: list[Setting], seed: int, work: Path, times: Times) -> None:
@@ -459,17 +455,7 @@ def evaluate(args: argparse.Namespace, settings: list[Setting], seed: int, work:
 
 
 def write_results(text: str) -> None:
-    doc = RESULTS.read_text(encoding="utf-8")
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in doc:
-        a, b = doc.index(BEGIN), doc.index(END) + len(END)
-        doc = doc[:a] + block + doc[b:]
-    elif HEADER in doc:
-        a = doc.index(HEADER) + len(HEADER)
-        doc = doc[:a] + "\n" + block + "\n" + doc[a:]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + HEADER + "\n" + block + "\n"
-    RESULTS.write_text(doc, encoding="utf-8")
+    shared.replace_block(RESULTS, BEGIN, END, text, HEADER)
     print(f"[qpb] updated {RESULTS}")
 
 
