@@ -22,7 +22,7 @@ from storage import fs as sfs
 from storage.errors import ShardCorruptError
 from storage.formats import ShardFormat
 from storage.manifest import Manifest, ShardInfo
-from storage.schema import HEADER_KEY, INDEX_KEY, Column, check_seq_ids, columns, shard_header
+from storage.schema import HEADER_KEY, INDEX_KEY, Column, check_header, check_seq_ids, columns, shard_header
 
 ROWS_PER_ROW_GROUP = 1
 ZSTD_LEVEL = 3
@@ -134,9 +134,11 @@ class ParquetShard:
         sizes = np.array([meta.row_group(i).num_rows for i in range(meta.num_row_groups)], dtype=np.int64)
         self._rg_start = np.concatenate([[0], np.cumsum(sizes)])
         # a shard renamed or copied over another one would decode fine: check which shard this is
-        index = (actual.metadata or {}).get(INDEX_KEY.encode())
+        meta = actual.metadata or {}
+        index = meta.get(INDEX_KEY.encode())
         if index is not None and int(index) != info.index:
             raise ShardCorruptError(f"{path}: holds shard {int(index)}, the manifest lists it as shard {info.index}")
+        check_header(path, _json_or_none(meta.get(HEADER_KEY.encode())), m)
         try:
             seq = self._pf.read(columns=["seq_id"], use_threads=False).column(0).to_numpy()
         except _DECODE_ERRORS as e:
@@ -176,6 +178,16 @@ class ParquetShard:
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
+
+
+def _json_or_none(raw: bytes | None) -> object:
+    """The JSON value of a footer metadata entry; None when absent or not JSON (check_header refuses both)."""
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
 
 
 def read_header(fs: AbstractFileSystem, path: str) -> tuple[dict, int, int]:

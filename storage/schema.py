@@ -18,16 +18,19 @@ topk_ids and topk_logprobs:
 
 Parquet stores each non-scalar column as fixed_size_list<dtype>[prod(shape)] (row-major); Zarr stores arrays of
 shape [N, *shape]. Both formats embed `shard_header(manifest)` (the run description without the shard list)
-so a single shard file describes itself.
+so a single shard file describes itself; readers compare it with the manifest that lists the shard when they
+open it (`check_header`), so an edited manifest cannot relabel a shard's data.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from storage.errors import ShardCorruptError, StorageError
+from storage.errors import ManifestError, MismatchError, ShardCorruptError, StorageError
 from storage.manifest import Manifest, ShardInfo
 from storage.records import TeacherTargets
 
@@ -73,12 +76,47 @@ def columns(m: Manifest) -> dict[str, Column]:
     return {c.name: c for c in cols}
 
 
+NOT_IN_HEADER = ("shards", "slice_index", "num_slices", "notes")
+"""Manifest fields a shard's header leaves out: the shard list and slice differ between the parts of one cache,
+and `notes` (backend settings, versions, statistics) are facts about a run, not about the data. Every other
+manifest field is stored in every shard and compared on open."""
+
+
 def shard_header(m: Manifest) -> dict:
     """The run description stored inside every shard (no shard list, slice or notes, so it is stable)."""
     d = m.to_dict()
-    for name in ("shards", "slice_index", "num_slices", "notes"):
+    for name in NOT_IN_HEADER:
         d.pop(name, None)
     return d
+
+
+def check_header(path: str, stored: Any, m: Manifest) -> None:
+    """Raise unless the header stored inside shard `path` describes the same run as manifest `m`.
+
+    A manifest.json edited by hand (temperature, vocab_size, ...) still lists every shard with a valid size
+    and sha256, so only the shard's own header can tell: MismatchError naming the shard, the first differing
+    field and both values. A missing or unreadable header is a ShardCorruptError. Fields the manifest omits
+    in older caches take their defaults on both sides (the header is read through `Manifest.from_dict`)."""
+    if not isinstance(stored, dict):
+        raise ShardCorruptError(f"{path}: has no run description (header) of a teacher-targets shard")
+    try:
+        own = Manifest.from_dict({k: v for k, v in stored.items() if k not in NOT_IN_HEADER},
+                                 source=f"{path} (its header)")
+    except ManifestError as e:
+        raise ShardCorruptError(str(e)) from None
+    for f in dataclasses.fields(Manifest):
+        if f.name in NOT_IN_HEADER:
+            continue
+        want, got = getattr(m, f.name), getattr(own, f.name)
+        if want == got:
+            continue
+        name = f.name
+        if dataclasses.is_dataclass(want) and dataclasses.is_dataclass(got):  # teacher: name the inner field
+            inner = next(g.name for g in dataclasses.fields(want) if getattr(want, g.name) != getattr(got, g.name))
+            name, want, got = f"{f.name}.{inner}", getattr(want, inner), getattr(got, inner)
+        raise MismatchError(f"{path}: field {name!r} is {want!r} in the manifest, {got!r} in the shard's own "
+                            "header (the manifest was edited, or the shard belongs to another cache)",
+                            name, (want, got))
 
 
 def round_mantissa(values: np.ndarray, bits: int) -> np.ndarray:

@@ -42,7 +42,7 @@ from storage import fs as sfs
 from storage.errors import ShardCorruptError
 from storage.formats import ShardFormat
 from storage.manifest import MANIFEST_NAME, Manifest, ShardInfo
-from storage.schema import HEADER_KEY, INDEX_KEY, check_seq_ids, columns, shard_header
+from storage.schema import HEADER_KEY, INDEX_KEY, check_header, check_seq_ids, columns, shard_header
 
 CHUNK_ROWS = 1
 """Sequences per (inner) chunk: a chunk is the unit of random access."""
@@ -302,6 +302,7 @@ class ZarrShard:
         index = group.attrs.get(INDEX_KEY)
         if index is not None and int(index) != info.index:
             raise ShardCorruptError(f"{path}: holds shard {int(index)}, the manifest lists it as shard {info.index}")
+        check_header(path, group.attrs.get(HEADER_KEY), m)
         check_seq_ids(path, self.read(np.arange(rows), ["seq_id"])["seq_id"], info)
 
     def read(self, rows: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:

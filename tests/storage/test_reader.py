@@ -208,3 +208,45 @@ def test_threads_share_one_dataset(teacher, monkeypatch, max_open):
         np.testing.assert_array_equal(got["topk_logprobs"], written.topk_logprobs[p].astype(np.float16))
     assert len(ds._readers) <= max_open
     ds.close()
+
+
+# ---- the manifest's run fields against each shard's own header --------------------------------------------
+@pytest.mark.parametrize("fmt", ["parquet", "zarr"])
+@pytest.mark.parametrize(("edit", "field", "values"), [
+    pytest.param(lambda d: d.update(temperature=2.0), "temperature", "2.0 in the manifest, 1.0 in the shard",
+                 id="temperature"),
+    pytest.param(lambda d: d.update(vocab_size=120), "vocab_size", "120 in the manifest, 100 in the shard",
+                 id="vocab_size"),
+    pytest.param(lambda d: d.update(tokenizer_fingerprint="x" * 12), "tokenizer_fingerprint",
+                 "'xxxxxxxxxxxx' in the manifest", id="tokenizer"),
+    pytest.param(lambda d: d["teacher"].update(name="other"), "teacher.name",
+                 "'other' in the manifest, 'tiny' in the shard", id="teacher.name"),
+    pytest.param(lambda d: d.update(entropy_kind="estimate"), "entropy_kind",
+                 "'estimate' in the manifest, 'exact' in the shard", id="entropy_kind"),
+])
+def test_edited_run_fields_are_refused_when_a_shard_is_opened(tmp_path, fmt, edit, field, values):
+    """An edit of manifest.json leaves every shard's size and sha256 valid; the header each shard stores
+    (Parquet footer metadata, Zarr group attributes) still holds the run's true values."""
+    from storage.errors import MismatchError
+
+    write_run(str(tmp_path), make_header(fmt=fmt))
+    d = json.loads((tmp_path / "manifest.json").read_text())
+    edit(d)
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    ds = TeacherDataset.open(str(tmp_path), verify="full")  # the shards themselves are intact
+    with pytest.raises(MismatchError) as err:
+        ds.read_columns([9])
+    msg = str(err.value)
+    assert f"shard-000001.{fmt}" in msg and repr(field) in msg and values in msg, msg
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "zarr"])
+def test_unedited_and_merged_manifests_match_their_shards(tmp_path, fmt):
+    """The check passes for a plain cache and for slice manifests merged on open (no notes or slice
+    fields are compared: they are not in the shards)."""
+    write_run(str(tmp_path / "whole"), make_header(fmt=fmt))
+    TeacherDataset.open(str(tmp_path / "whole")).read_columns(np.arange(19))
+    for s in range(2):
+        write_run(str(tmp_path / "sliced"), make_header(fmt=fmt, slice_index=s, num_slices=2), rows=[8, 8, 8])
+    TeacherDataset.open(str(tmp_path / "sliced")).read_columns(np.arange(24))

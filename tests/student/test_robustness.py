@@ -229,3 +229,21 @@ def test_plot_into_a_missing_directory_or_bad_format(run_dir, tmp_path):
                    "does not exist")
     one_error_line(CliRunner().invoke(main, ["plot", str(run_dir), "--out", str(tmp_path / "x.xyz")]),
                    "unsupported image format")
+
+
+# ---- issue 25 defect 8: run fields edited in manifest.json -------------------------------------------------
+@pytest.mark.parametrize(("field", "value", "needle"), [
+    ("temperature", 2.0, "'temperature' is 2.0 in the manifest, 1.0 in the shard"),
+    ("vocab_size", 80, "'vocab_size' is 80 in the manifest, 64 in the shard"),
+])
+def test_edited_manifest_is_refused_against_the_shards_headers(caches, tmp_path, field, value, needle):
+    """Each shard's size and sha256 still match the edited manifest; its own header holds the true value."""
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(caches[0], edited)
+    d = json.loads((edited / "manifest.json").read_text())
+    d[field] = value
+    (edited / "manifest.json").write_text(json.dumps(d))
+    line = one_error_line(_train([str(edited)], tmp_path / "run"), needle, "shard-0000")
+    assert str(edited) in line
