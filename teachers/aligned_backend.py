@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import ConfigError
 from common.packing import PackedBatch
 from common.tokenizer import tokenizer_fingerprint
 from storage.manifest import ALIGNMENT_STATS, TeacherInfo
@@ -63,6 +64,20 @@ class AlignedBackend:
     def info(self) -> TeacherInfo:
         return self.inner.info()
 
+    def _check_positions(self, batch: PackedBatch, lengths: list[int]) -> None:
+        """ConfigError for the first window whose teacher tokens exceed the teacher's positions: `seq_len`
+        counts S tokens, and the teacher's own tokenization of the same text may be longer. Raised before the
+        forward, so no target past the positions is computed or written."""
+        limit = getattr(self.inner, "max_positions", None)
+        if limit is None:
+            return
+        for seq_id, n in zip(batch.seq_ids, lengths, strict=True):
+            if n > limit:
+                raise ConfigError(f"window seq id {int(seq_id)} is {n} teacher tokens (its "
+                                  f"{batch.input_ids.shape[1]} tokens of the student's tokenizer), more than the "
+                                  f"teacher's max_position_embeddings {limit}; lower --seq-len (with a new "
+                                  "--output: a cache keeps one seq_len)")
+
     def compute(self, batch: PackedBatch) -> TeacherTargets:
         import torch
 
@@ -72,6 +87,7 @@ class AlignedBackend:
         b, seq_len = len(batch), batch.input_ids.shape[1]
         windows = [self.aligner.align(row) for row in batch.input_ids]
         lengths = [w.teacher_ids.shape[0] for w in windows]
+        self._check_positions(batch, lengths)
         lt = max(lengths)
         ids = np.full((b, lt), self.pad_id, dtype=np.int64)
         for i, w in enumerate(windows):

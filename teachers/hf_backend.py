@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from common.devices import resolve_device, resolve_dtype
 from common.errors import ConfigError
 from common.packing import PackedBatch
+from common.positions import max_positions
 from storage.manifest import TeacherInfo
 from storage.records import TeacherTargets
 from teachers.backend_options import HFOptions
@@ -99,6 +100,8 @@ class HFBackend:
         self.pooled_layers = resolve_layers(list(cfg.pool_layers), self.num_layers)
         self.hidden_size = int(self.weight.shape[1])
         self.vocab_size = int(self.weight.shape[0])
+        self.max_positions = max_positions(config)
+        """Positions the model was trained on (None: its config declares none); windows must fit them."""
         self.entropy_kind = "exact"
         self.pooled_dims = {layer: self.hidden_size for layer in self.pooled_layers}
         self._captured: dict[int, Any] = {}

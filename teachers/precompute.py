@@ -32,7 +32,7 @@ from storage.manifest import (
     Manifest,
 )
 from storage.records import TeacherTargets
-from teachers.config import PrecomputeConfig
+from teachers.config import PrecomputeConfig, TeacherConfig
 
 if TYPE_CHECKING:
     from common.corpus import Partition, ReadStats
@@ -125,6 +125,7 @@ def run_precompute(cfg: PrecomputeConfig, *, backend: TeacherBackend | None = No
     from teachers.slicing import resolve_slice
 
     slice_index, num_slices = resolve_slice(cfg.num_slices, cfg.slice_index)
+    check_window(cfg, teacher_positions(cfg.teacher))  # before the output is created or the weights load
     output = cfg.storage.output
     fs, root = sfs.resolve(output)
     prepare_output(fs, root, output)  # a file or an unwritable --output fails here, before anything loads
@@ -132,6 +133,39 @@ def run_precompute(cfg: PrecomputeConfig, *, backend: TeacherBackend | None = No
                      f"{output}", slice_index=slice_index, num_slices=num_slices)
     with lock:
         return _run_slice(cfg, backend, slice_index, num_slices, lock)
+
+
+def teacher_positions(t: TeacherConfig) -> int | None:
+    """The positions the teacher's config declares, read without its weights; None when it declares none or
+    the config cannot be read here (loading the teacher then reports why, in one line)."""
+    from transformers import AutoConfig
+
+    from common.positions import max_positions
+
+    kwargs: dict[str, Any] = dict(revision=t.revision, trust_remote_code=t.trust_remote_code)
+    if t.gguf_file:
+        kwargs["gguf_file"] = t.gguf_file
+    try:
+        return max_positions(AutoConfig.from_pretrained(t.path, **kwargs))
+    except (OSError, ValueError):
+        return None
+
+
+def check_window(cfg: PrecomputeConfig, positions: int | None) -> None:
+    """ConfigError when the teacher would see a window longer than its `positions`: its outputs there are not
+    the distribution it was trained to give (rotary models compute them without complaint). An aligned
+    teacher's window is its own tokens of seq_len S tokens, a count known only once the text is tokenized:
+    AlignedBackend checks it per batch, before the forward."""
+    from common.positions import check_positions
+
+    t = cfg.teacher
+    if positions is None or t.align_tokenizer is not None:
+        return
+    check_positions({f"teacher {t.path}": positions}, cfg.seq_len)
+    if t.backend == "vllm" and cfg.seq_len + 1 > positions:
+        # vLLM schedules the L prompt tokens plus the one generated step it always takes (max_model_len L + 1)
+        raise ConfigError(f"teacher {t.path} has max_position_embeddings {positions}; the vllm backend needs "
+                          f"seq_len + 1 = {cfg.seq_len + 1} positions; lower --seq-len")
 
 
 def _run_slice(cfg: PrecomputeConfig, backend: TeacherBackend | None, slice_index: int, num_slices: int,
@@ -159,6 +193,7 @@ def _run_slice(cfg: PrecomputeConfig, backend: TeacherBackend | None, slice_inde
                                trust_remote_code=t_cfg.trust_remote_code)
     if backend is None:
         backend = create_backend(t_cfg, seq_len=cfg.seq_len)
+    check_window(cfg, getattr(backend, "max_positions", None))  # the loaded model's own config (a given backend)
     schema_version, alignment = SCHEMA_VERSION, None
     if t_cfg.align_tokenizer is not None:
         if t_cfg.targets == "sampled":

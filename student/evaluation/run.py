@@ -16,6 +16,7 @@ import click
 import torch
 
 from common.errors import ConfigError
+from common.positions import check_positions, max_positions
 from storage.errors import MismatchError
 from student.evaluation.config import DEFAULT_SEQ_LEN, EvalConfig
 from student.evaluation.metrics import (
@@ -59,7 +60,7 @@ def _held_out(cfg: EvalConfig, tokenizer: Any, fingerprint: str, max_pos: dict[s
 
     if not cfg.teacher_data:
         seq_len = _window_length(cfg, max_pos)
-        _check_positions(max_pos, seq_len)
+        check_positions(max_pos, seq_len)
         corpus = CorpusConfig(dataset=cfg.data, dataset_config=cfg.dataset_config, split=cfg.split,
                               revision=cfg.dataset_revision, text_field=cfg.text_field, max_tokens=cfg.max_tokens)
         return pack_text(corpus, tokenizer, seq_len, cfg.batch_size)
@@ -71,14 +72,8 @@ def _held_out(cfg: EvalConfig, tokenizer: Any, fingerprint: str, max_pos: dict[s
     if m.tokenizer_fingerprint != fingerprint:
         raise MismatchError(f"the student's tokenizer differs from the one {cfg.teacher_data[0]} was computed with",
                             "tokenizer_fingerprint", (fingerprint, m.tokenizer_fingerprint))
-    _check_positions(max_pos, m.seq_len)
+    check_positions(max_pos, m.seq_len)
     return held
-
-
-def _check_positions(max_pos: dict[str, int], seq_len: int) -> None:
-    for label, n in max_pos.items():
-        if n < seq_len:
-            raise ConfigError(f"{label} has max_position_embeddings {n} < seq_len {seq_len}; lower --seq-len")
 
 
 @dataclass
@@ -181,8 +176,7 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
         if fp != fingerprint:
             raise MismatchError(f"teacher {t.label} ({t.path}) uses a different tokenizer than the student",
                                 "tokenizer_fingerprint", (fingerprint, fp))
-    max_pos = {m.label: n for m in (*students, *teachers)
-               if (n := getattr(model_config(m), "max_position_embeddings", None)) is not None}
+    max_pos = {m.label: n for m in (*students, *teachers) if (n := max_positions(model_config(m))) is not None}
     held = _held_out(cfg, tokenizer, fingerprint, max_pos)
 
     n_prompts = min(cfg.bleu_prompts, held.n_windows) if cfg.prompt_tokens + cfg.new_tokens <= held.seq_len else 0

@@ -145,3 +145,26 @@ def test_slices_give_the_same_shards_and_statistics(caches):
     merged, whole = TeacherDataset.open(str(out)).manifest, TeacherDataset.open(str(root / "aligned")).manifest
     assert merged.alignment == whole.alignment
     assert merged.alignment_totals() == whole.alignment_totals()
+
+
+def test_teacher_windows_beyond_its_positions_are_refused(caches, tmp_path):
+    """--seq-len counts S tokens; the aligned teacher runs on its own tokens of the window, which may be more.
+    Its positions bound its own token count: a window it would see past them is refused before that batch
+    runs, so no target past the positions is written (shards finished earlier stay recorded)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    teacher = tmp_path / "teacher_short"
+    shutil.copytree(caches["teacher_t"], teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    config["max_position_embeddings"] = 16  # below the T tokens of a 32-token S window of this corpus
+    (teacher / "config.json").write_text(json.dumps(config))
+    s_tok, t_tok = (AutoTokenizer.from_pretrained(str(caches[d])) for d in ("s_dir", "t_dir"))
+    text = json.loads(Path(caches["corpus"]).read_text().splitlines()[0])["text"]
+    assert len(t_tok(s_tok.decode(s_tok(text)["input_ids"][:32]))["input_ids"]) > 16  # the premise
+    out = tmp_path / "aligned_short"
+    line = _fails_with(_precompute(teacher, caches["corpus"], out, "--align-tokenizer", caches["s_dir"]),
+                       "teacher tokens", "max_position_embeddings 16", "--seq-len")
+    assert "seq id 0" in line, line
+    assert not list(out.glob("shard-*")) and not (out / "manifest.json").exists()

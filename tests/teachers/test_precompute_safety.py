@@ -174,6 +174,36 @@ def test_unusable_teacher_weights_are_one_line_and_pickles_never_run(setup, tmp_
     assert not os.path.exists(MARKER)  # refused by the weights-only unpickler, never executed
 
 
+# ---- issue 25 defect 6: windows longer than the teacher's positions -------------------------------------------
+def _with_positions(teacher: Path, dst: Path, positions: int, key: str = "max_position_embeddings") -> Path:
+    """A copy of `teacher` whose config.json declares `positions` positions under `key`."""
+    shutil.copytree(teacher, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config[key] = positions
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_seq_len_beyond_the_teachers_positions_is_refused_before_any_work(setup, tmp_path, monkeypatch):
+    """The tiny Llama computes any length (RoPE), so without the check it writes targets past the positions
+    it was trained on. Refused before the teacher loads, and nothing is created."""
+    import teachers.backends
+
+    def never(*a, **k):
+        raise AssertionError("the teacher was loaded before its positions were compared with --seq-len")
+
+    monkeypatch.setattr(teachers.backends, "create_backend", never)
+    short = _with_positions(setup[1], tmp_path / "short", 24)
+    out = tmp_path / "out"
+    _one_error_line(_run(*_args(short, setup[2], out)), "max_position_embeddings 24 < seq_len 32", "--seq-len")
+    assert not out.exists()
+    # with --seq-len at the positions, the check passes (and the stub shows the teacher would load next)
+    with pytest.raises(AssertionError, match="loaded before"):
+        args = _args(short, setup[2], tmp_path / "out2")
+        args[args.index("--seq-len") + 1] = "24"
+        raise _run(*args).exception
+
+
 # ---- 5. two real processes on one cache -----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_second_process_on_a_slice_is_refused_and_the_first_finishes(setup):
