@@ -22,11 +22,12 @@ import numpy as np
 
 from storage import fs as sfs
 from storage import shards as shard_io
+from storage.formats import shard_format
 from storage.manifest import Manifest
 from storage.merge import open_manifest
 from storage.records import TeacherTargets
+from storage.schema import check_header, from_columns
 from storage.schema import columns as schema_columns
-from storage.schema import from_columns
 from storage.stamps import VerifyReport, verify_shards
 
 MAX_OPEN_SHARDS = 64
@@ -66,8 +67,22 @@ class TeacherDataset:
         return ds
 
     def verify(self, mode: str = "full", *, by: str = "reader") -> VerifyReport:
-        """Check the shards under `mode` (storage/stamps.py); ShardCorruptError for the first bad one."""
-        return verify_shards(self.fs, self.root, self.manifest.shards, mode=mode, by=by)
+        """Check the shards under `mode` (storage/stamps.py); ShardCorruptError for the first bad one. Then
+        the first shard's stored header is compared with the manifest (`check_header`)."""
+        report = verify_shards(self.fs, self.root, self.manifest.shards, mode=mode, by=by)
+        self.check_header()
+        return report
+
+    def check_header(self) -> None:
+        """MismatchError when the manifest contradicts the header stored in its first shard (one footer or
+        attribute read). Every shard of a cache stores the same header, so an edited manifest is refused here,
+        in the process that opens the cache, before any DataLoader worker reads; each shard is compared again
+        when a reader opens it (a shard from another cache)."""
+        if not self.manifest.shards:
+            return
+        path = shard_io.shard_path(self.root, self.manifest.shards[0])
+        header, _, _ = shard_format(self.manifest.format).read_header(self.fs, path)
+        check_header(path, header, self.manifest)
 
     # ---- indexing ------------------------------------------------------------------------------
     def __len__(self) -> int:

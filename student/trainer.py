@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from common.errors import ConfigError, UserError
 from common.params import non_finite
-from storage.errors import MismatchError, ShardCorruptError
+from storage.errors import MismatchError, ShardCorruptError, StorageError
 from storage.manifest import Manifest
 from student import data as sdata
 from student import model as smodel
@@ -455,16 +455,19 @@ class Trainer:
         if self.cfg.resume and mode == "full":
             mode = "stamp"  # the first run hashed every shard and stamped it
         problem: str | None = None
+        error: StorageError | None = None
         if self.rank == 0:
             try:
                 for t, report in zip(self.teachers, sdata.verify_teachers(self.teachers, mode), strict=True):
                     log.info("%s: %s", t.path, report.line(mode))
-            except ShardCorruptError as e:
-                problem = str(e)
+            except StorageError as e:  # a damaged shard, or a manifest its shards' stored headers contradict
+                error, problem = e, str(e)
         if self.distributed:
             box = [problem]
             dist.broadcast_object_list(box, src=0)
             problem = box[0]
+        if error is not None:
+            raise error
         if problem is not None:
             raise ShardCorruptError(problem)
 

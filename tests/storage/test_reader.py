@@ -226,19 +226,21 @@ def test_threads_share_one_dataset(teacher, monkeypatch, max_open):
 ])
 def test_edited_run_fields_are_refused_when_a_shard_is_opened(tmp_path, fmt, edit, field, values):
     """An edit of manifest.json leaves every shard's size and sha256 valid; the header each shard stores
-    (Parquet footer metadata, Zarr group attributes) still holds the run's true values."""
+    (Parquet footer metadata, Zarr group attributes) still holds the run's true values. Opening with
+    verification compares the first shard's header; a reader compares each shard's when it opens it."""
     from storage.errors import MismatchError
 
     write_run(str(tmp_path), make_header(fmt=fmt))
     d = json.loads((tmp_path / "manifest.json").read_text())
     edit(d)
     (tmp_path / "manifest.json").write_text(json.dumps(d))
-    ds = TeacherDataset.open(str(tmp_path), verify="full")  # the shards themselves are intact
-    with pytest.raises(MismatchError) as err:
-        ds.read_columns([9])
-    msg = str(err.value)
-    assert f"shard-000001.{fmt}" in msg and repr(field) in msg and values in msg, msg
-    assert err.value.field == field
+    for verify, shard, read in (("full", 0, None), ("off", 0, None), (False, 1, [9])):
+        with pytest.raises(MismatchError) as err:
+            ds = TeacherDataset.open(str(tmp_path), verify=verify)  # sizes and sha256 still match
+            ds.read_columns(read)
+        msg = str(err.value)
+        assert f"shard-{shard:06d}.{fmt}" in msg and repr(field) in msg and values in msg, msg
+        assert err.value.field == field
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "zarr"])

@@ -232,12 +232,15 @@ def test_plot_into_a_missing_directory_or_bad_format(run_dir, tmp_path):
 
 
 # ---- issue 25 defect 8: run fields edited in manifest.json -------------------------------------------------
-@pytest.mark.parametrize(("field", "value", "needle"), [
-    ("temperature", 2.0, "'temperature' is 2.0 in the manifest, 1.0 in the shard"),
-    ("vocab_size", 80, "'vocab_size' is 80 in the manifest, 64 in the shard"),
+@pytest.mark.parametrize(("field", "value", "needle", "workers"), [
+    ("temperature", 2.0, "'temperature' is 2.0 in the manifest, 1.0 in the shard", "0"),
+    ("vocab_size", 80, "'vocab_size' is 80 in the manifest, 64 in the shard", "0"),
+    ("temperature", 2.0, "'temperature' is 2.0 in the manifest, 1.0 in the shard", "2"),
 ])
-def test_edited_manifest_is_refused_against_the_shards_headers(caches, tmp_path, field, value, needle):
-    """Each shard's size and sha256 still match the edited manifest; its own header holds the true value."""
+def test_edited_manifest_is_refused_against_the_shards_headers(caches, tmp_path, field, value, needle, workers):
+    """Each shard's size and sha256 still match the edited manifest; its own header holds the true value.
+    With DataLoader workers the refusal still comes from the main process (the check runs with verification,
+    before any worker reads)."""
     import shutil
 
     edited = tmp_path / "edited"
@@ -245,5 +248,5 @@ def test_edited_manifest_is_refused_against_the_shards_headers(caches, tmp_path,
     d = json.loads((edited / "manifest.json").read_text())
     d[field] = value
     (edited / "manifest.json").write_text(json.dumps(d))
-    line = one_error_line(_train([str(edited)], tmp_path / "run"), needle, "shard-0000")
+    line = one_error_line(_train([str(edited)], tmp_path / "run", "--num-workers", workers), needle, "shard-0000")
     assert str(edited) in line
