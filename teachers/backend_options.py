@@ -2,19 +2,19 @@
 
 `TeacherConfig.backend_options` holds an instance of the class of its `backend` (`BACKEND_OPTIONS`); a dict
 (from the command line, or a replayed `config.json`) is turned into it by `parse_backend_options`, which
-refuses an unknown key or a value of the wrong type in one line. Backends receive the typed object, never
+refuses an unknown key or a value of the wrong type (checked against the class's annotations by
+`common.config_types.check_types`) in one line. Backends receive the typed object, never
 a dict, so an option meant for one backend cannot reach another.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
+from common.config_types import check_types
 from common.errors import ConfigError
 
 ENTROPY_CHOICES = ("estimate", "absent")
@@ -68,32 +68,13 @@ BACKEND_OPTIONS: dict[str, type[HFOptions] | type[VllmOptions]] = {"hf": HFOptio
 """The options class of each `--backend`."""
 
 
-def _accepts(tp: object, value: object) -> bool:
-    """Whether `value` fits the field type `tp` (int, float, str, bool, or one of them | None)."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return any(_accepts(t, value) for t in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)  # type: ignore[arg-type]
-
-
-def _type_name(tp: object) -> str:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(t) for t in typing.get_args(tp))
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
 def _check_types(options: object) -> None:
-    hints = typing.get_type_hints(type(options))
-    for f in dataclasses.fields(options):  # type: ignore[arg-type]
-        value = getattr(options, f.name)
-        if not _accepts(hints[f.name], value):
-            kind = getattr(type(options), "kind", "")
-            raise ConfigError(f"{kind} backend option {f.name}={value!r}: expected {_type_name(hints[f.name])}")
+    """Every field of a backend's options object checked against its annotation by the one config type
+    checker (common/config_types.py); numbers are kept as the annotation declares them (1 -> 1.0)."""
+    kind = getattr(type(options), "kind", "")
+    values = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}  # type: ignore[arg-type]
+    for name, value in check_types(type(options), values, where=f"{kind} backend options").items():
+        object.__setattr__(options, name, value)  # the options are frozen once checked
 
 
 def options_help() -> str:

@@ -393,7 +393,7 @@ def test_numbers_in_float_fields_and_lists_in_tuple_fields_replay_equal(tmp_path
 
 def test_checker_rules_for_annotations_no_command_uses_yet():
     """Literal members (compared with their type), dict values and mixed fixed tuples."""
-    from common.config_cli import check_types
+    from common.config_types import check_types
     from common.errors import ConfigError
 
     @dataclasses.dataclass(kw_only=True)

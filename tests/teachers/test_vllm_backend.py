@@ -340,9 +340,9 @@ def test_options_are_typed_per_backend() -> None:
     assert (opts.tensor_parallel_size, opts.entropy, opts.hidden_from) == (8, "absent", "none")
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
         _teacher("x", backend_options={"tensor_parallel_size": 0})
-    with pytest.raises(ConfigError, match=r"tensor_parallel_size='2': expected int"):
+    with pytest.raises(ConfigError, match=r"vllm backend options: field tensor_parallel_size must be an integer, got \"2\""):
         _teacher("x", backend_options={"tensor_parallel_size": "2"})
-    with pytest.raises(ConfigError, match="enforce_eager=1: expected bool"):
+    with pytest.raises(ConfigError, match="field enforce_eager must be true or false, got 1"):
         _teacher("x", backend_options={"enforce_eager": 1})
     with pytest.raises(ConfigError, match="VllmOptions .vllm backend. but the backend is 'hf'"):
         TeacherConfig(path="x", backend_options=VllmOptions())
