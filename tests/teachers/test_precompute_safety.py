@@ -204,6 +204,27 @@ def test_seq_len_beyond_the_teachers_positions_is_refused_before_any_work(setup,
         raise _run(*args).exception
 
 
+def test_vllm_needs_one_position_more():
+    """vLLM's max_model_len is seq_len + 1 (the prompt plus the one step it generates); it refuses more than
+    the model's positions itself, with a traceback, so the check runs first. An aligned run is left to the
+    per-batch check."""
+    from common.errors import ConfigError
+    from teachers.config import tiny
+    from teachers.precompute import check_window
+
+    cfg = tiny("t", "c.jsonl", "out")
+    check_window(cfg, 32)
+    check_window(cfg, None)  # a config without positions: nothing to compare
+    with pytest.raises(ConfigError, match="max_position_embeddings 31 < seq_len 32"):
+        check_window(cfg, 31)
+    cfg.teacher.backend = "vllm"
+    check_window(cfg, 33)
+    with pytest.raises(ConfigError, match=r"vllm backend needs seq_len \+ 1 = 33 positions"):
+        check_window(cfg, 32)
+    cfg.teacher.backend, cfg.teacher.align_tokenizer = "hf", "s"
+    check_window(cfg, 8)
+
+
 # ---- 5. two real processes on one cache -----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_second_process_on_a_slice_is_refused_and_the_first_finishes(setup):
