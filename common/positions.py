@@ -27,9 +27,8 @@ def max_positions(config: Any) -> int | None:
     return None
 
 
-def check_positions(max_pos: dict[str, int], seq_len: int, *, what: str = "seq_len") -> None:
-    """ConfigError naming the first model (label -> its positions) with fewer positions than `seq_len` tokens
-    (`what` names the length in the message)."""
+def check_positions(max_pos: dict[str, int], seq_len: int) -> None:
+    """ConfigError naming the first model (label -> its positions) with fewer positions than `seq_len`."""
     for label, n in max_pos.items():
         if n < seq_len:
-            raise ConfigError(f"{label} has max_position_embeddings {n} < {what} {seq_len}; lower --seq-len")
+            raise ConfigError(f"{label} has max_position_embeddings {n} < seq_len {seq_len}; lower --seq-len")

@@ -24,6 +24,7 @@ import numpy as np
 
 from common.errors import ConfigError
 from common.packing import PackedBatch, PackStats
+from common.positions import check_positions, max_positions
 from storage.manifest import (
     ALIGNED_SCHEMA_VERSION,
     SAMPLE_SEED_RULE,
@@ -140,8 +141,6 @@ def teacher_positions(t: TeacherConfig) -> int | None:
     the config cannot be read here (loading the teacher then reports why, in one line)."""
     from transformers import AutoConfig
 
-    from common.positions import max_positions
-
     kwargs: dict[str, Any] = dict(revision=t.revision, trust_remote_code=t.trust_remote_code)
     if t.gguf_file:
         kwargs["gguf_file"] = t.gguf_file
@@ -156,8 +155,6 @@ def check_window(cfg: PrecomputeConfig, positions: int | None) -> None:
     the distribution it was trained to give (rotary models compute them without complaint). An aligned
     teacher's window is its own tokens of seq_len S tokens, a count known only once the text is tokenized:
     AlignedBackend checks it per batch, before the forward."""
-    from common.positions import check_positions
-
     t = cfg.teacher
     if positions is None or t.align_tokenizer is not None:
         return
