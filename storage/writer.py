@@ -41,7 +41,7 @@ from fsspec import AbstractFileSystem
 from storage import fs as sfs
 from storage import shards as shard_io
 from storage.errors import MismatchError, StorageError
-from storage.formats import FORMATS
+from storage.formats import FORMATS, shard_format
 from storage.lock import CacheLock, live_locks, lock_name
 from storage.manifest import (
     ALIGNMENT_STATS,
@@ -54,7 +54,7 @@ from storage.manifest import (
 )
 from storage.records import TeacherTargets
 from storage.run_stats import SliceStats
-from storage.schema import to_columns
+from storage.schema import check_header, to_columns
 from storage.stamps import write_stamp
 
 _STOP = object()
@@ -179,6 +179,11 @@ class TargetsWriter:
             info = found[index]
             why = shard_io.problem(self.fs, self.root, info)
             if why is None:
+                # the records agree with this run, but they may have been edited: the shard's own header says
+                # what it was computed with (a footer or attribute read, next to the sha256 just taken)
+                path = shard_io.shard_path(self.root, info)
+                stored, _, _ = shard_format(h.format).read_header(self.fs, path)
+                check_header(path, stored, h)
                 self.completed[index] = info
             else:
                 dropped = True

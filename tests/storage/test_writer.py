@@ -234,3 +234,23 @@ def test_only_own_slice_temporaries_removed(tmp_path):
     theirs.write_bytes(b"being written by slice 1")
     TargetsWriter(str(tmp_path), make_header(slice_index=0, num_slices=2)).abort()
     assert not mine.exists() and theirs.exists()
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "zarr"])
+def test_resume_over_an_edited_manifest_refuses_its_shards(tmp_path, fmt):
+    """manifest.json and the ledger edited to temperature 2.0, then resumed by a run at 2.0: the records
+    agree, and the shards' sizes and sha256 match, but each shard's own header says 1.0. Resuming would mix
+    shards of two temperatures under one manifest; it is refused naming the shard, and nothing is written."""
+    import dataclasses
+
+    header = make_header(fmt=fmt)
+    write_run(str(tmp_path), header)
+    for record in (tmp_path / "manifest.json", tmp_path / ledger_name(0, 1)):
+        d = json.loads(record.read_text())
+        d["temperature"] = 2.0
+        record.write_text(json.dumps(d))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(MismatchError, match=rf"shard-000000\.{fmt}: field 'temperature' is 2\.0 in the manifest, "
+                                            r"1\.0 in the shard"):
+        TargetsWriter(str(tmp_path), dataclasses.replace(header, temperature=2.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
