@@ -102,7 +102,7 @@ class CheckpointManager:
             full = {k: given[k] for k in STATE_KEYS}
             try:
                 os.makedirs(tmp)
-                torch.save(full, os.path.join(tmp, "state.pt"))
+                write_state(full, os.path.join(tmp, "state.pt"))
                 size, digest = sha256_file(os.path.join(tmp, "state.pt"))
                 with open(os.path.join(tmp, "checkpoint.json"), "w") as f:
                     json.dump({"step": step, "bytes": size, "sha256": digest}, f)
@@ -141,6 +141,41 @@ class CheckpointManager:
             raise ConfigError(f"{path} was written by {state['world_size']} ranks, this run has {self.world_size}; "
                               "resume with the same number of processes")
         return Resumed(path=path, state=state)
+
+
+class _WriteWatch:
+    """The file torch.save writes to, remembering the first write that failed."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def write_state(state: dict[str, Any], path: str) -> None:
+    """torch.save `state` to `path`; a failed write (disk full, quota) raises its OSError.
+
+    torch's zip writer turns a failed write into a RuntimeError ("unexpected pos ...", raised while it
+    closes the archive), the same type as its own bugs. Writing through a Python file lets the OSError of
+    the write itself be recorded: only a RuntimeError that follows a failed write is reported as that
+    write's OSError; any other keeps its traceback."""
+    with open(path, "wb") as f:  # buffered: its write() writes everything or raises
+        out = _WriteWatch(f)
+        try:
+            torch.save(state, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
 
 
 def check_resume_config(saved: dict, now: dict, path: str) -> None:
