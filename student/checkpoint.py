@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from common.errors import ConfigError
+from common.sidefile import read_side_json
 from storage.errors import MismatchError, StorageError
 from student.rundir import CHECKPOINTS_DIR, reason
 
@@ -207,12 +208,15 @@ def load_checkpoint(directory: str) -> dict:
     tensors and plain values (a pickle that would run code is refused, never executed)."""
     path = os.path.join(directory, "state.pt")
     try:
-        with open(os.path.join(directory, "checkpoint.json")) as f:
-            meta = json.load(f)
+        meta = read_side_json(os.path.join(directory, "checkpoint.json"), error=CheckpointError)
+        if not isinstance(meta, dict):
+            raise CheckpointError("checkpoint.json holds no JSON object")
+        if not os.path.isfile(path):  # a link to a device (/dev/zero) would be hashed without end
+            raise CheckpointError("state.pt is not a regular file")
         size, digest = sha256_file(path)
-    except (OSError, ValueError) as e:
+    except (OSError, CheckpointError) as e:
         raise _Damaged(f"{type(e).__name__}: {e}") from e
-    if not isinstance(meta, dict) or (size, digest) != (meta.get("bytes"), meta.get("sha256")):
+    if (size, digest) != (meta.get("bytes"), meta.get("sha256")):
         raise _Damaged(f"state.pt has {size} bytes, sha256 {digest[:12]}..., checkpoint.json records "
                        f"{meta.get('bytes') if isinstance(meta, dict) else '?'} bytes")
     try:
