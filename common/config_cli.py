@@ -16,7 +16,6 @@ option: every field must have one or be listed as deliberately internal.
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from click.core import ParameterSource
 
 from common.config_types import check_types
 from common.errors import ConfigError
+from common.sidefile import read_side_json
 
 _GIVEN = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
@@ -195,13 +195,10 @@ def build_config(root: type, table: Sequence[Opt], ctx: click.Context, values: d
 
 def read_config_file(path: str) -> dict[str, Any]:
     """The JSON object in `path` (ConfigError naming the file otherwise)."""
-    try:
-        with open(path) as f:
-            tree = json.load(f)
-    except OSError as e:
+    try:  # a regular file of bounded size only: `--config /dev/zero` would be read without end
+        tree = read_side_json(path, label=f"--config {path}", error=ConfigError)
+    except FileNotFoundError as e:
         raise ConfigError(f"--config {path}: cannot read ({e.strerror or e})") from None
-    except ValueError as e:
-        raise ConfigError(f"--config {path}: not valid JSON ({e})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"--config {path}: expected a JSON object of config fields")
     return tree

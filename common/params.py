@@ -21,6 +21,8 @@ from common.errors import ConfigError
 
 MAX_WEIGHT_SUM = 1e38
 """Teacher weights are normalised in float32 (largest value ~3.4e38)."""
+MAX_SEED = 2**63 - 1
+"""Seeds are in 0..MAX_SEED (torch.manual_seed takes 64-bit seeds; numpy refuses negative ones)."""
 
 
 def _is_number(x: object) -> bool:
@@ -65,6 +67,13 @@ def check_positive(name: str, value: int | None, *, optional: bool = False) -> N
         return
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= sys.maxsize:
         raise ConfigError(f"{name} must be a positive integer (at most 2**63-1), got {value!r}")
+
+
+def check_seed(name: str, value: int) -> None:
+    """ConfigError unless `value` is an int in 0..MAX_SEED (every seed of every command: torch and numpy take
+    these, and a bad one must fail before any work rather than inside numpy after it)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{name} must be in 0..2**63-1, got {value!r}")
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

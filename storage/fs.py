@@ -16,6 +16,7 @@ import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
+from common.sidefile import read_side_text
 from storage.errors import StorageError
 
 _BLOCK = 8 << 20  # bytes read per step when hashing
@@ -116,9 +117,11 @@ def atomic_write_json(fs: AbstractFileSystem, path: str, obj: Any) -> None:
     atomic_write_text(fs, path, json.dumps(obj, indent=2) + "\n")
 
 
-def read_text(fs: AbstractFileSystem, path: str) -> str:
-    with fs.open(path, "rb") as f:
-        return f.read().decode("utf-8")
+def read_text(fs: AbstractFileSystem, path: str, *, label: str | None = None,
+              error: type[StorageError] = StorageError, hint: str = "") -> str:
+    """The text of side file `path` (a manifest, ledger or stamp) through common/sidefile.py: a regular file of
+    at most MAX_SIDE_FILE_BYTES of UTF-8, else `error` in one line; FileNotFoundError when absent."""
+    return read_side_text(path, fs=fs, label=label, error=error, hint=hint)
 
 
 def sha256_file(fs: AbstractFileSystem, path: str) -> str:

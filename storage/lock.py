@@ -37,12 +37,15 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
+from common.sidefile import read_side_json
 from storage import fs as sfs
 from storage.errors import StorageError
 
 MERGE_LOCK = "lock-merge.json"
 LOCK_RE = re.compile(r"^lock-slice-(\d{5})-of-(\d{5})\.json$")
 _ATTEMPTS = 5
+MAX_LOCK_BYTES = 1 << 16
+"""A lock file holds a few hundred bytes of JSON; a larger one (or a device) is garbage, read no further."""
 
 
 class LockHeldError(StorageError):
@@ -171,13 +174,10 @@ class CacheLock:
     def read(self) -> dict[str, Any] | None:
         """The lock file's content; None if it does not exist, {} if it cannot be parsed."""
         try:
-            with self.fs.open(self.path, "rb") as f:
-                text = f.read().decode("utf-8", "replace")
+            holder = read_side_json(self.path, fs=self.fs, error=StorageError, max_bytes=MAX_LOCK_BYTES)
         except FileNotFoundError:
             return None
-        try:
-            holder = json.loads(text)
-        except json.JSONDecodeError:
+        except StorageError:  # not a regular file, too large, not UTF-8 JSON: a lock that names no holder
             return {}
         return holder if isinstance(holder, dict) else {}
 
@@ -253,9 +253,8 @@ def _create_local(path: str, data: bytes) -> bool:
 
 def _read_json(path: str) -> dict[str, Any]:
     try:
-        with open(path, "rb") as f:
-            value = json.loads(f.read().decode("utf-8", "replace"))
-    except (OSError, json.JSONDecodeError):
+        value = read_side_json(path, error=StorageError, max_bytes=MAX_LOCK_BYTES)
+    except (OSError, StorageError):
         return {}
     return value if isinstance(value, dict) else {}
 

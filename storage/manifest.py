@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.sidefile import parse_json
 from storage.errors import ManifestError, MismatchError
 from storage.formats import FORMATS
 
@@ -309,11 +310,7 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, source: str = "<manifest>") -> Manifest:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"{source}: not valid JSON ({e})") from None
-        return cls.from_dict(d, source)
+        return cls.from_dict(parse_json(text, label=source, error=ManifestError), source)
 
     def validate(self, source: str = "<manifest>") -> None:
         """Raise ManifestError naming the first bad field."""

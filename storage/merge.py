@@ -106,7 +106,7 @@ def read_manifest(path: str) -> Manifest:
     """Parse one manifest file (local path or URL); ManifestError naming the file on any problem."""
     fs, p = sfs.resolve(path)
     try:
-        text = sfs.read_text(fs, p)
+        text = sfs.read_text(fs, p, label=path, error=ManifestError)
     except FileNotFoundError:
         raise ManifestError(f"{path}: manifest is missing") from None
     return Manifest.from_json(text, source=path)

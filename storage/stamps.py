@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 
 from fsspec import AbstractFileSystem
 
+from common.sidefile import read_side_json
 from storage import fs as sfs
 from storage import shards as shard_io
 from storage.errors import ShardCorruptError, StorageError
@@ -86,9 +87,9 @@ def stamped(fs: AbstractFileSystem, root: str) -> set[tuple[str, int, str]]:
             continue
         path = sfs.join(root, name)
         try:
-            body = json.loads(sfs.read_text(fs, path))
+            body = read_side_json(path, fs=fs, error=StorageError, hint="; delete it")
             entries = [ShardInfo(**s) for s in body["shards"]]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (KeyError, TypeError) as e:
             raise StorageError(f"{path}: not a valid verified stamp ({e}); delete it") from None
         if shards_hash(entries) != body.get("manifest_hash"):
             raise StorageError(f"{path}: its shard list does not match its manifest_hash; delete it")

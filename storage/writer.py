@@ -40,7 +40,7 @@ from fsspec import AbstractFileSystem
 
 from storage import fs as sfs
 from storage import shards as shard_io
-from storage.errors import MismatchError, StorageError
+from storage.errors import ManifestError, MismatchError, StorageError
 from storage.formats import FORMATS, shard_format
 from storage.lock import CacheLock, live_locks, lock_name
 from storage.manifest import (
@@ -153,7 +153,7 @@ class TargetsWriter:
         for name in sorted((n for n in names if _PART_RE.match(n)), key=lambda n: (n[:3] != "man", n != MANIFEST_NAME, n)):
             path = sfs.join(self.root, name)
             try:
-                text = sfs.read_text(self.fs, path)
+                text = sfs.read_text(self.fs, path, error=ManifestError)
             except FileNotFoundError:
                 continue  # replaced by another slice right now (atomic rename); it is compared on its next run
             earlier = Manifest.from_json(text, source=path)

@@ -7,10 +7,12 @@ holds tensors and plain values only.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 
 import torch
 
+from common.errors import UserError
 from storage.errors import MismatchError
 from student.fusion import FusedTargets
 
@@ -58,3 +60,33 @@ class DistillBatch:
         return DistillBatch(seq_ids=self.seq_ids.pin_memory(), input_ids=self.input_ids.pin_memory(), fused=fused,
                             pooled=[None if p is None else p.pin_memory() for p in self.pooled],
                             mismatch=self.mismatch)
+
+
+@dataclass
+class FailedBatch:
+    """A micro-batch a DataLoader worker could not build because of the user's data (a damaged shard).
+
+    The error travels to the training process as a value and `check()` raises it there, as the trainer checks
+    every batch before using it: raised inside the worker, torch would re-raise it with the worker's whole
+    traceback in its message, so the command's one `error:` line would become many."""
+
+    error: UserError
+    """The worker's error (its type kept when it survives pickling, else a plain UserError with its message)."""
+
+    @classmethod
+    def of(cls, error: UserError) -> FailedBatch:
+        """The batch carrying `error` across the worker's pickling: an error whose constructor takes more than
+        its message (MismatchError) cannot be rebuilt by unpickling and travels as a UserError instead."""
+        try:
+            pickle.loads(pickle.dumps(error))
+        except (pickle.PickleError, TypeError, AttributeError):  # what a failed round trip raises
+            error = UserError(str(error))
+        return cls(error=error)
+
+    def check(self) -> None:
+        """Raise the worker's error."""
+        raise self.error
+
+    def pin_memory(self) -> FailedBatch:
+        """Nothing to pin (the DataLoader's pinning thread calls this)."""
+        return self

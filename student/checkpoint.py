@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from common.errors import ConfigError
+from common.sidefile import read_side_json
 from storage.errors import MismatchError, StorageError
 from student.rundir import CHECKPOINTS_DIR, reason
 
@@ -102,7 +103,7 @@ class CheckpointManager:
             full = {k: given[k] for k in STATE_KEYS}
             try:
                 os.makedirs(tmp)
-                torch.save(full, os.path.join(tmp, "state.pt"))
+                write_state(full, os.path.join(tmp, "state.pt"))
                 size, digest = sha256_file(os.path.join(tmp, "state.pt"))
                 with open(os.path.join(tmp, "checkpoint.json"), "w") as f:
                     json.dump({"step": step, "bytes": size, "sha256": digest}, f)
@@ -143,6 +144,41 @@ class CheckpointManager:
         return Resumed(path=path, state=state)
 
 
+class _WriteWatch:
+    """The file torch.save writes to, remembering the first write that failed."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def write_state(state: dict[str, Any], path: str) -> None:
+    """torch.save `state` to `path`; a failed write (disk full, quota) raises its OSError.
+
+    torch's zip writer turns a failed write into a RuntimeError ("unexpected pos ...", raised while it
+    closes the archive), the same type as its own bugs. Writing through a Python file lets the OSError of
+    the write itself be recorded: only a RuntimeError that follows a failed write is reported as that
+    write's OSError; any other keeps its traceback."""
+    with open(path, "wb") as f:  # buffered: its write() writes everything or raises
+        out = _WriteWatch(f)
+        try:
+            torch.save(state, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
+
+
 def check_resume_config(saved: dict, now: dict, path: str) -> None:
     """MismatchError when a `RESUME_FIELDS` entry differs; a warning naming any other changed setting."""
     for name in RESUME_FIELDS:
@@ -172,12 +208,15 @@ def load_checkpoint(directory: str) -> dict:
     tensors and plain values (a pickle that would run code is refused, never executed)."""
     path = os.path.join(directory, "state.pt")
     try:
-        with open(os.path.join(directory, "checkpoint.json")) as f:
-            meta = json.load(f)
+        meta = read_side_json(os.path.join(directory, "checkpoint.json"), error=CheckpointError)
+        if not isinstance(meta, dict):
+            raise CheckpointError("checkpoint.json holds no JSON object")
+        if not os.path.isfile(path):  # a link to a device (/dev/zero) would be hashed without end
+            raise CheckpointError("state.pt is not a regular file")
         size, digest = sha256_file(path)
-    except (OSError, ValueError) as e:
+    except (OSError, CheckpointError) as e:
         raise _Damaged(f"{type(e).__name__}: {e}") from e
-    if not isinstance(meta, dict) or (size, digest) != (meta.get("bytes"), meta.get("sha256")):
+    if (size, digest) != (meta.get("bytes"), meta.get("sha256")):
         raise _Damaged(f"state.pt has {size} bytes, sha256 {digest[:12]}..., checkpoint.json records "
                        f"{meta.get('bytes') if isinstance(meta, dict) else '?'} bytes")
     try:

@@ -87,7 +87,7 @@ TRAIN_OPTIONS: tuple[Opt, ...] = (
     Opt(field="stop_after", flag="--stop-after", type=int,
         help="Stop with a checkpoint after this many steps (time-limited jobs); continue with --resume."),
     Opt(field="batch_size", flag="--batch-size", type=int, help="Sequences per micro-batch per process."),
-    Opt(field="grad_accum", flag="--grad-accum", type=int, help="Micro-batches per optimizer step."),
+    Opt(field="grad_accum", flag="--grad-accum", type=int, help="Micro-batches per optimizer step (at most 2**20)."),
     Opt(field="eval_fraction", flag="--eval-fraction", type=FINITE_FLOAT,
         help="Fraction of cached sequences held out (never trained on) for evaluation, at most 512 sequences "
              "(evaluation stays a small share of step time; the log prints it)."),

@@ -11,20 +11,21 @@ from dataclasses import dataclass, field, replace
 
 from common.devices import check_device
 from common.errors import ConfigError
-from common.params import check_finite, check_weights
+from common.params import check_finite, check_seed, check_weights
 from storage.stamps import VERIFY_MODES
 
 LOSSES = ("kd", "dkd")
 WEIGHTINGS = ("entropy", "uniform", "fixed")
 MAX_WORKERS = 256
 """More DataLoader workers than this is refused as a typo (each is a process)."""
+MAX_GRAD_ACCUM = 2**20
+"""More micro-batches per optimizer step than this is refused as a typo (a million micro-batches per step;
+counts past 2**63-1 would also fail inside itertools.islice after the run had started)."""
 MAX_LR = 1e6
 """Larger learning rates are refused: AdamW's first step is lr / (1 - beta1) and overflows float32 near 1e37."""
 MAX_SPOT_CHECK = 1_000_000
 """More spot-checked sequences than this is refused (each is read from every cache at join time; every batch
 is checked anyway)."""
-MAX_SEED = 2**63 - 1
-"""Seeds are in 0..MAX_SEED (torch.manual_seed takes 64-bit seeds; numpy refuses negative ones)."""
 
 
 ENTROPY_EPS_RANGE = (1e-8, 1e6)
@@ -207,11 +208,12 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.spot_check > MAX_SPOT_CHECK:
             raise ConfigError(f"--spot-check must be <= {MAX_SPOT_CHECK}, got {self.spot_check}")
+        if self.grad_accum > MAX_GRAD_ACCUM:
+            raise ConfigError(f"--grad-accum must be <= {MAX_GRAD_ACCUM}, got {self.grad_accum}")
         if self.num_workers > MAX_WORKERS:
             raise ConfigError(f"--num-workers must be <= {MAX_WORKERS}, got {self.num_workers}")
         for name in ("seed", "split_seed"):
-            if not 0 <= getattr(self, name) <= MAX_SEED:
-                raise ConfigError(f"--{name.replace('_', '-')} must be in 0..2**63-1, got {getattr(self, name)}")
+            check_seed(f"--{name.replace('_', '-')}", getattr(self, name))
         if self.stop_after is not None and not 1 <= self.stop_after <= self.max_steps:
             raise ConfigError(f"--stop-after must be in 1..{self.max_steps}, got {self.stop_after}")
         if not 0.0 <= self.eval_fraction < 1.0:

@@ -20,14 +20,14 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
-from common.errors import ConfigError
+from common.errors import ConfigError, UserError
 from storage.errors import MismatchError
 from storage.manifest import JOIN_FIELDS, Manifest
 from storage.reader import TeacherDataset
 from storage.stamps import VerifyReport
-from student.batch import DistillBatch
+from student.batch import DistillBatch, FailedBatch
 from student.fusion import fuse_topk, teacher_weights
 from student.observed import apply_observed_correction, next_tokens, observed_logprobs
 
@@ -219,10 +219,21 @@ class DistillDataset(Dataset):
     def __len__(self) -> int:
         return int(self.positions.size)
 
-    def __getitem__(self, index: int) -> DistillBatch:
+    def __getitem__(self, index: int) -> DistillBatch | FailedBatch:
         return self.__getitems__([index])
 
-    def __getitems__(self, indices: Sequence[int]) -> DistillBatch:
+    def __getitems__(self, indices: Sequence[int]) -> DistillBatch | FailedBatch:
+        """The fused micro-batch of `indices`. In a DataLoader worker, an error of the user's data (a damaged
+        shard) is returned as a `FailedBatch`, which the training process raises as one line; in the
+        training process itself (no workers) it is raised here."""
+        try:
+            return self._batch(indices)
+        except UserError as e:
+            if get_worker_info() is None:
+                raise
+            return FailedBatch.of(e)
+
+    def _batch(self, indices: Sequence[int]) -> DistillBatch:
         pos = self.positions[np.asarray(indices, dtype=np.int64)]
         cols = [t.read_columns(pos, c) for t, c in zip(self.teachers, self.columns, strict=True)]
         input_ids = cols[0]["input_ids"]  # [B, L] int32

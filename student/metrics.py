@@ -11,10 +11,15 @@ import json
 import logging
 import os
 
+from common.sidefile import read_side_bytes
 from storage.errors import StorageError
 from student.rundir import METRICS_FILE, writing
 
 log = logging.getLogger("student")
+
+MAX_METRICS_BYTES = 1 << 30
+"""Largest metrics.jsonl read (1 GiB: millions of logged steps); like every side file (common/sidefile.py)
+it must be a regular file."""
 
 
 class MetricsWriter:
@@ -53,8 +58,7 @@ def read_metrics(path: str) -> list[dict]:
     file; a damaged line before the last is a StorageError."""
     if not os.path.exists(path):
         return []
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
+    lines = read_side_bytes(path, error=StorageError, max_bytes=MAX_METRICS_BYTES).split(b"\n")
     records, good_bytes = [], 0
     for i, raw in enumerate(lines):
         if not raw.strip():

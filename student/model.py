@@ -12,7 +12,6 @@ The vocab must equal the teachers' vocab_size (the targets index it); a mismatch
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from common.errors import ConfigError
+from common.sidefile import read_side_json
 from storage.errors import MismatchError
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -65,8 +65,8 @@ def build_student(spec: str, *, vocab_size: int, seq_len: int, seed: int = 0,
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
     elif path.is_file():
         try:
-            d = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            d = read_side_json(str(path), label=f"--student {spec}", error=ConfigError)
+        except OSError as e:  # vanished since is_file()
             raise ConfigError(f"--student {spec}: not a readable JSON config ({e})") from None
         if not isinstance(d, dict) or "model_type" not in d:
             raise ConfigError(f"--student {spec}: a JSON config needs a 'model_type' (e.g. \"llama\")")

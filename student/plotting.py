@@ -6,7 +6,9 @@ import json
 import os
 
 from common.errors import ConfigError
+from common.sidefile import read_side_text
 from storage.errors import StorageError
+from student.metrics import MAX_METRICS_BYTES
 
 
 def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
@@ -15,15 +17,15 @@ def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
     if not os.path.isfile(path):
         raise ConfigError(f"{run_dir}: no metrics.jsonl (not a train-student run directory?)")
     train, evals = [], []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise ConfigError(f"{path}:{i}: not valid JSON") from None
-            (evals if rec.get("split") == "eval" else train).append(rec)
+    text = read_side_text(path, error=ConfigError, max_bytes=MAX_METRICS_BYTES)
+    for i, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise ConfigError(f"{path}:{i}: not valid JSON") from None
+        (evals if rec.get("split") == "eval" else train).append(rec)
     return train, evals
 
 

@@ -37,7 +37,7 @@ from storage.errors import MismatchError, ShardCorruptError, StorageError
 from storage.manifest import Manifest
 from student import data as sdata
 from student import model as smodel
-from student.batch import DistillBatch
+from student.batch import DistillBatch, FailedBatch
 from student.checkpoint import CheckpointError, CheckpointManager, seed_everything, set_rng_state
 from student.config import EVAL_SEQUENCES_CAP, TrainConfig
 from student.distill_loss import DistillLoss, LossTerms
@@ -239,7 +239,7 @@ class Trainer:
         return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # ---- train ---------------------------------------------------------------------------------
-    def _micro_batches(self) -> Iterator[DistillBatch]:
+    def _micro_batches(self) -> Iterator[DistillBatch | FailedBatch]:
         """Endless stream of training micro-batches, starting at the saved data position."""
         while True:
             self.sampler.set_epoch(self.epoch, self.micro_in_epoch)
@@ -248,9 +248,10 @@ class Trainer:
                 yield batch
             self.epoch, self.micro_in_epoch = self.epoch + 1, 0
 
-    def compute_loss(self, batch: DistillBatch, *, train: bool) -> LossTerms:
+    def compute_loss(self, batch: DistillBatch | FailedBatch, *, train: bool) -> LossTerms:
         """The objective's terms for one micro-batch (forward only; `train` enables the KD gradient, DKD and
-        the feature term). MismatchError when the teachers' tokens differ in this batch."""
+        the feature term). MismatchError when the teachers' tokens differ in this batch; a `FailedBatch` (a
+        loader worker could not read its data) raises the worker's error."""
         batch.check()
         b = batch.to(self.device)
         want_feat = self.use_feat and self.loss_fn.gamma_feat > 0 and train
@@ -268,7 +269,7 @@ class Trainer:
             feat = torch.zeros((), device=self.device)
         return self.loss_fn.combine(ce, kd, feat, b.fused)
 
-    def train_step(self, batches: Iterable[DistillBatch]) -> StepResult:
+    def train_step(self, batches: Iterable[DistillBatch | FailedBatch]) -> StepResult:
         """One optimizer step over the next `grad_accum` micro-batches of `batches`: forward, backward (DDP
         synchronises on the last), gradient clipping, finite checks, AdamW and the schedule. `self.step` counts
         it. DivergedError, before the optimizer step, when the loss or the gradient norm is not finite."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from common.devices import check_device
 from common.errors import ConfigError
-from common.params import check_finite, check_weights
+from common.params import check_finite, check_seed, check_weights
 from student.fusion import WEIGHTINGS
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -109,6 +109,7 @@ class EvalConfig:
             raise ConfigError("seq_len must be at least 2")
         if not 0 <= self.bootstrap <= 1_000_000:
             raise ConfigError(f"bootstrap must be in 0..1000000, got {self.bootstrap}")
+        check_seed("--seed", self.seed)  # checked even with one student (no bootstrap), as training checks its seed
         if self.bleu_prompts < 0:
             raise ConfigError("bleu_prompts must be >= 0")
         if self.max_tokens is not None and self.max_tokens < 2:

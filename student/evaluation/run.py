@@ -76,6 +76,17 @@ def _held_out(cfg: EvalConfig, tokenizer: Any, fingerprint: str, max_pos: dict[s
     return held
 
 
+def _check_vocab(tokenizer: Any, configs: dict[str, Any], what: str) -> None:
+    """ConfigError when the tokenizer has more tokens than a model's vocab: its ids would index past that
+    model's embeddings (an IndexError deep in the forward pass, after other models were scored)."""
+    n = len(tokenizer)
+    for label, config in configs.items():
+        v = getattr(config, "vocab_size", None)
+        if isinstance(v, int) and n > v:
+            raise ConfigError(f"{what} has {n} tokens, more than {label}'s vocab of {v}; use the tokenizer the "
+                              "models were trained with (--tokenizer)")
+
+
 @dataclass
 class _Pass:
     """What every model's pass shares."""
@@ -176,7 +187,10 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
         if fp != fingerprint:
             raise MismatchError(f"teacher {t.label} ({t.path}) uses a different tokenizer than the student",
                                 "tokenizer_fingerprint", (fingerprint, fp))
-    max_pos = {m.label: n for m in (*students, *teachers) if (n := max_positions(model_config(m))) is not None}
+    configs = {m.label: model_config(m) for m in (*students, *teachers)}
+    _check_vocab(tokenizer, configs, f"--tokenizer {cfg.tokenizer}" if cfg.tokenizer else
+                 f"the tokenizer of {students[0].label}")
+    max_pos = {label: n for label, c in configs.items() if (n := max_positions(c)) is not None}
     held = _held_out(cfg, tokenizer, fingerprint, max_pos)
 
     n_prompts = min(cfg.bleu_prompts, held.n_windows) if cfg.prompt_tokens + cfg.new_tokens <= held.seq_len else 0

@@ -320,3 +320,37 @@ def test_per_window_values_teacher_kl_and_paired_bootstrap(setup):
     assert format_comparisons(res).startswith("a - b: perplexity ")
     conts = res["continuations"]
     assert len(conts["prompts"]) == 2 and set(conts) == {"prompts", "reference", "a", "b", "t1", "t2"}
+
+
+def _no_weights_load(monkeypatch) -> None:
+    """Makes any model weights load fail the test: the checks below must refuse before that."""
+    import student.evaluation.run as run_mod
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr(run_mod, "load_model", load_model)
+
+
+@pytest.mark.parametrize("n_students", [1, 2])
+def test_negative_or_huge_seed_is_refused_before_any_model_loads(setup, monkeypatch, n_students):
+    """A negative bootstrap seed used to score every model and then fail inside numpy (two students), or pass
+    unnoticed (one student, no bootstrap)."""
+    _, models, _ = setup
+    _no_weights_load(monkeypatch)
+    second = ["--student", f"s2={models['t1']}"] if n_students == 2 else []
+    _one_error_line(_evaluate(setup, *second, "--seed", "-1"), "--seed", "-1")
+    _one_error_line(_evaluate(setup, *second, "--seed", str(2**63)), "--seed")
+    with pytest.raises(ConfigError, match="seed"):
+        _cfg(setup, seed=-1)
+
+
+def test_tokenizer_larger_than_a_models_vocab_is_refused_before_any_model_loads(setup, tmp_path, monkeypatch):
+    """A --tokenizer with more tokens than the student's vocab gave ids past its embeddings (IndexError)."""
+    _, models, _ = setup
+    big = train_tiny_tokenizer(tmp_path / "big", sample_texts(300, seed=4), vocab_size=2 * VOCAB)
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(str(big))) > VOCAB
+    _no_weights_load(monkeypatch)
+    _one_error_line(_evaluate(setup, "--tokenizer", str(big)), "--tokenizer", f"vocab of {VOCAB}")

@@ -153,12 +153,11 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(caches, tmp_path, mo
     out = tmp_path / "cut"
     real_save = torch.save
 
-    def save(obj, path, *a, **kw):
+    def save(obj, f, *a, **kw):
         if obj.get("step") == 4:
-            real_save(obj, path, *a, **kw)  # a partial file is left behind, as a real ENOSPC would
-            Path(path).write_bytes(Path(path).read_bytes()[:100])
+            f.write(b"PK\x03\x04" + bytes(96))  # a partial file is left behind, as a real ENOSPC would
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, path, *a, **kw)
+        return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(trainer_mod.torch, "save", save)
     one_error_line(_train(caches, out, "--save-every", "2"), "no space left", "step-0000002 is intact")
@@ -167,6 +166,59 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(caches, tmp_path, mo
     _ok(_train(caches, out, "--save-every", "2", "--resume"))
     strip = [{k: v for k, v in r.items() if k not in _TIMING} for r in _records(full)]
     assert [{k: v for k, v in r.items() if k not in _TIMING} for r in _records(out)] == strip
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_disk_full_inside_torch_save_is_one_line_and_removes_the_temporary(caches, tmp_path, monkeypatch):
+    """A real ENOSPC under torch.save: its own writer reported it as a RuntimeError ('unexpected pos'), which
+    was not caught, and checkpoints/step-*.tmp was left behind. Here state.pt is a link to /dev/full, where
+    every write fails with ENOSPC as on a full disk."""
+    import os
+
+    real_makedirs = os.makedirs
+
+    def makedirs(path, *args, **kwargs):
+        real_makedirs(path, *args, **kwargs)
+        if str(path).endswith("step-0000004.tmp"):
+            os.symlink("/dev/full", os.path.join(path, "state.pt"))
+
+    out = tmp_path / "full-disk"
+    monkeypatch.setattr(os, "makedirs", makedirs)
+    one_error_line(_train(caches, out, "--save-every", "2"), "no space left", "step-0000002 is intact")
+    monkeypatch.setattr(os, "makedirs", real_makedirs)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002"]  # no step-*.tmp
+
+
+def test_huge_grad_accum_is_refused_before_work(caches, tmp_path):
+    """2**63 micro-batches per step used to reach itertools.islice, which refuses counts past sys.maxsize."""
+    from common.errors import ConfigError
+    from student.config import MAX_GRAD_ACCUM, TrainConfig
+
+    one_error_line(_train(caches, tmp_path / "o", "--grad-accum", str(2**63)), "--grad-accum", str(MAX_GRAD_ACCUM))
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match="--grad-accum"):
+        TrainConfig(teacher_data=["x"], output="o", grad_accum=MAX_GRAD_ACCUM + 1)
+    TrainConfig(teacher_data=["x"], output="o", grad_accum=MAX_GRAD_ACCUM)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_damaged_shard_read_in_a_loader_worker_is_one_line(caches, tmp_path, workers):
+    """A shard damaged after the caches were verified (here: not verified, --verify off) is found when a
+    micro-batch reads it: inside a DataLoader worker, torch re-raised the error with the worker's whole
+    traceback in its message."""
+    import shutil
+
+    damaged = tmp_path / "a"
+    shutil.copytree(caches[0], damaged)
+    shard = damaged / "shard-000000.parquet"
+    data = bytearray(shard.read_bytes())
+    middle = len(data) // 3
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])  # same size, other bytes
+    shard.write_bytes(bytes(data))
+    r = _train([str(damaged), caches[1]], tmp_path / f"run{workers}", "--verify", "off", "--num-workers",
+               str(workers))
+    one_error_line(r, "shard-000000.parquet")
+    assert "Original Traceback" not in r.output and "worker" not in r.output, r.output
 
 
 # ---- defect 7: torn metrics line, damaged latest checkpoint ----------------------------------------
@@ -250,3 +302,19 @@ def test_edited_manifest_is_refused_against_the_shards_headers(caches, tmp_path,
     (edited / "manifest.json").write_text(json.dumps(d))
     line = one_error_line(_train([str(edited)], tmp_path / "run", "--num-workers", workers), needle, "shard-0000")
     assert str(edited) in line
+
+
+def test_failed_batch_keeps_the_error_type_when_it_can_cross_processes():
+    import pickle
+
+    from common.errors import UserError
+    from storage.errors import MismatchError, ShardCorruptError
+    from student.batch import FailedBatch
+
+    shard = pickle.loads(pickle.dumps(FailedBatch.of(ShardCorruptError("s: cannot decode"))))
+    with pytest.raises(ShardCorruptError, match="s: cannot decode"):
+        shard.check()
+    # MismatchError's constructor takes more than its message: it travels as a UserError with that message
+    mismatch = pickle.loads(pickle.dumps(FailedBatch.of(MismatchError("teachers differ", "f", (1, 2)))))
+    with pytest.raises(UserError, match="teachers differ"):
+        mismatch.check()
