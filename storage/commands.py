@@ -39,10 +39,19 @@ def merge_cmd(path: str, verify: bool) -> None:
     Refuses slices that disagree on run fields, missing slices, and overlapping or missing seq-id ranges.
     A single-slice cache already has its manifest.json: it is checked and left as it is.
     """
+    from common.errors import ConfigError
     from storage import fs as sfs
     from storage import shards as shard_io
+    from storage.artifacts import Kind, artifact
     from storage.merge import open_manifest, open_slices, slice_manifest_paths, write_merged
     from storage.stamps import write_stamp
+
+    held = artifact(path)
+    # merge writes only a cache's own manifest.json (and its lock); a path of another kind is refused by name
+    # (a missing path, a plain file or a directory of unknown content fails below, where nothing is written)
+    if held.kind not in (Kind.CACHE, Kind.ABSENT, Kind.EMPTY, Kind.FILE, Kind.DIRECTORY):
+        raise ConfigError(f"{path} holds {held.phrase()}; merge writes the manifest.json of a teacher cache "
+                          "(precompute) only")
 
     single = not slice_manifest_paths(path)
     if verify:
