@@ -46,16 +46,16 @@ def merge_cmd(path: str, verify: bool) -> None:
     from storage.merge import open_manifest, open_slices, slice_manifest_paths, write_merged
     from storage.stamps import write_stamp
 
-    held = artifact(path)
+    fs, root = sfs.resolve(path)
+    held = artifact(path) if fs.exists(root) else None
     # merge writes only a cache's own manifest.json (and its lock); a path of another kind is refused by name
     # (a missing path, a plain file or a directory of unknown content fails below, where nothing is written)
-    if held.kind not in (Kind.CACHE, Kind.ABSENT, Kind.EMPTY, Kind.FILE, Kind.DIRECTORY):
+    if held is not None and held.kind not in (Kind.CACHE, Kind.EMPTY, Kind.FILE, Kind.DIRECTORY):
         raise ConfigError(f"{path} holds {held.phrase()}; merge writes the manifest.json of a teacher cache "
                           "(precompute) only")
 
     single = not slice_manifest_paths(path)
     if verify:
-        fs, root = sfs.resolve(path)
         shards = (open_manifest(path) if single else open_slices(path)).shards
         for info in shards:
             shard_io.check(fs, root, info)
