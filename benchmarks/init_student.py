@@ -103,7 +103,7 @@ def main() -> None:
         card = run_init_student(InitStudentConfig(
             teacher=smol, gguf_file=gguf, keep_layers=keep, output=str(out / name),
             dataset=str(ROOT / "data/corpus/train.jsonl") if keep.isdigit() else None,
-            calibration_tokens=args.calibration_tokens))
+            calibration_tokens=args.calibration_tokens, overwrite=True))  # each run of the benchmark cuts anew
         model = AutoModelForCausalLM.from_pretrained(str(out / name), dtype=torch.float32)
         row = dict(name=name, blocks=",".join(map(str, card["kept_blocks"])), params=count_parameters(model),
                    init_s=round(time.time() - t0, 1), ppl={0: perplexity(model, held)})

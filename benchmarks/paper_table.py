@@ -449,6 +449,8 @@ def train(
     ]
     for c in caches:
         cmd += ["--teacher-data", str(c)]
+    if out.exists():  # no final model: an interrupted run, continued from its last checkpoint (or step 0)
+        cmd.append("--resume")
     run(cmd + extra, out.parent / f"{label}.log", threads)
     return out / "final"
 
@@ -637,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
                 "256",
                 "--output",
                 str(student),
+                "--overwrite",  # no init_student.json: a cut that was interrupted, made again
             ],
             None,
             threads * args.jobs,
@@ -661,6 +664,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.weak_layers,
                 "--output",
                 str(weak),
+                "--overwrite",  # no init_student.json: a cut that was interrupted, made again
             ],
             None,
             threads * args.jobs,

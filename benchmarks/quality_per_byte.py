@@ -441,6 +441,7 @@ def evaluate(args: argparse.Namespace, settings: list[Setting], seed: int, work:
         args.device,
         "--output",
         str(path),
+        "--overwrite",  # an existing report lacked some students or had another held-out size (above)
     ]
     t0 = time.perf_counter()
     run_logged(cmd, work / "logs" / f"eval-s{seed}.log")

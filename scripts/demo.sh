@@ -78,7 +78,7 @@ if [ -f "$OUT/student-init/init_student.json" ]; then
   echo "$OUT/student-init exists, reused"
 else
   "$PY" cli.py init-student --from "$OUT/teachers/smollm2" --keep-layers "$KEEP" \
-    --dataset data/corpus/train.jsonl --calibration-tokens "$CALIBRATION" --seq-len "$SEQ" --output "$OUT/student-init"
+    --dataset data/corpus/train.jsonl --calibration-tokens "$CALIBRATION" --seq-len "$SEQ" --output "$OUT/student-init" --overwrite
 fi
 
 # precompute TEACHER DATASET TOKENS CACHE: top-32 log-probs + exact entropy (aligned onto SmolLM2's tokens for a
@@ -135,7 +135,7 @@ for t in "${TEACHERS[@]}"; do
 done
 "$PY" cli.py evaluate --student "distilled=$OUT/runs/distilled/final" --student "ce-only=$OUT/runs/ce-only/final" \
   "${TEACHER_ARGS[@]}" "${HELD[@]}" --bleu-prompts 3 --prompt-tokens 24 --new-tokens 24 --bootstrap 2000 \
-  --output "$OUT/eval.json"
+  --output "$OUT/eval.json" --overwrite
 
 "$PY" - "$OUT/eval.json" "${TEACHERS[0]}" <<'EOF'
 import json, sys

@@ -39,14 +39,23 @@ def merge_cmd(path: str, verify: bool) -> None:
     Refuses slices that disagree on run fields, missing slices, and overlapping or missing seq-id ranges.
     A single-slice cache already has its manifest.json: it is checked and left as it is.
     """
+    from common.errors import ConfigError
     from storage import fs as sfs
     from storage import shards as shard_io
+    from storage.artifacts import Kind, artifact
     from storage.merge import open_manifest, open_slices, slice_manifest_paths, write_merged
     from storage.stamps import write_stamp
 
+    fs, root = sfs.resolve(path)
+    held = artifact(path) if fs.exists(root) else None
+    # merge writes only a cache's own manifest.json (and its lock); a path of another kind is refused by name
+    # (a missing path, a plain file or a directory of unknown content fails below, where nothing is written)
+    if held is not None and held.kind not in (Kind.CACHE, Kind.EMPTY, Kind.FILE, Kind.DIRECTORY):
+        raise ConfigError(f"{path} holds {held.phrase()}; merge writes the manifest.json of a teacher cache "
+                          "(precompute) only")
+
     single = not slice_manifest_paths(path)
     if verify:
-        fs, root = sfs.resolve(path)
         shards = (open_manifest(path) if single else open_slices(path)).shards
         for info in shards:
             shard_io.check(fs, root, info)

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from common.errors import ConfigError
 from common.sidefile import read_side_json
 from storage.errors import MismatchError, StorageError
-from student.rundir import CHECKPOINTS_DIR, reason
+from student.rundir import CHECKPOINTS_DIR, FINAL_DIR, reason
 
 log = logging.getLogger("student")
 KEEP_CHECKPOINTS = 2
@@ -134,6 +134,10 @@ class CheckpointManager:
                                   "or choose another --output")
             return None
         if not found:
+            final = os.path.join(output, FINAL_DIR)
+            if os.path.isdir(final) and os.listdir(final):  # starting again would replace an earlier run's model
+                raise ConfigError(f"--resume: {output} has no checkpoint to continue from but holds {final} of "
+                                  "an earlier run; choose another --output")
             log.warning("--resume: no checkpoint in %s, starting from step 0", self.root)
             return None
         path, state = load_latest(self.root, found)

@@ -150,10 +150,11 @@ def train_student_cmd(ctx: click.Context, **kw: object) -> None:
 @click.option("--output", default=None,
               help="Image path (default RUN_DIR/curves.png); .png is appended when it has no extension.")
 @click.option("--out", "out_alias", default=None, hidden=True, help="Old spelling of --output.")
-def plot_cmd(run_dir: str, output: str | None, out_alias: str | None) -> None:
+@click.option("--overwrite", is_flag=True, default=False, help="Replace the figure already at --output (never a file of another kind).")
+def plot_cmd(run_dir: str, output: str | None, out_alias: str | None, overwrite: bool) -> None:
     """Draw the training and held-out curves of RUN_DIR (its metrics.jsonl) to a PNG."""
     from student.plotting import plot_run
 
     if output is not None and out_alias is not None:
         raise ConfigError("give --output once (--out is its old spelling)")
-    click.echo(plot_run(run_dir, output or out_alias))
+    click.echo(plot_run(run_dir, output or out_alias, overwrite=overwrite))

@@ -29,18 +29,27 @@ def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def plot_run(run_dir: str, out: str | None = None) -> str:
+def plot_run(run_dir: str, out: str | None = None, *, overwrite: bool = False) -> str:
     """Write the curves image and return the path written: `out` (default RUN_DIR/curves.png), with `.png`
-    appended when it has no extension; its format follows the extension (png, pdf, svg, ...)."""
+    appended when it has no extension; its format follows the extension (png, pdf, svg, ...). An existing
+    figure is replaced only with `overwrite`; any other existing file, or a file a run directory owns, never
+    (storage/artifacts.py)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from storage.artifacts import Input, Kind, check_output
+
     train, evals = read_metrics(run_dir)
     if not train and not evals:
         raise ConfigError(f"{run_dir}: metrics.jsonl holds no records")
     out = out or os.path.join(run_dir, "curves.png")
+    # the figure may go inside the run directory it draws (the default does), never over a file it owns
+    rule = dict(command="plot", writes=Kind.FIGURE, inputs=[Input("RUN_DIR", run_dir, output_inside_ok=True)],
+                replace_flag="--overwrite", replace=overwrite)
+    if os.path.lexists(out):  # what the user named, judged before `.png` is appended to its name
+        check_output(out, **rule)
     ext = os.path.splitext(out)[1].lower().lstrip(".")
     if not ext:
         out, ext = out + ".png", "png"
@@ -53,6 +62,7 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
         raise ConfigError(f"--out {out}: directory {parent} does not exist")
     if os.path.isdir(out):
         raise ConfigError(f"--out {out} is a directory; give a file name")
+    check_output(out, **rule)
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     steps = [r["step"] for r in train]
     ax = axes[0, 0]

@@ -67,6 +67,8 @@ class InitStudentConfig:
     """Calibration windows per forward pass."""
     trust_remote_code: bool = False
     """Passed to transformers when loading the teacher."""
+    overwrite: bool = False
+    """Replace an existing model directory at `output` (never the teacher, nor another kind of artifact)."""
 
     def __post_init__(self) -> None:
         for name in ("calibration_tokens", "seq_len", "batch_size"):
@@ -255,6 +257,17 @@ def calibration_windows(cfg: InitStudentConfig, tokenizer: Any) -> Any:
     return torch.from_numpy(np.concatenate([b.input_ids for b in batches]).astype(np.int64))
 
 
+def check_output_dir(cfg: InitStudentConfig) -> None:
+    """The output rule (storage/artifacts.py), before the teacher loads: a new or empty directory, or an
+    existing model directory with --overwrite; never the teacher, its calibration corpus, or any other kind."""
+    from storage.artifacts import Input, Kind, check_output, existing_paths
+
+    inputs = [Input("--from", p) for p in existing_paths([cfg.teacher])]
+    inputs += [Input("--dataset", p) for p in existing_paths((cfg.dataset or "").split(","))]
+    check_output(cfg.output, command="init-student", writes=Kind.MODEL, inputs=inputs, replace_flag="--overwrite",
+                 replace=cfg.overwrite)
+
+
 def run_init_student(cfg: InitStudentConfig) -> dict[str, Any]:
     """Load the teacher, choose and keep blocks, save the student; returns the card written to init_student.json."""
     import os
@@ -262,6 +275,7 @@ def run_init_student(cfg: InitStudentConfig) -> dict[str, Any]:
     from common.tokenizer import load_tokenizer
 
     spec = parse_keep_layers(cfg.keep_layers)
+    check_output_dir(cfg)
     model = _load_teacher(cfg)
     layers = decoder_blocks(model)
     n = len(layers)
@@ -317,6 +331,8 @@ def run_init_student(cfg: InitStudentConfig) -> dict[str, Any]:
 @click.option("--seq-len", type=int, default=512, show_default=True, help="Calibration window length.")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Calibration windows per forward.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow custom model code from the hub.")
+@click.option("--overwrite", is_flag=True, default=False,
+              help="Replace the model directory already at --output (never the teacher or another kind of output).")
 def init_student_cmd(**kw) -> None:
     """Cut a student from a teacher by dropping decoder blocks (depth pruning).
 

@@ -43,7 +43,7 @@ from student.config import EVAL_SEQUENCES_CAP, TrainConfig
 from student.distill_loss import DistillLoss, LossTerms
 from student.fusion import FusedTargets
 from student.metrics import MetricsWriter
-from student.rundir import CONFIG_FILE, FINAL_DIR, prepare_output, writing
+from student.rundir import CONFIG_FILE, FINAL_DIR, claim_output, writing
 
 __all__ = ["CheckpointError", "DistillModule", "DivergedError", "StepResult", "Trainer", "run_train"]
 
@@ -116,8 +116,7 @@ class Trainer:
     def setup(self) -> None:
         cfg, lc = self.cfg, self.cfg.loss
         self._setup_distributed()
-        if self.rank == 0:
-            prepare_output(cfg.output)
+        self._claim_output()
         self.teachers = sdata.join_teachers(cfg.teacher_data, spot_check=cfg.spot_check, seed=cfg.seed,
                                             verify=False)
         self._verify_caches()
@@ -404,6 +403,24 @@ class Trainer:
             "model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
             "micro_in_epoch": self.micro_in_epoch, "config": dataclasses.asdict(self.cfg)})
 
+    def _claim_output(self) -> None:
+        """Rank 0 checks, creates and locks the run directory (student/rundir.py) before any cache is opened or
+        model built; a refusal stops every rank with the same one line instead of leaving the others waiting."""
+        self.run_lock = None
+        problem: UserError | None = None
+        if self.rank == 0:
+            try:
+                self.run_lock = claim_output(self.cfg)
+            except UserError as e:
+                problem = e
+        if self.distributed:
+            box = [None if problem is None else str(problem)]
+            dist.broadcast_object_list(box, src=0)
+            if problem is None and box[0] is not None:
+                raise ConfigError(box[0])
+        if problem is not None:
+            raise problem
+
     def _maybe_resume(self) -> None:
         found = self.checkpoints.resume(dataclasses.asdict(self.cfg), requested=self.cfg.resume,
                                         output=self.cfg.output)
@@ -519,6 +536,8 @@ class Trainer:
             self.bar.close()
         for t in getattr(self, "teachers", []):
             t.close()
+        if getattr(self, "run_lock", None) is not None:  # after the last write of this run
+            self.run_lock.release()
         if getattr(self, "distributed", False) and dist.is_initialized():
             dist.destroy_process_group()
 

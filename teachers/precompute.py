@@ -37,6 +37,7 @@ from teachers.config import PrecomputeConfig, TeacherConfig
 
 if TYPE_CHECKING:
     from common.corpus import Partition, ReadStats
+    from storage.artifacts import Input
     from storage.lock import CacheLock
     from teachers.backends import TeacherBackend
 
@@ -113,6 +114,23 @@ def compute_shard(backend: Any, windows: PackedBatch, batch_size: int) -> Teache
     return parts[0] if len(parts) == 1 else TeacherTargets.concat(parts)
 
 
+def precompute_inputs(cfg: PrecomputeConfig) -> list[Input]:
+    """The local paths precompute reads (teacher, tokenizers, corpus files), which its output must not be."""
+    import glob
+
+    from storage.artifacts import Input, existing_paths
+
+    t = cfg.teacher
+    inputs = [Input(flag, p) for flag, value in (("--teacher", t.path), ("--tokenizer", t.tokenizer),
+                                                  ("--align-tokenizer", t.align_tokenizer))
+              for p in existing_paths([value])]
+    for part in (cfg.corpus.dataset or "").split(","):  # a path, a glob, a directory or a comma list
+        part = part.strip()
+        matches = glob.glob(part) if glob.has_magic(part) else [part]
+        inputs += [Input("--dataset", p) for p in existing_paths(matches)]
+    return inputs
+
+
 def run_precompute(cfg: PrecomputeConfig, *, backend: TeacherBackend | None = None) -> Manifest:
     """Run one slice of stage one and return the manifest it wrote (see the module docstring).
 
@@ -121,6 +139,7 @@ def run_precompute(cfg: PrecomputeConfig, *, backend: TeacherBackend | None = No
     teacher loads, so a second process on the same slice is refused in seconds (storage/lock.py).
     """
     from storage import fs as sfs
+    from storage.artifacts import Kind, check_output
     from storage.lock import CacheLock, lock_name
     from storage.writer import prepare_output
     from teachers.slicing import resolve_slice
@@ -129,6 +148,8 @@ def run_precompute(cfg: PrecomputeConfig, *, backend: TeacherBackend | None = No
     check_window(cfg, teacher_positions(cfg.teacher))  # before the output is created or the weights load
     output = cfg.storage.output
     fs, root = sfs.resolve(output)
+    check_output(output, command="precompute", writes=Kind.CACHE, inputs=precompute_inputs(cfg),
+                 replace=True)  # its own cache is resumed (settings compared by the writer), nothing else written
     prepare_output(fs, root, output)  # a file or an unwritable --output fails here, before anything loads
     lock = CacheLock(fs, root, lock_name(slice_index, num_slices), what=f"slice {slice_index} of {num_slices} of "
                      f"{output}", slice_index=slice_index, num_slices=num_slices)

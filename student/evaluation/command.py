@@ -79,6 +79,8 @@ def _alias(flag: str, name: str, new: str) -> Any:
 @_opt("--prompt-tokens", type=int, help="Tokens per BLEU prompt.")
 @_opt("--new-tokens", type=int, help="Tokens of each greedy continuation.")
 @_opt("--output", help="Write the results as JSON to this file.")
+@_opt("--overwrite", is_flag=True,
+      help="Replace the evaluation report already at --output (never a file of another kind, nor an input).")
 @_opt("--bootstrap", type=int,
       help="Paired-bootstrap replicates (over held-out windows) for the difference between the first student and "
            "each other one: perplexity, NLL and KL to the fused target with 95% intervals (0: skip).")

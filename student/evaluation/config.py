@@ -69,6 +69,8 @@ class EvalConfig:
     """Greedy continuation length."""
     output: str | None = None
     """Write the results as JSON to this file."""
+    overwrite: bool = False
+    """Replace an evaluation report already at `output` (never a file of another kind, nor an input)."""
     bootstrap: int = 2000
     """Paired-bootstrap replicates for the first student against each other one (0: none)."""
     seed: int = 0

@@ -44,6 +44,21 @@ from student.evaluation.sources import (
 )
 
 
+def check_report_output(cfg: EvalConfig, students: list[ModelSpec], teachers: list[ModelSpec]) -> None:
+    """The output rule (storage/artifacts.py) for the JSON report, before anything loads: a new file, or an
+    existing report with --overwrite; never a model, cache, corpus or other input, nor a path inside one."""
+    from storage.artifacts import Input, Kind, check_output, existing_paths
+
+    assert cfg.output is not None
+    inputs = [Input(flag, p) for flag, models in (("--student", students), ("--teacher", teachers))
+              for m in models for p in existing_paths([m.path])]
+    inputs += [Input("--teacher-data", p) for p in existing_paths(cfg.teacher_data)]
+    inputs += [Input("--dataset", p) for p in existing_paths((cfg.data or "").split(","))]
+    inputs += [Input("--tokenizer", p) for p in existing_paths([cfg.tokenizer])]
+    check_output(cfg.output, command="evaluate", writes=Kind.REPORT, inputs=inputs, replace_flag="--overwrite",
+                 replace=cfg.overwrite)
+
+
 def _window_length(cfg: EvalConfig, max_pos: dict[str, int]) -> int:
     """--seq-len, or DEFAULT_SEQ_LEN lowered to the smallest max_position_embeddings (said on stderr)."""
     if cfg.seq_len is not None:
@@ -174,9 +189,10 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     device = resolve_device(cfg.device)
     dtype = getattr(torch, resolve_dtype(cfg.dtype, device))
-    if cfg.output:
-        check_output_file(cfg.output)
     students, teachers = model_specs(cfg.students), model_specs(cfg.teachers, cfg.gguf_files)
+    if cfg.output:
+        check_report_output(cfg, students, teachers)
+        check_output_file(cfg.output)
     labels = [m.label for m in (*students, *teachers)]
     if len(set(labels)) < len(labels):
         raise ConfigError(f"two models share a label ({', '.join(labels)}); name them with LABEL=PATH")

@@ -109,3 +109,22 @@ def test_two_ranks_hash_each_shard_once_and_resume_hashes_none(tmp_path):
             assert sorted(per_rank[0]) == sorted(shard_files) and per_rank[1] == []  # each shard exactly once
     print(f"{len(shard_files)} shards; sha256 computations per rank: first run {counts[0]}, --resume {counts[1]}")
     assert counts == [[len(shard_files), 0], [0, 0]]
+
+
+@pytest.mark.slow
+def test_two_ranks_refuse_an_existing_run_with_the_same_line(tmp_path):
+    """Rank 0 checks and locks the run directory; its refusal reaches rank 1, so both stop with the same one
+    line (no rank left waiting at a collective) and the run directory is unchanged."""
+    cache = str(make_cache(tmp_path / "a", name="a", seed=1, k=4, n=16))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "split": "train"}\n')  # an earlier run's log
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    proc = subprocess.run([*launcher, str(SCRIPT), str(tmp_path), "--teacher-data", cache, "--output", str(run),
+                           "--max-steps", "2", "--batch-size", "2", "--num-workers", "0", "--device", "cpu"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and errors[0] == errors[1] and "pass --resume" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
