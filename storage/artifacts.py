@@ -26,13 +26,13 @@ flag that says what to do (`replace`).
 from __future__ import annotations
 
 import enum
-import json
 import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from common.errors import ConfigError, UserError
+from common.sidefile import read_side_json
 from storage import fs as sfs
 
 # The run directory's layout (student/rundir.py re-exports these names; they live here because the
@@ -138,15 +138,13 @@ def _dir_kind(fs, path: str, ignore: Iterable[str] = ()) -> Kind:
 
 
 def _json_keys(fs, path: str) -> set[str]:
-    """Top-level keys of a small regular JSON file; empty for anything else (never reads a large file)."""
+    """Top-level keys of a small regular JSON file; empty for anything else (a device, FIFO, directory, large,
+    non-UTF-8 or non-JSON file is not a report, manifest or config: `read_side_json` never reads it whole)."""
     try:
-        if fs.isdir(path) or fs.size(path) > _REPORT_MAX_BYTES:
+        if fs.isdir(path):
             return set()
-        if sfs.is_local(fs) and not os.path.isfile(path):
-            return set()  # a FIFO or device would block or never end
-        with fs.open(path, "rb") as f:
-            value = json.loads(f.read(_REPORT_MAX_BYTES + 1).decode("utf-8"))
-    except (OSError, ValueError):  # unreadable, not UTF-8 or not JSON (UnicodeDecodeError is a ValueError)
+        value = read_side_json(path, fs=fs, max_bytes=_REPORT_MAX_BYTES)
+    except (OSError, UserError):  # missing, unreadable, or refused by the side-file rule: not one of ours
         return set()
     return set(value) if isinstance(value, dict) else set()
 
