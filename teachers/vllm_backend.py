@@ -289,6 +289,7 @@ class VllmBackend:
                                 trust_remote_code=teacher.trust_remote_code)
         self.engine = engine
         self.entropy_kind = "estimate" if self.options.entropy == "estimate" else "absent"
+        self.observed_logprob = False  # not read from prompt_logprobs yet: its caches fall back in stage two
         self.pooled_dims: dict[int, int] = dict(pooled_from.pooled_dims) if pooled_from is not None else {}
 
     @property
