@@ -99,7 +99,8 @@ def teacher_weights(
     observed: torch.Tensor | None = None,
     seq_len: int | None = None,
 ) -> torch.Tensor:
-    """Per-position teacher weights alpha [N, K] of the scheme `mode` (student/weighting.py), rows summing to 1.
+    """Per-position teacher weights alpha [N, K] float32 of the scheme `mode` (student/weighting.py), rows
+    summing to 1 (the inputs are taken in float32, as training takes them).
 
     entropies: [N, K] entropies (the `entropy` scheme), else any [N, K] tensor giving the shape (or None with
     `observed`); fixed: the `fixed` scheme's weights; eps: the `entropy` scheme's eps; valid: optional [N, K]
@@ -112,8 +113,9 @@ def teacher_weights(
         raise ValueError("teacher_weights needs entropies or observed log-probs [N, K] (at least for the shape)")
     n, k = shape_from.shape
     settings = WeightSettings(teacher_weights=None if fixed is None else tuple(fixed), entropy_eps=eps)
-    inputs = WeightInputs(num_teachers=k, seq_len=seq_len or n, valid=valid, entropy=entropies, observed=observed,
-                          rows=n)
+    inputs = WeightInputs(num_teachers=k, seq_len=seq_len or n, valid=valid, rows=n,
+                          entropy=None if entropies is None else entropies.float(),
+                          observed=None if observed is None else observed.float())
     return scheme(mode, settings).alpha(inputs)
 
 

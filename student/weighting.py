@@ -236,7 +236,8 @@ class FixedWeighting(Weighting):
     def check(self, num_teachers: int | None) -> None:
         w = self.s.teacher_weights
         if num_teachers is not None and w is not None and len(w) != num_teachers:
-            raise ConfigError(f"--teacher-weights has {len(w)} values for {num_teachers} teachers")
+            raise ConfigError(f"--teacher-weights has {len(w)} values for {num_teachers} teachers (fixed weighting "
+                              "needs one weight per teacher)")
 
     def alpha(self, inputs: WeightInputs) -> torch.Tensor:
         n, k = inputs.n, inputs.num_teachers
