@@ -31,10 +31,8 @@ from storage.errors import MismatchError
 from student.data import join_teachers
 from student.model import is_hub_id
 from student.observed import observed_logprobs
-from student.targets import TeacherView, cache_columns, cache_views, fuse, valid_mask
+from student.targets import TeacherView, cache_columns, cache_views
 from student.weighting import Weighting
-
-__all__ = ["TeacherView", "fuse", "valid_mask"]  # evaluate's names for the shared targets path
 
 
 # ---- model specs and loading ---------------------------------------------------------------------
