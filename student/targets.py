@@ -101,7 +101,7 @@ def listed_observed(ids: torch.Tensor, logprobs: torch.Tensor, labels: torch.Ten
     inside = hit.any(dim=1)
     own = torch.where(hit, lp, torch.full_like(lp, -torch.inf)).amax(dim=1)  # [n]
     p = lp.exp()
-    tail = torch.zeros(lp.shape[0]) if tailless else (1.0 - p.sum(dim=1)).clamp(0.0, 1.0)
+    tail = torch.zeros_like(lp[:, 0]) if tailless else (1.0 - p.sum(dim=1)).clamp(0.0, 1.0)  # [n]
     bound = torch.minimum(tail, p.amin(dim=1)).log()
     return torch.where(inside, own, bound), ~inside
 
