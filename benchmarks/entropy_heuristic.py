@@ -165,8 +165,10 @@ def bootstrap(p: np.ndarray, h: np.ndarray, window: np.ndarray, *, n: int = 2000
             reps[key].append(value)
         reps["nll_entropy_minus_uniform"].append(f["nll_entropy_fused"] - f["nll_uniform_fused"])
     point["nll_entropy_minus_uniform"] = point["nll_entropy_fused"] - point["nll_uniform_fused"]
-    ci = {key: np.nanquantile(np.asarray(v, dtype=np.float64), [0.025, 0.975], axis=0)
-          if not np.isnan(np.asarray(v, dtype=np.float64)).all() else np.full(2, np.nan) for key, v in reps.items()}
+    ci = {}
+    for key, v in reps.items():
+        arr = np.asarray(v, dtype=np.float64)  # NaN: a replicate without a defined value (e.g. no unique top)
+        ci[key] = np.full(2, np.nan) if np.isnan(arr).all() else np.nanquantile(arr, [0.025, 0.975], axis=0)
     return {"point": point, "ci": ci, "windows": len(ids), "positions": int(p.shape[1]), "replicates": n}
 
 
@@ -262,13 +264,12 @@ def table(names: list[str], r: dict, counts: dict) -> str:
                      f"{cell('lower_entropy_wins', None, '{:.3f}')} |")
     labels = [key[len("nll["):-1] for key in pt if key.startswith("nll[")]
     if labels:
-        lines += ["", "| scheme | fused perplexity on o | fused mean NLL on o | top-weighted teacher gives o the most "
-                  "probability |", "|---|---|---|---|"]
+        lines += ["", "| scheme | fused perplexity on o | fused mean NLL on o | top-weighted teacher gives o "
+                  "the most probability |", "|---|---|---|---|"]
         for label in labels:
-            best = (cell(f"top_best[{label}]", None) if not np.isnan(pt[f"top_best[{label}]"])
-                    else "n/a (no unique top weight)")
-            lines.append(f"| {label} | {np.exp(pt[f'nll[{label}]']):.2f} | {cell(f'nll[{label}]', None, '{:.4f}')} | "
-                         f"{best} |")
+            nll, top = f"nll[{label}]", f"top_best[{label}]"
+            best = cell(top, None) if not np.isnan(pt[top]) else "n/a (no unique top weight)"
+            lines.append(f"| {label} | {np.exp(pt[nll]):.2f} | {cell(nll, None, '{:.4f}')} | {best} |")
     return "\n".join(lines)
 
 

@@ -7,7 +7,8 @@ whole cache), and again for every batch the loader reads (the column costs 4 byt
 ~200 for the targets), so every sequence trained on is verified. top-k may differ between teachers: each
 teacher's target is its own top-k plus its own tail (student/fusion.py), so different k are exact. Top-k and
 sampled caches (`precompute --targets sampled`) may be mixed: a sampled teacher's sparse target is its drawn
-ids with probabilities count / N (`student.targets.sparse_target`), an unbiased estimate of its distribution with no tail.
+ids with probabilities count / N (`student.targets.sparse_target`), an unbiased estimate of its distribution
+with no tail.
 
 Batches are `DistillBatch`es (student/batch.py); the fusion (per-teacher views, weights and tails, through the
 targets path evaluate shares, student/targets.py) runs in the DataLoader workers, so the training process only
