@@ -119,7 +119,7 @@ def _fused_batch(targets, ids, cfg, sdata):
     b, seq_len = ids.shape
     n = b * seq_len
     ent = torch.from_numpy(np.stack([t.entropy.reshape(n) for t in targets], 1))
-    alpha = teacher_weights(ent, cfg.loss.teacher_weighting, eps=cfg.loss.entropy_eps)
+    alpha = teacher_weights(ent, cfg.loss.teacher_weighting, cfg.loss.teacher_weights, eps=cfg.loss.entropy_eps)
     fused = fuse_topk([torch.from_numpy(t.topk_ids).reshape(n, -1) for t in targets],
                       [torch.from_numpy(t.topk_logprobs).reshape(n, -1) for t in targets], alpha)
     return DistillBatch(seq_ids=torch.from_numpy(targets[0].seq_ids.astype(np.int64)),

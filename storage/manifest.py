@@ -202,6 +202,12 @@ class Manifest:
     `teacher_vocab_size`, `vocab_map` (counts per kind), `vocab_map_sha256`, `teacher_prefix`. The top-level
     `tokenizer_fingerprint` and `vocab_size` are then S's (the token space of the stored ids). None: a plain
     cache in the teacher's own token space."""
+    observed_logprob: bool = False
+    """A plain (not aligned) cache that stores the column `observed_logprob` [L] float32: the teacher's exact
+    log-prob of the observed next token input_ids[t + 1] at temperature tau (NaN at t = L - 1). False (and the
+    meaning of a manifest without the field, written before top-k and sampled caches stored it) for caches
+    without it; an aligned cache always has the column (`has_observed_logprob`) and leaves this False. Not
+    written when False, so older manifests and shard headers read as before."""
 
     # ---- derived -------------------------------------------------------------------------------
     def slice_of(self, shard: int) -> int:
@@ -230,7 +236,14 @@ class Manifest:
         cols += [f"pooled_{layer}" for layer in self.pooled_layers]
         if self.alignment is not None:
             cols += ["target_mask", "observed_logprob"]
+        elif self.observed_logprob:
+            cols.append("observed_logprob")
         return cols
+
+    @property
+    def has_observed_logprob(self) -> bool:
+        """The shards hold `observed_logprob` (every aligned cache; plain caches written since it was stored)."""
+        return self.alignment is not None or self.observed_logprob
 
     @property
     def aligned(self) -> bool:
@@ -262,6 +275,8 @@ class Manifest:
                 del d[name]
         if d["alignment"] is None:  # plain caches carry no alignment entry
             del d["alignment"]
+        if not d["observed_logprob"]:  # nor caches without the column this flag
+            del d["observed_logprob"]
         for shard in d["shards"]:
             if shard["stats"] is None:
                 del shard["stats"]
@@ -359,6 +374,10 @@ class Manifest:
                           f"{ALIGNED_SCHEMA_VERSION}")
             if not isinstance(self.alignment, dict) or "teacher_tokenizer_fingerprint" not in self.alignment:
                 raise bad("alignment", "must be an object with 'teacher_tokenizer_fingerprint'")
+            if self.observed_logprob:
+                raise bad("observed_logprob", "is set in an aligned cache (its column comes with the alignment)")
+        if not isinstance(self.observed_logprob, bool):
+            raise bad("observed_logprob", f"must be true or false, got {self.observed_logprob!r}")
         previous = -1
         for s in self.shards:
             check_shard_file(s, self.format, source)
@@ -392,7 +411,7 @@ RUN_FIELDS: tuple[str, ...] = (
     "teacher.dtype", "teacher.backend", "tokenizer_fingerprint", "vocab_size", "seq_len", "top_k",
     "target_kind", "samples", "sample_seed", "temperature", "logprob_dtype", "logprob_mantissa_bits",
     "entropy_kind", "pooled_layers", "corpus_fingerprint", "shard_size", "num_partitions",
-    "alignment",
+    "alignment", "observed_logprob",
 )
 
 # Settings kept in `notes` (dotted paths below `notes`) that change shard bytes without being a manifest

@@ -42,8 +42,9 @@ class TeacherTargets:
     """[B, L] uint8, aligned caches only: 1 where the position has a target (the teacher has a token boundary
     there), 0 where it has none (KD and feature terms skip it; its top-k/entropy hold no information)."""
     observed_logprob: np.ndarray | None = None
-    """[B, L] float32, aligned caches only: the teacher's exact log-prob of the observed next token, NaN where
-    unavailable."""
+    """[B, L] float32: the teacher's exact log-prob of the observed next token input_ids[t + 1] at the cache's
+    temperature, NaN where unavailable (always at t = L - 1); aligned caches, and plain caches of backends that
+    give it (manifest `observed_logprob`). None otherwise."""
     stats: dict[str, np.ndarray] | None = None
     """Aligned caches only: name -> [B] float64 per-sequence sums (positions, aligned, observed, mass_whole,
     ...); their totals over a shard go into its manifest entry."""
@@ -79,7 +80,8 @@ class TeacherTargets:
             assert arr.ndim == 2 and arr.shape[0] == b, f"pooled_{layer} has shape {arr.shape}"
         if self.target_mask is not None:
             assert self.target_mask.shape == (b, seq_len) and self.observed_logprob is not None
-            assert self.observed_logprob.shape == (b, seq_len)
+        if self.observed_logprob is not None:
+            assert self.observed_logprob.dtype == np.float32 and self.observed_logprob.shape == (b, seq_len)
 
     def slice(self, start: int, stop: int) -> TeacherTargets:
         """Rows [start, stop) as a new record (views, no copy)."""

@@ -8,7 +8,8 @@
 | entropy         | float32 (absent if entropy_kind == "absent") | (L,) |
 | pooled_<layer>  | float32 (float16 if manifest.notes["pooled_dtype"] == "float16") | (d,) |
 | target_mask     | uint8, aligned caches only (1: the position has a target) | (L,) |
-| observed_logprob| float32, aligned caches only (NaN: unavailable) | (L,) |
+| observed_logprob| float32, aligned caches and plain caches with manifest.observed_logprob (NaN: unavailable,
+                  always at the last position) | (L,) |
 
 A sampled cache (manifest.target_kind == "sampled", N = manifest.samples = manifest.top_k) stores, in place of
 topk_ids and topk_logprobs:
@@ -72,6 +73,8 @@ def columns(m: Manifest) -> dict[str, Column]:
         cols.append(Column(f"pooled_{layer}", pooled_dtype(m), (m.pooled_dims[layer],)))
     if m.alignment is not None:
         cols.append(Column("target_mask", np.dtype(np.uint8), (L,)))
+        cols.append(Column("observed_logprob", np.dtype(np.float32), (L,)))
+    elif m.observed_logprob:
         cols.append(Column("observed_logprob", np.dtype(np.float32), (L,)))
     return {c.name: c for c in cols}
 
@@ -169,6 +172,8 @@ def to_columns(targets: TeacherTargets, m: Manifest) -> dict[str, np.ndarray]:
                            f"target_kind={m.target_kind!r}")
     if m.alignment is None and targets.target_mask is not None:
         raise StorageError("targets carry a target_mask but the manifest is not an aligned cache")
+    if not m.has_observed_logprob and targets.observed_logprob is not None:
+        raise StorageError("targets carry observed_logprob but the manifest has no such column")
     extra = sorted(set(targets.pooled) - set(m.pooled_layers))
     if extra:
         raise StorageError(f"targets have pooled layer(s) {extra} not in the manifest's pooled_layers "
@@ -184,7 +189,8 @@ def to_columns(targets: TeacherTargets, m: Manifest) -> dict[str, np.ndarray]:
         arr = given[name]
         if arr is None:
             raise StorageError(f"targets lack {name!r} (manifest entropy_kind={m.entropy_kind!r}, "
-                               f"target_kind={m.target_kind!r}, aligned={m.alignment is not None})")
+                               f"target_kind={m.target_kind!r}, aligned={m.alignment is not None}, "
+                               f"observed_logprob={m.has_observed_logprob})")
         arr = np.asarray(arr)
         if arr.shape != (n, *col.shape):
             raise StorageError(f"{name} has shape {tuple(arr.shape)}, expected {(n, *col.shape)} "

@@ -32,6 +32,9 @@ class DistillBatch:
     mismatch: int | None = None
     """Seq id of the first sequence whose input_ids differ between teachers (None: they all agree). The
     dataset records it rather than raising in a DataLoader worker, which would lose the error's type."""
+    observed_counts: torch.Tensor | None = None
+    """[K, 3] int64 per teacher: positions whose log p(o) (read by the observed-token weightings) was exact,
+    listed or bounded (student/targets.py `OBSERVED_SOURCES`); None when the weighting does not read it."""
 
     def check(self) -> None:
         """MismatchError naming the sequence when the teachers disagree on this batch's tokens."""
@@ -50,7 +53,7 @@ class DistillBatch:
         return DistillBatch(seq_ids=self.seq_ids, input_ids=self.input_ids.to(device, non_blocking=True),
                             fused=self.fused.to(device),
                             pooled=[None if p is None else p.to(device, non_blocking=True) for p in self.pooled],
-                            mismatch=self.mismatch)
+                            mismatch=self.mismatch, observed_counts=self.observed_counts)
 
     def pin_memory(self) -> DistillBatch:
         """Page-locked copies (called by a DataLoader with `pin_memory=True`)."""
@@ -59,7 +62,7 @@ class DistillBatch:
                              weights=f.weights.pin_memory(), sizes=f.sizes)
         return DistillBatch(seq_ids=self.seq_ids.pin_memory(), input_ids=self.input_ids.pin_memory(), fused=fused,
                             pooled=[None if p is None else p.pin_memory() for p in self.pooled],
-                            mismatch=self.mismatch)
+                            mismatch=self.mismatch, observed_counts=self.observed_counts)
 
 
 @dataclass

@@ -15,7 +15,9 @@ from common.devices import DeviceParam
 from common.errors import ConfigError
 from common.params import FINITE_FLOAT, FLOAT_LIST, parse_float_list
 from storage.stamps import VERIFY_MODES
-from student.config import LOSSES, WEIGHTINGS, TrainConfig
+from student.config import LOSSES, TrainConfig
+from student.weighting import NAMES as WEIGHTINGS
+from student.weighting import choices_help, setting_help
 
 
 def parse_floats(option: str, text: str | None) -> tuple[float, ...] | None:
@@ -61,11 +63,11 @@ TRAIN_OPTIONS: tuple[Opt, ...] = (
     Opt(field="loss.student_pool_layer", flag="--student-pool-layer", type=int,
         help="Student decoder block whose output is mean-pooled (0-based, negative from the end)."),
     Opt(field="loss.teacher_weighting", flag="--teacher-weighting", type=click.Choice(WEIGHTINGS),
-        help="Per-position teacher weights: 1/(H+eps) normalised, 1/K, or --teacher-weights."),
-    Opt(field="loss.teacher_weights", flag="--teacher-weights", type=FLOAT_LIST,
-        help="Fixed weights in --teacher-data order, e.g. 0.5,0.3,0.2."),
-    Opt(field="loss.entropy_eps", flag="--entropy-eps", type=FINITE_FLOAT,
-        help="eps in the entropy weights 1/(H+eps), in nats: guards teachers with near-zero entropy."),
+        help=choices_help()),
+    Opt(field="loss.teacher_weights", flag="--teacher-weights", type=FLOAT_LIST, help=setting_help("teacher_weights")),
+    Opt(field="loss.entropy_eps", flag="--entropy-eps", type=FINITE_FLOAT, help=setting_help("entropy_eps")),
+    Opt(field="loss.weight_beta", flag="--weight-beta", type=FINITE_FLOAT, help=setting_help("weight_beta")),
+    Opt(field="loss.weight_floor", flag="--weight-floor", type=FINITE_FLOAT, help=setting_help("weight_floor")),
     Opt(field="loss.temperature", flag="--temperature", type=FINITE_FLOAT,
         help="Must equal the caches' precompute temperature (the default); the KL is scaled by tau^2."),
     Opt(field="loss.dkd_alpha", flag="--dkd-alpha", type=FINITE_FLOAT, help="DKD target-class (TCKD) weight."),

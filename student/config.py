@@ -11,11 +11,11 @@ from dataclasses import dataclass, field, replace
 
 from common.devices import check_device
 from common.errors import ConfigError
-from common.params import check_finite, check_seed, check_weights
+from common.params import check_finite, check_seed
 from storage.stamps import VERIFY_MODES
+from student.weighting import DEFAULT_SETTINGS, WeightSettings, check_settings
 
 LOSSES = ("kd", "dkd")
-WEIGHTINGS = ("entropy", "uniform", "fixed")
 MAX_WORKERS = 256
 """More DataLoader workers than this is refused as a typo (each is a process)."""
 MAX_GRAD_ACCUM = 2**20
@@ -26,10 +26,6 @@ MAX_LR = 1e6
 MAX_SPOT_CHECK = 1_000_000
 """More spot-checked sequences than this is refused (each is read from every cache at join time; every batch
 is checked anyway)."""
-
-
-ENTROPY_EPS_RANGE = (1e-8, 1e6)
-"""Accepted `entropy_eps` (nats): the entropy weights 1/(H + eps) stay finite and non-zero in float32."""
 EVAL_SEQUENCES_CAP = 512
 """Most sequences `eval_fraction` holds out: evaluation stays a bounded share of step time on large caches
 (10B tokens at 2048: 5% would be 244k sequences, about 2x the training work between two evaluations)."""
@@ -48,11 +44,16 @@ class LossConfig:
     temperature: float | None = None
     """Distillation temperature; None takes the caches' precompute temperature (a different value is refused)."""
     teacher_weighting: str = "entropy"
-    """`entropy` (per position, alpha_k ∝ 1 / (H_k + eps)), `uniform`, or `fixed` (teacher_weights)."""
-    teacher_weights: tuple[float, ...] | None = None
+    """A scheme of student/weighting.py's REGISTRY: `entropy` (per position, alpha_k ∝ 1 / (H_k + eps)),
+    `uniform`, `fixed` (teacher_weights), `confidence`, `tempered`, `min-ce`, `min-ce-seq`."""
+    teacher_weights: tuple[float, ...] | None = DEFAULT_SETTINGS.teacher_weights
     """Fixed weights, one per teacher in --teacher-data order (normalised to sum to 1)."""
-    entropy_eps: float = 1e-3
+    entropy_eps: float = DEFAULT_SETTINGS.entropy_eps
     """eps in 1 / (H + eps), guarding teachers with near-zero entropy (nats)."""
+    weight_beta: float = DEFAULT_SETTINGS.weight_beta
+    """`tempered`: beta in alpha_k ∝ p_k(o)^beta."""
+    weight_floor: float = DEFAULT_SETTINGS.weight_floor
+    """`tempered`: share of the weight spread uniformly over the valid teachers."""
     feat_weights: tuple[float, ...] | None = None
     """beta_k per teacher for the feature loss (None: 1.0 each)."""
     teacher_pool_layer: int | None = None
@@ -81,17 +82,9 @@ class LossConfig:
             raise ConfigError(f"--gamma-feat must be >= 0, got {self.gamma_feat}")
         if self.temperature is not None and not self.temperature > 0:
             raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
-        if self.teacher_weighting not in WEIGHTINGS:
-            raise ConfigError(f"--teacher-weighting must be one of {WEIGHTINGS}, got {self.teacher_weighting!r}")
-        if (self.teacher_weighting == "fixed") != (self.teacher_weights is not None):
-            raise ConfigError("--teacher-weights is required with --teacher-weighting fixed, and only then")
-        check_weights("--teacher-weights", self.teacher_weights)
+        check_settings(self.teacher_weighting, self.weight_settings())
         if self.feat_weights is not None and any(b < 0 for b in self.feat_weights):
             raise ConfigError(f"--feat-weights must be >= 0, got {self.feat_weights}")
-        if not ENTROPY_EPS_RANGE[0] <= self.entropy_eps <= ENTROPY_EPS_RANGE[1]:
-            # float32 1/(H + eps) needs eps well above 0 (1/0 = inf) and well below the float32 range (1/inf = 0)
-            raise ConfigError(f"--entropy-eps must be in [{ENTROPY_EPS_RANGE[0]:g}, {ENTROPY_EPS_RANGE[1]:g}], "
-                              f"got {self.entropy_eps}")
         if self.dkd_alpha < 0 or self.dkd_beta < 0:
             raise ConfigError(f"--dkd-alpha/--dkd-beta must be >= 0, got {self.dkd_alpha}, {self.dkd_beta}")
         if self.chunk_size is not None:
@@ -99,6 +92,11 @@ class LossConfig:
                 raise ConfigError(f"--loss-chunk-size must be >= 1, got {self.chunk_size}")
             if self.loss != "kd":
                 raise ConfigError("--loss-chunk-size supports --loss kd only")
+
+    def weight_settings(self) -> WeightSettings:
+        """The teacher-weighting scheme's settings."""
+        return WeightSettings(teacher_weights=self.teacher_weights, entropy_eps=self.entropy_eps,
+                              weight_beta=self.weight_beta, weight_floor=self.weight_floor)
 
 
 @dataclass(kw_only=True)
@@ -226,7 +224,8 @@ class TrainConfig:
         if self.fsdp and self.loss.chunk_size is not None:
             raise ConfigError("--loss-chunk-size is not supported with --fsdp (use DDP)")
         k = len(self.teacher_data)
-        for name, values in (("teacher-weights", self.loss.teacher_weights), ("feat-weights", self.loss.feat_weights)):
+        check_settings(self.loss.teacher_weighting, self.loss.weight_settings(), k)
+        for name, values in (("feat-weights", self.loss.feat_weights),):
             if values is not None and len(values) != k:
                 raise ConfigError(f"--{name} has {len(values)} values for {k} teachers")
 

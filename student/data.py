@@ -7,10 +7,12 @@ whole cache), and again for every batch the loader reads (the column costs 4 byt
 ~200 for the targets), so every sequence trained on is verified. top-k may differ between teachers: each
 teacher's target is its own top-k plus its own tail (student/fusion.py), so different k are exact. Top-k and
 sampled caches (`precompute --targets sampled`) may be mixed: a sampled teacher's sparse target is its drawn
-ids with probabilities count / N (`sparse_target`), an unbiased estimate of its distribution with no tail.
+ids with probabilities count / N (`student.targets.sparse_target`), an unbiased estimate of its distribution
+with no tail.
 
-Batches are `DistillBatch`es (student/batch.py); the fusion (per-teacher probabilities, tails and weights) runs in the
-DataLoader workers, so the training process only receives the fused sparse target.
+Batches are `DistillBatch`es (student/batch.py); the fusion (per-teacher views, weights and tails, through the
+targets path evaluate shares, student/targets.py) runs in the DataLoader workers, so the training process only
+receives the fused sparse target.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from storage.manifest import JOIN_FIELDS, Manifest
 from storage.reader import TeacherDataset
 from storage.stamps import VerifyReport
 from student.batch import DistillBatch, FailedBatch
-from student.fusion import fuse_topk, teacher_weights
-from student.observed import apply_observed_correction, next_tokens, observed_logprobs
+from student.targets import cache_columns, cache_views, fuse, observed_counts
+from student.weighting import DEFAULT_SETTINGS, WeightSettings, scheme
 
 log = logging.getLogger("student")
 
@@ -129,18 +131,10 @@ def feature_layers(teachers: Sequence[TeacherDataset], requested: int | None, en
     return layers
 
 
-def check_weighting(teachers: Sequence[TeacherDataset], mode: str) -> None:
-    """Entropy weighting needs every teacher's entropy column."""
-    if mode != "entropy":
-        return
-    for t in teachers:
-        if t.manifest.entropy_kind == "absent":
-            raise ConfigError(
-                f"teacher {t.manifest.teacher.name!r} ({t.path}) stored no entropy (entropy_kind 'absent'), so "
-                "it cannot be entropy-weighted; use --teacher-weighting uniform or fixed")
-        if t.manifest.entropy_kind == "estimate":
-            log.warning("teacher %r stores an estimated entropy (top-k plus tail), not the exact one",
-                        t.manifest.teacher.name)
+def check_weighting(teachers: Sequence[TeacherDataset], mode: str,
+                    settings: WeightSettings = DEFAULT_SETTINGS) -> None:
+    """Refuse (or warn about) caches the weighting scheme `mode` cannot use (`Weighting.check_caches`)."""
+    scheme(mode, settings).check_caches(teachers)
 
 
 def check_loss(teachers: Sequence[TeacherDataset], loss: str) -> None:
@@ -153,25 +147,6 @@ def check_loss(teachers: Sequence[TeacherDataset], loss: str) -> None:
                 f"--loss dkd cannot use the sampled cache of teacher {t.manifest.teacher.name!r} ({t.path}): DKD "
                 "renormalises the teacher's non-target probabilities and takes their log, which is not linear in "
                 "the target, so count / N would give a biased loss; use --loss kd (unbiased) or a top-k cache")
-
-
-def target_columns(m: Manifest) -> list[str]:
-    """The columns of a teacher's sparse target: topk_ids + topk_logprobs, or sample_ids + sample_counts."""
-    return ["sample_ids", "sample_counts"] if m.target_kind == "sampled" else ["topk_ids", "topk_logprobs"]
-
-
-def sparse_target(cols: dict[str, np.ndarray], m: Manifest, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [n, w] int, log-probs [n, w]) of one teacher's sparse target from its read columns (n = B * L).
-
-    Top-k: the stored ids and log-probs. Sampled: the drawn ids and log(count / N), the unbiased estimate
-    of the teacher's probabilities (float32; -inf at padding slots, whose id repeats slot 0's, so they add
-    nothing). Its probabilities sum to 1: no tail.
-    """
-    if m.target_kind != "sampled":
-        return (torch.from_numpy(cols["topk_ids"]).reshape(n, -1),
-                torch.from_numpy(cols["topk_logprobs"]).reshape(n, -1))
-    counts = torch.from_numpy(cols["sample_counts"].astype(np.float32)).reshape(n, -1)
-    return torch.from_numpy(cols["sample_ids"]).reshape(n, -1), torch.log(counts / float(m.samples))
 
 
 def split_positions(n: int, *, eval_fraction: float, eval_sequences: int | None, split_seed: int,
@@ -195,25 +170,18 @@ class DistillDataset(Dataset):
     """
 
     def __init__(self, teachers: Sequence[TeacherDataset], positions: np.ndarray, *, weighting: str,
-                 fixed_weights: Sequence[float] | None = None, entropy_eps: float = 1e-3,
+                 settings: WeightSettings = DEFAULT_SETTINGS,
                  pooled_layers: Sequence[int | None] | None = None, observed_correction: bool = True) -> None:
         self.teachers = list(teachers)
         self.observed_correction = observed_correction
-        self.aligned = [t.manifest.alignment is not None for t in self.teachers]
         self.positions = np.asarray(positions, dtype=np.int64)
-        self.weighting, self.fixed_weights, self.entropy_eps = weighting, fixed_weights, entropy_eps
+        self.weighting = scheme(weighting, settings)
         self.pooled_layers = list(pooled_layers) if pooled_layers is not None else [None] * len(self.teachers)
         self.columns = []  # only what the loss needs, per teacher
-        for t, layer, aligned in zip(self.teachers, self.pooled_layers, self.aligned, strict=True):
-            cols = ["input_ids", *target_columns(t.manifest)]
-            if weighting == "entropy":
-                cols.append("entropy")
+        for t, layer in zip(self.teachers, self.pooled_layers, strict=True):
+            cols = cache_columns(t.manifest, self.weighting, observed_correction=observed_correction)
             if layer is not None:
                 cols.append(f"pooled_{layer}")
-            if aligned:  # a teacher with another tokenizer: targets only where its token boundaries are ours
-                cols.append("target_mask")
-                if observed_correction:
-                    cols.append("observed_logprob")
             self.columns.append(cols)
 
     def __len__(self) -> int:
@@ -243,34 +211,15 @@ class DistillDataset(Dataset):
             if bad is not None:
                 mismatch = int(self.teachers[0].seq_ids[pos[bad]])
                 break
-        b, seq_len = input_ids.shape
-        n = b * seq_len
-        targets = [sparse_target(c, t.manifest, n) for c, t in zip(cols, self.teachers, strict=True)]
-        ids, lps = [i for i, _ in targets], [lp for _, lp in targets]
-        ents = [torch.from_numpy(c["entropy"]).reshape(n) if "entropy" in c else None for c in cols]
-        labels = next_tokens(input_ids)  # the last position's is unknown: no correction there
-        valid = torch.ones((n, len(cols)), dtype=torch.bool)
-        for k, c in enumerate(cols):
-            if not self.aligned[k]:
-                continue
-            valid[:, k] = torch.from_numpy(c["target_mask"]).reshape(n) != 0
-            if self.observed_correction:
-                obs = observed_logprobs(c["observed_logprob"])
-                ids[k], lps[k], ents[k] = apply_observed_correction(ids[k], lps[k], ents[k], obs, labels)
-        if self.weighting == "entropy":
-            ent = torch.stack([e.float() for e in ents], dim=1)  # [N, K] (NaN where a teacher has no target)
-        else:
-            ent = torch.empty((n, len(cols)), dtype=torch.float32)  # shape only
-        mask = valid if any(self.aligned) else None
-        alpha = teacher_weights(ent, self.weighting, self.fixed_weights, eps=self.entropy_eps, valid=mask)
-        sampled = [t.manifest.target_kind == "sampled" for t in self.teachers]
-        fused = fuse_topk(ids, lps, alpha, mask, tailless=sampled)
+        views = cache_views(cols, [t.manifest for t in self.teachers], self.weighting,
+                            observed_correction=self.observed_correction)
+        fused = fuse(views, self.weighting, input_ids.shape[1])
         pooled = [None if layer is None else torch.from_numpy(c[f"pooled_{layer}"]).float()
                   for c, layer in zip(cols, self.pooled_layers, strict=True)]
         return DistillBatch(
             seq_ids=torch.from_numpy(self.teachers[0].seq_ids[pos].copy()),  # [B] int64
             input_ids=torch.from_numpy(input_ids.astype(np.int64)),  # [B, L] int64
-            fused=fused, pooled=pooled, mismatch=mismatch)
+            fused=fused, pooled=pooled, mismatch=mismatch, observed_counts=observed_counts(views))
 
 
 def collate(batch: DistillBatch) -> DistillBatch:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-WEIGHTINGS = ("entropy", "uniform", "fixed")
+from student.weighting import WeightInputs, WeightSettings, renormalise, scheme
 
 
 @dataclass
@@ -94,46 +94,29 @@ def teacher_weights(
     mode: str,
     fixed: Sequence[float] | None = None,
     *,
-    num_teachers: int | None = None,
     eps: float = 1e-3,
     valid: torch.Tensor | None = None,
+    observed: torch.Tensor | None = None,
+    seq_len: int | None = None,
 ) -> torch.Tensor:
-    """Per-position teacher weights alpha [N, K] float32, rows summing to 1.
+    """Per-position teacher weights alpha [N, K] float32 of the scheme `mode` (student/weighting.py), rows
+    summing to 1 (the inputs are taken in float32, as training takes them).
 
-    entropy: alpha_k ∝ 1 / (H_k + eps) from `entropies` [N, K] (nats; eps guards H -> 0).
-    uniform: 1 / K everywhere (`entropies` [N, K] or `num_teachers` plus a shape from `entropies`).
-    fixed:   the given weights, normalised to sum to 1, the same at every position.
-    valid:   optional [N, K] bool, teachers with a target at each position: the others get weight 0 and the
-             rest is renormalised (a row with no valid teacher, or only zero weights, is all 0). Entropies
-             of invalid entries are ignored (they may be NaN).
+    entropies: [N, K] entropies (the `entropy` scheme), else any [N, K] tensor giving the shape (or None with
+    `observed`); fixed: the `fixed` scheme's weights; eps: the `entropy` scheme's eps; valid: optional [N, K]
+    bool, teachers with a target at each position (the others get weight 0, the rest is renormalised; a row
+    with no valid teacher is all 0); observed: [N, K] log p_k(o) for the observed-token schemes; seq_len: the
+    window length for the per-sequence scheme (default: all N rows are one window).
     """
-    if mode == "entropy":
-        if entropies is None:
-            raise ValueError("entropy weighting needs entropies")
-        ent = entropies.float()
-        if valid is not None:
-            ent = torch.where(valid, ent, torch.zeros_like(ent))
-        inv = 1.0 / (ent.clamp_min(0.0) + eps)  # [N, K]
-        return _renormalise(inv, valid)
-    if entropies is None:
-        raise ValueError("teacher_weights needs entropies [N, K] (or a tensor of that shape) for the shape")
-    n, k = entropies.shape
-    if mode == "uniform":
-        return _renormalise(torch.ones((n, k), dtype=torch.float32, device=entropies.device), valid)
-    if mode == "fixed":
-        if fixed is None or len(fixed) != k:
-            raise ValueError(f"fixed weighting needs {k} weights, got {fixed!r}")
-        w = torch.tensor(list(fixed), dtype=torch.float32, device=entropies.device)
-        return _renormalise(w.expand(n, k), valid)
-    raise ValueError(f"unknown weighting {mode!r}; expected one of {WEIGHTINGS}")
-
-
-def _renormalise(w: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """w [N, K] >= 0 with invalid entries zeroed, divided by its row sum (rows summing to 0 stay 0)."""
-    if valid is not None:
-        w = torch.where(valid, w, torch.zeros_like(w))
-    total = w.sum(dim=-1, keepdim=True)
-    return torch.where(total > 0, w / total.clamp_min(torch.finfo(w.dtype).tiny), torch.zeros_like(w))
+    shape_from = entropies if entropies is not None else observed
+    if shape_from is None:
+        raise ValueError("teacher_weights needs entropies or observed log-probs [N, K] (at least for the shape)")
+    n, k = shape_from.shape
+    settings = WeightSettings(teacher_weights=None if fixed is None else tuple(fixed), entropy_eps=eps)
+    inputs = WeightInputs(num_teachers=k, seq_len=seq_len or n, valid=valid, rows=n,
+                          entropy=None if entropies is None else entropies.float(),
+                          observed=None if observed is None else observed.float())
+    return scheme(mode, settings).alpha(inputs)
 
 
 def fuse_topk(
@@ -174,7 +157,7 @@ def fuse_topk(
         ids=torch.cat(ids, dim=1),  # [N, T] int64
         probs=torch.cat(probs, dim=1),  # [N, T]
         tail=torch.stack(tails, dim=1),  # [N, K]
-        weights=_renormalise(weights.to(torch.promote_types(torch.float32, weights.dtype)), valid),  # [N, K]
+        weights=renormalise(weights.to(torch.promote_types(torch.float32, weights.dtype)), valid),  # [N, K]
         sizes=tuple(i.shape[1] for i in topk_ids),
     )
 

@@ -44,6 +44,7 @@ from student.distill_loss import DistillLoss, LossTerms
 from student.fusion import FusedTargets
 from student.metrics import MetricsWriter
 from student.rundir import CONFIG_FILE, FINAL_DIR, claim_output, writing
+from student.targets import OBSERVED_SOURCES
 
 __all__ = ["CheckpointError", "DistillModule", "DivergedError", "StepResult", "Trainer", "run_train"]
 
@@ -126,7 +127,7 @@ class Trainer:
         if lc.temperature is not None and not math.isclose(lc.temperature, m0.temperature):
             raise ConfigError(f"--temperature {lc.temperature} differs from the caches' precompute temperature "
                               f"{m0.temperature}; top-k log-probs cannot be re-tempered exactly")
-        sdata.check_weighting(self.teachers, lc.teacher_weighting)
+        sdata.check_weighting(self.teachers, lc.teacher_weighting, lc.weight_settings())
         sdata.check_loss(self.teachers, lc.loss)
         self.pool_layers = sdata.feature_layers(self.teachers, lc.teacher_pool_layer, lc.gamma_feat > 0)
         self.use_feat = any(x is not None for x in self.pool_layers)
@@ -135,9 +136,9 @@ class Trainer:
         train_pos, eval_pos = sdata.split_positions(len(self.teachers[0]), eval_fraction=cfg.eval_fraction,
                                                     eval_sequences=cfg.eval_sequences, split_seed=cfg.split_seed,
                                                     cap=EVAL_SEQUENCES_CAP)
-        ds_kw = dict(weighting=lc.teacher_weighting, fixed_weights=lc.teacher_weights,
-                     entropy_eps=lc.entropy_eps, pooled_layers=self.pool_layers,
+        ds_kw = dict(weighting=lc.teacher_weighting, settings=lc.weight_settings(), pooled_layers=self.pool_layers,
                      observed_correction=lc.observed_correction)
+        self.observed_counts: torch.Tensor | None = None  # [K, 3] int64 over the training batches of this run
         self.train_set = sdata.DistillDataset(self.teachers, train_pos, **ds_kw)
         self.sampler = sdata.EpochBatchSampler(len(train_pos), cfg.batch_size, rank=self.rank,
                                                world_size=self.world, seed=cfg.seed)
@@ -282,6 +283,9 @@ class Trainer:
             with ctx:
                 terms = self.compute_loss(batch, train=True)
                 (terms.loss / cfg.grad_accum).backward()
+            if batch.observed_counts is not None:
+                prev = self.observed_counts
+                self.observed_counts = batch.observed_counts if prev is None else prev + batch.observed_counts
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v.detach() / cfg.grad_accum
         if micro != cfg.grad_accum - 1:
@@ -341,6 +345,7 @@ class Trainer:
                 self.save_checkpoint()
                 t_log = time.perf_counter()
         bar.close()
+        self._log_observed_sources()
         if self.step >= cfg.max_steps:
             if self.eval_set.positions.size:
                 last = self._log_eval()
@@ -349,6 +354,25 @@ class Trainer:
         else:
             self.save_checkpoint()  # stopped early (--stop-after): resume later
         return last
+
+    def _log_observed_sources(self) -> None:
+        """Log, per teacher, how many training positions' log p(o) was exact, listed or bounded (student/targets.py;
+        the observed-token weightings only), summed over ranks."""
+        counts = self.observed_counts
+        if counts is None:
+            return
+        counts = counts.clone()
+        if self.distributed:
+            counts = counts.to(self.device)
+            dist.all_reduce(counts)
+        if self.rank != 0:
+            return
+        for name, row in zip(self.names, counts.cpu().tolist(), strict=True):
+            total = max(sum(row), 1)
+            log.info("teacher %r: log p(o) for --teacher-weighting %s at %d training positions: %s",
+                     name, self.cfg.loss.teacher_weighting, sum(row),
+                     ", ".join(f"{n} {c} ({100.0 * c / total:.1f}%)" for n, c in zip(OBSERVED_SOURCES, row,
+                                                                                      strict=True)))
 
     # ---- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -41,6 +41,7 @@ class AlignedBackend:
         self.aligner = WindowAligner(teacher_tok, student_tok, token_table(student_tok))
         self.vocab_size = self.vocab_map.student_vocab
         self.entropy_kind = "exact"
+        self.observed_logprob = False  # an aligned cache's observed_logprob column comes with its alignment
         self.pooled_dims = dict(inner.pooled_dims)
         self.pad_id = int(teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else teacher_tok.eos_token_id)
         self.alignment = {

@@ -31,6 +31,9 @@ class TeacherBackend(Protocol):
     """Width of the teacher's output distribution (rows of its output embedding)."""
     entropy_kind: str
     """`exact`, `estimate` or `absent` (see storage.manifest.ENTROPY_KINDS)."""
+    observed_logprob: bool
+    """The plain (not aligned) targets carry `observed_logprob`, log p(next token) (manifest field of that name;
+    True for the hf and vllm backends)."""
     pooled_dims: dict[int, int]
     """Resolved (non-negative) pooled layer -> hidden size; empty when no states are pooled."""
     notes: dict[str, Any]

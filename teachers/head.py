@@ -41,22 +41,30 @@ def targets_head(
     softcap: float | None = None,
     compile: bool = False,
     kernel: str = "torch",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    next_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     """Top-k ids, top-k log-probs and exact entropies of softmax(lm_head(hidden) / temperature).
 
     hidden: [N, H] final hidden states (after the model's final norm); weight: [V, H] output embedding;
     bias: [V] or None; compile: lse and entropy through the compiled `_lse_entropy`; kernel: `torch` (this
     module) or `triton` (teachers/fused_head.py: never writes [C, V] logits; CUDA tensors only).
     Returns (topk_ids [N, k] int32, topk_logprobs [N, k] float32, entropy [N] float32), on hidden's device;
-    ids within a row are sorted by descending log-prob.
+    ids within a row are sorted by descending log-prob. With next_ids [N] (int, any id at rows without a next
+    token) a fourth tensor follows: observed [N] float32, log p(next_ids) over the full vocab (gathered from
+    the same chunk logits; the triton kernel: `observed_from_top1`).
     """
     import torch
 
     if kernel == "triton":
         from teachers.fused_head import fused_targets_head
 
-        return fused_targets_head(hidden, weight, k=k, temperature=temperature, chunk_size=chunk_size, bias=bias,
-                                  logit_scale=logit_scale, softcap=softcap)
+        out = fused_targets_head(hidden, weight, k=k, temperature=temperature, chunk_size=chunk_size, bias=bias,
+                                 logit_scale=logit_scale, softcap=softcap)
+        if next_ids is None:
+            return out
+        obs = observed_from_top1(hidden, weight, next_ids=next_ids, top_ids=out[0], top_logprobs=out[1],
+                                 temperature=temperature, bias=bias, logit_scale=logit_scale, softcap=softcap)
+        return (*out, obs)
     if kernel != "torch":
         raise ValueError(f"kernel must be 'torch' or 'triton', got {kernel!r}")
 
@@ -69,13 +77,18 @@ def targets_head(
     out_ids = torch.empty((n, k), dtype=torch.int32, device=device)
     out_lp = torch.empty((n, k), dtype=torch.float32, device=device)
     out_ent = torch.empty((n,), dtype=torch.float32, device=device)
+    out_obs = None if next_ids is None else torch.empty((n,), dtype=torch.float32, device=device)
+    nxt = None if next_ids is None else next_ids.to(device=device, dtype=torch.long).unsqueeze(1)  # [N, 1]
     with torch.inference_mode():
         for start, stop, z in chunks:  # z [C, V] float32
             top_z, top_i = torch.topk(z, k, dim=-1, sorted=True)  # [C, k]
             out_ids[start:stop] = top_i.to(torch.int32)
+            z_o = None if nxt is None else z.gather(1, nxt[start:stop]).squeeze(1)  # [C], before z changes
             if compile:
                 lse, out_ent[start:stop] = _compiled_lse_entropy()(z)
                 out_lp[start:stop] = top_z - lse.unsqueeze(-1)
+                if out_obs is not None:
+                    out_obs[start:stop] = z_o - lse
                 continue
             peak = z.amax(dim=-1, keepdim=True)  # [C, 1]
             shifted = z.sub_(peak)  # in place, <= 0: z itself is not needed any more
@@ -87,8 +100,43 @@ def targets_head(
             # dot product whose sequential accumulation over ~50k terms loses ~1e-4 relative here
             out_ent[start:stop] = log_total - e.mul_(shifted).sum(dim=-1) / total
             out_lp[start:stop] = top_z - (peak + log_total.unsqueeze(-1))
+            if out_obs is not None:
+                out_obs[start:stop] = z_o - (peak.squeeze(-1) + log_total)
             del z, shifted, e
+    if out_obs is not None:
+        return out_ids, out_lp, out_ent, out_obs
     return out_ids, out_lp, out_ent
+
+
+def observed_from_top1(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    next_ids: torch.Tensor,
+    top_ids: torch.Tensor,
+    top_logprobs: torch.Tensor,
+    temperature: float = 1.0,
+    bias: torch.Tensor | None = None,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """log p(next_ids) [N] float32 for a head that returns no logits (the fused triton kernel):
+    log p(o) = log p(top-1) + z_o - z_top1, both logits computed as `_chunk_logits` computes them (matmul dtype,
+    then float32 transforms) from the two rows of `weight` only. hidden [N, H]; next_ids, top_ids[:, 0] [N]."""
+    import torch
+
+    with torch.inference_mode():
+        h = hidden.to(weight.dtype)
+        both = torch.stack([next_ids.to(weight.device).long(), top_ids[:, 0].to(weight.device).long()], dim=1)
+        z = (h.unsqueeze(1) * weight[both]).sum(-1).float()  # [N, 2]
+        if bias is not None:
+            z = z + bias.float()[both]
+        if logit_scale is not None:
+            z = z * float(logit_scale)
+        if softcap is not None:
+            z = torch.tanh(z / softcap) * softcap
+        z = z / float(temperature)
+        return top_logprobs[:, 0].float().to(z.device) + z[:, 0] - z[:, 1]
 
 
 def _lse_entropy(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -103,6 +103,7 @@ class HFBackend:
         self.max_positions = max_positions(config)
         """Positions the model was trained on (None: its config declares none); windows must fit them."""
         self.entropy_kind = "exact"
+        self.observed_logprob = True  # targets carry log p(next token) (manifest field observed_logprob)
         self.pooled_dims = {layer: self.hidden_size for layer in self.pooled_layers}
         self._captured: dict[int, Any] = {}
         self._capture_full = False
@@ -170,9 +171,10 @@ class HFBackend:
             hidden = self.final_hidden(ids)  # [B, L, H] model dtype
             t1 = self._clock()
             flat = hidden.reshape(b * seq_len, -1).to(self.weight.device)
+            next_ids = _next_ids(ids)  # [B * L]
             if self.cfg.targets == "sampled":
-                return self._sampled(batch, flat, pooled_from=hidden, t0=t0, t1=t1)
-            top_ids, top_lp, entropy = self._head(flat, k)
+                return self._sampled(batch, flat, next_ids, pooled_from=hidden, t0=t0, t1=t1)
+            top_ids, top_lp, entropy, observed = self._head(flat, k, next_ids=next_ids)
             if self.profile:
                 self.timings["backbone_s"] += t1 - t0
                 self.timings["head_s"] += self._clock() - t1
@@ -185,6 +187,7 @@ class HFBackend:
             topk_logprobs=top_lp.reshape(b, seq_len, k).cpu().numpy(),
             entropy=entropy.reshape(b, seq_len).cpu().numpy(),
             pooled=pooled,
+            observed_logprob=_observed_column(observed, b, seq_len),
         )
 
     def _pooled_states(self, hidden: Any) -> dict[int, np.ndarray]:
@@ -192,8 +195,10 @@ class HFBackend:
         return {layer: (hidden.float().mean(dim=1) if layer == self.num_layers - 1 else self._captured[layer])
                 .cpu().numpy() for layer in self.pooled_layers}
 
-    def _sampled(self, batch: PackedBatch, flat: Any, *, pooled_from: Any, t0: float, t1: float) -> TeacherTargets:
-        """Sampled targets of one batch (inside compute's inference mode); flat [B * L, H] final hidden states."""
+    def _sampled(self, batch: PackedBatch, flat: Any, next_ids: Any, *, pooled_from: Any, t0: float, t1: float
+                 ) -> TeacherTargets:
+        """Sampled targets of one batch (inside compute's inference mode); flat [B * L, H] final hidden states,
+        next_ids [B * L] the observed next tokens."""
         import torch
 
         from teachers.sampling import draw_uniforms
@@ -202,7 +207,7 @@ class HFBackend:
             raise RuntimeError("sampled targets need backend.sample_key (run_precompute sets it)")
         b, seq_len, n = len(batch), batch.input_ids.shape[1], self.cfg.samples
         uniforms = torch.from_numpy(draw_uniforms(self.sample_key, batch.seq_ids, seq_len, n))
-        ids, counts, entropy = self._sampled_head(flat, uniforms)
+        ids, counts, entropy, observed = self._sampled_head(flat, uniforms, next_ids)
         if self.profile:
             self.timings["backbone_s"] += t1 - t0
             self.timings["head_s"] += self._clock() - t1
@@ -215,6 +220,7 @@ class HFBackend:
             pooled=self._pooled_states(pooled_from),
             sample_ids=ids.reshape(b, seq_len, n).cpu().numpy(),
             sample_counts=counts.reshape(b, seq_len, n).cpu().numpy().astype(np.uint16),
+            observed_logprob=_observed_column(observed, b, seq_len),
         )
 
     def _clock(self) -> float:
@@ -252,16 +258,18 @@ class HFBackend:
             raise TeacherLoadError(f"torch.compile of the targets head failed on {self.device} "
                                    f"({type(e).__name__}: {first}); rerun with --compile-head off") from e
 
-    def _sampled_head(self, hidden: Any, uniforms: Any) -> tuple[Any, Any, Any]:
+    def _sampled_head(self, hidden: Any, uniforms: Any, next_ids: Any) -> tuple[Any, Any, Any, Any]:
         """sampling.sampled_head with the run's temperature, chunking and logit transforms (torch head only)."""
         from teachers.sampling import sampled_head
 
         with self._compile_failures():
             return sampled_head(hidden, self.weight, uniforms=uniforms, temperature=self.cfg.temperature,
                                 chunk_size=self.cfg.head_chunk_size, bias=self.bias, logit_scale=self.logit_scale,
-                                softcap=self.softcap, compile=self.compile_head)
+                                softcap=self.softcap, compile=self.compile_head, next_ids=next_ids)
 
-    def _head(self, hidden: Any, k: int, temperature: float | None = None) -> tuple[Any, Any, Any]:
+    def _head(self, hidden: Any, k: int, temperature: float | None = None, next_ids: Any = None
+              ) -> tuple[Any, ...]:
+        """targets_head with the run's settings: (ids, logprobs, entropy), plus log p(next_ids) when given."""
         temperature = self.cfg.temperature if temperature is None else temperature
         if self.head_kernel == "triton":
             import triton
@@ -269,7 +277,8 @@ class HFBackend:
             try:
                 return targets_head(hidden, self.weight, k=k, temperature=temperature,
                                     chunk_size=self.cfg.head_chunk_size, bias=self.bias,
-                                    logit_scale=self.logit_scale, softcap=self.softcap, kernel="triton")
+                                    logit_scale=self.logit_scale, softcap=self.softcap, kernel="triton",
+                                    next_ids=next_ids)
             except triton.TritonError as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 raise TeacherLoadError(f"the fused Triton head failed on {self.device} ({type(e).__name__}: "
@@ -277,7 +286,7 @@ class HFBackend:
         with self._compile_failures():
             return targets_head(hidden, self.weight, k=k, temperature=temperature,
                                 chunk_size=self.cfg.head_chunk_size, bias=self.bias, logit_scale=self.logit_scale,
-                                softcap=self.softcap, compile=self.compile_head)
+                                softcap=self.softcap, compile=self.compile_head, next_ids=next_ids)
 
     def _self_check(self, ids: Any) -> None:
         """Refuse a model whose logits are not lm_head(final hidden) with the known transforms."""
@@ -300,6 +309,22 @@ class HFBackend:
                 f"{type(self.model).__name__}: logits are not lm_head(final hidden state) with the transforms "
                 f"this backend knows (max |log p difference| {err:.3g} > {tol}); refusing to store wrong targets")
         self._captured.clear()
+
+
+def _next_ids(ids: Any) -> Any:
+    """[B * L] int64 observed next tokens of windows ids [B, L]; each window's last row takes its own first
+    token as a placeholder (no next token inside the window; `_observed_column` writes NaN there)."""
+    import torch
+
+    return torch.cat([ids[:, 1:], ids[:, :1]], dim=1).reshape(-1)
+
+
+def _observed_column(observed: Any, b: int, seq_len: int) -> np.ndarray:
+    """The `observed_logprob` column [B, L] float32 from log p(next) [B * L]: NaN at each window's last position
+    (as aligned caches store it)."""
+    out = observed.reshape(b, seq_len).float().cpu().numpy().astype(np.float32)
+    out[:, -1] = np.nan
+    return out
 
 
 def create_backend(cfg: TeacherConfig, *, seq_len: int) -> HFBackend:

@@ -239,7 +239,7 @@ def _run_slice(cfg: PrecomputeConfig, backend: TeacherBackend | None, slice_inde
         target_kind=t_cfg.targets, samples=t_cfg.samples if sampled else None,
         sample_seed=SAMPLE_SEED_RULE if sampled else None,
         logprob_dtype=s_cfg.logprob_dtype, logprob_mantissa_bits=s_cfg.manifest_mantissa_bits,
-        entropy_kind=backend.entropy_kind,
+        entropy_kind=backend.entropy_kind, observed_logprob=alignment is None and backend.observed_logprob,
         pooled_layers=sorted(backend.pooled_dims), pooled_dims=dict(backend.pooled_dims),
         corpus_fingerprint=corpus_fp, corpus=corpus_desc, shard_size=s_cfg.shard_size,
         num_partitions=len(partitions), slice_index=slice_index, num_slices=num_slices,

@@ -132,13 +132,15 @@ def sampled_head(
     logit_scale: float | None = None,
     softcap: float | None = None,
     compile: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    next_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     """Sampled ids, their counts and exact entropies of softmax(lm_head(hidden) / temperature), in chunks.
 
     hidden [N, H]; weight [V, H]; uniforms [N, S] float64 in [0, 1) (`draw_uniforms`; S = draws per row);
     the logit transforms and `compile` are those of `teachers.head.targets_head`, whose chunked logits and
     entropy formulas this reuses. Returns (ids [N, S] int32, counts [N, S] int32, entropy [N] float32) on
-    hidden's device (see `counts_of` for the slot order).
+    hidden's device (see `counts_of` for the slot order). With next_ids [N] a fourth tensor follows: observed
+    [N] float32, log p(next_ids) over the full vocab, as `targets_head` gives it.
     """
     import torch
 
@@ -153,19 +155,28 @@ def sampled_head(
     out_ids = torch.empty((n, s), dtype=torch.int32, device=device)
     out_counts = torch.empty((n, s), dtype=torch.int32, device=device)
     out_ent = torch.empty((n,), dtype=torch.float32, device=device)
+    out_obs = None if next_ids is None else torch.empty((n,), dtype=torch.float32, device=device)
+    nxt = None if next_ids is None else next_ids.to(device=device, dtype=torch.long).unsqueeze(1)  # [N, 1]
     with torch.inference_mode():
         for start, stop, z in chunks:  # z [C, V] float32
+            z_o = None if nxt is None else z.gather(1, nxt[start:stop]).squeeze(1)  # [C], before z changes
             if compile:
-                _, out_ent[start:stop] = _compiled_lse_entropy()(z)
+                lse, out_ent[start:stop] = _compiled_lse_entropy()(z)
                 draws = draws_from_logits(z, uniforms[start:stop])
             else:
                 # the eager head's entropy formula, sharing its exp pass with the CDF
-                shifted = z.sub_(z.amax(dim=-1, keepdim=True))  # [C, V], <= 0
+                peak = z.amax(dim=-1, keepdim=True)  # [C, 1]
+                shifted = z.sub_(peak)  # [C, V], <= 0
                 e = shifted.exp()
                 total = e.sum(dim=-1)
                 draws = _draws_from_cdf(e.to(torch.float64).cumsum_(dim=-1), uniforms[start:stop])
                 out_ent[start:stop] = total.log() - e.mul_(shifted).sum(dim=-1) / total
+                lse = peak.squeeze(-1) + total.log()
                 del shifted, e
+            if out_obs is not None:
+                out_obs[start:stop] = z_o - lse
             out_ids[start:stop], out_counts[start:stop] = counts_of(draws)
             del z, draws
+    if out_obs is not None:
+        return out_ids, out_counts, out_ent, out_obs
     return out_ids, out_counts, out_ent

@@ -17,6 +17,9 @@ What vLLM cannot give is recorded, never faked:
   transformers pass (a `PooledSource`); otherwise none are stored.
 - temperature: vLLM's logprobs are those of the raw logits (temperature 1), so only tau = 1 is accepted.
 
+The actual next token's own entry gives `observed_logprob` (`observed_logprobs`): position t's is the prompt
+token t+1's log-prob in `prompt_logprobs[t + 1]`, NaN at L-1 (as every cache stores it).
+
 Values are fp32 log_softmax over the model's vocab (vllm/v1/sample/sampler.py `compute_logprobs`; prompt
 positions in vllm/v1/worker/gpu_model_runner.py use the same function on the unprocessed logits).
 """
@@ -154,6 +157,23 @@ def map_request_output(output: Any, k: int, vocab_size: int) -> tuple[np.ndarray
     return ids, lps
 
 
+def observed_logprobs(output: Any) -> np.ndarray:
+    """[L] float32 log-probs of each prompt token t+1 at position t (the `observed_logprob` column) from one
+    `vllm.RequestOutput`; NaN at position L-1 (its next token lies outside the window) and wherever the entry
+    lacks the prompt token (vLLM always includes it)."""
+    prompt = np.asarray(output.prompt_token_ids, dtype=np.int64)
+    out = np.full(len(prompt), np.nan, dtype=np.float32)
+    if len(prompt) < 2:
+        return out
+    where = f"vLLM request {getattr(output, 'request_id', '?')}"
+    ids, lps, _, counts = _flatten_positions(output.prompt_logprobs, 1, len(prompt), where)
+    row = np.repeat(np.arange(len(prompt) - 1), counts)  # [n] position t of each flattened entry
+    hit = np.flatnonzero(ids == prompt[1:][row])
+    first = hit[np.unique(row[hit], return_index=True)[1]]  # FlatLogprobs may repeat the token: its first entry
+    out[row[first]] = lps[first]
+    return out
+
+
 def entropy_bounds(topk_logprobs: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Bounds on the full-vocab entropy (nats) from top-k log-probs [..., k]: (lower, upper), float64.
 
@@ -289,6 +309,7 @@ class VllmBackend:
                                 trust_remote_code=teacher.trust_remote_code)
         self.engine = engine
         self.entropy_kind = "estimate" if self.options.entropy == "estimate" else "absent"
+        self.observed_logprob = True  # the prompt tokens' own entries (observed_logprobs)
         self.pooled_dims: dict[int, int] = dict(pooled_from.pooled_dims) if pooled_from is not None else {}
 
     @property
@@ -329,13 +350,14 @@ class VllmBackend:
         outputs = self.engine.generate_logprobs(prompts, self.top_k)
         if len(outputs) != len(prompts):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
-        ids, lps, ents = [], [], []
+        ids, lps, ents, observed = [], [], [], []
         for row, out in zip(prompts, outputs, strict=True):
             if list(out.prompt_token_ids) != row:  # outputs must come back in prompt order
                 raise RuntimeError("vLLM output does not match its prompt (order or tokenisation changed)")
             topk_ids, topk_lps = map_request_output(out, self.top_k, self.vocab_size)
             ids.append(topk_ids)
             lps.append(topk_lps)
+            observed.append(observed_logprobs(out))
             if self.entropy_kind == "estimate":
                 ents.append(entropy_bounds(topk_lps, self.vocab_size)[0].astype(np.float32))
         pooled = self.pooled_from.pooled(input_ids) if self.pooled_from is not None else {}
@@ -346,6 +368,7 @@ class VllmBackend:
             topk_logprobs=np.stack(lps),
             entropy=np.stack(ents) if ents else None,
             pooled={layer: np.asarray(a, dtype=np.float32) for layer, a in pooled.items()},
+            observed_logprob=np.stack(observed),
         )
         targets.validate()
         return targets

@@ -82,3 +82,50 @@ def test_three_teachers_lowest_entropy_best_and_weight_loss_correlation_by_hand(
     expected = np.corrcoef(ra, rn)[0, 1]
     assert abs(f["rho_alpha_nll"] - expected) < 1e-12
     assert f["rho_alpha_nll"] < 0  # here the weight goes to the teachers with the lower loss
+
+
+def test_every_scheme_on_tiny_caches(tmp_path, monkeypatch):
+    """The registry's schemes on three tiny caches (one without observed_logprob, one aligned): each scheme's
+    fused NLL and top-weighted-is-best share equal a float64 computation from the caches' own p(o), and the
+    table lists every scheme."""
+    from pathlib import Path
+
+    from student.weighting import NAMES, REGISTRY
+    from tests.student.synthetic import make_cache
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # as when run as a script
+    m = _module()
+    paths = [str(make_cache(tmp_path / "a", name="a", seed=1, k=8, observed=True)),
+             str(make_cache(tmp_path / "b", name="b", seed=2, k=64)),  # k = vocab: o is always listed
+             str(make_cache(tmp_path / "c", name="c", seed=3, k=6, aligned=True))]
+    names, p, h, window, counts = m.from_caches(paths)
+    assert names == ["a", "b", "c"] and counts["left_out"] > 0  # c's masked / inexact positions
+    alphas = m.scheme_weights(p, h, window, betas=(0.5, 4.0), floor=0.1, fixed=(1.0, 2.0, 1.0))
+    labels = [n for n in NAMES if "weight_beta" not in REGISTRY[n].settings]
+    labels += [f"{n} beta={b:g}" for n in NAMES if "weight_beta" in REGISTRY[n].settings for b in (0.5, 4.0)]
+    assert sorted(alphas) == sorted(labels)
+    for a in alphas.values():
+        assert a.shape == p.shape and np.allclose(a.sum(axis=0), 1.0)
+    # by hand, float64: min-ce per token puts all weight on argmax p; confidence is CA-MKD's formula
+    np.testing.assert_allclose(alphas["min-ce"], (p == p.max(axis=0)) / (p == p.max(axis=0)).sum(axis=0))
+    ce = -np.log(p)
+    soft = np.exp(ce - ce.max(axis=0)) / np.exp(ce - ce.max(axis=0)).sum(axis=0)
+    np.testing.assert_allclose(alphas["confidence"], (1 - soft) / 2, rtol=1e-12)
+    w = p ** 4.0 / (p ** 4.0).sum(axis=0)
+    np.testing.assert_allclose(alphas["tempered beta=4"], 0.1 / 3 + 0.9 * w, rtol=1e-10)
+    # min-ce per sequence: the teacher with the best mean log p(o) over the window's scored positions
+    for win in np.unique(window):
+        cols = window == win
+        best = np.argmax(np.log(p[:, cols]).mean(axis=1))
+        assert (alphas["min-ce-seq"][:, cols].argmax(axis=0) == best).all()
+    r = m.bootstrap(p, h, window, n=30, alphas=alphas)
+    for label, a in alphas.items():
+        assert r["point"][f"nll[{label}]"] == -np.log((a * p).sum(axis=0)).mean()
+    assert r["point"]["top_best[min-ce]"] == 1.0
+    assert np.isnan(r["point"]["top_best[uniform]"])
+    top = alphas["entropy"].argmax(axis=0) == p.argmax(axis=0)
+    assert r["point"]["top_best[entropy]"] == top.mean()  # entropy ties have measure zero here
+    assert r["point"]["nll[entropy]"] == r["point"]["nll_entropy_fused"]
+    text = m.table(names, r, counts)
+    for label in alphas:
+        assert f"| {label} |" in text

@@ -2,8 +2,8 @@
 
 - `config`: `EvalConfig`.
 - `sources`: held-out windows (text packed as `precompute` packs, or caches joined by training's
-  `join_teachers`), teacher targets in one form (`TeacherView`, fused into training's `FusedTargets`), and model
-  loading, one model resident at a time.
+  `join_teachers`), teacher targets in one form (training's `student.targets.TeacherView`, fused by training's
+  `student.targets.fuse` into the same `FusedTargets`), and model loading, one model resident at a time.
 - `metrics`: NLL, KL, agreement, BLEU, the paired bootstrap.
 - `report`: the JSON record and the table; `run`: `run_evaluate(cfg)`; `command`: the click command.
 """

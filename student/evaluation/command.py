@@ -9,11 +9,12 @@ import click
 
 from common.devices import DEVICE_HELP, DeviceParam
 from common.errors import ConfigError
-from common.params import FLOAT_LIST
+from common.params import FINITE_FLOAT, FLOAT_LIST
 from student.evaluation.config import DEFAULT_SEQ_LEN, DTYPES, EvalConfig
 from student.evaluation.report import format_comparisons, format_table
 from student.evaluation.run import run_evaluate
-from student.fusion import WEIGHTINGS
+from student.weighting import NAMES as WEIGHTINGS
+from student.weighting import choices_help, setting_help
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalConfig) if f.default is not dataclasses.MISSING}
 
@@ -68,13 +69,13 @@ def _alias(flag: str, name: str, new: str) -> Any:
 @_opt("--top-k", type=int,
       help="Log-probs kept per position of each live --teacher (with its exact entropy) for the students' pass, "
            "as precompute's --top-k. The KL is over top-k plus a tail bucket; at the vocab size it is the full KL.")
-@_opt("--teacher-weighting", field="teacher_weighting", type=click.Choice(WEIGHTINGS),
-      help="Teacher weights of the fused target (per-position entropy, uniform, or --teacher-weights), as in "
-           "train-student.")
+@_opt("--teacher-weighting", field="teacher_weighting", type=click.Choice(WEIGHTINGS), help=choices_help())
 @_alias("--weighting", "weighting_alias", "--teacher-weighting")
 @_opt("--teacher-weights", field="teacher_weights", type=FLOAT_LIST,
-      help="Fixed weights in teacher order (--teacher-data caches, then --teacher models), e.g. 0.5,0.3,0.2 "
-           "(with --teacher-weighting fixed; same option as train-student).")
+      help=setting_help("teacher_weights") + " Teacher order: --teacher-data caches, then --teacher models.")
+@_opt("--entropy-eps", field="entropy_eps", type=FINITE_FLOAT, help=setting_help("entropy_eps"))
+@_opt("--weight-beta", field="weight_beta", type=FINITE_FLOAT, help=setting_help("weight_beta"))
+@_opt("--weight-floor", field="weight_floor", type=FINITE_FLOAT, help=setting_help("weight_floor"))
 @_opt("--bleu-prompts", type=int, help="Held-out prompts continued greedily for BLEU (0: skip).")
 @_opt("--prompt-tokens", type=int, help="Tokens per BLEU prompt.")
 @_opt("--new-tokens", type=int, help="Tokens of each greedy continuation.")

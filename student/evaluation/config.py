@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from common.devices import check_device
 from common.errors import ConfigError
-from common.params import check_finite, check_seed, check_weights
-from student.fusion import WEIGHTINGS
+from common.params import check_finite, check_seed
+from student.weighting import DEFAULT_SETTINGS, Weighting, WeightSettings, check_settings
 
 DTYPES = ("auto", "float32", "bfloat16")
 DEFAULT_SEQ_LEN = 2048
@@ -58,9 +58,16 @@ class EvalConfig:
     """Log-probs kept per position of a live teacher (with its exact entropy) between its pass and the
     students' (each model is resident alone). At top_k >= vocab the KL is the full-vocab KL."""
     teacher_weighting: str = "entropy"
-    """Teacher weighting of the fused target: entropy, uniform or fixed (as training's `LossConfig`)."""
+    """Teacher weighting of the fused target, a scheme of student/weighting.py's REGISTRY (as training's
+    `LossConfig`)."""
     teacher_weights: list[float] | None = None
     """One weight per teacher for `fixed` weighting."""
+    entropy_eps: float = DEFAULT_SETTINGS.entropy_eps
+    """`entropy`: eps in 1 / (H + eps) (nats), as train-student's."""
+    weight_beta: float = DEFAULT_SETTINGS.weight_beta
+    """`tempered`: beta in alpha_k ∝ p_k(o)^beta, as train-student's."""
+    weight_floor: float = DEFAULT_SETTINGS.weight_floor
+    """`tempered`: share of the weight spread uniformly over the valid teachers, as train-student's."""
     bleu_prompts: int = 16
     """Held-out prompts continued greedily for BLEU (0: no BLEU)."""
     prompt_tokens: int = 32
@@ -91,14 +98,7 @@ class EvalConfig:
             )
         if self.gguf_files and not self.teachers:
             raise ConfigError("--gguf-file names a file inside a --teacher directory; give --teacher")
-        if self.teacher_weighting not in WEIGHTINGS:
-            raise ConfigError(f"--teacher-weighting is {self.teacher_weighting!r}, expected one of {', '.join(WEIGHTINGS)}")
-        n_teachers = len(self.teachers) + len(self.teacher_data)
-        if self.teacher_weighting == "fixed" and (
-            self.teacher_weights is None or len(self.teacher_weights) != n_teachers
-        ):
-            raise ConfigError(f"fixed weighting needs one weight per teacher ({n_teachers})")
-        check_weights("--teacher-weights", self.teacher_weights)
+        self.weighting()  # the scheme's checks, with the number of teachers
         check_device("--device", self.device)
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype is {self.dtype!r}, expected one of {', '.join(DTYPES)}")
@@ -116,3 +116,14 @@ class EvalConfig:
             raise ConfigError("bleu_prompts must be >= 0")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise ConfigError("max_tokens must be at least 2")
+
+    def weight_settings(self) -> WeightSettings:
+        """The teacher-weighting scheme's settings."""
+        return WeightSettings(teacher_weights=None if self.teacher_weights is None else tuple(self.teacher_weights),
+                              entropy_eps=self.entropy_eps, weight_beta=self.weight_beta,
+                              weight_floor=self.weight_floor)
+
+    def weighting(self) -> Weighting:
+        """The checked teacher-weighting scheme (ConfigError in one line)."""
+        return check_settings(self.teacher_weighting, self.weight_settings(),
+                              len(self.teachers) + len(self.teacher_data))

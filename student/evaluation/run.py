@@ -31,7 +31,6 @@ from student.evaluation.sources import (
     HeldOut,
     ModelSpec,
     TeacherRecord,
-    fuse,
     load_model,
     load_tokenizer,
     model_config,
@@ -39,9 +38,9 @@ from student.evaluation.sources import (
     open_caches,
     pack_text,
     release,
-    valid_mask,
     vocab_size,
 )
+from student.targets import OBSERVED_SOURCES, fuse, observed_counts, valid_mask
 
 
 def check_report_output(cfg: EvalConfig, students: list[ModelSpec], teachers: list[ModelSpec]) -> None:
@@ -79,7 +78,7 @@ def _held_out(cfg: EvalConfig, tokenizer: Any, fingerprint: str, max_pos: dict[s
         corpus = CorpusConfig(dataset=cfg.data, dataset_config=cfg.dataset_config, split=cfg.split,
                               revision=cfg.dataset_revision, text_field=cfg.text_field, max_tokens=cfg.max_tokens)
         return pack_text(corpus, tokenizer, seq_len, cfg.batch_size)
-    held = open_caches(cfg.teacher_data, cfg.teacher_weighting, cfg.verify, cfg.max_tokens, cfg.batch_size)
+    held = open_caches(cfg.teacher_data, cfg.weighting(), cfg.verify, cfg.max_tokens, cfg.batch_size)
     m = held.caches[0].manifest
     if cfg.seq_len is not None and cfg.seq_len != m.seq_len:
         raise ConfigError(f"--seq-len {cfg.seq_len} differs from the caches' seq_len {m.seq_len}; "
@@ -116,6 +115,8 @@ class _Pass:
     scores: dict[str, Scores]
     texts: dict[str, list[str]] = field(default_factory=dict)
     """Greedy continuations of the prompts, per model."""
+    observed_sources: dict[str, dict[str, int]] | None = None
+    """Per teacher, the positions whose log p(o) (observed-token weightings) was exact, listed or bounded."""
 
 
 class _Vocab:
@@ -153,7 +154,7 @@ def _score_teacher(spec: ModelSpec, held: HeldOut, cfg: EvalConfig, run: _Pass) 
             ids = held.ids(lo).to(run.device)
             logits = model(input_ids=ids).logits.float()  # [B, L, V]
             scores.add_nll(logits, ids)
-            record.add(logits, cfg.top_k)
+            record.add(logits, cfg.top_k, ids)
             bar.update(ids.numel())
     run.texts[spec.label] = _continuations(model, run.prompts, cfg.new_tokens, run.tokenizer)
     return record
@@ -167,18 +168,26 @@ def _score_student(spec: ModelSpec, held: HeldOut, records: list[TeacherRecord],
     model = load_model(spec, run.device, run.dtype)
     run.vocab.check(spec.label, model)
     scores = run.scores[spec.label]
+    weighting = cfg.weighting()
+    counts = None
     with torch.no_grad(), tqdm(total=held.n_windows * held.seq_len, unit="tok", desc=spec.label) as bar:
         for i, lo in enumerate(held.batches()):
-            ids, views = held.batch(lo, cfg.teacher_weighting, cfg.observed_correction)
+            ids, views = held.batch(lo, weighting, cfg.observed_correction)
             views = views + [r.view(i) for r in records]  # the caches' teachers first, then the live ones
             ids = ids.to(run.device)
             logits = model(input_ids=ids).logits.float()  # [B, L, V]
             scores.add_nll(logits, ids)
             if views:
+                batch_counts = observed_counts(views)  # [K, 3] or None
+                if batch_counts is not None:
+                    counts = batch_counts if counts is None else counts + batch_counts
                 views = [v.to(run.device) for v in views]
-                fused = fuse(views, cfg.teacher_weighting, cfg.teacher_weights)
+                fused = fuse(views, weighting, held.seq_len)
                 scores.add_targets(logits, ids, fused, valid_mask(views), run.teacher_names, held.temperature)
             bar.update(ids.numel())
+    if counts is not None:
+        run.observed_sources = {name: dict(zip(OBSERVED_SOURCES, row.tolist(), strict=True))
+                                for name, row in zip(run.teacher_names, counts, strict=True)}
     run.texts[spec.label] = _continuations(model, run.prompts, cfg.new_tokens, run.tokenizer)
 
 
@@ -254,6 +263,7 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "top_k": min(cfg.top_k, vocab) if teachers else None,
         "temperature": held.temperature,
         "teacher_weighting": cfg.teacher_weighting if teacher_names else None,
+        "observed_sources": run.observed_sources,
         "teachers": teacher_names,
         "windows": held.n_windows,
         "seq_len": held.seq_len,

@@ -2,13 +2,14 @@
 
 Held-out sequences come from text (`--dataset`, packed with the student's tokenizer exactly as `precompute`
 packs) or from teacher caches (`--teacher-data`, opened and cross-checked by training's `join_teachers`:
-fingerprints, sequence ids, temperature, an input_ids spot check, and the estimated-entropy warning of
-`check_weighting`; every batch's input_ids are compared again, as training's loader does).
+fingerprints, sequence ids, temperature, an input_ids spot check, and the weighting scheme's
+`check_caches`; every batch's input_ids are compared again, as training's loader does).
 
 Teacher targets reach the metrics in one form, a `TeacherView` per teacher and batch (its sparse ids and
-log-probs, entropy, target mask), fused by training's `teacher_weights` + `fuse_topk` into the same
-`FusedTargets`. A cache's view is its stored columns. A live teacher is scored alone first, and its view is
-what `precompute` would store: its top-k log-probs and its exact entropy per position (`TeacherRecord`), kept
+log-probs, entropy, target mask, log p(o)), fused by training's `student.targets.fuse` into the same
+`FusedTargets`. A cache's view is built by training's own path (`student.targets.cache_views`). A live teacher
+is scored alone first, and its view is what `precompute` would store: its top-k log-probs, its exact entropy
+and its exact log p(o) per position (`TeacherRecord`), kept
 on the host until the students are scored. So only one model is ever resident: three 7B teachers in bf16 need
 the memory of one.
 """
@@ -27,10 +28,11 @@ import torch
 
 from common.errors import ConfigError, UserError
 from storage.errors import MismatchError
-from student.data import check_weighting, join_teachers, sparse_target, target_columns
-from student.fusion import FusedTargets, fuse_topk, teacher_weights
+from student.data import join_teachers
 from student.model import is_hub_id
-from student.observed import apply_observed_correction, next_tokens, observed_logprobs
+from student.observed import observed_logprobs
+from student.targets import TeacherView, cache_columns, cache_views
+from student.weighting import Weighting
 
 
 # ---- model specs and loading ---------------------------------------------------------------------
@@ -137,47 +139,6 @@ def vocab_size(model: Any) -> int:
 
 # ---- teacher targets -----------------------------------------------------------------------------
 @dataclass
-class TeacherView:
-    """One teacher's sparse target for the n = B * L positions of a batch."""
-
-    ids: torch.Tensor
-    """[n, k] integer ids (top-k, or a sampled cache's drawn ids)."""
-    logprobs: torch.Tensor
-    """[n, k] float32 log-probs at `ids` (a sampled cache: log(count / N))."""
-    entropy: torch.Tensor | None
-    """[n] float32 entropy (exact, or the cache's estimate); None when not read (weighting is not entropy)."""
-    valid: torch.Tensor | None = None
-    """[n] bool: positions where the teacher has a target (an aligned cache's target_mask); None: all."""
-    tailless: bool = False
-    """A sampled cache: the list is the whole target (no tail)."""
-
-    def to(self, device: str | torch.device) -> TeacherView:
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
-
-        return TeacherView(move(self.ids), move(self.logprobs), move(self.entropy), move(self.valid), self.tailless)
-
-
-def fuse(views: Sequence[TeacherView], weighting: str, fixed: Sequence[float] | None) -> FusedTargets:
-    """The fused target of K teacher views, as training builds it (`teacher_weights` + `fuse_topk`)."""
-    n = views[0].ids.shape[0]
-    if weighting == "entropy":
-        ent = torch.stack([v.entropy.float() for v in views], dim=1)  # [n, K]
-    else:
-        ent = torch.zeros((n, len(views)))  # shape only
-    valid = valid_mask(views) if any(v.valid is not None for v in views) else None
-    alpha = teacher_weights(ent, weighting, fixed, valid=valid)
-    return fuse_topk([v.ids for v in views], [v.logprobs for v in views], alpha, valid,
-                     tailless=[v.tailless for v in views])
-
-
-def valid_mask(views: Sequence[TeacherView]) -> torch.Tensor:
-    """[n, K] bool: where each teacher has a target."""
-    n = views[0].ids.shape[0]
-    return torch.stack([torch.ones(n, dtype=torch.bool) if v.valid is None else v.valid for v in views], dim=1)
-
-
-@dataclass
 class TeacherRecord:
     """What a live teacher's pass keeps for the students' pass: its view at every held-out position."""
 
@@ -188,17 +149,29 @@ class TeacherRecord:
     """Per batch [n, k] float32."""
     entropy: list[torch.Tensor] = field(default_factory=list)
     """Per batch [n] float32, exact (from the full distribution)."""
+    observed: list[torch.Tensor] = field(default_factory=list)
+    """Per batch [n] float32 exact log p(o) of the observed next token (NaN at each window's last position)."""
 
-    def add(self, logits: torch.Tensor, top_k: int) -> None:
-        """Keep the top-k log-probs and the exact entropy of a batch's logits [B, L, V] (float32)."""
-        logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)  # [n, V]
-        top = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
+    def add(self, logits: torch.Tensor, top_k: int, input_ids: torch.Tensor) -> None:
+        """Keep the top-k log-probs, the exact entropy and log p(o) of a batch's logits [B, L, V] (float32) for
+        its windows input_ids [B, L]."""
+        b, seq_len, vocab = logits.shape
+        logp = torch.log_softmax(logits.reshape(-1, vocab), dim=-1)  # [n, V]
+        top = logp.topk(min(top_k, vocab), dim=-1)
         self.topk_ids.append(top.indices.to(torch.int32).cpu())
         self.topk_logprobs.append(top.values.cpu())
         self.entropy.append(-(logp.exp() * logp).sum(dim=-1).cpu())
+        nxt = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1).reshape(-1, 1).to(logp.device).long()
+        obs = logp.gather(1, nxt).reshape(b, seq_len).clone()
+        obs[:, -1] = float("nan")
+        self.observed.append(obs.reshape(-1).cpu())
 
     def view(self, batch: int) -> TeacherView:
-        return TeacherView(self.topk_ids[batch], self.topk_logprobs[batch], self.entropy[batch])
+        obs = self.observed[batch]
+        last = torch.isnan(obs)
+        counts = torch.tensor([int((~last).sum()), 0, 0], dtype=torch.int64)  # every known log p(o) is exact
+        return TeacherView(self.topk_ids[batch], self.topk_logprobs[batch], self.entropy[batch],
+                           observed=obs, observed_counts=counts)
 
 
 # ---- held-out sequences --------------------------------------------------------------------------
@@ -234,36 +207,22 @@ class HeldOut:
         hi = min(self.n_windows, lo + self.batch_size)
         return self.windows[lo:hi] if not self.caches else self.rows(range(lo, hi))
 
-    def batch(self, lo: int, weighting: str, observed_correction: bool = True
+    def batch(self, lo: int, weighting: Weighting, observed_correction: bool = True
               ) -> tuple[torch.Tensor, list[TeacherView]]:
-        """The windows [b, L] int64 starting at `lo`, and the caches' views of them (none for text). An aligned
-        cache's view takes the observed-token correction when `observed_correction`, as training's loader."""
+        """The windows [b, L] int64 starting at `lo`, and the caches' views of them (none for text), built by
+        training's targets path (student/targets.py): the same columns, observed-token correction and log p(o)."""
         hi = min(self.n_windows, lo + self.batch_size)
         if not self.caches:
             return self.windows[lo:hi], []
-        cols = []
-        for ds in self.caches:
-            names = ["input_ids", *target_columns(ds.manifest)]
-            names += ["entropy"] if weighting == "entropy" else []
-            names += ["target_mask"] if ds.manifest.aligned else []
-            names += ["observed_logprob"] if ds.manifest.aligned and observed_correction else []
-            cols.append(ds.read_columns(list(range(lo, hi)), names))
+        cols = [ds.read_columns(list(range(lo, hi)), cache_columns(ds.manifest, weighting,
+                                                                   observed_correction=observed_correction))
+                for ds in self.caches]
         for path, c in zip(self.cache_paths[1:], cols[1:], strict=True):
             if (c["input_ids"] != cols[0]["input_ids"]).any():
                 raise MismatchError(f"{path} holds other tokens than {self.cache_paths[0]}", "input_ids", (lo, hi))
         ids = torch.from_numpy(cols[0]["input_ids"].astype(np.int64))
-        n = ids.numel()
-        views = []
-        for c, ds in zip(cols, self.caches, strict=True):
-            k_ids, k_lp = sparse_target(c, ds.manifest, n)
-            ent = torch.from_numpy(c["entropy"]).reshape(n).float() if "entropy" in c else None
-            if "observed_logprob" in c:
-                obs = observed_logprobs(c["observed_logprob"])
-                k_ids, k_lp, ent = apply_observed_correction(k_ids, k_lp, ent, obs, next_tokens(c["input_ids"]))
-            views.append(TeacherView(
-                k_ids, k_lp.float(), ent,
-                torch.from_numpy(c["target_mask"] != 0).reshape(n) if "target_mask" in c else None,
-                ds.manifest.target_kind == "sampled"))
+        views = cache_views(cols, [ds.manifest for ds in self.caches], weighting,
+                            observed_correction=observed_correction)
         return ids, views
 
     def observed_nll(self) -> dict[str, dict[str, float | None]]:
@@ -289,11 +248,11 @@ class HeldOut:
         return out
 
 
-def open_caches(paths: Sequence[str], weighting: str, verify: str, max_tokens: int | None,
+def open_caches(paths: Sequence[str], weighting: Weighting, verify: str, max_tokens: int | None,
                 batch_size: int) -> HeldOut:
     """Held-out windows from teacher caches, joined and checked exactly as training joins them."""
     caches = join_teachers(paths, verify=verify)
-    check_weighting(caches, weighting)
+    weighting.check_caches(caches)
     m = caches[0].manifest
     n = len(caches[0]) if max_tokens is None else min(len(caches[0]), max_tokens // m.seq_len)
     if n < 1:

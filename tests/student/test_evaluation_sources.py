@@ -228,3 +228,26 @@ def test_hub_datasets_are_named_as_in_precompute(setup, monkeypatch):
                                   "--bleu-prompts", "0"])
     assert r.exit_code == 0, r.output
     assert seen == [("allenai/c4", "en", "validation", "r1")]  # held-out text: the validation split by default
+
+
+@pytest.mark.parametrize("name", ["min-ce", "min-ce-seq"])
+def test_live_teachers_are_weighted_by_their_exact_observed_logprob(setup, name):
+    """Live teachers under an observed-token weighting: log p(o) is exact at every position with a next token
+    (the result's `observed_sources`), and the fused KL is the float64 KL weighted by the chosen teacher (the
+    last position, without o, uniform for min-ce)."""
+    _, models, held_out = setup
+    res = run_evaluate(_cfg(setup, teachers=[f"t1={models['t1']}", f"t2={models['t2']}"], teacher_weighting=name))
+    ids = _windows(models["student"], held_out)
+    s, length = ids.shape
+    assert res["observed_sources"] == {t: {"exact": s * (length - 1), "listed": 0, "bounded": 0}
+                                       for t in ("t1", "t2")}
+    logp = {m: _logp64(models[m], ids) for m in ("student", "t1", "t2")}  # [S, L, V]
+    obs = torch.stack([logp[t][:, :-1].gather(-1, ids[:, 1:, None])[..., 0] for t in ("t1", "t2")], -1)  # [S, L-1, 2]
+    if name == "min-ce":
+        alpha = torch.full((s, length, 2), 0.5, dtype=torch.float64)
+        alpha[:, :-1] = torch.nn.functional.one_hot(obs.argmax(-1), 2).double()
+    else:
+        alpha = torch.nn.functional.one_hot(obs.mean(1).argmax(-1), 2).double()[:, None].expand(s, length, 2)
+    q = logp["student"]
+    kl = torch.stack([(logp[t].exp() * (logp[t] - q)).sum(-1) for t in ("t1", "t2")], -1)  # [S, L, 2]
+    assert res["models"]["s"]["kl_fused"] == pytest.approx(float((alpha * kl).sum(-1).mean()), rel=1e-4)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from student.data import sparse_target
+from student.targets import sparse_target
 from student.fusion import fuse_topk
 from student.losses import sparse_kl
 from teachers.head import dense_reference

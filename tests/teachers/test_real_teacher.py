@@ -71,6 +71,12 @@ def test_smollm2_targets_match_transformers_logits(tmp_path: Path) -> None:
     torch.testing.assert_close(ids[clear], ref_ids[clear], rtol=0, atol=0)
     entropy = -(logp.exp() * logp).sum(-1)
     torch.testing.assert_close(torch.from_numpy(data["entropy"]).double(), entropy, rtol=1e-4, atol=1e-4)
+    # the observed next token's exact log-prob (float32 storage, the model's float32 logits)
+    observed = torch.from_numpy(data["observed_logprob"]).double()
+    assert manifest.observed_logprob and torch.isnan(observed[:, -1]).all()
+    in_ids = torch.from_numpy(data["input_ids"]).long()
+    torch.testing.assert_close(observed[:, :-1], logp[:, :-1].gather(-1, in_ids[:, 1:, None])[..., 0],
+                               rtol=1e-4, atol=1e-4)
 
     # Plausibility of the stored targets for a small instruct model on English prose.
     nxt = data["input_ids"][:, 1:]

@@ -158,6 +158,22 @@ def test_mapping_matches_dense_reference(flat: bool) -> None:
     torch.testing.assert_close(torch.as_tensor(lps, dtype=torch.float64), ref_lps, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("flat", [False, True])
+def test_observed_logprobs_are_the_prompt_tokens_entries(flat: bool) -> None:
+    """Each prompt token's own log-prob, whether it is in the top-k or the extra (k+1)-th entry; NaN last."""
+    from teachers.vllm_backend import observed_logprobs
+
+    rng = np.random.default_rng(2)
+    vocab, k, length = 40, 3, 12
+    logits = _peaky_logits(rng, length, vocab)
+    prompt = rng.integers(0, vocab, size=length).tolist()
+    got = observed_logprobs(fake_request_output(prompt, logits, k, flat=flat))
+    dense = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), dim=-1)  # [L, V]
+    want = dense[:-1].gather(-1, torch.as_tensor(prompt[1:])[:, None])[:, 0]
+    assert got.shape == (length,) and np.isnan(got[-1])
+    torch.testing.assert_close(torch.as_tensor(got[:-1], dtype=torch.float64), want, atol=1e-6, rtol=0)
+
+
 def test_k_plus_one_entry_drops_the_actual_token() -> None:
     vocab, k = 20, 3
     logits = np.zeros((2, vocab))
@@ -289,6 +305,12 @@ def test_backend_compute_against_dense_model(tiny_model, flat: bool) -> None:
     ref_lps, ref_ids = torch.topk(dense, 6, dim=-1)
     torch.testing.assert_close(torch.as_tensor(out.topk_ids, dtype=torch.int64), ref_ids)
     torch.testing.assert_close(torch.as_tensor(out.topk_logprobs, dtype=torch.float64), ref_lps, atol=1e-5, rtol=0)
+    # observed_logprob: the prompt token's own entry, NaN at the last position
+    nxt = torch.as_tensor(batch.input_ids[:, 1:], dtype=torch.long)
+    assert backend.observed_logprob and out.observed_logprob.dtype == np.float32
+    assert np.isnan(out.observed_logprob[:, -1]).all()
+    torch.testing.assert_close(torch.as_tensor(out.observed_logprob[:, :-1], dtype=torch.float64),
+                               dense[:, :-1].gather(-1, nxt[..., None])[..., 0], atol=1e-5, rtol=0)
     true_h = -(dense.exp() * dense).sum(-1).numpy()
     upper = entropy_bounds(out.topk_logprobs, 96)[1]
     assert out.entropy is not None and np.all(out.entropy <= true_h + 1e-4) and np.all(true_h <= upper + 1e-4)
