@@ -44,12 +44,17 @@ class TeacherTargets:
     observed_logprob: np.ndarray | None = None
     """[B, L] float32, aligned caches only: the teacher's exact log-prob of the observed next token, NaN where
     unavailable."""
+    loss_mask: np.ndarray | None = None
+    """[B, L] uint8, conversation caches only: 1 where the next token belongs to an assistant reply (the
+    positions the losses use); None for text (every position counts)."""
+    doc_start: np.ndarray | None = None
+    """[B, L] uint8, conversation caches only: 1 where a conversation begins."""
     stats: dict[str, np.ndarray] | None = None
     """Aligned caches only: name -> [B] float64 per-sequence sums (positions, aligned, observed, mass_whole,
     ...); their totals over a shard go into its manifest entry."""
 
     _ARRAYS = ("seq_ids", "input_ids", "topk_ids", "topk_logprobs", "entropy", "sample_ids", "sample_counts",
-               "target_mask", "observed_logprob")
+               "target_mask", "observed_logprob", "loss_mask", "doc_start")
 
     @property
     def sampled(self) -> bool:
