@@ -79,7 +79,7 @@ class DistillModule(torch.nn.Module):
         self.has_proj = [d is not None for d in proj_dims]
 
     def forward(self, input_ids: torch.Tensor, want_pooled: bool, fused: FusedTargets | None = None,
-                loss: DistillLoss | None = None) -> tuple[Any, torch.Tensor | None]:
+                loss: DistillLoss | None = None, loss_mask: torch.Tensor | None = None) -> tuple[Any, torch.Tensor | None]:
         """(logits [B, L, V], pooled [B, d_S] or None); with a chunked `loss` (and `fused`): ((CE, KD) computed
         in chunks from the final hidden states, pooled). The chunked terms are computed inside forward so DDP
         sees every use of the parameters."""
@@ -93,7 +93,11 @@ class DistillModule(torch.nn.Module):
         out = self.student.base_model(input_ids=input_ids, output_hidden_states=want_pooled, use_cache=False)
         pooled = out.hidden_states[index].float().mean(dim=1) if want_pooled else None
         weight = self.student.get_output_embeddings().weight
-        return loss.chunked_terms(out.last_hidden_state, weight, input_ids, fused), pooled
+        return loss.chunked_terms(out.last_hidden_state, weight, input_ids, fused, loss_mask), pooled
+
+
+LOSS_MASK_POSITIONS = "assistant replies only (loss_mask)"
+"""What the `positions` entry of a metrics line says for caches of conversations."""
 
 
 def run_train(cfg: TrainConfig) -> dict[str, float]:
@@ -123,6 +127,12 @@ class Trainer:
         self._verify_caches()
         m0 = self.teachers[0].manifest
         self.names = _unique_names([t.manifest.teacher.name for t in self.teachers])
+        masked = sdata.loss_mask_column(self.teachers[0].manifest) is not None
+        self.positions_note = {"positions": LOSS_MASK_POSITIONS} if masked else {}
+        """Conversations: every metrics line says its CE, KD, KL and perplexity average over the loss mask."""
+        if masked:
+            log.info("the caches hold conversations: CE, KD, KL and perplexity are averaged over %s",
+                     LOSS_MASK_POSITIONS)
         self.temperature = m0.temperature
         if lc.temperature is not None and not math.isclose(lc.temperature, m0.temperature):
             raise ConfigError(f"--temperature {lc.temperature} differs from the caches' precompute temperature "
@@ -256,11 +266,11 @@ class Trainer:
         want_feat = self.use_feat and self.loss_fn.gamma_feat > 0 and train
         if self.loss_fn.chunked:
             with self.autocast:
-                (ce, kd), pooled = self.model(b.input_ids, want_feat, b.fused, self.loss_fn)
+                (ce, kd), pooled = self.model(b.input_ids, want_feat, b.fused, self.loss_fn, b.loss_mask)
         else:
             with self.autocast:
                 logits, pooled = self.model(b.input_ids, want_feat)  # [B, L, V]
-            ce, kd = self.loss_fn.logit_terms(logits, b.input_ids, b.fused, train=train)
+            ce, kd = self.loss_fn.logit_terms(logits, b.input_ids, b.fused, train=train, loss_mask=b.loss_mask)
         if want_feat:
             projs = [p if has else None for p, has in zip(self.module.projections, self.module.has_proj, strict=True)]
             feat = self.loss_fn.feature(pooled, b.pooled, projs)
@@ -359,6 +369,11 @@ class Trainer:
         for batch in self.eval_loader:
             terms = self.compute_loss(batch, train=False)
             b, seq_len = batch.shape
+            if batch.loss_mask is not None:  # conversations: means over the masked positions, weighted by them
+                kl_n = float(batch.fused.has_target.sum())
+                ce_n = float(batch.loss_mask[:, :-1].sum())
+                sums += torch.tensor([float(terms.kd) * kl_n, kl_n, float(terms.ce) * ce_n, ce_n], dtype=torch.float64)
+                continue
             sums += torch.tensor([float(terms.kd) * b * seq_len, b * seq_len,
                                   float(terms.ce) * b * (seq_len - 1), b * (seq_len - 1)], dtype=torch.float64)
         if self.distributed:
@@ -477,7 +492,7 @@ class Trainer:
         if bad is not None:  # e.g. a held-out loss of weights that went to inf in the last optimizer step
             raise DivergedError(f"step {self.step}: {rec.get('split')} metrics are not finite ({bad}); nothing "
                                 "was saved from this step; lower --lr or the loss weights")
-        self.metrics.write(rec)
+        self.metrics.write({**rec, **self.positions_note})
 
     def _last_logged(self) -> dict:
         """The last metrics.jsonl record (the final evaluation of a finished run); {} on ranks other than 0."""

@@ -13,7 +13,13 @@ from click.testing import CliRunner
 from cli import main
 from common.chat import ChatPackStats, pack_conversations
 from tests.chat_helpers import PLAIN_TEMPLATE, sample_conversations, write_chat_corpus
-from tests.helpers import make_tiny_teacher, make_two_tokenizer_setup, one_error_line, sample_texts, train_tiny_tokenizer
+from tests.helpers import (
+    make_tiny_teacher,
+    make_two_tokenizer_setup,
+    one_error_line,
+    sample_texts,
+    train_tiny_tokenizer,
+)
 
 SEQ_LEN = 256
 
