@@ -35,6 +35,8 @@ from student.fusion import fuse_topk, teacher_weights
 from student.observed import apply_observed_correction, next_tokens, observed_logprobs
 
 log = logging.getLogger("student")
+LOSS_MASK_POSITIONS = "assistant replies only (loss_mask)"
+"""What metrics lines and evaluation reports say they average over, for caches of conversations."""
 
 
 def join_teachers(paths: Sequence[str], *, spot_check: int = 16, seed: int = 0,

@@ -96,10 +96,6 @@ class DistillModule(torch.nn.Module):
         return loss.chunked_terms(out.last_hidden_state, weight, input_ids, fused, loss_mask), pooled
 
 
-LOSS_MASK_POSITIONS = "assistant replies only (loss_mask)"
-"""What the `positions` entry of a metrics line says for caches of conversations."""
-
-
 def run_train(cfg: TrainConfig) -> dict[str, float]:
     """Train per `cfg`; returns the last evaluation (eval_kl, eval_ppl, ...) or the last train metrics."""
     trainer = Trainer(cfg)
@@ -128,11 +124,11 @@ class Trainer:
         m0 = self.teachers[0].manifest
         self.names = _unique_names([t.manifest.teacher.name for t in self.teachers])
         masked = sdata.loss_mask_column(self.teachers[0].manifest) is not None
-        self.positions_note = {"positions": LOSS_MASK_POSITIONS} if masked else {}
+        self.positions_note = {"positions": sdata.LOSS_MASK_POSITIONS} if masked else {}
         """Conversations: every metrics line says its CE, KD, KL and perplexity average over the loss mask."""
         if masked:
             log.info("the caches hold conversations: CE, KD, KL and perplexity are averaged over %s",
-                     LOSS_MASK_POSITIONS)
+                     sdata.LOSS_MASK_POSITIONS)
         self.temperature = m0.temperature
         if lc.temperature is not None and not math.isclose(lc.temperature, m0.temperature):
             raise ConfigError(f"--temperature {lc.temperature} differs from the caches' precompute temperature "

@@ -40,6 +40,7 @@ from student.evaluation.sources import (
     release,
     valid_mask,
     vocab_size,
+    with_loss_mask,
 )
 
 
@@ -131,7 +132,8 @@ def _score_teacher(spec: ModelSpec, held: HeldOut, cfg: EvalConfig, run: _Pass) 
         for lo in held.batches():
             ids = held.ids(lo).to(run.device)
             logits = model(input_ids=ids).logits.float()  # [B, L, V]
-            scores.add_nll(logits, ids)
+            mask = held.loss_mask(lo)
+            scores.add_nll(logits, ids, None if mask is None else mask.to(run.device))
             record.add(logits, cfg.top_k)
             bar.update(ids.numel())
     run.texts[spec.label] = _continuations(model, run.prompts, cfg.new_tokens, run.tokenizer)
@@ -152,11 +154,16 @@ def _score_student(spec: ModelSpec, held: HeldOut, records: list[TeacherRecord],
             views = views + [r.view(i) for r in records]  # the caches' teachers first, then the live ones
             ids = ids.to(run.device)
             logits = model(input_ids=ids).logits.float()  # [B, L, V]
-            scores.add_nll(logits, ids)
+            mask = held.loss_mask(lo)
+            mask = None if mask is None else mask.to(run.device)  # [B, L] bool: conversations' assistant positions
+            scores.add_nll(logits, ids, mask)
             if views:
                 views = [v.to(run.device) for v in views]
+                if mask is not None:
+                    views = with_loss_mask(views, mask.reshape(-1))
                 fused = fuse(views, cfg.teacher_weighting, cfg.teacher_weights)
-                scores.add_targets(logits, ids, fused, valid_mask(views), run.teacher_names, held.temperature)
+                scores.add_targets(logits, ids, fused, valid_mask(views), run.teacher_names, held.temperature,
+                                   masked=mask is not None)
             bar.update(ids.numel())
     run.texts[spec.label] = _continuations(model, run.prompts, cfg.new_tokens, run.tokenizer)
 
@@ -246,6 +253,10 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
                            "reference": truth, **run.texts} if n_prompts else {}),
         "config": asdict(cfg),
     }
+    if held.mask_column is not None:  # conversations (text results keep their keys)
+        from student.data import LOSS_MASK_POSITIONS
+
+        result["positions"] = LOSS_MASK_POSITIONS
     if cfg.output:
         write_json(result, cfg.output)
     return result

@@ -18,7 +18,7 @@ from __future__ import annotations
 import gc
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch
 
 from common.errors import ConfigError, UserError
 from storage.errors import MismatchError
-from student.data import check_weighting, join_teachers, sparse_target, target_columns
+from student.data import check_weighting, join_teachers, loss_mask_column, sparse_target, target_columns
 from student.fusion import FusedTargets, fuse_topk, teacher_weights
 from student.model import is_hub_id
 from student.observed import apply_observed_correction, next_tokens, observed_logprobs
@@ -171,6 +171,11 @@ def fuse(views: Sequence[TeacherView], weighting: str, fixed: Sequence[float] | 
                      tailless=[v.tailless for v in views])
 
 
+def with_loss_mask(views: Sequence[TeacherView], loss_mask: torch.Tensor) -> list[TeacherView]:
+    """The views with no target outside `loss_mask` [n] bool (conversations: the assistant positions)."""
+    return [replace(v, valid=loss_mask if v.valid is None else v.valid & loss_mask) for v in views]
+
+
 def valid_mask(views: Sequence[TeacherView]) -> torch.Tensor:
     """[n, K] bool: where each teacher has a target."""
     n = views[0].ids.shape[0]
@@ -214,6 +219,15 @@ class HeldOut:
     caches: list[Any] = field(default_factory=list)
     """Joined `TeacherDataset`s (cache source)."""
     cache_paths: list[str] = field(default_factory=list)
+    mask_column: str | None = None
+    """Caches of conversations: their loss-mask column (every figure averages over its positions only)."""
+
+    def loss_mask(self, lo: int) -> torch.Tensor | None:
+        """[b, L] bool loss mask of the batch starting at `lo` (conversations), or None (every position)."""
+        if self.mask_column is None:
+            return None
+        hi = min(self.n_windows, lo + self.batch_size)
+        return torch.from_numpy(self.caches[0].read_columns(list(range(lo, hi)), [self.mask_column])[self.mask_column] != 0)
 
     @property
     def temperature(self) -> float:
@@ -275,16 +289,21 @@ class HeldOut:
             if not ds.manifest.aligned:
                 continue
             nll, count = 0.0, 0
+            positions = 0
             for lo in self.batches():
                 hi = min(self.n_windows, lo + self.batch_size)
                 obs = observed_logprobs(ds.read_columns(list(range(lo, hi)), ["observed_logprob"])["observed_logprob"])
                 use = ~torch.isnan(obs)
+                mask = self.loss_mask(lo)
+                if mask is not None:  # conversations: the assistant positions only
+                    use &= mask.reshape(-1)
+                    positions += int(mask[:, :-1].sum())
                 nll -= float(obs[use].double().sum())
                 count += int(use.sum())
             out[ds.manifest.teacher.name] = {
                 "perplexity_observed": math.exp(nll / count) if count else None,
                 "observed_positions": count,
-                "positions": self.n_windows * (self.seq_len - 1),
+                "positions": positions if self.mask_column else self.n_windows * (self.seq_len - 1),
             }
         return out
 
@@ -298,7 +317,8 @@ def open_caches(paths: Sequence[str], weighting: str, verify: str, max_tokens: i
     n = len(caches[0]) if max_tokens is None else min(len(caches[0]), max_tokens // m.seq_len)
     if n < 1:
         raise UserError(f"max_tokens={max_tokens} is less than one window of {m.seq_len} tokens")
-    return HeldOut(seq_len=m.seq_len, n_windows=n, batch_size=batch_size, caches=caches, cache_paths=list(paths))
+    return HeldOut(seq_len=m.seq_len, n_windows=n, batch_size=batch_size, caches=caches, cache_paths=list(paths),
+                   mask_column=loss_mask_column(m))
 
 
 def pack_text(corpus: Any, tokenizer: Any, seq_len: int, batch_size: int) -> HeldOut:

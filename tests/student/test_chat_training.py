@@ -156,7 +156,8 @@ def test_teachers_whose_masks_differ_are_refused(chat_caches, tmp_path):
 
 def test_training_on_conversations_reports_masked_metrics(chat_caches, tmp_path):
     from student.config import OptimConfig, TrainConfig
-    from student.trainer import LOSS_MASK_POSITIONS, Trainer, run_train
+    from student.data import LOSS_MASK_POSITIONS
+    from student.trainer import Trainer, run_train
 
     cfg = TrainConfig(teacher_data=chat_caches["caches"], output=str(tmp_path / "run"), student="tiny",
                       tokenizer=chat_caches["tok"], batch_size=4, max_steps=3, eval_sequences=4, eval_every=3,
@@ -186,3 +187,46 @@ def test_training_on_conversations_reports_masked_metrics(chat_caches, tmp_path)
         assert got["eval_ce"] == pytest.approx(nll / count, rel=1e-5)
     finally:
         trainer.close()
+
+
+def test_evaluate_on_conversation_caches_scores_assistant_positions_only(chat_caches, tmp_path):
+    """evaluate on held-out conversation caches: perplexity is exp of the float64 mean NLL over the masked
+    positions, every table line and comparison says so, and the teachers' targets exist only there."""
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from cli import main
+    from storage.reader import TeacherDataset
+    from student.config import OptimConfig, TrainConfig
+    from student.data import LOSS_MASK_POSITIONS
+    from student.trainer import run_train
+
+    runs = []
+    for i, lam in enumerate((0.5, 0.0)):
+        cfg = TrainConfig(teacher_data=chat_caches["caches"], output=str(tmp_path / f"run{i}"), student="tiny",
+                          tokenizer=chat_caches["tok"], batch_size=4, max_steps=2, eval_sequences=4, eval_every=0,
+                          log_every=1, num_workers=0, optim=OptimConfig(lr=1e-3, warmup_steps=1))
+        cfg.loss.lambda_kd = lam
+        run_train(cfg)
+        runs.append(tmp_path / f"run{i}" / "final")
+    out = tmp_path / "eval.json"
+    r = CliRunner().invoke(main, ["evaluate", "--student", f"kd={runs[0]}", "--student", f"ce={runs[1]}",
+                                  *[x for c in chat_caches["caches"] for x in ("--teacher-data", c)],
+                                  "--bleu-prompts", "0", "--bootstrap", "50", "--device", "cpu", "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert res["positions"] == LOSS_MASK_POSITIONS
+    assert f"Every figure averages over {LOSS_MASK_POSITIONS}" in r.output
+    assert LOSS_MASK_POSITIONS in [x for x in r.output.splitlines() if x.startswith("kd - ce")][0]
+
+    ds = TeacherDataset.open(chat_caches["caches"][0])
+    cols = ds.read_columns(np.arange(len(ds)), ["input_ids", "loss_mask"])
+    ids, mask = torch.from_numpy(cols["input_ids"].astype(np.int64)), torch.from_numpy(cols["loss_mask"] != 0)
+    model = AutoModelForCausalLM.from_pretrained(str(runs[0])).eval()
+    with torch.no_grad():
+        logq = torch.log_softmax(model(input_ids=ids).logits.double(), -1)
+    nll = -logq[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)[mask[:, :-1]]
+    kd = res["models"]["kd"]
+    assert kd["tokens_scored"] == int(mask[:, :-1].sum()) < ids[:, 1:].numel()
+    assert kd["perplexity"] == pytest.approx(float(nll.mean().exp()), rel=1e-4)
+    assert kd["positions_with_target"] == int(mask.sum())
