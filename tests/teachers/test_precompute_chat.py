@@ -67,6 +67,10 @@ def test_chat_cache_stores_the_mask_and_boundaries_of_packing(setup, fmt):
     for name in ("input_ids", "loss_mask", "doc_start"):
         np.testing.assert_array_equal(cols[name], np.concatenate([getattr(b, name) for b in expected]), err_msg=name)
     assert cols["loss_mask"].dtype == np.uint8 and 0 < cols["loss_mask"].mean() < 1
+    shown = CliRunner().invoke(main, ["inspect", str(out)])
+    assert shown.exit_code == 0, shown.output
+    line = [x for x in shown.output.splitlines() if x.startswith("conversations")][0]
+    assert "marks assistant replies" in line and f"{stats.too_long} refused (longer than seq_len)" in line
 
 
 @pytest.mark.parametrize("row,needle", [
