@@ -166,3 +166,20 @@ def test_packing_keeps_conversations_whole_and_records_boundaries(tiny_tok):
     assert cut.too_long == 0 and cut.truncated_conversations == stats.too_long
     assert cut.conversations_packed == len(convs)
     assert all(not b.loss_mask[:, -1].any() for b in kept)
+
+
+def test_hub_chat_rows_are_validated_like_local_ones(monkeypatch):
+    """A hub dataset (streamed) goes through the same checks; a bad row is named by dataset, partition and row."""
+    import datasets
+
+    import common.corpus as corpus
+
+    convs = sample_conversations(4)
+    rows = [{"messages": c} for c in convs]
+    monkeypatch.setattr(corpus, "_open_hub", lambda cfg: datasets.Dataset.from_list(rows).to_iterable_dataset())
+    cfg = CorpusConfig(dataset="someone/chats", corpus_format="chat")
+    assert list(iter_documents(cfg)) == convs
+    bad = rows[:2] + [{"messages": [{"role": "user", "content": None}]}]
+    monkeypatch.setattr(corpus, "_open_hub", lambda cfg: datasets.Dataset.from_list(bad).to_iterable_dataset())
+    with pytest.raises(CorpusError, match=r"someone/chats: partition 0: row 2: field 'messages': message 0 \(user\) has no content"):
+        list(iter_documents(cfg))
