@@ -571,6 +571,11 @@ def _final_tokenizer(tokenizer: str | None, m: Manifest) -> Any | None:
         return None
     if not explicit:
         log.info("final student's tokenizer: the caches' own, %s", tokenizer)
+    template = m.notes.get("chat_template") if m.loss_mask is not None else None
+    if isinstance(template, str) and getattr(tok, "chat_template", None) != template:
+        # conversations: the student answers in the template it was trained on (--chat-template, if given)
+        log.info("final student's tokenizer: the chat template the caches' conversations were rendered with")
+        tok.chat_template = template
     return tok
 
 

@@ -191,7 +191,8 @@ def _run_slice(cfg: PrecomputeConfig, backend: TeacherBackend | None, slice_inde
         pooled_layers=sorted(backend.pooled_dims), pooled_dims=dict(backend.pooled_dims),
         corpus_fingerprint=corpus_fp, corpus=corpus_desc, shard_size=s_cfg.shard_size,
         num_partitions=len(partitions), slice_index=slice_index, num_slices=num_slices,
-        notes={"backend": dict(backend.notes), "tokenizer": tok_path, "batch_size": cfg.batch_size},
+        notes={"backend": dict(backend.notes), "tokenizer": tok_path, "batch_size": cfg.batch_size,
+               **({"chat_template": chat_template_text(cfg, tokenizer)} if cfg.corpus.chat else {})},
     )
     stats, read = (ChatPackStats() if cfg.corpus.chat else PackStats()), ReadStats()
     windows_per_partition: dict[int, int] = {}
@@ -293,6 +294,14 @@ def chat_mask_info(cfg: PrecomputeConfig, tokenizer: Any) -> dict[str, Any]:
     return {"column": LOSS_MASK_COLUMN, "boundaries": BOUNDARY_COLUMN, "marks": "assistant",
             "chat_template_sha256": template_sha256(template), "method": mask_method(template),
             "truncate_conversations": cfg.corpus.truncate_conversations}
+
+
+def chat_template_text(cfg: PrecomputeConfig, tokenizer: Any) -> str:
+    """The template the conversations were rendered with, kept in the notes so the trained student's saved
+    tokenizer renders conversations the same way."""
+    from common.chat import resolve_template
+
+    return resolve_template(tokenizer, cfg.corpus.chat_template)
 
 
 def _expected_sequences(cfg: PrecomputeConfig, num_partitions: int, parts: list[Partition]) -> int | None:

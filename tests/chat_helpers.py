@@ -15,6 +15,7 @@ from tests.helpers import sample_texts
 PLAIN_TEMPLATE = (
     "{% for m in messages %}{{ '### ' + m['role'] + ':\\n' }}{{ m['content'] }}"
     "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### assistant:\\n' }}{% endif %}"
 )
 """A template of our own (not SmolLM2's): `### role:` headers, replies closed by the EOS token."""
 GENERATION_TEMPLATE = (

@@ -167,6 +167,18 @@ def test_training_on_conversations_reports_masked_metrics(chat_caches, tmp_path)
     assert lines and all(m["positions"] == LOSS_MASK_POSITIONS for m in lines)
     assert {m["split"] for m in lines} == {"train", "eval"}
 
+    # the saved student answers through the chat template its conversations were rendered with
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = tmp_path / "run" / "final"
+    tok, model = AutoTokenizer.from_pretrained(str(final)), AutoModelForCausalLM.from_pretrained(str(final))
+    assert tok.chat_template == PLAIN_TEMPLATE
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Where is the school?"}], add_generation_prompt=True,
+                                     return_dict=True, return_tensors="pt")
+    assert tok.decode(prompt["input_ids"][0]).endswith("### assistant:\n")
+    out = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 4
+
     # held-out CE is the float64 mean over masked positions of the student's next-token NLL
     from dataclasses import replace
 
