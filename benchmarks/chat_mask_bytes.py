@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 TARGET_COLUMNS = ("topk_ids", "topk_logprobs", "entropy", "sample_ids", "sample_counts")
 
 
-def measure(cache: str) -> dict[str, float]:
-    """Positions, masked fraction and bytes/position as stored and with unmasked targets blanked."""
+def measure(cache: str, pad_id: int | None = None) -> dict[str, float]:
+    """Positions, masked fraction and bytes/position as stored, with unmasked targets blanked, and with only
+    the padding's blanked. pad_id: the padding token (default: that of the tokenizer the cache records)."""
     from storage import fs as sfs
     from storage.reader import TeacherDataset
     from storage.schema import columns
@@ -38,30 +39,60 @@ def measure(cache: str) -> dict[str, float]:
     m = ds.manifest
     if m.loss_mask is None:
         raise SystemExit(f"error: {cache} is not a cache of conversations (its manifest has no loss_mask)")
+    if pad_id is None:
+        from common.chat import pad_token_id
+        from common.tokenizer import load_tokenizer
+
+        tok_path = m.notes["tokenizer"]
+        pad_id = pad_token_id(load_tokenizer(tok_path, gguf_file=m.teacher.gguf_file if tok_path == m.teacher.path
+                                             else None))
     names = list(columns(m))
     fs = sfs.resolve(tempfile.gettempdir())[0]
-    stored = blanked = positions = masked = 0
+    stored = blanked = unpadded = positions = masked = padding = 0
     with tempfile.TemporaryDirectory() as tmp:
         for info in m.shards:
             rows = ds.position_of(np.arange(info.first_seq_id, info.last_seq_id + 1))
             data = ds.read_columns(rows, names)
             data["seq_id"] = np.ascontiguousarray(data["seq_id"])
             mask = data["loss_mask"] != 0  # [n, L]
+            pad = _trailing_padding(data["input_ids"], data["doc_start"], pad_id)  # [n, L] after the last conversation
             positions += mask.size
             masked += int(mask.sum())
-            again = write_shard(fs, tmp, m, info.index, data)
-            stored += again.bytes
-            for name in TARGET_COLUMNS:
-                if name in data:
-                    arr = data[name].copy()
-                    arr[~mask] = 0
-                    data[name] = arr
-            os.makedirs(os.path.join(tmp, "blank"), exist_ok=True)
-            blank = write_shard(fs, os.path.join(tmp, "blank"), m, info.index, data)
-            blanked += blank.bytes
-    return {"positions": positions, "masked": masked, "masked_fraction": masked / positions,
+            padding += int(pad.sum())
+            stored += write_shard(fs, tmp, m, info.index, data).bytes
+            unpadded += _blanked_bytes(fs, os.path.join(tmp, "unpadded"), m, info.index, data, ~pad)
+            blanked += _blanked_bytes(fs, os.path.join(tmp, "blank"), m, info.index, data, mask)
+    return {"positions": positions, "masked": masked, "masked_fraction": masked / positions, "padding": padding,
             "stored_bytes_per_token": stored / positions, "masked_only_bytes_per_token": blanked / positions,
-            "saving": 1 - blanked / stored, "manifest_bytes_per_token": m.total_bytes / positions}
+            "saving": 1 - blanked / stored, "manifest_bytes_per_token": m.total_bytes / positions,
+            "no_padding_bytes_per_token": unpadded / positions, "padding_saving": 1 - unpadded / stored,
+            "padding_in_notes": m.notes.get("packing", {}).get("padding_tokens")}
+
+
+def _trailing_padding(input_ids: np.ndarray, doc_start: np.ndarray, pad_id: int) -> np.ndarray:
+    """[n, L] bool: the run of `pad_id` that ends each window after its last conversation's start (packing's
+    padding, provided no conversation ends in the pad id; the total is checked against the manifest's
+    packing count)."""
+    n, length = input_ids.shape
+    is_pad = input_ids == pad_id
+    run = np.where(is_pad.all(axis=1), length, np.argmax(~is_pad[:, ::-1], axis=1))  # trailing pad tokens
+    last_start = length - 1 - np.argmax(doc_start[:, ::-1] != 0, axis=1)
+    first_pad = np.maximum(length - run, last_start + 1)
+    return np.arange(length)[None, :] >= first_pad[:, None]
+
+
+def _blanked_bytes(fs, root: str, m, index: int, data: dict[str, np.ndarray], keep: np.ndarray) -> int:
+    """Bytes of the shard written with the target columns set to 0 outside `keep` [n, L] bool."""
+    from storage.shards import write_shard
+
+    os.makedirs(root, exist_ok=True)
+    copy = dict(data)
+    for name in TARGET_COLUMNS:
+        if name in copy:
+            arr = copy[name].copy()
+            arr[~keep] = 0
+            copy[name] = arr
+    return write_shard(fs, root, m, index, copy).bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,9 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("cache", help="a cache of conversations (precompute --corpus-format chat)")
     args = ap.parse_args(argv)
     r = measure(args.cache)
-    print(f"{args.cache}: {r['positions']} positions, {r['masked']} masked ({r['masked_fraction']:.1%}); "
-          f"bytes/token stored {r['stored_bytes_per_token']:.1f} (manifest {r['manifest_bytes_per_token']:.1f}), "
-          f"targets only at masked positions {r['masked_only_bytes_per_token']:.1f}: saves {r['saving']:.1%}")
+    print(f"{args.cache}: {r['positions']} positions, {r['masked']} masked ({r['masked_fraction']:.1%}), "
+          f"{r['padding']} padding ({r['padding'] / r['positions']:.1%}; packing counted {r['padding_in_notes']})")
+    print(f"  bytes/token as stored        {r['stored_bytes_per_token']:.1f} (manifest {r['manifest_bytes_per_token']:.1f})")
+    print(f"  without padding targets      {r['no_padding_bytes_per_token']:.1f} (saves {r['padding_saving']:.2%})")
+    print(f"  masked positions' targets only {r['masked_only_bytes_per_token']:.1f} (saves {r['saving']:.2%}; "
+          f"{1 - r['masked_only_bytes_per_token'] / r['no_padding_bytes_per_token']:.2%} of the padding-free figure)")
     return 0
 
 
