@@ -62,7 +62,9 @@ def _held_out(cfg: EvalConfig, tokenizer: Any, fingerprint: str, max_pos: dict[s
         seq_len = _window_length(cfg, max_pos)
         _check_positions(max_pos, seq_len)
         corpus = CorpusConfig(dataset=cfg.data, dataset_config=cfg.dataset_config, split=cfg.split,
-                              revision=cfg.dataset_revision, text_field=cfg.text_field, max_tokens=cfg.max_tokens)
+                              revision=cfg.dataset_revision, text_field=cfg.text_field, max_tokens=cfg.max_tokens,
+                              corpus_format=cfg.corpus_format, messages_field=cfg.messages_field,
+                              chat_template=cfg.chat_template)
         return pack_text(corpus, tokenizer, seq_len, cfg.batch_size)
     held = open_caches(cfg.teacher_data, cfg.teacher_weighting, cfg.verify, cfg.max_tokens, cfg.batch_size)
     m = held.caches[0].manifest
@@ -253,7 +255,7 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
                            "reference": truth, **run.texts} if n_prompts else {}),
         "config": asdict(cfg),
     }
-    if held.mask_column is not None:  # conversations (text results keep their keys)
+    if held.masked:  # conversations (text results keep their keys)
         from student.data import LOSS_MASK_POSITIONS
 
         result["positions"] = LOSS_MASK_POSITIONS

@@ -221,12 +221,21 @@ class HeldOut:
     cache_paths: list[str] = field(default_factory=list)
     mask_column: str | None = None
     """Caches of conversations: their loss-mask column (every figure averages over its positions only)."""
+    masks: torch.Tensor | None = None
+    """[S, L] bool loss masks of packed conversations (text source, `--corpus-format chat`)."""
+
+    @property
+    def masked(self) -> bool:
+        """Conversations: every figure averages over the loss mask's positions only."""
+        return self.mask_column is not None or self.masks is not None
 
     def loss_mask(self, lo: int) -> torch.Tensor | None:
         """[b, L] bool loss mask of the batch starting at `lo` (conversations), or None (every position)."""
+        hi = min(self.n_windows, lo + self.batch_size)
+        if self.masks is not None:
+            return self.masks[lo:hi]
         if self.mask_column is None:
             return None
-        hi = min(self.n_windows, lo + self.batch_size)
         return torch.from_numpy(self.caches[0].read_columns(list(range(lo, hi)), [self.mask_column])[self.mask_column] != 0)
 
     @property
@@ -322,12 +331,30 @@ def open_caches(paths: Sequence[str], weighting: str, verify: str, max_tokens: i
 
 
 def pack_text(corpus: Any, tokenizer: Any, seq_len: int, batch_size: int) -> HeldOut:
-    """Held-out windows of text (`common.corpus.CorpusConfig`), packed as `precompute` packs."""
+    """Held-out windows of text (`common.corpus.CorpusConfig`), packed as `precompute` packs; conversations
+    (`corpus_format` chat) with their loss masks, rendered with the tokenizer's template (or the corpus')."""
     from common.corpus import iter_documents
-    from common.packing import pack_documents
 
-    packed = list(pack_documents(iter_documents(corpus), tokenizer, seq_len=seq_len, max_tokens=corpus.max_tokens))
+    if corpus.chat:
+        from common.chat import ChatPackStats, pack_conversations, resolve_template
+
+        stats = ChatPackStats()
+        packed = list(pack_conversations(iter_documents(corpus), tokenizer, seq_len=seq_len,
+                                         template=resolve_template(tokenizer, corpus.chat_template),
+                                         truncate=corpus.truncate_conversations, max_tokens=corpus.max_tokens,
+                                         stats=stats))
+        if stats.too_long:
+            import click
+
+            click.echo(f"evaluate: {stats.too_long} of {stats.documents} conversations are longer than seq_len="
+                       f"{seq_len} and are left out", err=True)
+    else:
+        from common.packing import pack_documents
+
+        packed = list(pack_documents(iter_documents(corpus), tokenizer, seq_len=seq_len, max_tokens=corpus.max_tokens))
     if not packed:
         raise UserError(f"{corpus.dataset} holds fewer than seq_len={seq_len} tokens; lower --seq-len")
     windows = torch.from_numpy(np.concatenate([b.input_ids for b in packed]).astype(np.int64))
-    return HeldOut(seq_len=seq_len, n_windows=windows.shape[0], batch_size=batch_size, windows=windows)
+    masks = None if packed[0].loss_mask is None else torch.from_numpy(
+        np.concatenate([b.loss_mask for b in packed]) != 0)
+    return HeldOut(seq_len=seq_len, n_windows=windows.shape[0], batch_size=batch_size, windows=windows, masks=masks)

@@ -242,3 +242,15 @@ def test_evaluate_on_conversation_caches_scores_assistant_positions_only(chat_ca
     assert kd["tokens_scored"] == int(mask[:, :-1].sum()) < ids[:, 1:].numel()
     assert kd["perplexity"] == pytest.approx(float(nll.mean().exp()), rel=1e-4)
     assert kd["positions_with_target"] == int(mask.sum())
+
+    # the held-out conversations themselves (no cache): packed and masked as precompute did, the same figures
+    root = chat_caches["root"]
+    r = CliRunner().invoke(main, ["evaluate", "--student", f"kd={runs[0]}", "--dataset", str(root / "chat.jsonl"),
+                                  "--corpus-format", "chat", "--chat-template", str(root / "template.jinja"),
+                                  "--seq-len", str(SEQ_LEN), "--bleu-prompts", "0", "--device", "cpu",
+                                  "--output", str(tmp_path / "text.json")])
+    assert r.exit_code == 0, r.output
+    text = json.loads((tmp_path / "text.json").read_text())
+    assert text["positions"] == LOSS_MASK_POSITIONS and text["windows"] == len(ds)
+    assert text["models"]["kd"]["tokens_scored"] == kd["tokens_scored"]
+    assert text["models"]["kd"]["perplexity"] == pytest.approx(kd["perplexity"], rel=1e-6)
