@@ -488,7 +488,8 @@ class Trainer:
         if bad is not None:  # e.g. a held-out loss of weights that went to inf in the last optimizer step
             raise DivergedError(f"step {self.step}: {rec.get('split')} metrics are not finite ({bad}); nothing "
                                 "was saved from this step; lower --lr or the loss weights")
-        self.metrics.write({**rec, **self.positions_note})
+        rec.update(self.positions_note)  # conversations: the line (and the summary printed) names its positions
+        self.metrics.write(rec)
 
     def _last_logged(self) -> dict:
         """The last metrics.jsonl record (the final evaluation of a finished run); {} on ranks other than 0."""
