@@ -241,9 +241,9 @@ def local_files(cfg: CorpusConfig) -> list[str] | None:
     return files
 
 
-def iter_documents(cfg: CorpusConfig) -> Iterator[str]:
-    """Yield document texts in a fixed order: every partition in turn, each at most its share of
-    `cfg.max_documents`.
+def iter_documents(cfg: CorpusConfig) -> Iterator[Any]:
+    """Yield document texts (a chat corpus: validated message lists) in a fixed order: every partition in
+    turn, each at most its share of `cfg.max_documents`.
 
     Raises CorpusError for a missing file, a missing/null/non-text field (naming file and row), or an
     empty corpus.
