@@ -222,6 +222,9 @@ def _run_slice(cfg: PrecomputeConfig, backend: TeacherBackend | None, slice_inde
             bar.set_postfix(seqs=seqs, shards=shards, refresh=False)
         bar.close()
         if stats.windows == 0 and num_slices == 1:
+            if getattr(stats, "too_long", 0):
+                raise ConfigError(f"all {stats.too_long} conversations are longer than seq_len {cfg.seq_len}; raise "
+                                  "--seq-len or pass --truncate-conversations")
             raise ConfigError(f"the corpus has {stats.tokens} tokens, fewer than one window of seq_len "
                               f"{cfg.seq_len}")
         writer.record_stats(SliceStats(

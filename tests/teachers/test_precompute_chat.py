@@ -87,6 +87,16 @@ def test_malformed_row_is_one_line_naming_file_and_row(setup, tmp_path, row, nee
     one_error_line(r, f"{corpus}: row 4", needle, ignore=("Loading weights",))
 
 
+def test_only_too_long_conversations_is_one_line(setup, tmp_path):
+    corpus = write_chat_corpus(tmp_path / "long.jsonl", sample_conversations(2, seed=9, max_words=400))
+    r = _precompute(setup["teacher"], corpus, tmp_path / "out", "--chat-template", setup["template"])
+    one_error_line(r, "all 2 conversations are longer than seq_len 256", "--truncate-conversations",
+                   ignore=("Loading weights",))
+    r = _precompute(setup["teacher"], corpus, tmp_path / "cut", "--chat-template", setup["template"],
+                    "--truncate-conversations")
+    assert r.exit_code == 0, r.output
+
+
 def test_tokenizer_without_template_is_one_line(setup, tmp_path):
     r = _precompute(setup["teacher"], setup["corpus"], tmp_path / "out")
     one_error_line(r, "no chat template", "--chat-template", ignore=("Loading weights",))
