@@ -34,6 +34,8 @@ LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".txt"
 SPLITTABLE_SUFFIXES = (".jsonl", ".json")
 """Local files cut into byte-range partitions (JSON lines, uncompressed)."""
 _READ_BLOCK = 4 << 20
+CORPUS_FORMATS = ("text", "chat")
+"""`text`: documents; `chat`: conversations (lists of {role, content} messages, common/chat.py)."""
 
 
 @dataclass(kw_only=True)
@@ -60,6 +62,17 @@ class CorpusConfig:
     """Local uncompressed JSON-lines files are cut into partitions of about this many bytes (other local
     files are one partition each; a hub dataset has one per data file). Part of the corpus fingerprint:
     sequence ids are derived per partition, so caches to be joined need the same value."""
+    corpus_format: str = "text"
+    """`text`: each row's `text_field` is a document; `chat`: each row's `messages_field` is a conversation
+    (a list of {role, content}), rendered with a chat template and loss-masked to the assistant replies
+    (common/chat.py)."""
+    messages_field: str = "messages"
+    """Column holding a conversation's messages (`corpus_format` chat)."""
+    chat_template: str | None = None
+    """Jinja chat template file (`corpus_format` chat); None: the tokenizer's own template."""
+    truncate_conversations: bool = False
+    """`corpus_format` chat: cut a conversation longer than seq_len to the window instead of refusing it
+    (refused conversations are counted in the manifest's packing notes as `too_long`)."""
 
     def __post_init__(self) -> None:
         if not self.dataset or not self.dataset.strip():
@@ -69,6 +82,17 @@ class CorpusConfig:
         check_positive("max_documents", self.max_documents, optional=True)
         check_positive("max_tokens", self.max_tokens, optional=True)
         check_positive("partition_bytes", self.partition_bytes)
+        if self.corpus_format not in CORPUS_FORMATS:
+            raise ConfigError(f"corpus_format must be one of {', '.join(CORPUS_FORMATS)}, got {self.corpus_format!r}")
+        if self.corpus_format == "chat" and not self.messages_field:
+            raise ConfigError("messages_field must not be empty")
+        if self.corpus_format == "text" and (self.chat_template is not None or self.truncate_conversations):
+            raise ConfigError("--chat-template and --truncate-conversations need --corpus-format chat")
+
+    @property
+    def chat(self) -> bool:
+        """True for a conversational corpus."""
+        return self.corpus_format == "chat"
 
 
 @dataclass(frozen=True)
@@ -124,10 +148,13 @@ def corpus_partitions(cfg: CorpusConfig) -> list[Partition]:
 
 
 def iter_partition(cfg: CorpusConfig, part: Partition, *, max_documents: int | None = None,
-                   stats: ReadStats | None = None) -> Iterator[str]:
-    """Yield the documents of one partition, at most `max_documents`; `stats` counts what was read."""
+                   stats: ReadStats | None = None) -> Iterator[Any]:
+    """Yield the documents of one partition (texts; for a chat corpus, validated message lists), at most
+    `max_documents`; `stats` counts what was read."""
     stats = stats if stats is not None else ReadStats()
-    if part.path is None:
+    if cfg.chat:
+        source = _iter_chat(cfg, part, stats)
+    elif part.path is None:
         source = _iter_hub(cfg, part)
     elif _suffix(part.path) in SPLITTABLE_SUFFIXES:
         source = _iter_jsonl_range(part.path, part.start, part.stop, cfg.text_field, stats)
@@ -139,6 +166,32 @@ def iter_partition(cfg: CorpusConfig, part: Partition, *, max_documents: int | N
     for doc in source:
         stats.documents += 1
         yield doc
+
+
+def _iter_chat(cfg: CorpusConfig, part: Partition, stats: ReadStats) -> Iterator[Any]:
+    """The validated conversations of one partition of a chat corpus (common/chat.py)."""
+    from common import chat
+
+    if part.path is None:
+        yield from chat.iter_hub_conversations(_hub_rows(part), cfg.messages_field,
+                                               f"{cfg.dataset}: partition {part.index}")
+        return
+    suffix = _suffix(part.path)
+    if suffix in SPLITTABLE_SUFFIXES:
+        where = "" if part.start == 0 else f" of the partition at byte {part.start}"
+        yield from chat.iter_jsonl_conversations(part.path, _line_blocks(part.path, part.start, part.stop, stats),
+                                                 cfg.messages_field, where)
+    elif suffix == ".parquet":
+        stats.bytes_read += part.stop - part.start
+        yield from chat.iter_parquet_conversations(part.path, cfg.messages_field)
+    elif suffix in (".jsonl.gz", ".json.gz"):
+        stats.bytes_read += part.stop - part.start
+        yield from chat.iter_jsonl_conversations(part.path, chat.gzip_lines(part.path), cfg.messages_field)
+    else:
+        raise CorpusError(f"{part.path}: a chat corpus is read from .jsonl, .jsonl.gz, .parquet files or a hub "
+                          "dataset, not plain text")
+
+
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
@@ -188,9 +241,9 @@ def local_files(cfg: CorpusConfig) -> list[str] | None:
     return files
 
 
-def iter_documents(cfg: CorpusConfig) -> Iterator[str]:
-    """Yield document texts in a fixed order: every partition in turn, each at most its share of
-    `cfg.max_documents`.
+def iter_documents(cfg: CorpusConfig) -> Iterator[Any]:
+    """Yield document texts (a chat corpus: validated message lists) in a fixed order: every partition in
+    turn, each at most its share of `cfg.max_documents`.
 
     Raises CorpusError for a missing file, a missing/null/non-text field (naming file and row), or an
     empty corpus.
@@ -375,7 +428,8 @@ def _open_hub(cfg: CorpusConfig) -> Any:
         raise CorpusError(f"cannot open hub dataset {cfg.dataset!r}: {first}") from None
 
 
-def _iter_hub(cfg: CorpusConfig, part: Partition) -> Iterator[str]:
+def _hub_rows(part: Partition) -> Any:
+    """The streamed rows of one hub partition (data file)."""
     ds = part.source
     n = int(getattr(ds, "n_shards", 1) or 1)
     if n > 1:
@@ -383,6 +437,11 @@ def _iter_hub(cfg: CorpusConfig, part: Partition) -> Iterator[str]:
 
         # world size = number of data files, so partition p is exactly data file p (no example skipping)
         ds = split_dataset_by_node(ds, rank=part.index, world_size=n)
+    return ds
+
+
+def _iter_hub(cfg: CorpusConfig, part: Partition) -> Iterator[str]:
+    ds = _hub_rows(part)
     text_field = cfg.text_field
     for row, example in enumerate(ds):
         text = example.get(text_field)
@@ -404,6 +463,10 @@ def corpus_description(cfg: CorpusConfig) -> dict[str, Any]:
     else:
         desc = {"source": "local", "files": [_file_entry(p) for p in files], "partition_bytes": cfg.partition_bytes}
     desc.update(text_field=cfg.text_field, max_documents=cfg.max_documents, max_tokens=cfg.max_tokens)
+    if cfg.chat:  # only chat corpora carry these keys, so a text corpus keeps its fingerprint
+        desc.update(corpus_format="chat", messages_field=cfg.messages_field,
+                    chat_template=None if cfg.chat_template is None else _template_entry(cfg.chat_template),
+                    truncate_conversations=cfg.truncate_conversations)
     return desc
 
 
@@ -412,6 +475,12 @@ def corpus_fingerprint(cfg: CorpusConfig) -> tuple[str, dict[str, Any]]:
     desc = corpus_description(cfg)
     digest = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
     return digest, desc
+
+
+def _template_entry(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--chat-template {path}: no such file")
+    return _file_entry(path)
 
 
 def _file_entry(path: str) -> dict[str, Any]:

@@ -56,12 +56,30 @@ class PackedBatch:
     """[B] int64 global sequence ids (window numbers)."""
     input_ids: np.ndarray
     """[B, L] int32 tokens."""
+    loss_mask: np.ndarray | None = None
+    """[B, L] uint8, conversational corpora only (common/chat.py): 1 where the next token belongs to an
+    assistant reply; None for text."""
+    doc_start: np.ndarray | None = None
+    """[B, L] uint8, conversational corpora only: 1 where a conversation begins; None for text."""
 
     def __len__(self) -> int:
         return int(self.seq_ids.shape[0])
 
     def slice(self, start: int, stop: int) -> PackedBatch:
-        return PackedBatch(seq_ids=self.seq_ids[start:stop], input_ids=self.input_ids[start:stop])
+        return PackedBatch(seq_ids=self.seq_ids[start:stop], input_ids=self.input_ids[start:stop],
+                           loss_mask=None if self.loss_mask is None else self.loss_mask[start:stop],
+                           doc_start=None if self.doc_start is None else self.doc_start[start:stop])
+
+    @staticmethod
+    def concat(pieces: list[PackedBatch]) -> PackedBatch:
+        """Concatenate batches along the sequence axis."""
+        def cat(name: str) -> np.ndarray | None:
+            first = getattr(pieces[0], name)
+            return None if first is None else np.concatenate([getattr(p, name) for p in pieces])
+
+        return PackedBatch(seq_ids=np.concatenate([p.seq_ids for p in pieces]),
+                           input_ids=np.concatenate([p.input_ids for p in pieces]),
+                           loss_mask=cat("loss_mask"), doc_start=cat("doc_start"))
 
 
 @dataclass

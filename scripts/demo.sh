@@ -21,6 +21,10 @@
 # 0.5), DEMO_FT_STEPS (fine-tuning steps of smollm2-<domain> teachers, 8), DEMO_EVAL_TOKENS (held-out tokens,
 # 6144), DEMO_CALIBRATION_TOKENS (Block Influence calibration tokens, 4096), DEMO_SEED (training seed of both
 # students: data order, 0); PYTHON (interpreter, python).
+# DEMO_CORPUS=chat distils on the bundled Python FAQ conversations (data/chat/) instead: windows of 1024 tokens
+# (DEMO_SEQ) holding whole conversations rendered with SmolLM2's chat template, 16384 training tokens, the whole
+# held-out set, losses and figures over the assistant replies only, and at the end each model's reply to three
+# held-out questions, generated through the saved tokenizer's chat template.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,7 +40,15 @@ FT_STEPS=${DEMO_FT_STEPS:-8}
 EVAL_TOKENS=${DEMO_EVAL_TOKENS:-6144}
 CALIBRATION=${DEMO_CALIBRATION_TOKENS:-4096}
 SEED=${DEMO_SEED:-0}
-SEQ=256
+CORPUS=${DEMO_CORPUS:-text}
+case "$CORPUS" in
+  text) SEQ=${DEMO_SEQ:-256}; TRAIN_DATA=data/corpus/train.jsonl; VAL_DATA=data/corpus/validation.jsonl
+        FORMAT=(); CACHE_DIR="$OUT/caches" ;;
+  chat) SEQ=${DEMO_SEQ:-1024}; TRAIN_DATA=data/chat/train.jsonl; VAL_DATA=data/chat/validation.jsonl
+        FORMAT=(--corpus-format chat); CACHE_DIR="$OUT/caches-chat"
+        TOKENS=${DEMO_TOKENS:-16384}; EVAL_TOKENS=${DEMO_EVAL_TOKENS:-65536} ;;
+  *) echo "error: DEMO_CORPUS must be text or chat, got $CORPUS" >&2; exit 2 ;;
+esac
 BATCH=4
 SECONDS=0
 
@@ -98,14 +110,14 @@ precompute() {
   local align=()
   if is_aligned "$1"; then align=(--align-tokenizer "$OUT/teachers/smollm2"); fi
   "$PY" cli.py precompute --teacher "$OUT/teachers/$1" --dataset "$2" --max-tokens "$3" --seq-len "$SEQ" \
-    --top-k 32 --pool-layers none --batch-size 4 --device cpu "${align[@]}" --output "$4"
+    --top-k 32 --pool-layers none --batch-size 4 --device cpu "${align[@]}" "${FORMAT[@]}" --output "$4"
 }
 
 stage 3/6 "precompute: top-32 log-probs + entropy of each teacher on $TOKENS training tokens"
 CACHES=()
 for t in "${TEACHERS[@]}"; do
-  CACHES+=(--teacher-data "$OUT/caches/$t")
-  precompute "$t" data/corpus/train.jsonl "$TOKENS" "$OUT/caches/$t"
+  CACHES+=(--teacher-data "$CACHE_DIR/$t")
+  precompute "$t" "$TRAIN_DATA" "$TOKENS" "$CACHE_DIR/$t"
 done
 
 TRAIN=(--student "$OUT/student-init" --tokenizer "$OUT/teachers/smollm2" --max-steps "$STEPS"
@@ -119,31 +131,34 @@ stage 4/6 "train-student: entropy-weighted KD from ${#TEACHERS[@]} teachers (lam
 stage 5/6 "train-student: the same cut student with CE only (lambda 0), $STEPS steps"
 "$PY" cli.py train-student "${CACHES[@]}" "${TRAIN[@]}" --lambda-kd 0 --output "$OUT/runs/ce-only"
 
-stage 6/6 "evaluate on $EVAL_TOKENS held-out tokens (data/corpus/validation.jsonl)"
+stage 6/6 "evaluate on at most $EVAL_TOKENS held-out tokens ($VAL_DATA)"
 # teachers with SmolLM2's tokenizer are scored live; one with another tokenizer through its aligned cache of the
 # held-out windows (whose windows are then the evaluated ones: the same packing of the same text)
-HELD=(--dataset data/corpus/validation.jsonl --max-tokens "$EVAL_TOKENS" --seq-len "$SEQ")
+HELD=(--dataset "$VAL_DATA" "${FORMAT[@]}" --max-tokens "$EVAL_TOKENS" --seq-len "$SEQ")
+BLEU=(--bleu-prompts 3 --prompt-tokens 24 --new-tokens 24)
+[ "$CORPUS" = text ] || BLEU=(--bleu-prompts 0)  # conversations: replies to held-out questions instead, below
 TEACHER_ARGS=()
 [ "${#ALIGNED[@]}" -eq 0 ] || HELD=(--max-tokens "$EVAL_TOKENS")
 for t in "${TEACHERS[@]}"; do
   if is_aligned "$t"; then
-    precompute "$t" data/corpus/validation.jsonl "$EVAL_TOKENS" "$OUT/caches/val-$t"
-    HELD+=(--teacher-data "$OUT/caches/val-$t")
+    precompute "$t" "$VAL_DATA" "$EVAL_TOKENS" "$CACHE_DIR/val-$t"
+    HELD+=(--teacher-data "$CACHE_DIR/val-$t")
   else
     TEACHER_ARGS+=(--teacher "$t=$OUT/teachers/$t")
   fi
 done
 "$PY" cli.py evaluate --student "distilled=$OUT/runs/distilled/final" --student "ce-only=$OUT/runs/ce-only/final" \
-  "${TEACHER_ARGS[@]}" "${HELD[@]}" --bleu-prompts 3 --prompt-tokens 24 --new-tokens 24 --bootstrap 2000 \
-  --output "$OUT/eval.json" --overwrite
+  "${TEACHER_ARGS[@]}" "${HELD[@]}" "${BLEU[@]}" --bootstrap 2000 --output "$OUT/eval.json" --overwrite
 
-"$PY" - "$OUT/eval.json" "${TEACHERS[0]}" <<'EOF'
+"$PY" - "$OUT/eval.json" "${TEACHERS[0]}" "$VAL_DATA" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 m, ref = r["models"], sys.argv[2]
 d, c, t = m["distilled"], m["ce-only"], m[ref]
-print(f"\nheld-out: {r['windows']} windows x {r['seq_len']} tokens of data/corpus/validation.jsonl; teachers "
+print(f"\nheld-out: {r['windows']} windows x {r['seq_len']} tokens of {sys.argv[3]}; teachers "
       f"fused by entropy: {', '.join(r['teachers'])}")
+if r.get("positions"):
+    print(f"every figure averages over {r['positions']}")
 for label, x in m.items():
     kl = f"   KL to the fused teachers {x['kl_fused']:.3f}" if "kl_fused" in x else ""  # students only
     print(f"  {label:>16} ({x['role']}): perplexity {x['perplexity']:8.2f}{kl}")
@@ -160,7 +175,7 @@ for k in r["comparisons"]:
         print(f"  {k['a']} - {k['b']}: {name} {s['difference']:+.3f}, 95% paired-bootstrap interval "
               f"[{s['low']:+.3f}, {s['high']:+.3f}] over {k['windows']} windows")
 cont = r["continuations"]
-for i, prompt in enumerate(cont["prompts"]):
+for i, prompt in enumerate(cont.get("prompts", [])):
     print(f"\nprompt: {prompt!r}")
     for label in ("reference", ref, "distilled", "ce-only"):
         print(f"  {label:>10}: {cont[label][i]!r}")
@@ -172,4 +187,28 @@ print(f"\ndistilled student: perplexity {d['perplexity']:.1f} = {d['perplexity']
       f"only, difference {ppl['difference']:+.1f} [{ppl['low']:+.1f}, {ppl['high']:+.1f}] "
       f"({'interval excludes zero' if ok_ce else 'interval does NOT exclude zero'})")
 EOF
+if [ "$CORPUS" = chat ]; then
+  echo
+  echo "replies to held-out questions (greedy, 48 new tokens, through each saved tokenizer's chat template):"
+  "$PY" - "$VAL_DATA" "$OUT/teachers/${TEACHERS[0]}" "$OUT/runs/distilled/final" "$OUT/runs/ce-only/final" <<'EOF'
+import json, sys
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+rows = [json.loads(line) for line in open(sys.argv[1], encoding="utf-8")][:3]
+for path in sys.argv[2:]:
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    print(f"\n== {path}")
+    for row in rows:
+        question = row["messages"][0]["content"]
+        prompt = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                         return_dict=True, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**prompt, max_new_tokens=48, do_sample=False)
+        reply = tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        print(f"  Q: {question}\n  A: {reply!r}")
+EOF
+fi
+
 printf '\ndemo finished in %dm%02ds; results in %s/eval.json\n' $((SECONDS / 60)) $((SECONDS % 60)) "$OUT"

@@ -62,6 +62,8 @@ def describe(path: str, *, rows: int = 0, position: int = 0, verify: bool = True
         "notes": m.notes, "verified": verify, "rows": [],
         "alignment": copy.deepcopy(m.alignment), "alignment_totals": m.alignment_totals(),
     }
+    if m.loss_mask is not None:  # conversations (text reports keep their keys)
+        report["loss_mask"] = copy.deepcopy(m.loss_mask)
     if rows > 0 and m.num_sequences:
         report["rows"] = _decode_rows(TeacherDataset(root, m), rows, position)
     return report
@@ -148,6 +150,16 @@ def _targets_text(r: dict[str, Any]) -> str:
             + (f" ({r['logprob_mantissa_bits']} mantissa bits)" if r.get("logprob_mantissa_bits") else ""))
 
 
+def _conversations_text(lm: dict[str, Any], packing: dict[str, Any]) -> str:
+    """The `conversations` line of a chat cache: template, mask method and what packing kept or refused."""
+    counts = ", ".join(f"{packing[k]} {label}" for k, label in (
+        ("conversations_packed", "packed"), ("too_long", "refused (longer than seq_len)"),
+        ("truncated_conversations", "truncated"), ("masked_positions", "masked positions"),
+        ("padding_tokens", "padding tokens")) if k in packing)
+    return (f"conversations column {lm['column']} marks {lm['marks']} replies (template sha256 "
+            f"{lm['chat_template_sha256'][:16]}, mask from {lm['method']})" + (f"; {counts}" if counts else ""))
+
+
 def format_report(r: dict[str, Any]) -> str:
     """Human-readable text of a describe() report."""
     t = r["teacher"]
@@ -179,6 +191,8 @@ def format_report(r: dict[str, Any]) -> str:
             f"on first sub-tokens/bytes, {tot['mass_unmapped_fraction']:.2%} unmappable (dropped, renormalised)",
             "  vocab map  " + ", ".join(f"{k} {v}" for k, v in vm.items()),
         ]
+    if r.get("loss_mask") is not None:
+        lines.append(_conversations_text(r["loss_mask"], r["notes"].get("packing", {})))
     lines.append("columns")
     for name, c in r["columns"].items():
         shape = "x".join(str(s) for s in c["row_shape"]) or "scalar"

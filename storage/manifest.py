@@ -53,6 +53,10 @@ SAMPLE_SEED_RULE = ("splitmix64-v1: key = first 8 bytes (little-endian) of sha25
                     "teacher.name NUL teacher.path); r = sm(sm(sm(key) ^ seq_id) ^ position); draw j uses "
                     "u = (sm(r + (j + 1) * 0x9E3779B97F4A7C15) >> 11) * 2**-53 (sm: the SplitMix64 finaliser)")
 """The seed rule recorded in a sampled cache's manifest (teachers/sampling.py implements it)."""
+LOSS_MASK_COLUMN = "loss_mask"
+"""Per-position uint8 column of a conversation cache: 1 where the next token belongs to an assistant reply."""
+BOUNDARY_COLUMN = "doc_start"
+"""Per-position uint8 column of a conversation cache: 1 where a conversation begins."""
 MANIFEST_NAME = "manifest.json"
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -208,6 +212,12 @@ class Manifest:
     meaning of a manifest without the field, written before top-k and sampled caches stored it) for caches
     without it; an aligned cache always has the column (`has_observed_logprob`) and leaves this False. Not
     written when False, so older manifests and shard headers read as before."""
+    loss_mask: dict[str, Any] | None = None
+    """Set for a cache of conversations (`precompute --corpus-format chat`, common/chat.py): the per-position
+    columns `column` (`loss_mask`, 1 where the next token belongs to an assistant reply) and `boundaries`
+    (`doc_start`, 1 where a conversation begins), and how the mask was made: `marks` (`assistant`),
+    `chat_template_sha256`, `method` (`generation` or `offsets`), `truncate_conversations`. None (and absent
+    from the JSON): a text cache, every position counts."""
 
     # ---- derived -------------------------------------------------------------------------------
     def slice_of(self, shard: int) -> int:
@@ -238,6 +248,8 @@ class Manifest:
             cols += ["target_mask", "observed_logprob"]
         elif self.observed_logprob:
             cols.append("observed_logprob")
+        if self.loss_mask is not None:
+            cols += [LOSS_MASK_COLUMN, BOUNDARY_COLUMN]
         return cols
 
     @property
@@ -277,6 +289,8 @@ class Manifest:
             del d["alignment"]
         if not d["observed_logprob"]:  # nor caches without the column this flag
             del d["observed_logprob"]
+        if d["loss_mask"] is None:  # text caches carry no loss_mask entry
+            del d["loss_mask"]
         for shard in d["shards"]:
             if shard["stats"] is None:
                 del shard["stats"]
@@ -378,6 +392,9 @@ class Manifest:
                 raise bad("observed_logprob", "is set in an aligned cache (its column comes with the alignment)")
         if not isinstance(self.observed_logprob, bool):
             raise bad("observed_logprob", f"must be true or false, got {self.observed_logprob!r}")
+        if self.loss_mask is not None and (not isinstance(self.loss_mask, dict)
+                                           or self.loss_mask.get("column") != LOSS_MASK_COLUMN):
+            raise bad("loss_mask", f"must be an object with 'column': {LOSS_MASK_COLUMN!r}")
         previous = -1
         for s in self.shards:
             check_shard_file(s, self.format, source)
@@ -411,7 +428,7 @@ RUN_FIELDS: tuple[str, ...] = (
     "teacher.dtype", "teacher.backend", "tokenizer_fingerprint", "vocab_size", "seq_len", "top_k",
     "target_kind", "samples", "sample_seed", "temperature", "logprob_dtype", "logprob_mantissa_bits",
     "entropy_kind", "pooled_layers", "corpus_fingerprint", "shard_size", "num_partitions",
-    "alignment", "observed_logprob",
+    "alignment", "observed_logprob", "loss_mask",
 )
 
 # Settings kept in `notes` (dotted paths below `notes`) that change shard bytes without being a manifest
@@ -465,7 +482,7 @@ def compare_parts(a: Manifest, b: Manifest, what: str, *, slicing: bool = False)
 
 # Fields that must agree between teachers that are trained from together.
 JOIN_FIELDS: tuple[str, ...] = ("tokenizer_fingerprint", "seq_len", "corpus_fingerprint", "num_partitions",
-                                 "vocab_size")
+                                 "vocab_size", "loss_mask")
 
 
 def _get(obj: Any, dotted: str) -> Any:

@@ -45,12 +45,17 @@ class TeacherTargets:
     """[B, L] float32: the teacher's exact log-prob of the observed next token input_ids[t + 1] at the cache's
     temperature, NaN where unavailable (always at t = L - 1); aligned caches, and plain caches of backends that
     give it (manifest `observed_logprob`). None otherwise."""
+    loss_mask: np.ndarray | None = None
+    """[B, L] uint8, conversation caches only: 1 where the next token belongs to an assistant reply (the
+    positions the losses use); None for text (every position counts)."""
+    doc_start: np.ndarray | None = None
+    """[B, L] uint8, conversation caches only: 1 where a conversation begins."""
     stats: dict[str, np.ndarray] | None = None
     """Aligned caches only: name -> [B] float64 per-sequence sums (positions, aligned, observed, mass_whole,
     ...); their totals over a shard go into its manifest entry."""
 
     _ARRAYS = ("seq_ids", "input_ids", "topk_ids", "topk_logprobs", "entropy", "sample_ids", "sample_counts",
-               "target_mask", "observed_logprob")
+               "target_mask", "observed_logprob", "loss_mask", "doc_start")
 
     @property
     def sampled(self) -> bool:

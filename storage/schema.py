@@ -10,6 +10,8 @@
 | target_mask     | uint8, aligned caches only (1: the position has a target) | (L,) |
 | observed_logprob| float32, aligned caches and plain caches with manifest.observed_logprob (NaN: unavailable,
                   always at the last position) | (L,) |
+| loss_mask       | uint8, conversation caches only (manifest.loss_mask; 1: next token is an assistant token) | (L,) |
+| doc_start       | uint8, conversation caches only (1: a conversation begins here) | (L,) |
 
 A sampled cache (manifest.target_kind == "sampled", N = manifest.samples = manifest.top_k) stores, in place of
 topk_ids and topk_logprobs:
@@ -32,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from storage.errors import ManifestError, MismatchError, ShardCorruptError, StorageError
-from storage.manifest import Manifest, ShardInfo
+from storage.manifest import BOUNDARY_COLUMN, LOSS_MASK_COLUMN, Manifest, ShardInfo
 from storage.records import TeacherTargets
 
 HEADER_KEY = "distill.manifest"
@@ -76,6 +78,8 @@ def columns(m: Manifest) -> dict[str, Column]:
         cols.append(Column("observed_logprob", np.dtype(np.float32), (L,)))
     elif m.observed_logprob:
         cols.append(Column("observed_logprob", np.dtype(np.float32), (L,)))
+    if m.loss_mask is not None:
+        cols += [Column(LOSS_MASK_COLUMN, np.dtype(np.uint8), (L,)), Column(BOUNDARY_COLUMN, np.dtype(np.uint8), (L,))]
     return {c.name: c for c in cols}
 
 
@@ -166,6 +170,8 @@ def to_columns(targets: TeacherTargets, m: Manifest) -> dict[str, np.ndarray]:
         "entropy": targets.entropy,
         "target_mask": targets.target_mask,
         "observed_logprob": targets.observed_logprob,
+        LOSS_MASK_COLUMN: targets.loss_mask,
+        BOUNDARY_COLUMN: targets.doc_start,
     }
     if targets.sampled != (m.target_kind == "sampled"):
         raise StorageError(f"{'sampled' if targets.sampled else 'top-k'} targets do not fit a manifest with "
@@ -174,6 +180,8 @@ def to_columns(targets: TeacherTargets, m: Manifest) -> dict[str, np.ndarray]:
         raise StorageError("targets carry a target_mask but the manifest is not an aligned cache")
     if not m.has_observed_logprob and targets.observed_logprob is not None:
         raise StorageError("targets carry observed_logprob but the manifest has no such column")
+    if m.loss_mask is None and targets.loss_mask is not None:
+        raise StorageError("targets carry a loss_mask but the manifest names none (not a conversation cache)")
     extra = sorted(set(targets.pooled) - set(m.pooled_layers))
     if extra:
         raise StorageError(f"targets have pooled layer(s) {extra} not in the manifest's pooled_layers "
@@ -190,7 +198,7 @@ def to_columns(targets: TeacherTargets, m: Manifest) -> dict[str, np.ndarray]:
         if arr is None:
             raise StorageError(f"targets lack {name!r} (manifest entropy_kind={m.entropy_kind!r}, "
                                f"target_kind={m.target_kind!r}, aligned={m.alignment is not None}, "
-                               f"observed_logprob={m.has_observed_logprob})")
+                               f"observed_logprob={m.has_observed_logprob}, loss_mask={m.loss_mask is not None})")
         arr = np.asarray(arr)
         if arr.shape != (n, *col.shape):
             raise StorageError(f"{name} has shape {tuple(arr.shape)}, expected {(n, *col.shape)} "
@@ -231,6 +239,8 @@ def from_columns(data: dict[str, np.ndarray], m: Manifest) -> TeacherTargets:
         sample_counts=data.get("sample_counts"),
         target_mask=data.get("target_mask"),
         observed_logprob=data.get("observed_logprob"),
+        loss_mask=data.get(LOSS_MASK_COLUMN),
+        doc_start=data.get(BOUNDARY_COLUMN),
     )
 
 

@@ -30,17 +30,23 @@ class DistillBatch:
     pooled: list[torch.Tensor | None]
     """Per teacher, [B, d_k] float32 pooled hidden states of the layer the feature loss aligns to, or None."""
     mismatch: int | None = None
-    """Seq id of the first sequence whose input_ids differ between teachers (None: they all agree). The
-    dataset records it rather than raising in a DataLoader worker, which would lose the error's type."""
+    """Seq id of the first sequence whose input_ids (or loss masks) differ between teachers (None: they all
+    agree). The dataset records it rather than raising in a DataLoader worker, which would lose the error's
+    type."""
     observed_counts: torch.Tensor | None = None
     """[K, 3] int64 per teacher: positions whose log p(o) (read by the observed-token weightings) was exact,
     listed or bounded (student/targets.py `OBSERVED_SOURCES`); None when the weighting does not read it."""
+    loss_mask: torch.Tensor | None = None
+    """[B, L] bool, caches of conversations only: the positions the losses use (the next token belongs to an
+    assistant reply); None: every position (text caches)."""
+    mismatch_field: str = "input_ids"
+    """The column `mismatch` refers to (`input_ids` or `loss_mask`)."""
 
     def check(self) -> None:
-        """MismatchError naming the sequence when the teachers disagree on this batch's tokens."""
+        """MismatchError naming the sequence when the teachers disagree on this batch's tokens or masks."""
         if self.mismatch is not None:
-            sid = self.mismatch
-            raise MismatchError(f"teachers differ in 'input_ids' at seq id {sid}", "input_ids", (sid, sid))
+            sid, name = self.mismatch, self.mismatch_field
+            raise MismatchError(f"teachers differ in {name!r} at seq id {sid}", name, (sid, sid))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -53,7 +59,9 @@ class DistillBatch:
         return DistillBatch(seq_ids=self.seq_ids, input_ids=self.input_ids.to(device, non_blocking=True),
                             fused=self.fused.to(device),
                             pooled=[None if p is None else p.to(device, non_blocking=True) for p in self.pooled],
-                            mismatch=self.mismatch, observed_counts=self.observed_counts)
+                            mismatch=self.mismatch, mismatch_field=self.mismatch_field,
+                            loss_mask=None if self.loss_mask is None else self.loss_mask.to(device, non_blocking=True),
+                            observed_counts=self.observed_counts)
 
     def pin_memory(self) -> DistillBatch:
         """Page-locked copies (called by a DataLoader with `pin_memory=True`)."""
@@ -62,7 +70,9 @@ class DistillBatch:
                              weights=f.weights.pin_memory(), sizes=f.sizes)
         return DistillBatch(seq_ids=self.seq_ids.pin_memory(), input_ids=self.input_ids.pin_memory(), fused=fused,
                             pooled=[None if p is None else p.pin_memory() for p in self.pooled],
-                            mismatch=self.mismatch, observed_counts=self.observed_counts)
+                            mismatch=self.mismatch, mismatch_field=self.mismatch_field,
+                            loss_mask=None if self.loss_mask is None else self.loss_mask.pin_memory(),
+                            observed_counts=self.observed_counts)
 
 
 @dataclass

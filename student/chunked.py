@@ -59,19 +59,21 @@ def chunked_ce_kd(
     temperature: float = 1.0,
     chunk_size: int = 512,
     with_kd: bool = True,
+    loss_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(CE, KD) as `next_token_ce` and `sparse_kl` (mean over positions with a target, mask None) give them
     for `logits = hidden @ weight.T`.
 
     hidden [B, L, H]; weight [V, H] (the output embedding; no bias); input_ids [B, L]; fused: N = B * L rows.
-    with_kd False: KD is returned as a zero and not computed (CE-only training).
+    with_kd False: KD is returned as a zero and not computed (CE-only training). loss_mask [B, L] bool
+    (conversations): CE only at the positions it marks, as `next_token_ce(..., loss_mask)`.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     b, length, width = hidden.shape
     n = b * length
     flat = hidden.reshape(n, width)
-    labels = next_token_labels(input_ids).reshape(-1)  # [N], IGNORE_INDEX at each sequence's last position
+    labels = next_token_labels(input_ids, loss_mask).reshape(-1)  # [N], IGNORE_INDEX at each last position
     ce_sum = flat.new_zeros((), dtype=torch.float32)
     kd_sum = flat.new_zeros((), dtype=torch.float32)
     grad = torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad)

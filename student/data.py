@@ -9,6 +9,9 @@ teacher's target is its own top-k plus its own tail (student/fusion.py), so diff
 sampled caches (`precompute --targets sampled`) may be mixed: a sampled teacher's sparse target is its drawn
 ids with probabilities count / N (`student.targets.sparse_target`), an unbiased estimate of its distribution
 with no tail.
+Caches of conversations (`precompute --corpus-format chat`) carry a `loss_mask` column: the teachers' masks
+must agree (manifest entry and spot check at join, every batch again), and the loader gives no teacher a
+target outside the mask and hands the mask to CE (`DistillBatch.loss_mask`).
 
 Batches are `DistillBatch`es (student/batch.py); the fusion (per-teacher views, weights and tails, through the
 targets path evaluate shares, student/targets.py) runs in the DataLoader workers, so the training process only
@@ -30,10 +33,12 @@ from storage.manifest import JOIN_FIELDS, Manifest
 from storage.reader import TeacherDataset
 from storage.stamps import VerifyReport
 from student.batch import DistillBatch, FailedBatch
-from student.targets import cache_columns, cache_views, fuse, observed_counts
+from student.targets import cache_columns, cache_views, fuse, observed_counts, with_loss_mask
 from student.weighting import DEFAULT_SETTINGS, WeightSettings, scheme
 
 log = logging.getLogger("student")
+LOSS_MASK_POSITIONS = "assistant replies only (loss_mask)"
+"""What metrics lines and evaluation reports say they average over, for caches of conversations."""
 
 
 def join_teachers(paths: Sequence[str], *, spot_check: int = 16, seed: int = 0,
@@ -65,10 +70,30 @@ def join_teachers(paths: Sequence[str], *, spot_check: int = 16, seed: int = 0,
                 sid = int(ref.seq_ids[pos[bad]])
                 raise MismatchError(f"teachers {ref_path!r} and {path!r} differ in 'input_ids' at seq id {sid}",
                                     "input_ids", (ref_path, path))
+        if ref.manifest.loss_mask is not None:  # conversations: the teachers' masks must agree too
+            check_loss_masks(teachers, paths, pos)
     ks = [t.manifest.top_k for t in teachers]
     if len(set(ks)) > 1:
         log.info("teachers store different top-k %s; each is compared on its own top-k plus tail", ks)
     return teachers
+
+
+def loss_mask_column(m: Manifest) -> str | None:
+    """The cache's loss-mask column (conversations), or None (text: every position counts)."""
+    return None if m.loss_mask is None else str(m.loss_mask["column"])
+
+
+def check_loss_masks(teachers: Sequence[TeacherDataset], paths: Sequence[str], pos: np.ndarray) -> None:
+    """MismatchError naming the sequence when two conversation caches mark other positions at `pos`."""
+    name = loss_mask_column(teachers[0].manifest)
+    assert name is not None, "check_loss_masks needs conversation caches"
+    ref = teachers[0].read_columns(pos, [name])[name]
+    for other, path in zip(teachers[1:], paths[1:], strict=True):
+        bad = first_mismatch(ref, other.read_columns(pos, [name])[name])
+        if bad is not None:
+            sid = int(teachers[0].seq_ids[pos[bad]])
+            raise MismatchError(f"teachers {paths[0]!r} and {path!r} differ in {name!r} at seq id {sid}", name,
+                                (paths[0], path))
 
 
 def verify_teachers(teachers: Sequence[TeacherDataset], mode: str) -> list[VerifyReport]:
@@ -178,8 +203,11 @@ class DistillDataset(Dataset):
         self.weighting = scheme(weighting, settings)
         self.pooled_layers = list(pooled_layers) if pooled_layers is not None else [None] * len(self.teachers)
         self.columns = []  # only what the loss needs, per teacher
+        self.mask_column = loss_mask_column(self.teachers[0].manifest)  # join_teachers: the same for all
         for t, layer in zip(self.teachers, self.pooled_layers, strict=True):
             cols = cache_columns(t.manifest, self.weighting, observed_correction=observed_correction)
+            if self.mask_column is not None:
+                cols.append(self.mask_column)
             if layer is not None:
                 cols.append(f"pooled_{layer}")
             self.columns.append(cols)
@@ -206,20 +234,28 @@ class DistillDataset(Dataset):
         cols = [t.read_columns(pos, c) for t, c in zip(self.teachers, self.columns, strict=True)]
         input_ids = cols[0]["input_ids"]  # [B, L] int32
         mismatch: int | None = None
+        mismatch_field = "input_ids"
         for c in cols[1:]:
-            bad = first_mismatch(input_ids, c["input_ids"])
+            bad, name = first_mismatch(input_ids, c["input_ids"]), "input_ids"
+            if bad is None and self.mask_column is not None:
+                bad, name = first_mismatch(cols[0][self.mask_column], c[self.mask_column]), self.mask_column
             if bad is not None:
-                mismatch = int(self.teachers[0].seq_ids[pos[bad]])
+                mismatch, mismatch_field = int(self.teachers[0].seq_ids[pos[bad]]), name
                 break
         views = cache_views(cols, [t.manifest for t in self.teachers], self.weighting,
                             observed_correction=self.observed_correction)
+        loss_mask = None
+        if self.mask_column is not None:  # conversations: no teacher has a target outside the assistant replies
+            loss_mask = torch.from_numpy(cols[0][self.mask_column] != 0)  # [B, L] bool
+            views = with_loss_mask(views, loss_mask.reshape(-1))
         fused = fuse(views, self.weighting, input_ids.shape[1])
         pooled = [None if layer is None else torch.from_numpy(c[f"pooled_{layer}"]).float()
                   for c, layer in zip(cols, self.pooled_layers, strict=True)]
         return DistillBatch(
             seq_ids=torch.from_numpy(self.teachers[0].seq_ids[pos].copy()),  # [B] int64
             input_ids=torch.from_numpy(input_ids.astype(np.int64)),  # [B, L] int64
-            fused=fused, pooled=pooled, mismatch=mismatch, observed_counts=observed_counts(views))
+            fused=fused, pooled=pooled, mismatch=mismatch, mismatch_field=mismatch_field, loss_mask=loss_mask,
+            observed_counts=observed_counts(views))
 
 
 def collate(batch: DistillBatch) -> DistillBatch:

@@ -37,7 +37,7 @@ class LossTerms:
     kd: torch.Tensor
     """sum_k alpha_k KD_k (or DKD_k) times tau^2, averaged over positions with a target."""
     ce: torch.Tensor
-    """Next-token cross-entropy over positions 0..L-2."""
+    """Next-token cross-entropy over positions 0..L-2 (those of the loss mask, for conversations)."""
     feat: torch.Tensor
     """sum_k beta_k ||W_k h_S - h_Tk||^2 / d_k (0 when the feature term is off)."""
     alpha: torch.Tensor
@@ -71,15 +71,17 @@ class DistillLoss:
         return self.chunk_size is not None
 
     def logit_terms(self, logits: torch.Tensor, input_ids: torch.Tensor, fused: FusedTargets, *,
-                    train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    train: bool, loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(CE, KD) from the student's logits [B, L, V] and tokens [B, L]; `fused` holds N = B * L positions.
+        loss_mask [B, L] bool (conversations): CE averages over the positions it marks (KD already does: the
+        loader gave no target elsewhere).
 
         KD carries no gradient when lambda = 0 or outside training (it is still reported)."""
         flat = logits.reshape(-1, logits.shape[-1])  # [N, V]
-        ce = next_token_ce(logits, input_ids)
+        ce = next_token_ce(logits, input_ids, loss_mask)
         with torch.enable_grad() if self.lambda_kd > 0 and train else torch.no_grad():
             if self.kind == "dkd" and train:
-                labels = next_token_labels(input_ids).reshape(-1)  # [N]
+                labels = next_token_labels(input_ids, loss_mask).reshape(-1)  # [N]
                 kd = dkd_loss(flat, fused, labels, alpha=self.dkd_alpha, beta=self.dkd_beta,
                               temperature=self.temperature)
             else:
@@ -87,7 +89,7 @@ class DistillLoss:
         return ce, kd
 
     def chunked_terms(self, hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
-                      fused: FusedTargets) -> tuple[torch.Tensor, torch.Tensor]:
+                      fused: FusedTargets, loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(CE, KD) from the final hidden states [B, L, H] and the output head's weight [V, H], computed
         `chunk_size` positions at a time (the same values as `logit_terms` on hidden @ weight.T). KD is always
         in the graph here (times 0 when lambda = 0)."""
@@ -95,7 +97,7 @@ class DistillLoss:
 
         assert self.chunk_size is not None, "chunked_terms needs a chunk_size"
         return chunked_ce_kd(hidden, weight, input_ids, fused, temperature=self.temperature,
-                             chunk_size=self.chunk_size)
+                             chunk_size=self.chunk_size, loss_mask=loss_mask)
 
     def feature(self, student_pooled: torch.Tensor, teacher_pooled: Sequence[torch.Tensor | None],
                 projections: Sequence[torch.nn.Module | None]) -> torch.Tensor:

@@ -25,6 +25,11 @@ Position alignment: the logits and the teacher target at position t both describ
 <= t. Every position has a teacher target (the last one predicts the token after the window), so the KD
 term uses all L positions; the CE and DKD terms need the true next token and use positions 0..L-2.
 Positions where no teacher has a target (`FusedTargets.has_target`) are left out of the KD averages.
+
+Conversations (a cache with a `loss_mask` column): only the positions whose next token belongs to an
+assistant reply count. The loader folds the mask into the fused targets (no teacher has a target elsewhere,
+so KD averages over the masked positions) and CE takes it as `loss_mask` (its labels elsewhere are
+IGNORE_INDEX), so both are means over the masked positions.
 """
 
 from __future__ import annotations
@@ -108,24 +113,31 @@ def sparse_kl(
     return _masked_mean(kl, fused.has_target if mask is None else mask & fused.has_target)
 
 
-def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy of token t + 1 from the logits at t: logits [B, L, V], input_ids [B, L].
 
     Positions 0..L-2 (the last position has no label inside the window); labels equal to IGNORE_INDEX
-    are skipped.
+    are skipped. loss_mask [B, L] bool (conversations): only the positions it marks count (the mean is over
+    them); None: every position.
     """
     v = logits.shape[-1]
+    labels = input_ids[:, 1:].reshape(-1).long()
+    if loss_mask is not None:
+        labels = torch.where(loss_mask[:, :-1].reshape(-1), labels, torch.full_like(labels, IGNORE_INDEX))
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, v).float(),
-        input_ids[:, 1:].reshape(-1).long(),
+        labels,
         ignore_index=IGNORE_INDEX,
     )
 
 
-def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
-    """[B, L] labels aligned with the positions: input_ids shifted left, IGNORE_INDEX at the last position."""
+def next_token_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, L] labels aligned with the positions: input_ids shifted left, IGNORE_INDEX at the last position
+    (and where `loss_mask` [B, L] bool, if given, is False)."""
     labels = torch.full_like(input_ids, IGNORE_INDEX, dtype=torch.long)
     labels[:, :-1] = input_ids[:, 1:]
+    if loss_mask is not None:
+        labels = torch.where(loss_mask, labels, torch.full_like(labels, IGNORE_INDEX))
     return labels
 
 

@@ -18,7 +18,7 @@ the teacher has a target go with the view (`observed_counts`), and training and 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -147,6 +147,12 @@ def valid_mask(views: Sequence[TeacherView]) -> torch.Tensor:
     n = views[0].ids.shape[0]
     return torch.stack([torch.ones(n, dtype=torch.bool, device=v.ids.device) if v.valid is None else v.valid
                         for v in views], dim=1)
+
+
+def with_loss_mask(views: Sequence[TeacherView], loss_mask: torch.Tensor) -> list[TeacherView]:
+    """The views with no target outside `loss_mask` [n] bool (conversations: the assistant positions), so the
+    weights, the fused target and every KD figure see only the positions the losses use."""
+    return [replace(v, valid=loss_mask if v.valid is None else v.valid & loss_mask) for v in views]
 
 
 def fuse(views: Sequence[TeacherView], weighting: Weighting, seq_len: int) -> FusedTargets:

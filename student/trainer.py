@@ -80,7 +80,7 @@ class DistillModule(torch.nn.Module):
         self.has_proj = [d is not None for d in proj_dims]
 
     def forward(self, input_ids: torch.Tensor, want_pooled: bool, fused: FusedTargets | None = None,
-                loss: DistillLoss | None = None) -> tuple[Any, torch.Tensor | None]:
+                loss: DistillLoss | None = None, loss_mask: torch.Tensor | None = None) -> tuple[Any, torch.Tensor | None]:
         """(logits [B, L, V], pooled [B, d_S] or None); with a chunked `loss` (and `fused`): ((CE, KD) computed
         in chunks from the final hidden states, pooled). The chunked terms are computed inside forward so DDP
         sees every use of the parameters."""
@@ -94,7 +94,7 @@ class DistillModule(torch.nn.Module):
         out = self.student.base_model(input_ids=input_ids, output_hidden_states=want_pooled, use_cache=False)
         pooled = out.hidden_states[index].float().mean(dim=1) if want_pooled else None
         weight = self.student.get_output_embeddings().weight
-        return loss.chunked_terms(out.last_hidden_state, weight, input_ids, fused), pooled
+        return loss.chunked_terms(out.last_hidden_state, weight, input_ids, fused, loss_mask), pooled
 
 
 def run_train(cfg: TrainConfig) -> dict[str, float]:
@@ -123,6 +123,12 @@ class Trainer:
         self._verify_caches()
         m0 = self.teachers[0].manifest
         self.names = _unique_names([t.manifest.teacher.name for t in self.teachers])
+        masked = sdata.loss_mask_column(self.teachers[0].manifest) is not None
+        self.positions_note = {"positions": sdata.LOSS_MASK_POSITIONS} if masked else {}
+        """Conversations: every metrics line says its CE, KD, KL and perplexity average over the loss mask."""
+        if masked:
+            log.info("the caches hold conversations: CE, KD, KL and perplexity are averaged over %s",
+                     sdata.LOSS_MASK_POSITIONS)
         self.temperature = m0.temperature
         if lc.temperature is not None and not math.isclose(lc.temperature, m0.temperature):
             raise ConfigError(f"--temperature {lc.temperature} differs from the caches' precompute temperature "
@@ -257,11 +263,11 @@ class Trainer:
         want_feat = self.use_feat and self.loss_fn.gamma_feat > 0 and train
         if self.loss_fn.chunked:
             with self.autocast:
-                (ce, kd), pooled = self.model(b.input_ids, want_feat, b.fused, self.loss_fn)
+                (ce, kd), pooled = self.model(b.input_ids, want_feat, b.fused, self.loss_fn, b.loss_mask)
         else:
             with self.autocast:
                 logits, pooled = self.model(b.input_ids, want_feat)  # [B, L, V]
-            ce, kd = self.loss_fn.logit_terms(logits, b.input_ids, b.fused, train=train)
+            ce, kd = self.loss_fn.logit_terms(logits, b.input_ids, b.fused, train=train, loss_mask=b.loss_mask)
         if want_feat:
             projs = [p if has else None for p, has in zip(self.module.projections, self.module.has_proj, strict=True)]
             feat = self.loss_fn.feature(pooled, b.pooled, projs)
@@ -383,6 +389,11 @@ class Trainer:
         for batch in self.eval_loader:
             terms = self.compute_loss(batch, train=False)
             b, seq_len = batch.shape
+            if batch.loss_mask is not None:  # conversations: means over the masked positions, weighted by them
+                kl_n = float(batch.fused.has_target.sum())
+                ce_n = float(batch.loss_mask[:, :-1].sum())
+                sums += torch.tensor([float(terms.kd) * kl_n, kl_n, float(terms.ce) * ce_n, ce_n], dtype=torch.float64)
+                continue
             sums += torch.tensor([float(terms.kd) * b * seq_len, b * seq_len,
                                   float(terms.ce) * b * (seq_len - 1), b * (seq_len - 1)], dtype=torch.float64)
         if self.distributed:
@@ -522,6 +533,7 @@ class Trainer:
         if bad is not None:  # e.g. a held-out loss of weights that went to inf in the last optimizer step
             raise DivergedError(f"step {self.step}: {rec.get('split')} metrics are not finite ({bad}); nothing "
                                 "was saved from this step; lower --lr or the loss weights")
+        rec.update(self.positions_note)  # conversations: the line (and the summary printed) names its positions
         self.metrics.write(rec)
 
     def _last_logged(self) -> dict:
@@ -607,6 +619,11 @@ def _final_tokenizer(tokenizer: str | None, m: Manifest) -> Any | None:
         return None
     if not explicit:
         log.info("final student's tokenizer: the caches' own, %s", tokenizer)
+    template = m.notes.get("chat_template") if m.loss_mask is not None else None
+    if isinstance(template, str) and getattr(tok, "chat_template", None) != template:
+        # conversations: the student answers in the template it was trained on (--chat-template, if given)
+        log.info("final student's tokenizer: the chat template the caches' conversations were rendered with")
+        tok.chat_template = template
     return tok
 
 

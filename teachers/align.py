@@ -9,7 +9,10 @@ window the teacher T sees the window's exact text, tokenized by T:
   offsets, even where a byte-level token ends inside a multi-byte character. S's EOS (the document
   separator packing inserts) is not text: it becomes T's EOS, and every document the teacher sees starts
   with the special tokens T adds by default (`prefix`, e.g. Gemma's `<bos>`); those added tokens cover no
-  text.
+  text. In a window of conversations (`specials_as_text`) S's other special tokens, the markers of S's chat
+  template (e.g. `<|im_start|>`) and padding, are given to T as their literal text: the teacher reads the
+  conversation rendered with S's template, not its own. Where S's EOS ends a turn (SmolLM2's `<|im_end|>`)
+  it still becomes T's EOS, so T's end-of-text probability is the target for S's end of turn.
 - **Positions.** T's character offsets (`return_offsets_mapping`) are turned into byte offsets. A teacher
   position u is a *boundary* at byte e when its token is the last teacher token ending at e (so of several
   byte-fallback tokens that share one character's offsets only the last counts, and a zero-width `<bos>`
@@ -224,8 +227,13 @@ class WindowAlignment:
 class WindowAligner:
     """Builds each window's teacher input and its position alignment (see the module docstring)."""
 
-    def __init__(self, teacher_tok: Any, student_tok: Any, s_table: TokenTable | None = None) -> None:
+    def __init__(self, teacher_tok: Any, student_tok: Any, s_table: TokenTable | None = None, *,
+                 specials_as_text: bool = False) -> None:
         self.teacher_tok, self.student_tok = teacher_tok, student_tok
+        self.specials_as_text = specials_as_text
+        """Conversations (common/chat.py): S's special tokens other than EOS (a chat template's markers such as
+        `<|im_start|>`, the padding after a window's last conversation) reach the teacher as their literal
+        text, so it reads the conversation as S's template renders it. False (text corpora): refused."""
         self.s_table = s_table if s_table is not None else token_table(student_tok)
         self.s_eos = student_tok.eos_token_id
         self.t_eos = teacher_tok.eos_token_id
@@ -253,7 +261,7 @@ class WindowAligner:
         buf: list[bytes] = []
         base, pos = 0, 0
         for t, sid in enumerate(s_ids.tolist()):
-            if sid == self.s_eos or special[sid]:
+            if sid == self.s_eos or (special[sid] and not self.specials_as_text):
                 if sid != self.s_eos:
                     raise AlignmentError(f"window holds the student special token {sid} "
                                          f"({self.student_tok.convert_ids_to_tokens(sid)!r}), which alignment "

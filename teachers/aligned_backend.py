@@ -27,7 +27,7 @@ class AlignedBackend:
     """TeacherBackend producing S-space targets from an `HFBackend` and the two tokenizers."""
 
     def __init__(self, inner: Any, teacher_tok: Any, student_tok: Any, *, student_tokenizer: str,
-                 teacher_tokenizer: str) -> None:
+                 teacher_tokenizer: str, specials_as_text: bool = False) -> None:
         if not hasattr(inner, "final_hidden") or not hasattr(inner, "weight"):
             raise TeacherLoadError(f"the {getattr(inner, 'cfg', None) and inner.cfg.backend} backend cannot "
                                    "align tokenizers (only the hf backend can)")
@@ -38,7 +38,8 @@ class AlignedBackend:
         if self.vocab_map.target.shape[0] != inner.vocab_size:
             raise TeacherLoadError(f"the teacher's tokenizer has {self.vocab_map.target.shape[0]} ids, more than "
                                    f"its output layer ({inner.vocab_size}); the tokenizer does not belong to it")
-        self.aligner = WindowAligner(teacher_tok, student_tok, token_table(student_tok))
+        self.aligner = WindowAligner(teacher_tok, student_tok, token_table(student_tok),
+                                     specials_as_text=specials_as_text)
         self.vocab_size = self.vocab_map.student_vocab
         self.entropy_kind = "exact"
         self.observed_logprob = False  # an aligned cache's observed_logprob column comes with its alignment
@@ -53,6 +54,8 @@ class AlignedBackend:
             "vocab_map_sha256": self.vocab_map.fingerprint(),
             "teacher_prefix": self.aligner.prefix,
         }
+        if specials_as_text:  # conversations only, so a text cache's alignment entry is unchanged
+            self.alignment["student_specials"] = "text"
         """The manifest's `alignment` object (fixed for a run; part of RUN_FIELDS)."""
         self.notes = dict(inner.notes, alignment="positions aligned by byte end offsets; vocab mapped to the "
                           "first S token of each teacher token's text (teachers/align.py)")

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from common.config_cli import Opt, build_config, config_options
+from common.corpus import CORPUS_FORMATS
 from common.devices import DeviceParam
 from common.params import FINITE_FLOAT, non_finite
 from teachers.backend_options import options_help
@@ -132,6 +133,18 @@ PRECOMPUTE_OPTIONS: tuple[Opt, ...] = (
         help="Cut local uncompressed .jsonl/.json files into partitions of this many bytes (others: one per "
              "file; hub datasets: one per data file). Slices read only their partitions. Part of the corpus "
              "fingerprint: caches to be joined need the same value."),
+    Opt(field="corpus.corpus_format", flag="--corpus-format", type=click.Choice(CORPUS_FORMATS),
+        help="text: each row is a document; chat: each row's --messages-field is a conversation ({role, content} "
+             "messages), rendered with the chat template; the losses then use only the positions whose next token "
+             "belongs to an assistant reply (column loss_mask)."),
+    Opt(field="corpus.messages_field", flag="--messages-field", help="Field holding a conversation's messages "
+        "(--corpus-format chat)."),
+    Opt(field="corpus.chat_template", flag="--chat-template",
+        help="Jinja chat template file (--corpus-format chat; default: the tokenizer's own, for an aligned teacher "
+             "the student tokenizer's)."),
+    Opt(field="corpus.truncate_conversations", flag="--truncate-conversations/--refuse-long-conversations",
+        help="A conversation longer than --seq-len is cut to the window, or (default) refused and counted as "
+             "too_long in the manifest's packing notes."),
     Opt(field="seq_len", flag="--seq-len", type=int, help="Tokens per packed sequence."),
     Opt(field="teacher.top_k", flag="--top-k", type=int, help="Top-k log-probs stored per token."),
     Opt(field="teacher.targets", flag="--targets", type=click.Choice(TARGET_KINDS),

@@ -13,14 +13,13 @@ so a shard's bytes do not depend on how the run was sliced or resumed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from common.errors import ConfigError
 from common.packing import PackedBatch, PackStats
@@ -67,10 +66,7 @@ def group_by_shard(batches: Iterator[PackedBatch], shard_size: int,
 
 
 def _concat(pieces: list[PackedBatch]) -> PackedBatch:
-    if len(pieces) == 1:
-        return pieces[0]
-    return PackedBatch(seq_ids=np.concatenate([p.seq_ids for p in pieces]),
-                       input_ids=np.concatenate([p.input_ids for p in pieces]))
+    return pieces[0] if len(pieces) == 1 else PackedBatch.concat(pieces)
 
 
 def prefetch(it: Iterator[Any], depth: int = 8) -> Iterator[Any]:
@@ -111,7 +107,10 @@ def compute_shard(backend: Any, windows: PackedBatch, batch_size: int) -> Teache
     """Targets of one shard's windows, `batch_size` sequences per forward (batches start at the shard's
     first window, so the result does not depend on slicing)."""
     parts = [backend.compute(windows.slice(s, s + batch_size)) for s in range(0, len(windows), batch_size)]
-    return parts[0] if len(parts) == 1 else TeacherTargets.concat(parts)
+    targets = parts[0] if len(parts) == 1 else TeacherTargets.concat(parts)
+    if windows.loss_mask is not None:  # conversations: the mask and boundaries come from packing, in S's positions
+        targets.loss_mask, targets.doc_start = windows.loss_mask, windows.doc_start
+    return targets
 
 
 def precompute_inputs(cfg: PrecomputeConfig) -> list[Input]:
@@ -190,6 +189,7 @@ def _run_slice(cfg: PrecomputeConfig, backend: TeacherBackend | None, slice_inde
                lock: CacheLock) -> Manifest:
     from tqdm.auto import tqdm
 
+    from common.chat import ChatPackStats
     from common.corpus import ReadStats, corpus_fingerprint, corpus_partitions
     from common.tokenizer import load_tokenizer, tokenizer_fingerprint
     from storage.run_stats import SliceStats
@@ -223,9 +223,10 @@ def _run_slice(cfg: PrecomputeConfig, backend: TeacherBackend | None, slice_inde
         s_path = t_cfg.align_tokenizer + (f"/{t_cfg.align_gguf_file}" if t_cfg.align_gguf_file else "")
         if not isinstance(backend, AlignedBackend):
             backend = AlignedBackend(backend, tokenizer, student_tok, student_tokenizer=s_path,
-                                     teacher_tokenizer=tok_path)
+                                     teacher_tokenizer=tok_path, specials_as_text=cfg.corpus.chat)
         tokenizer, tok_path = student_tok, s_path  # packing and the stored token space are S's
         schema_version, alignment = ALIGNED_SCHEMA_VERSION, backend.alignment
+    loss_mask = chat_mask_info(cfg, tokenizer) if cfg.corpus.chat else None
     sampled = t_cfg.targets == "sampled"
     if t_cfg.top_k > backend.vocab_size and not sampled:
         raise ConfigError(f"top_k {t_cfg.top_k} exceeds the teacher's vocab size {backend.vocab_size}")
@@ -234,7 +235,7 @@ def _run_slice(cfg: PrecomputeConfig, backend: TeacherBackend | None, slice_inde
         # the draws of position (seq id, t) are keyed by this run's corpus and teacher (SAMPLE_SEED_RULE)
         backend.sample_key = sample_key(corpus_fp, info.name, info.path)
     header = Manifest(
-        schema_version=schema_version, alignment=alignment, format=s_cfg.format, teacher=info, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        schema_version=schema_version, alignment=alignment, loss_mask=loss_mask, format=s_cfg.format, teacher=info, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         vocab_size=backend.vocab_size, seq_len=cfg.seq_len, top_k=cfg.slots, temperature=t_cfg.temperature,
         target_kind=t_cfg.targets, samples=t_cfg.samples if sampled else None,
         sample_seed=SAMPLE_SEED_RULE if sampled else None,
@@ -243,9 +244,10 @@ def _run_slice(cfg: PrecomputeConfig, backend: TeacherBackend | None, slice_inde
         pooled_layers=sorted(backend.pooled_dims), pooled_dims=dict(backend.pooled_dims),
         corpus_fingerprint=corpus_fp, corpus=corpus_desc, shard_size=s_cfg.shard_size,
         num_partitions=len(partitions), slice_index=slice_index, num_slices=num_slices,
-        notes={"backend": dict(backend.notes), "tokenizer": tok_path, "batch_size": cfg.batch_size},
+        notes={"backend": dict(backend.notes), "tokenizer": tok_path, "batch_size": cfg.batch_size,
+               **({"chat_template": chat_template_text(cfg, tokenizer)} if cfg.corpus.chat else {})},
     )
-    stats, read = PackStats(), ReadStats()
+    stats, read = (ChatPackStats() if cfg.corpus.chat else PackStats()), ReadStats()
     windows_per_partition: dict[int, int] = {}
     with TargetsWriter(s_cfg.output, header, lock=lock) as writer:
         done_before = set(writer.completed)
@@ -273,6 +275,9 @@ def _run_slice(cfg: PrecomputeConfig, backend: TeacherBackend | None, slice_inde
             bar.set_postfix(seqs=seqs, shards=shards, refresh=False)
         bar.close()
         if stats.windows == 0 and num_slices == 1:
+            if getattr(stats, "too_long", 0):
+                raise ConfigError(f"all {stats.too_long} conversations are longer than seq_len {cfg.seq_len}; raise "
+                                  "--seq-len or pass --truncate-conversations")
             raise ConfigError(f"the corpus has {stats.tokens} tokens, fewer than one window of seq_len "
                               f"{cfg.seq_len}")
         writer.record_stats(SliceStats(
@@ -300,10 +305,12 @@ def pack_partitions(cfg: PrecomputeConfig, tokenizer: Any, parts: list[Partition
     `stats` sums the packing counts over the partitions, `read` counts bytes and documents read, and
     `windows_per_partition` receives each partition's window count once it is packed.
     """
+    from common.chat import ChatPackStats, pack_conversations, resolve_template
     from common.corpus import iter_partition, share
     from common.packing import pack_documents
 
     size = cfg.storage.shard_size
+    template = resolve_template(tokenizer, cfg.corpus.chat_template) if cfg.corpus.chat else None
     for part in parts:
         max_docs = share(cfg.corpus.max_documents, num_partitions, part.index)
         max_tokens = share(cfg.corpus.max_tokens, num_partitions, part.index)
@@ -311,16 +318,46 @@ def pack_partitions(cfg: PrecomputeConfig, tokenizer: Any, parts: list[Partition
             windows_per_partition[part.index] = 0
             continue
         offset = part.index * SHARDS_PER_PARTITION * size  # first seq id of the partition
-        own = PackStats()
         docs = iter_partition(cfg.corpus, part, max_documents=max_docs, stats=read)
-        for batch in pack_documents(docs, tokenizer, seq_len=cfg.seq_len, max_tokens=max_tokens, stats=own):
-            yield PackedBatch(seq_ids=batch.seq_ids + offset, input_ids=batch.input_ids)
+        if template is not None:
+            own: PackStats = ChatPackStats()
+            packed = pack_conversations(docs, tokenizer, seq_len=cfg.seq_len, template=template,
+                                        truncate=cfg.corpus.truncate_conversations, max_tokens=max_tokens,
+                                        stats=own)
+        else:
+            own = PackStats()
+            packed = pack_documents(docs, tokenizer, seq_len=cfg.seq_len, max_tokens=max_tokens, stats=own)
+        for batch in packed:
+            yield dataclasses.replace(batch, seq_ids=batch.seq_ids + offset)
         windows_per_partition[part.index] = own.windows
+        if isinstance(stats, ChatPackStats):
+            stats.add(own)  # type: ignore[arg-type]
+            continue
         stats.documents += own.documents
         stats.tokens += own.tokens
         stats.windows += own.windows
         stats.dropped_tokens += own.dropped_tokens
         stats.truncated = stats.truncated or own.truncated
+
+
+def chat_mask_info(cfg: PrecomputeConfig, tokenizer: Any) -> dict[str, Any]:
+    """The manifest's `loss_mask` entry of a conversation cache: its columns and how the mask was made
+    (`tokenizer` is the one packing renders with: the student's S for an aligned teacher)."""
+    from common.chat import mask_method, resolve_template, template_sha256
+    from storage.manifest import BOUNDARY_COLUMN, LOSS_MASK_COLUMN
+
+    template = resolve_template(tokenizer, cfg.corpus.chat_template)
+    return {"column": LOSS_MASK_COLUMN, "boundaries": BOUNDARY_COLUMN, "marks": "assistant",
+            "chat_template_sha256": template_sha256(template), "method": mask_method(template),
+            "truncate_conversations": cfg.corpus.truncate_conversations}
+
+
+def chat_template_text(cfg: PrecomputeConfig, tokenizer: Any) -> str:
+    """The template the conversations were rendered with, kept in the notes so the trained student's saved
+    tokenizer renders conversations the same way."""
+    from common.chat import resolve_template
+
+    return resolve_template(tokenizer, cfg.corpus.chat_template)
 
 
 def _expected_sequences(cfg: PrecomputeConfig, num_partitions: int, parts: list[Partition]) -> int | None:

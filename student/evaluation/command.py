@@ -43,6 +43,12 @@ def _alias(flag: str, name: str, new: str) -> Any:
 @_opt("--split", help="Hub dataset split (held-out text: validation by default).")
 @_opt("--dataset-revision", help="Hub dataset revision.")
 @_opt("--text-field", help="Field holding the text in jsonl/parquet files and hub datasets.")
+@_opt("--corpus-format", type=click.Choice(["text", "chat"]),
+      help="--dataset holds text documents or chat conversations (rows of {role, content} messages, rendered "
+           "with the student tokenizer's chat template); with chat every figure averages over the assistant "
+           "replies only.")
+@_opt("--messages-field", help="Field holding a conversation's messages (--corpus-format chat).")
+@_opt("--chat-template", help="Jinja chat template file for --corpus-format chat (default: the tokenizer's own).")
 @_opt("--teacher", field="teachers", multiple=True,
       help="Teacher model directory or hub id, or LABEL=DIR, with the student's tokenizer; repeat. Scored alone "
            "before the students (one model resident at a time), on the --dataset windows or on those of the "

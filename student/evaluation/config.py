@@ -32,6 +32,13 @@ class EvalConfig:
     """Hub dataset revision; hub datasets only."""
     text_field: str = "text"
     """Field holding the document text in jsonl/parquet files and hub datasets."""
+    corpus_format: str = "text"
+    """`data` holds `text` documents or `chat` conversations (common/chat.py): rendered with the student
+    tokenizer's chat template (or `chat_template`), every figure over the assistant positions only."""
+    messages_field: str = "messages"
+    """Field holding a conversation's messages (`corpus_format` chat)."""
+    chat_template: str | None = None
+    """Jinja chat template file for `corpus_format` chat (None: the tokenizer's own)."""
     teachers: list[str] = field(default_factory=list)
     """Teacher models (directory or hub id; the old `DIR/FILE.gguf` form is accepted), each optionally
     `LABEL=PATH`, sharing the student's tokenizer; scored on the `data` windows, or on the caches' windows
@@ -96,6 +103,11 @@ class EvalConfig:
             raise ConfigError(
                 "give held-out text with --dataset or held-out caches with --teacher-data (exactly one)"
             )
+        if self.teacher_data and (self.corpus_format != "text" or self.chat_template is not None):
+            raise ConfigError("--corpus-format and --chat-template describe --dataset; caches of conversations carry "
+                              "their own loss mask")
+        if self.corpus_format not in ("text", "chat"):
+            raise ConfigError(f"--corpus-format is {self.corpus_format!r}, expected text or chat")
         if self.gguf_files and not self.teachers:
             raise ConfigError("--gguf-file names a file inside a --teacher directory; give --teacher")
         self.weighting()  # the scheme's checks, with the number of teachers

@@ -7,7 +7,9 @@ sum_k alpha_k KL_k (`student.losses.sparse_kl`): each teacher's top-k plus its o
 view on the same partition, at the caches' temperature; at top-k = vocab it is the full-vocab
 sum_k alpha_k KL(P_Tk || P_S), 0 when the student equals every teacher. An aligned cache has targets only where
 its `target_mask` is set: its KL averages over those positions, the fused KL and agreement over positions where
-some teacher has a target, and the counts are kept apart (`kl_positions`, `positions`).
+some teacher has a target, and the counts are kept apart (`kl_positions`, `positions`). Caches of
+conversations (`loss_mask`): every figure, perplexity included, averages over the masked positions only (the
+next token belongs to an assistant reply); no teacher has a target elsewhere.
 """
 
 from __future__ import annotations
@@ -24,20 +26,33 @@ from student.fusion import fused_top1 as known_top1
 from student.losses import sparse_kl, teacher_kl
 
 
-def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
-    """Sum and count of -log q(x_{t+1} | x_<=t) over positions 0..L-2: logits [B, L, V], input_ids [B, L]."""
+def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor,
+                   loss_mask: torch.Tensor | None = None) -> tuple[float, int]:
+    """Sum and count of -log q(x_{t+1} | x_<=t) over positions 0..L-2: logits [B, L, V], input_ids [B, L];
+    loss_mask [B, L] bool (conversations): only the positions it marks."""
     v = logits.shape[-1]
+    if loss_mask is not None:
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), input_ids[:, 1:].reshape(-1).long(),
+                              reduction="none")
+        use = loss_mask[:, :-1].reshape(-1)
+        return float(nll[use].sum()), int(use.sum())
     nll = F.cross_entropy(
         logits[:, :-1].reshape(-1, v).float(), input_ids[:, 1:].reshape(-1).long(), reduction="sum"
     )
     return float(nll), int(input_ids[:, 1:].numel())
 
 
-def window_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> list[float]:
-    """Mean -log q(x_{t+1} | x_<=t) over positions 0..L-2 of each window: logits [B, L, V] -> B floats."""
+def window_nll(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None) -> list[float]:
+    """Mean -log q(x_{t+1} | x_<=t) over positions 0..L-2 of each window: logits [B, L, V] -> B floats. With
+    loss_mask [B, L] bool (conversations), the mean over the positions it marks, for the windows that have any."""
     b, _, v = logits.shape
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), input_ids[:, 1:].reshape(-1).long(),
                           reduction="none")
+    if loss_mask is not None:
+        use = loss_mask[:, :-1].to(nll.dtype)
+        count = use.sum(dim=1)
+        means = (nll.reshape(b, -1) * use).sum(dim=1) / count.clamp_min(1)
+        return [float(m) for m, c in zip(means.tolist(), count.tolist(), strict=True) if c > 0]
     return nll.reshape(b, -1).mean(dim=1).tolist()
 
 
@@ -59,17 +74,18 @@ class Scores:
     window_kl: list[float] = field(default_factory=list)
     """Mean KL to the fused target of each window (over its positions with a target)."""
 
-    def add_nll(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
-        """logits [B, L, V] float32, ids [B, L]."""
-        nll, cnt = next_token_nll(logits, ids)
+    def add_nll(self, logits: torch.Tensor, ids: torch.Tensor, loss_mask: torch.Tensor | None = None) -> None:
+        """logits [B, L, V] float32, ids [B, L]; loss_mask [B, L] bool (conversations) or None."""
+        nll, cnt = next_token_nll(logits, ids, loss_mask)
         self.nll += nll
         self.count += cnt
-        self.window_nll += window_nll(logits, ids)
+        self.window_nll += window_nll(logits, ids, loss_mask)
 
     def add_targets(self, logits: torch.Tensor, ids: torch.Tensor, fused: FusedTargets, valid: torch.Tensor,
-                    names: list[str], temperature: float) -> None:
+                    names: list[str], temperature: float, masked: bool = False) -> None:
         """KL to each teacher and to the fused target, and top-1 agreement, for logits [B, L, V] float32;
-        `valid` [N, K] bool says where each teacher has a target."""
+        `valid` [N, K] bool says where each teacher has a target. masked (conversations, `valid` holds the loss
+        mask): a window without any target adds no per-window KL (as `window_nll`)."""
         flat = logits.reshape(ids.numel(), -1)  # [N, V]
         has = fused.has_target  # [N]
         self.positions += int(has.sum())
@@ -80,7 +96,11 @@ class Scores:
             self.kl_positions[name] = self.kl_positions.get(name, 0) + int(valid[:, k].sum())
         kl = (sparse_kl(flat, fused, temperature=temperature, reduction="none") * has).reshape(ids.shape)
         self.kl_fused += float(kl.sum())
-        self.window_kl += (kl.sum(dim=1) / has.reshape(ids.shape).sum(dim=1).clamp_min(1)).tolist()
+        per_window = has.reshape(ids.shape).sum(dim=1)
+        window_kl = (kl.sum(dim=1) / per_window.clamp_min(1)).tolist()
+        if masked:  # keep the windows that have a target, as window_nll keeps those with a masked position
+            window_kl = [x for x, c in zip(window_kl, per_window.tolist(), strict=True) if c > 0]
+        self.window_kl += window_kl
 
 
 def greedy_continuations(model: Any, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:

@@ -60,8 +60,9 @@ def format_comparisons(result: dict[str, Any]) -> str:
     for c in result.get("comparisons", []):
         parts = [f"{name} {c[name]['difference']:+.3f} [{c[name]['low']:+.3f}, {c[name]['high']:+.3f}]"
                  for name in ("perplexity", "nll", "kl_fused") if name in c]
+        over = f", {result['positions']}" if result.get("positions") else ""
         lines.append(f"{c['a']} - {c['b']}: " + ", ".join(parts) + f" (95% paired bootstrap over {c['windows']} "
-                     f"windows, {c['replicates']} replicates)")
+                     f"windows, {c['replicates']} replicates{over})")
     return "\n".join(lines)
 
 
@@ -76,6 +77,11 @@ def format_table(result: dict[str, Any]) -> str:
     if has_bleu:
         header += (["BLEU teachers"] if live else []) + ["BLEU text"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    if result.get("positions"):  # conversations: say it before any number
+        first = next(iter(result["models"].values()), {})
+        lines.insert(0, f"Every figure averages over {result['positions']}: "
+                        f"{first.get('tokens_scored', 0)} predicted tokens of {result['windows'] * result['seq_len']} "
+                        "positions.")
 
     def f(x: float | None, nd: int = 3) -> str:
         return "-" if x is None else f"{x:.{nd}f}"
@@ -92,7 +98,7 @@ def format_table(result: dict[str, Any]) -> str:
     total = result["windows"] * result["seq_len"]
     for label, m in result["models"].items():
         counts = m.get("target_positions", {})
-        partial = {t: n for t, n in counts.items() if n < total}
+        partial = {t: n for t, n in counts.items() if n < total and not result.get("positions")}
         if partial:  # aligned caches: their KL is over the positions with a target only
             lines.append(f"{label}: KL over positions with a target only: "
                          + ", ".join(f"{t} {n} of {total}" for t, n in partial.items()))
@@ -100,7 +106,8 @@ def format_table(result: dict[str, Any]) -> str:
         if c["perplexity_observed"] is None:
             lines.append(f"{name} (teacher, aligned cache): no position where its log-prob of the next token is exact")
             continue
+        over = f" ({result['positions']})" if result.get("positions") else ""
         lines.append(f"{name} (teacher, aligned cache): perplexity {c['perplexity_observed']:.2f} over the "
-                     f"{c['observed_positions']} of {c['positions']} positions where its log-prob of the next token "
-                     "is exact")
+                     f"{c['observed_positions']} of {c['positions']} positions{over} where its log-prob of the next "
+                     "token is exact")
     return "\n".join(lines)

@@ -40,7 +40,7 @@ from student.evaluation.sources import (
     release,
     vocab_size,
 )
-from student.targets import OBSERVED_SOURCES, fuse, observed_counts, valid_mask
+from student.targets import OBSERVED_SOURCES, fuse, observed_counts, valid_mask, with_loss_mask
 
 
 def check_report_output(cfg: EvalConfig, students: list[ModelSpec], teachers: list[ModelSpec]) -> None:
@@ -76,7 +76,9 @@ def _held_out(cfg: EvalConfig, tokenizer: Any, fingerprint: str, max_pos: dict[s
         seq_len = _window_length(cfg, max_pos)
         check_positions(max_pos, seq_len)
         corpus = CorpusConfig(dataset=cfg.data, dataset_config=cfg.dataset_config, split=cfg.split,
-                              revision=cfg.dataset_revision, text_field=cfg.text_field, max_tokens=cfg.max_tokens)
+                              revision=cfg.dataset_revision, text_field=cfg.text_field, max_tokens=cfg.max_tokens,
+                              corpus_format=cfg.corpus_format, messages_field=cfg.messages_field,
+                              chat_template=cfg.chat_template)
         return pack_text(corpus, tokenizer, seq_len, cfg.batch_size)
     held = open_caches(cfg.teacher_data, cfg.weighting(), cfg.verify, cfg.max_tokens, cfg.batch_size)
     m = held.caches[0].manifest
@@ -153,7 +155,8 @@ def _score_teacher(spec: ModelSpec, held: HeldOut, cfg: EvalConfig, run: _Pass) 
         for lo in held.batches():
             ids = held.ids(lo).to(run.device)
             logits = model(input_ids=ids).logits.float()  # [B, L, V]
-            scores.add_nll(logits, ids)
+            mask = held.loss_mask(lo)
+            scores.add_nll(logits, ids, None if mask is None else mask.to(run.device))
             record.add(logits, cfg.top_k, ids)
             bar.update(ids.numel())
     run.texts[spec.label] = _continuations(model, run.prompts, cfg.new_tokens, run.tokenizer)
@@ -176,14 +179,19 @@ def _score_student(spec: ModelSpec, held: HeldOut, records: list[TeacherRecord],
             views = views + [r.view(i) for r in records]  # the caches' teachers first, then the live ones
             ids = ids.to(run.device)
             logits = model(input_ids=ids).logits.float()  # [B, L, V]
-            scores.add_nll(logits, ids)
+            mask = held.loss_mask(lo)
+            mask = None if mask is None else mask.to(run.device)  # [B, L] bool: conversations' assistant positions
+            scores.add_nll(logits, ids, mask)
             if views:
                 batch_counts = observed_counts(views)  # [K, 3] or None
                 if batch_counts is not None:
                     counts = batch_counts if counts is None else counts + batch_counts
                 views = [v.to(run.device) for v in views]
+                if mask is not None:
+                    views = with_loss_mask(views, mask.reshape(-1))
                 fused = fuse(views, weighting, held.seq_len)
-                scores.add_targets(logits, ids, fused, valid_mask(views), run.teacher_names, held.temperature)
+                scores.add_targets(logits, ids, fused, valid_mask(views), run.teacher_names, held.temperature,
+                                   masked=mask is not None)
             bar.update(ids.numel())
     if counts is not None:
         run.observed_sources = {name: dict(zip(OBSERVED_SOURCES, row.tolist(), strict=True))
@@ -280,6 +288,10 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
                            "reference": truth, **run.texts} if n_prompts else {}),
         "config": asdict(cfg),
     }
+    if held.masked:  # conversations (text results keep their keys)
+        from student.data import LOSS_MASK_POSITIONS
+
+        result["positions"] = LOSS_MASK_POSITIONS
     if cfg.output:
         write_json(result, cfg.output)
     return result

@@ -28,7 +28,7 @@ import torch
 
 from common.errors import ConfigError, UserError
 from storage.errors import MismatchError
-from student.data import join_teachers
+from student.data import join_teachers, loss_mask_column
 from student.model import is_hub_id
 from student.observed import observed_logprobs
 from student.targets import TeacherView, cache_columns, cache_views
@@ -187,6 +187,24 @@ class HeldOut:
     caches: list[Any] = field(default_factory=list)
     """Joined `TeacherDataset`s (cache source)."""
     cache_paths: list[str] = field(default_factory=list)
+    mask_column: str | None = None
+    """Caches of conversations: their loss-mask column (every figure averages over its positions only)."""
+    masks: torch.Tensor | None = None
+    """[S, L] bool loss masks of packed conversations (text source, `--corpus-format chat`)."""
+
+    @property
+    def masked(self) -> bool:
+        """Conversations: every figure averages over the loss mask's positions only."""
+        return self.mask_column is not None or self.masks is not None
+
+    def loss_mask(self, lo: int) -> torch.Tensor | None:
+        """[b, L] bool loss mask of the batch starting at `lo` (conversations), or None (every position)."""
+        hi = min(self.n_windows, lo + self.batch_size)
+        if self.masks is not None:
+            return self.masks[lo:hi]
+        if self.mask_column is None:
+            return None
+        return torch.from_numpy(self.caches[0].read_columns(list(range(lo, hi)), [self.mask_column])[self.mask_column] != 0)
 
     @property
     def temperature(self) -> float:
@@ -234,16 +252,21 @@ class HeldOut:
             if not ds.manifest.aligned:
                 continue
             nll, count = 0.0, 0
+            positions = 0
             for lo in self.batches():
                 hi = min(self.n_windows, lo + self.batch_size)
                 obs = observed_logprobs(ds.read_columns(list(range(lo, hi)), ["observed_logprob"])["observed_logprob"])
                 use = ~torch.isnan(obs)
+                mask = self.loss_mask(lo)
+                if mask is not None:  # conversations: the assistant positions only
+                    use &= mask.reshape(-1)
+                    positions += int(mask[:, :-1].sum())
                 nll -= float(obs[use].double().sum())
                 count += int(use.sum())
             out[ds.manifest.teacher.name] = {
                 "perplexity_observed": math.exp(nll / count) if count else None,
                 "observed_positions": count,
-                "positions": self.n_windows * (self.seq_len - 1),
+                "positions": positions if self.mask_column else self.n_windows * (self.seq_len - 1),
             }
         return out
 
@@ -257,16 +280,35 @@ def open_caches(paths: Sequence[str], weighting: Weighting, verify: str, max_tok
     n = len(caches[0]) if max_tokens is None else min(len(caches[0]), max_tokens // m.seq_len)
     if n < 1:
         raise UserError(f"max_tokens={max_tokens} is less than one window of {m.seq_len} tokens")
-    return HeldOut(seq_len=m.seq_len, n_windows=n, batch_size=batch_size, caches=caches, cache_paths=list(paths))
+    return HeldOut(seq_len=m.seq_len, n_windows=n, batch_size=batch_size, caches=caches, cache_paths=list(paths),
+                   mask_column=loss_mask_column(m))
 
 
 def pack_text(corpus: Any, tokenizer: Any, seq_len: int, batch_size: int) -> HeldOut:
-    """Held-out windows of text (`common.corpus.CorpusConfig`), packed as `precompute` packs."""
+    """Held-out windows of text (`common.corpus.CorpusConfig`), packed as `precompute` packs; conversations
+    (`corpus_format` chat) with their loss masks, rendered with the tokenizer's template (or the corpus')."""
     from common.corpus import iter_documents
-    from common.packing import pack_documents
 
-    packed = list(pack_documents(iter_documents(corpus), tokenizer, seq_len=seq_len, max_tokens=corpus.max_tokens))
+    if corpus.chat:
+        from common.chat import ChatPackStats, pack_conversations, resolve_template
+
+        stats = ChatPackStats()
+        packed = list(pack_conversations(iter_documents(corpus), tokenizer, seq_len=seq_len,
+                                         template=resolve_template(tokenizer, corpus.chat_template),
+                                         truncate=corpus.truncate_conversations, max_tokens=corpus.max_tokens,
+                                         stats=stats))
+        if stats.too_long:
+            import click
+
+            click.echo(f"evaluate: {stats.too_long} of {stats.documents} conversations are longer than seq_len="
+                       f"{seq_len} and are left out", err=True)
+    else:
+        from common.packing import pack_documents
+
+        packed = list(pack_documents(iter_documents(corpus), tokenizer, seq_len=seq_len, max_tokens=corpus.max_tokens))
     if not packed:
         raise UserError(f"{corpus.dataset} holds fewer than seq_len={seq_len} tokens; lower --seq-len")
     windows = torch.from_numpy(np.concatenate([b.input_ids for b in packed]).astype(np.int64))
-    return HeldOut(seq_len=seq_len, n_windows=windows.shape[0], batch_size=batch_size, windows=windows)
+    masks = None if packed[0].loss_mask is None else torch.from_numpy(
+        np.concatenate([b.loss_mask for b in packed]) != 0)
+    return HeldOut(seq_len=seq_len, n_windows=windows.shape[0], batch_size=batch_size, windows=windows, masks=masks)

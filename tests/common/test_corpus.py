@@ -73,7 +73,8 @@ def test_fingerprint_follows_content_and_limits(tmp_path: Path) -> None:
 
 
 def test_cli_reports_a_missing_corpus_in_one_line(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "cli.py", "precompute", "--teacher", str(tmp_path), "--dataset",
+    (tmp_path / "teacher").mkdir()  # beside the output, not holding it (the output rule refuses that first)
+    r = subprocess.run([sys.executable, "cli.py", "precompute", "--teacher", str(tmp_path / "teacher"), "--dataset",
                         str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "out")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2

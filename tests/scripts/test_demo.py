@@ -54,3 +54,11 @@ def test_every_option_in_the_demo_is_known_to_the_command_it_goes_to():
                 assert used <= opts, f"{cmd}: unknown options {sorted(used - opts)}"
                 checked += 1
     assert checked >= 5
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash not installed")
+def test_demo_refuses_an_unknown_corpus_in_one_line(tmp_path):
+    r = subprocess.run(["bash", str(DEMO), str(tmp_path / "out")], env={"PATH": "/usr/bin:/bin", "DEMO_CORPUS": "poems"},
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 2 and r.stderr.strip() == "error: DEMO_CORPUS must be text or chat, got poems"
+    assert not (tmp_path / "out").exists()
