@@ -250,12 +250,16 @@ def fmt_diff(c: Comparison) -> str:
     )
 
 
-def row_table(scores: Scores, rows: dict[str, list[str]], desc: dict[str, str], ce: str) -> list[str]:
+def row_table(
+    scores: Scores, rows: dict[str, list[str]], desc: dict[str, str], ce: str, ref_name: str = "CE"
+) -> list[str]:
+    """The rows' perplexity (per seed, per domain), KL to the fused target and relative change to row `ce`
+    (called `ref_name` in the header)."""
     doms = scores.domains
     lines = [
         "| row | loss / teachers | seeds | perplexity (per seed) | "
         + " | ".join(doms)
-        + " | KL to fused | vs CE |",
+        + f" | KL to fused | vs {ref_name} |",
         "|---|---|---|---|" + "---|" * len(doms) + "---|---|",
     ]
     ce_ppl = ppl(scores.row(rows[ce]))

@@ -50,6 +50,8 @@ from benchmarks import shared  # noqa: E402
 RESULTS = ROOT / "benchmarks/RESULTS.md"
 BEGIN, END = "<!-- weighting_table:begin -->", "<!-- weighting_table:end -->"
 HEADER = "## Teacher weighting schemes on students (`benchmarks/weighting_table.py`)"
+HEUR_BEGIN, HEUR_END = "<!-- weighting_heuristic:begin -->", "<!-- weighting_heuristic:end -->"
+HEUR_HEADER = "### Every weighting scheme on the paper table's caches (`benchmarks/weighting_table.py`)"
 TEACHERS = ("smollm2", "gemma3", "smollm2-scripture", "smollm2-python")
 POOL_LAYER = 11
 """The block the specialists' training caches pool (paper_table.py's --teacher-pool-layer, for its feat row), so
@@ -352,8 +354,36 @@ def plot(
     print(f"[weighting] wrote {path}", flush=True)
 
 
-def markdown(*, args, argv, wall: float, betas, tune_nll, heur, scores, runs, desc, best, comps) -> str:
-    cmd = "python benchmarks/weighting_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
+def command(argv: list[str] | None) -> str:
+    return "python benchmarks/weighting_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
+def beta_line(betas: tuple[float, ...], tune_nll: dict[str, float]) -> str:
+    return (
+        "**Beta, chosen on the tuning slice** (the first half of the training windows; mean NLL of the fused p(o) "
+        "on the observed token): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in tune_nll.items())
+        + f" -> betas {', '.join(f'{b:g}' for b in betas)}."
+    )
+
+
+def heuristic_markdown(*, args, argv, wall: float, betas, tune_nll, heur) -> str:
+    """The heuristic block: command, the beta choice, and every scheme's table per slice."""
+    out = [
+        f"2-core CPU, no GPU, {time.strftime('%Y-%m-%d')}; `{command(argv)}`; wall {wall / 60:.1f} min (caches "
+        f"included unless reused: {len(pt.REUSED)} reused). Teachers {', '.join(TEACHERS)}; top-{args.top_k} "
+        f"caches of {args.train_tokens} training tokens and {args.eval_tokens} held-out tokens per domain; 95% "
+        f"intervals from {args.heuristic_replicates} resamples of whole windows.",
+        "",
+        beta_line(betas, tune_nll),
+    ]
+    for title, text in heur:
+        out += ["", f"*{title}*: " + text]
+    return "\n".join(out)
+
+
+def markdown(*, args, argv, wall: float, betas, tune_nll, scores, runs, desc, best, comps) -> str:
+    cmd = command(argv)
     reused = f"; {len(pt.REUSED)} caches/runs/evaluations reused from earlier calls" if pt.REUSED else ""
     out = [
         f"2-core CPU, no GPU, {time.strftime('%Y-%m-%d')}; `{cmd}`; wall {wall / 60:.1f} min{reused}.",
@@ -364,9 +394,7 @@ def markdown(*, args, argv, wall: float, betas, tune_nll, heur, scores, runs, de
         f"({len(scores.strata())} windows); {args.bootstrap} paired-bootstrap replicates (within domains); KL to "
         "the entropy fusion of the four held-out caches.",
         "",
-        "**Beta, chosen on the tuning slice** (first half of the training windows; mean NLL of the fused p(o)): "
-        + ", ".join(f"{k} {v:.4f}" for k, v in tune_nll.items())
-        + f" -> betas {', '.join(f'{b:g}' for b in betas)}.",
+        beta_line(betas, tune_nll) + " The heuristic tables: the section on the entropy heuristic.",
         "",
         "**Teachers** (held-out perplexity as models; * Gemma over its exact positions):",
         "",
@@ -374,7 +402,9 @@ def markdown(*, args, argv, wall: float, betas, tune_nll, heur, scores, runs, de
         "",
         "**Students**:",
         "",
-        *pt.row_table(scores, runs, desc, "ce"),
+        *pt.row_table(
+            scores, runs, desc, *(("ce", "CE") if "ce" in runs else (next(iter(runs)), next(iter(runs))))
+        ),
         "",
         "**Verdicts** (perplexity of the scheme minus the other row; holds: interval below zero and every seed "
         "agrees; does not hold: interval above zero):",
@@ -382,11 +412,7 @@ def markdown(*, args, argv, wall: float, betas, tune_nll, heur, scores, runs, de
         *verdict_lines(best, comps),
         "",
         f"![held-out perplexity per weighting scheme]({Path(args.plot).name})",
-        "",
-        "**The heuristic before training** (every scheme; fused p(o) on the observed token):",
     ]
-    for title, text in heur:
-        out += ["", f"*{title}*: " + text]
     return "\n".join(out)
 
 
@@ -463,6 +489,13 @@ def main(argv: list[str] | None = None) -> int:
     for title, text in heur:
         print(f"\n[heuristic] {title}\n{text}", flush=True)
     print(f"[weighting] tuning-slice NLL {tune_nll}; betas {betas}", flush=True)
+    heur_text = heuristic_markdown(
+        args=args, argv=argv, wall=time.perf_counter() - start, betas=betas, tune_nll=tune_nll, heur=heur
+    )
+    (work / "weighting").mkdir(parents=True, exist_ok=True)
+    (work / "weighting" / "heuristic.md").write_text(heur_text + "\n", encoding="utf-8")
+    if args.write_results:
+        shared.replace_block(RESULTS, HEUR_BEGIN, HEUR_END, heur_text, header=HEUR_HEADER)
     if args.heuristic_only:
         return 0
     rows = select(scheme_rows(betas, args.lambda_kd), args.rows)
@@ -480,7 +513,6 @@ def main(argv: list[str] | None = None) -> int:
         wall=time.perf_counter() - start,
         betas=betas,
         tune_nll=tune_nll,
-        heur=heur,
         scores=scores,
         runs=runs,
         desc={r.label: r.desc for r in rows},

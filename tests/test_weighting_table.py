@@ -142,7 +142,6 @@ def test_verdicts_report_and_figure(wt, tmp_path):
         wall=60.0,
         betas=(2.0, 4.0),
         tune_nll={"tempered beta=2": 1.5, "tempered beta=4": 1.4},
-        heur=[("t", "table")],
         scores=scores,
         runs=runs,
         desc={"ce": "CE only"},
@@ -150,4 +149,28 @@ def test_verdicts_report_and_figure(wt, tmp_path):
         comps=comps,
     )
     assert "`python benchmarks/weighting_table.py --work w`" in text and "betas 2, 4" in text
-    assert "| min-ce |" in text and "*t*: table" in text
+    assert "| min-ce |" in text and "| vs CE |" in text
+    no_ce = {r: v for r, v in runs.items() if r != "ce"}
+    text = wt.markdown(
+        args=args,
+        argv=[],
+        wall=1.0,
+        betas=(2.0, 4.0),
+        tune_nll={},
+        scores=scores,
+        runs=no_ce,
+        desc={},
+        best=best,
+        comps=comps,
+    )
+    assert "| vs only-smollm2 |" in text  # without CE, the first row is the reference, and says so
+    args.heuristic_replicates = 100
+    heur = wt.heuristic_markdown(
+        args=args,
+        argv=["--heuristic-only"],
+        wall=6.0,
+        betas=(2.0, 4.0),
+        tune_nll={"uniform": 1.6},
+        heur=[("t", "table")],
+    )
+    assert "uniform 1.6000 -> betas 2, 4" in heur and "*t*: table" in heur and "--heuristic-only" in heur
