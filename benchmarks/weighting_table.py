@@ -331,12 +331,15 @@ def plot(
         highs.append(hi - pts[-1])
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
     ax.errorbar(range(len(labels)), pts, yerr=[lows, highs], fmt="o", capsize=3)
+    ax.set_xlim(-0.5, len(labels) - 0.5)
     ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("held-out perplexity (seeds averaged), 95%")
     schemes = list(comps)
     for j, (key, name) in enumerate((("best", "minus best single"), ("uniform", "minus uniform"))):
         xs = [i + 0.15 * (2 * j - 1) for i, s in enumerate(schemes) if key in comps[s]]
         cs = [comps[s][key].result for s in schemes if key in comps[s]]
+        if not cs:
+            continue
         bx.errorbar(
             xs,
             [c["difference"] for c in cs],
@@ -346,6 +349,7 @@ def plot(
             yerr=[[c["difference"] - c["low"] for c in cs], [c["high"] - c["difference"] for c in cs]],
         )
     bx.axhline(0.0, color="grey", lw=0.8)
+    bx.set_xlim(-0.5, len(schemes) - 0.5)
     bx.set_xticks(range(len(schemes)), schemes, rotation=60, ha="right", fontsize=7)
     bx.set_ylabel("perplexity difference, paired 95%")
     bx.legend(fontsize=7)
