@@ -18,8 +18,11 @@ teacher's probability p_k(o) known, this prints:
   and the paired difference of mean NLL;
 - for every weighting scheme of stage two's registry (student/weighting.py: uniform, entropy, confidence,
   tempered at each --weight-beta, min-ce, min-ce-seq; fixed with --teacher-weights), computed by that code on
-  the same positions: the fused prediction's NLL on o, and the share of positions where the top-weighted
-  teacher (unique by more than 1e-9) is the one that gives o the most probability (n/a for uniform weights).
+  the same positions: the fused prediction's NLL on o, its paired difference to the uniform fusion's, and the
+  share of positions where the top-weighted teacher (unique by more than 1e-9) is the one that gives o the most
+  probability (n/a for uniform weights). The schemes that read p_k(o) choose their weights knowing o, so on
+  these two figures they win by construction (the top-weighted teacher is the argmax of p(o) wherever the
+  weights rise with p(o), and min-ce maximises the fused p(o)); only training says whether that helps a student.
 
 Every figure comes with a 95% percentile interval from a bootstrap over windows (whole windows are resampled,
 so the correlation between neighbouring positions is kept), 2,000 replicates.
@@ -140,6 +143,10 @@ def figures(p: np.ndarray, h: np.ndarray, alphas: dict[str, np.ndarray] | None =
     for label, a in (alphas or {}).items():
         with np.errstate(divide="ignore"):
             out[f"nll[{label}]"] = float(-np.log((a * p).sum(axis=0)).mean())
+        if "uniform" in (alphas or {}) and label != "uniform":  # paired: the same positions, so the same resample
+            with np.errstate(divide="ignore"):
+                uni = float(-np.log((alphas["uniform"] * p).sum(axis=0)).mean())
+            out[f"dnll[{label}]"] = out[f"nll[{label}]"] - uni
         ranked = np.sort(a, axis=0)
         unique = ranked[-1] - ranked[-2] > 1e-9 if k >= 2 else np.ones(a.shape[1], dtype=bool)
         hit = (np.argmax(a, axis=0) == best)[unique]
@@ -264,12 +271,13 @@ def table(names: list[str], r: dict, counts: dict) -> str:
                      f"{cell('lower_entropy_wins', None, '{:.3f}')} |")
     labels = [key[len("nll["):-1] for key in pt if key.startswith("nll[")]
     if labels:
-        lines += ["", "| scheme | fused perplexity on o | fused mean NLL on o | top-weighted teacher gives o "
-                  "the most probability |", "|---|---|---|---|"]
+        lines += ["", "| scheme | fused perplexity on o | fused mean NLL on o | minus uniform (paired) | "
+                  "top-weighted teacher gives o the most probability |", "|---|---|---|---|---|"]
         for label in labels:
-            nll, top = f"nll[{label}]", f"top_best[{label}]"
+            nll, top, diff = f"nll[{label}]", f"top_best[{label}]", f"dnll[{label}]"
             best = cell(top, None) if not np.isnan(pt[top]) else "n/a (no unique top weight)"
-            lines.append(f"| {label} | {np.exp(pt[nll]):.2f} | {cell(nll, None, '{:.4f}')} | {best} |")
+            minus = cell(diff, None, "{:+.4f}") if diff in pt else "-"
+            lines.append(f"| {label} | {np.exp(pt[nll]):.2f} | {cell(nll, None, '{:.4f}')} | {minus} | {best} |")
     return "\n".join(lines)
 
 

@@ -250,12 +250,16 @@ def fmt_diff(c: Comparison) -> str:
     )
 
 
-def row_table(scores: Scores, rows: dict[str, list[str]], desc: dict[str, str], ce: str) -> list[str]:
+def row_table(
+    scores: Scores, rows: dict[str, list[str]], desc: dict[str, str], ce: str, ref_name: str = "CE"
+) -> list[str]:
+    """The rows' perplexity (per seed, per domain), KL to the fused target and relative change to row `ce`
+    (called `ref_name` in the header)."""
     doms = scores.domains
     lines = [
         "| row | loss / teachers | seeds | perplexity (per seed) | "
         + " | ".join(doms)
-        + " | KL to fused | vs CE |",
+        + f" | KL to fused | vs {ref_name} |",
         "|---|---|---|---|" + "---|" * len(doms) + "---|---|",
     ]
     ce_ppl = ppl(scores.row(rows[ce]))
@@ -360,6 +364,8 @@ def precompute(
 
 def run_settings(config: dict) -> dict:
     """What makes two runs of a row the same, from train-student's `config.json` of a run."""
+    from student.weighting import DEFAULT_SETTINGS
+
     loss = config["loss"]
     return {
         "teachers": [Path(p).name for p in config["teacher_data"]],
@@ -369,6 +375,9 @@ def run_settings(config: dict) -> dict:
         "lr": config["optim"]["lr"],
         "student": str(Path(config["student"]).resolve()),
         **{k: loss[k] for k in ("loss", "lambda_kd", "teacher_weighting", "gamma_feat")},
+        # runs written before these settings existed had their defaults
+        "weight_beta": loss.get("weight_beta", DEFAULT_SETTINGS.weight_beta),
+        "weight_floor": loss.get("weight_floor", DEFAULT_SETTINGS.weight_floor),
     }
 
 
@@ -377,6 +386,8 @@ def check_reused_run(
 ) -> None:
     """Refuse to reuse a run trained with other teachers or settings than this row asks for (a row's label,
     such as k2, names other teachers once the teacher list changes)."""
+    from student.weighting import DEFAULT_SETTINGS
+
     flags = dict(zip(extra[::2], extra[1::2], strict=False))
     want = {
         "teachers": [c.name for c in caches],
@@ -389,6 +400,8 @@ def check_reused_run(
         "lambda_kd": float(flags["--lambda-kd"]),
         "teacher_weighting": flags.get("--teacher-weighting", "entropy"),
         "gamma_feat": float(flags.get("--gamma-feat", 0.0)),
+        "weight_beta": float(flags.get("--weight-beta", DEFAULT_SETTINGS.weight_beta)),
+        "weight_floor": float(flags.get("--weight-floor", DEFAULT_SETTINGS.weight_floor)),
     }
     have = run_settings(json.loads((out / "config.json").read_text()))
     diff = {k: (have[k], v) for k, v in want.items() if have[k] != v}
@@ -500,6 +513,26 @@ def evaluate(domain: str, models: dict[str, Path], caches: list[Path], out: Path
         res.setdefault("cache_teachers", new.get("cache_teachers", {}))
     out.write_text(json.dumps(res), encoding="utf-8")
     return res
+
+
+def cut_student(tok: Path, out: Path, keep_layers: str, threads: int, *, calibrate: bool) -> Path:
+    """`init-student --from TOK --keep-layers KEEP_LAYERS` into `out` unless it is there (the student: 20 blocks
+    chosen by Block Influence on 4,096 calibration tokens; the weak teacher: fixed blocks, no calibration)."""
+    if (out / "init_student.json").exists():
+        return out
+    cmd = [sys.executable, "cli.py", "init-student", "--from", str(tok), "--keep-layers", keep_layers]
+    if calibrate:
+        cmd += [
+            "--dataset",
+            str(ROOT / "data/corpus/train.jsonl"),
+            "--calibration-tokens",
+            "4096",
+            "--seq-len",
+            "256",
+        ]
+    # --overwrite: no init_student.json means a cut that was interrupted, made again
+    run(cmd + ["--output", str(out), "--overwrite"], None, threads)
+    return out
 
 
 def split_validation(work: Path) -> dict[str, Path]:
@@ -620,30 +653,13 @@ def main(argv: list[str] | None = None) -> int:
     tok = tdir / "smollm2"
 
     # the student's start and the weak teacher: two different cuts of SmolLM2
-    student = Path(args.student_init) if args.student_init else work / "student-init"
-    if not (student / "init_student.json").exists():
-        run(
-            [
-                sys.executable,
-                "cli.py",
-                "init-student",
-                "--from",
-                str(tok),
-                "--keep-layers",
-                "20",
-                "--dataset",
-                str(ROOT / "data/corpus/train.jsonl"),
-                "--calibration-tokens",
-                "4096",
-                "--seq-len",
-                "256",
-                "--output",
-                str(student),
-                "--overwrite",  # no init_student.json: a cut that was interrupted, made again
-            ],
-            None,
-            threads * args.jobs,
-        )
+    student = cut_student(
+        tok,
+        Path(args.student_init) if args.student_init else work / "student-init",
+        "20",
+        threads * args.jobs,
+        calibrate=True,
+    )
     kept = json.loads((student / "init_student.json").read_text())["kept_blocks"]
     if kept[args.student_pool_layer] != args.teacher_pool_layer:
         print(
@@ -651,24 +667,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{kept[args.student_pool_layer]}, not {args.teacher_pool_layer}",
             flush=True,
         )
-    weak = work / "teachers" / "weak"
-    if not (weak / "init_student.json").exists():
-        run(
-            [
-                sys.executable,
-                "cli.py",
-                "init-student",
-                "--from",
-                str(tok),
-                "--keep-layers",
-                args.weak_layers,
-                "--output",
-                str(weak),
-                "--overwrite",  # no init_student.json: a cut that was interrupted, made again
-            ],
-            None,
-            threads * args.jobs,
-        )
+    weak = cut_student(
+        tok, work / "teachers" / "weak", args.weak_layers, threads * args.jobs, calibrate=False
+    )
 
     teachers = [Teacher("smollm2", tok)]
     if args.gemma_gguf != "none":

@@ -122,6 +122,13 @@ def test_every_scheme_on_tiny_caches(tmp_path, monkeypatch):
     for label, a in alphas.items():
         assert r["point"][f"nll[{label}]"] == -np.log((a * p).sum(axis=0)).mean()
     assert r["point"]["top_best[min-ce]"] == 1.0
+    uni = r["point"]["nll[uniform]"]
+    for label in alphas:  # paired difference to uniform, with its interval around it
+        if label != "uniform":
+            assert r["point"][f"dnll[{label}]"] == r["point"][f"nll[{label}]"] - uni
+            lo, hi = r["ci"][f"dnll[{label}]"]
+            assert lo <= r["point"][f"dnll[{label}]"] <= hi
+    assert "dnll[uniform]" not in r["point"] and r["point"]["dnll[min-ce]"] <= 0  # min-ce maximises p(o)
     assert np.isnan(r["point"]["top_best[uniform]"])
     top = alphas["entropy"].argmax(axis=0) == p.argmax(axis=0)
     assert r["point"]["top_best[entropy]"] == top.mean()  # entropy ties have measure zero here

@@ -151,6 +151,15 @@ def test_a_run_trained_for_other_teachers_is_not_reused(pt, tmp_path):
         pt.check_reused_run(run, same, lam, 1, args, student)
     with pytest.raises(SystemExit, match="teacher_weighting: entropy there, uniform here"):
         pt.check_reused_run(run, same, lam + ["--teacher-weighting", "uniform"], 0, args, student)
+    # a config written before the tempered scheme's settings existed had their defaults (beta 1, floor 0)
+    tempered = lam + ["--teacher-weighting", "entropy", "--weight-beta", "1"]
+    pt.check_reused_run(run, same, tempered, 0, args, student)
+    with pytest.raises(SystemExit, match="weight_beta: 1.0 there, 4.0 here"):
+        pt.check_reused_run(run, same, lam + ["--weight-beta", "4"], 0, args, student)
+    config["loss"] |= {"weight_beta": 4.0, "weight_floor": 0.1}
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="weight_floor: 0.1 there, 0.0 here"):
+        pt.check_reused_run(run, same, lam + ["--weight-beta", "4"], 0, args, student)
 
 
 def test_an_aligned_teachers_perplexity_pools_its_exact_positions_over_domains(pt):
