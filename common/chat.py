@@ -105,16 +105,9 @@ def gzip_lines(path: str) -> Iterator[tuple[int, bytes]]:
 
 def iter_parquet_conversations(path: str, messages_field: str) -> Iterator[list[Message]]:
     """Validated conversations of a Parquet file's `messages_field` column (a list of structs)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from common.corpus import open_parquet_field
 
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise CorpusError(f"{path}: not a Parquet file ({str(e).strip().splitlines()[0]})") from None
-    names = pf.schema_arrow.names
-    if messages_field not in names:
-        raise CorpusError(f"{path}: no field {messages_field!r} (columns: {', '.join(names)}); use --messages-field")
+    pf = open_parquet_field(path, messages_field, "--messages-field")
     row = 0
     for batch in pf.iter_batches(batch_size=1024, columns=[messages_field]):
         for value in batch.column(0).to_pylist():

@@ -397,7 +397,9 @@ def _iter_jsonl_range(path: str, start: int, stop: int, text_field: str, stats: 
             row += len(chunk)
 
 
-def _iter_parquet(path: str, text_field: str) -> Iterator[str]:
+def open_parquet_field(path: str, name: str, flag: str) -> Any:
+    """The `pyarrow.parquet.ParquetFile` at `path`, which must have the column `name` (a one-line
+    `CorpusError` otherwise, naming the file, the columns and the option `flag` that picks another)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -406,8 +408,15 @@ def _iter_parquet(path: str, text_field: str) -> Iterator[str]:
     except (pa.ArrowInvalid, OSError) as e:
         raise CorpusError(f"{path}: not a Parquet file ({_first_line(e)})") from None
     names = pf.schema_arrow.names
-    if text_field not in names:
-        raise CorpusError(f"{path}: no field {text_field!r} (columns: {', '.join(names)}); use --text-field")
+    if name not in names:
+        raise CorpusError(f"{path}: no field {name!r} (columns: {', '.join(names)}); use {flag}")
+    return pf
+
+
+def _iter_parquet(path: str, text_field: str) -> Iterator[str]:
+    import pyarrow as pa
+
+    pf = open_parquet_field(path, text_field, "--text-field")
     row = 0
     try:
         for batch in pf.iter_batches(batch_size=4096, columns=[text_field]):
