@@ -47,6 +47,9 @@ from pathlib import Path
 
 import numpy as np
 
+REFERENCE = "uniform"
+"""The alpha label every scheme's fused NLL is paired with (a label of `alphas`, not a weighting dispatch)."""
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -143,9 +146,9 @@ def figures(p: np.ndarray, h: np.ndarray, alphas: dict[str, np.ndarray] | None =
     for label, a in (alphas or {}).items():
         with np.errstate(divide="ignore"):
             out[f"nll[{label}]"] = float(-np.log((a * p).sum(axis=0)).mean())
-        if "uniform" in (alphas or {}) and label != "uniform":  # paired: the same positions, so the same resample
+        if REFERENCE in (alphas or {}) and label != REFERENCE:  # paired: the same positions, so the same resample
             with np.errstate(divide="ignore"):
-                uni = float(-np.log((alphas["uniform"] * p).sum(axis=0)).mean())
+                uni = float(-np.log((alphas[REFERENCE] * p).sum(axis=0)).mean())
             out[f"dnll[{label}]"] = out[f"nll[{label}]"] - uni
         ranked = np.sort(a, axis=0)
         unique = ranked[-1] - ranked[-2] > 1e-9 if k >= 2 else np.ones(a.shape[1], dtype=bool)

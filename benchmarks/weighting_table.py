@@ -54,6 +54,9 @@ HEUR_BEGIN, HEUR_END = "<!-- weighting_heuristic:begin -->", "<!-- weighting_heu
 HEUR_HEADER = "### Every weighting scheme on the paper table's caches (`benchmarks/weighting_table.py`)"
 TEACHERS = ("smollm2", "gemma3", "smollm2-scripture", "smollm2-python")
 POOL_LAYER = 11
+REFERENCE = "uniform"
+"""The row every weighting scheme is compared with besides the best single teacher (a row label, not a
+weighting dispatch)."""
 """The block the specialists' training caches pool (paper_table.py's --teacher-pool-layer, for its feat row), so
 that the two scripts build the same caches."""
 
@@ -178,8 +181,8 @@ def verdicts(
             c["best"] = pt.compare(
                 scores, runs, f"{s} vs best single ({best})", s, best, replicates=replicates
             )
-        if s != "uniform" and "uniform" in runs:
-            c["uniform"] = pt.compare(scores, runs, f"{s} vs uniform", s, "uniform", replicates=replicates)
+        if s != REFERENCE and REFERENCE in runs:
+            c["uniform"] = pt.compare(scores, runs, f"{s} vs {REFERENCE}", s, REFERENCE, replicates=replicates)
         out[s] = c
     return best, out
 
