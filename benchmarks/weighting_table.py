@@ -54,11 +54,11 @@ HEUR_BEGIN, HEUR_END = "<!-- weighting_heuristic:begin -->", "<!-- weighting_heu
 HEUR_HEADER = "### Every weighting scheme on the paper table's caches (`benchmarks/weighting_table.py`)"
 TEACHERS = ("smollm2", "gemma3", "smollm2-scripture", "smollm2-python")
 POOL_LAYER = 11
+"""The block the specialists' training caches pool (paper_table.py's --teacher-pool-layer, for its feat row), so
+that the two scripts build the same caches."""
 REFERENCE = "uniform"
 """The row every weighting scheme is compared with besides the best single teacher (a row label, not a
 weighting dispatch)."""
-"""The block the specialists' training caches pool (paper_table.py's --teacher-pool-layer, for its feat row), so
-that the two scripts build the same caches."""
 
 
 @dataclass(frozen=True)
