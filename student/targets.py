@@ -11,8 +11,9 @@ log p(o) comes from the cache's `observed_logprob` column, exact, wherever it ho
 written before top-k and sampled caches stored the column; an aligned cache where o does not end on a teacher
 token boundary) it is read off the teacher's list: o's entry when o is in it ("listed"), else the upper bound
 log(min(tail, smallest listed probability)) ("bounded"; a sampled cache has no tail, so log 0 = -inf there).
-A window's last position has no o inside the window: NaN. The counts of each source over the positions where
-the teacher has a target go with the view (`observed_counts`), and training and evaluate log them.
+A window's last position has no o inside the window: NaN. Each position's source goes with the view, and its
+counts over the positions where the teacher has a target (`TeacherView.observed_counts`, taken after
+`with_loss_mask`, so a conversation's prompt positions are not counted) are what training and evaluate log.
 """
 
 from __future__ import annotations
@@ -48,16 +49,27 @@ class TeacherView:
     """A sampled cache: the list is the whole target (no tail)."""
     observed: torch.Tensor | None = None
     """[n] float32 log p(o) (NaN at each window's last position); None when not needed."""
-    observed_counts: torch.Tensor | None = None
-    """[3] int64: positions with a target (and a next token) whose log p(o) is exact, listed, bounded
-    (`OBSERVED_SOURCES`); None with `observed`."""
+    observed_source: torch.Tensor | None = None
+    """[n] int8: where each position's log p(o) came from, an index into `OBSERVED_SOURCES` (-1 at each window's
+    last position, which has no o); None with `observed`."""
+
+    @property
+    def observed_counts(self) -> torch.Tensor | None:
+        """[3] int64: positions with a target and a next token whose log p(o) is exact, listed, bounded
+        (`OBSERVED_SOURCES`), over the current `valid`; None with `observed`."""
+        if self.observed_source is None:
+            return None
+        src = self.observed_source.long().cpu()
+        if self.valid is not None:
+            src = torch.where(self.valid.cpu(), src, torch.full_like(src, -1))
+        return torch.stack([(src == i).sum() for i in range(len(OBSERVED_SOURCES))]).long()
 
     def to(self, device: str | torch.device) -> TeacherView:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
         return TeacherView(move(self.ids), move(self.logprobs), move(self.entropy), move(self.valid), self.tailless,
-                           move(self.observed), self.observed_counts)
+                           move(self.observed), move(self.observed_source))
 
 
 def target_columns(m: Manifest) -> list[str]:
@@ -120,7 +132,7 @@ def cache_view(cols: dict[str, np.ndarray], m: Manifest, weighting: Weighting, *
     if exact is not None and m.aligned and observed_correction:
         ids, lps, ent = apply_observed_correction(ids, lps, ent, exact, labels)
     sampled = m.target_kind == "sampled"
-    obs = counts = None
+    obs = source = None
     if OBSERVED in weighting.needs:
         listed, bounded = listed_observed(ids, lps, labels, tailless=sampled)
         have = ~torch.isnan(exact) if exact is not None else torch.zeros(n, dtype=torch.bool)
@@ -129,10 +141,9 @@ def cache_view(cols: dict[str, np.ndarray], m: Manifest, weighting: Weighting, *
         last[:, -1] = True
         last = last.reshape(n)
         obs = torch.where(last, torch.full_like(obs, float("nan")), obs)
-        counted = ~last & (valid if valid is not None else torch.ones(n, dtype=torch.bool))
-        counts = torch.stack([(counted & have).sum(), (counted & ~have & ~bounded).sum(),
-                              (counted & ~have & bounded).sum()]).long()
-    return TeacherView(ids, lps.float(), ent, valid, sampled, obs, counts)
+        source = torch.where(have, 0, torch.where(bounded, 2, 1)).to(torch.int8)
+        source = torch.where(last, torch.full_like(source, -1), source)
+    return TeacherView(ids, lps.float(), ent, valid, sampled, obs, source)
 
 
 def cache_views(cols: Sequence[dict[str, np.ndarray]], manifests: Sequence[Manifest], weighting: Weighting, *,

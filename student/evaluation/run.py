@@ -183,12 +183,12 @@ def _score_student(spec: ModelSpec, held: HeldOut, records: list[TeacherRecord],
             mask = None if mask is None else mask.to(run.device)  # [B, L] bool: conversations' assistant positions
             scores.add_nll(logits, ids, mask)
             if views:
-                batch_counts = observed_counts(views)  # [K, 3] or None
-                if batch_counts is not None:
-                    counts = batch_counts if counts is None else counts + batch_counts
                 views = [v.to(run.device) for v in views]
                 if mask is not None:
                     views = with_loss_mask(views, mask.reshape(-1))
+                batch_counts = observed_counts(views)  # [K, 3] or None, over the loss mask's positions
+                if batch_counts is not None:
+                    counts = batch_counts if counts is None else counts + batch_counts
                 fused = fuse(views, weighting, held.seq_len)
                 scores.add_targets(logits, ids, fused, valid_mask(views), run.teacher_names, held.temperature,
                                    masked=mask is not None)

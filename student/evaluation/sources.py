@@ -168,10 +168,9 @@ class TeacherRecord:
 
     def view(self, batch: int) -> TeacherView:
         obs = self.observed[batch]
-        last = torch.isnan(obs)
-        counts = torch.tensor([int((~last).sum()), 0, 0], dtype=torch.int64)  # every known log p(o) is exact
+        source = torch.where(torch.isnan(obs), -1, 0).to(torch.int8)  # every known log p(o) is exact
         return TeacherView(self.topk_ids[batch], self.topk_logprobs[batch], self.entropy[batch],
-                           observed=obs, observed_counts=counts)
+                           observed=obs, observed_source=source)
 
 
 # ---- held-out sequences --------------------------------------------------------------------------

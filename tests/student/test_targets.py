@@ -15,7 +15,15 @@ from student.config import LossConfig, tiny
 from student.data import DistillDataset, join_teachers
 from student.evaluation import EvalConfig
 from student.evaluation.sources import open_caches
-from student.targets import OBSERVED_SOURCES, cache_columns, cache_views, fuse, listed_observed
+from student.targets import (
+    OBSERVED_SOURCES,
+    cache_columns,
+    cache_views,
+    fuse,
+    listed_observed,
+    observed_counts,
+    with_loss_mask,
+)
 from student.weighting import NAMES, WeightSettings, scheme
 from tests.student.synthetic import make_cache
 
@@ -105,6 +113,26 @@ def test_observed_logprob_sources_and_counts(caches):
             np.testing.assert_allclose(obs[:, :-1][exact], dense[exact], rtol=1e-6, atol=1e-6)
             assert got["exact"] == int(exact.sum()) and sum(got.values()) == int(mask.sum())
             assert got["listed"] + got["bounded"] == int((mask & np.isnan(stored)).sum()) > 0
+
+
+def test_observed_counts_follow_the_loss_mask(caches):
+    """A conversation's loss mask removes its prompt positions from the logged log p(o) sources too: the counts
+    after `with_loss_mask` are those of the masked positions where the teacher has a target, per source."""
+    teachers = [TeacherDataset.open(p) for p in caches]
+    weighting = scheme("min-ce")
+    cols = [t.read_columns(np.arange(B), cache_columns(t.manifest, weighting, observed_correction=True))
+            for t in teachers]
+    views = cache_views(cols, [t.manifest for t in teachers], weighting, observed_correction=True)
+    seq_len = teachers[0].manifest.seq_len
+    mask = torch.from_numpy(np.random.default_rng(7).random(B * seq_len) < 0.4)
+    masked = with_loss_mask(views, mask)
+    for view, after in zip(views, masked, strict=True):
+        source = view.observed_source.long()
+        valid = mask & (torch.ones_like(mask) if view.valid is None else view.valid)
+        want = [int((valid & (source == i)).sum()) for i in range(len(OBSERVED_SOURCES))]
+        assert after.observed_counts.tolist() == want
+        assert sum(want) < int(view.observed_counts.sum())  # the prompt positions are gone
+    assert observed_counts(masked).tolist() == [v.observed_counts.tolist() for v in masked]
 
 
 def test_listed_observed_against_float64():
