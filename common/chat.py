@@ -105,7 +105,7 @@ def gzip_lines(path: str) -> Iterator[tuple[int, bytes]]:
 
 def iter_parquet_conversations(path: str, messages_field: str) -> Iterator[list[Message]]:
     """Validated conversations of a Parquet file's `messages_field` column (a list of structs)."""
-    from common.corpus import open_parquet_field
+    from common.corpus_files import open_parquet_field
 
     pf = open_parquet_field(path, messages_field, "--messages-field")
     row = 0

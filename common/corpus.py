@@ -8,9 +8,9 @@ The corpus is cut into partitions that depend only on the corpus (never on how m
 - a hub dataset (streamed): one partition per data file, via `datasets.distributed.split_dataset_by_node`
   with world size = the dataset's `n_shards` (C4 `en` train: 1024 files).
 
-Local files are read with pyarrow (jsonl, gzip, parquet) or plain Python (txt), in sorted path order, so
-the document order depends only on the files. A `.txt` file yields one document per paragraph (blocks
-separated by blank lines). `iter_partition` reads one partition and counts the bytes it read;
+Local files are read in sorted path order, so the document order depends only on the files; each file type
+has its reader in common/corpus_files.py (pyarrow for jsonl, gzip and parquet; a `.txt` file yields one
+document per paragraph). `iter_partition` reads one partition and counts the bytes it read;
 `iter_documents` chains all of them in order.
 """
 
@@ -27,13 +27,17 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from common.corpus_files import (
+    LOCAL_SUFFIXES,
+    SPLITTABLE_SUFFIXES,
+    file_suffix,
+    iter_file,
+    iter_jsonl_range,
+    line_blocks,
+)
 from common.errors import ConfigError, CorpusError
 from common.params import check_positive
 
-LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".txt")
-SPLITTABLE_SUFFIXES = (".jsonl", ".json")
-"""Local files cut into byte-range partitions (JSON lines, uncompressed)."""
-_READ_BLOCK = 4 << 20
 CORPUS_FORMATS = ("text", "chat")
 """`text`: documents; `chat`: conversations (lists of {role, content} messages, common/chat.py)."""
 
@@ -138,7 +142,7 @@ def corpus_partitions(cfg: CorpusConfig) -> list[Partition]:
     parts: list[Partition] = []
     for path in files:
         size = os.path.getsize(path)
-        if _suffix(path) in SPLITTABLE_SUFFIXES and size > cfg.partition_bytes:
+        if file_suffix(path) in SPLITTABLE_SUFFIXES and size > cfg.partition_bytes:
             for start in range(0, size, cfg.partition_bytes):
                 parts.append(Partition(index=len(parts), path=path, start=start,
                                        stop=min(size, start + cfg.partition_bytes)))
@@ -156,11 +160,11 @@ def iter_partition(cfg: CorpusConfig, part: Partition, *, max_documents: int | N
         source = _iter_chat(cfg, part, stats)
     elif part.path is None:
         source = _iter_hub(cfg, part)
-    elif _suffix(part.path) in SPLITTABLE_SUFFIXES:
-        source = _iter_jsonl_range(part.path, part.start, part.stop, cfg.text_field, stats)
+    elif file_suffix(part.path) in SPLITTABLE_SUFFIXES:
+        source = iter_jsonl_range(part.path, part.start, part.stop, cfg.text_field, stats)
     else:
         stats.bytes_read += part.stop - part.start  # read whole (compressed or columnar files)
-        source = _iter_file(part.path, cfg.text_field)
+        source = iter_file(part.path, cfg.text_field)
     if max_documents is not None:
         source = islice(source, max_documents)  # never reads past the limit
     for doc in source:
@@ -176,10 +180,10 @@ def _iter_chat(cfg: CorpusConfig, part: Partition, stats: ReadStats) -> Iterator
         yield from chat.iter_hub_conversations(_hub_rows(part), cfg.messages_field,
                                                f"{cfg.dataset}: partition {part.index}")
         return
-    suffix = _suffix(part.path)
+    suffix = file_suffix(part.path)
     if suffix in SPLITTABLE_SUFFIXES:
         where = "" if part.start == 0 else f" of the partition at byte {part.start}"
-        yield from chat.iter_jsonl_conversations(part.path, _line_blocks(part.path, part.start, part.stop, stats),
+        yield from chat.iter_jsonl_conversations(part.path, line_blocks(part.path, part.start, part.stop, stats),
                                                  cfg.messages_field, where)
     elif suffix == ".parquet":
         stats.bytes_read += part.stop - part.start
@@ -195,16 +199,9 @@ def _iter_chat(cfg: CorpusConfig, part: Partition, stats: ReadStats) -> Iterator
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
-def _suffix(path: str) -> str | None:
-    for suffix in sorted(LOCAL_SUFFIXES, key=len, reverse=True):
-        if path.endswith(suffix):
-            return suffix
-    return None
-
-
 def _looks_local(part: str) -> bool:
     return (
-        bool(_GLOB_CHARS.search(part)) or os.path.exists(part) or _suffix(part) is not None
+        bool(_GLOB_CHARS.search(part)) or os.path.exists(part) or file_suffix(part) is not None
         or part.startswith(("/", ".", "~"))
     )
 
@@ -227,7 +224,7 @@ def local_files(cfg: CorpusConfig) -> list[str] | None:
             if not matched:
                 raise CorpusError(f"no file matches {part!r}")
         elif os.path.isdir(part):
-            matched = sorted(str(p) for p in Path(part).iterdir() if p.is_file() and _suffix(p.name))
+            matched = sorted(str(p) for p in Path(part).iterdir() if p.is_file() and file_suffix(p.name))
             if not matched:
                 raise CorpusError(f"directory {part!r} holds no {'/'.join(LOCAL_SUFFIXES)} file")
         elif os.path.isfile(part):
@@ -235,7 +232,7 @@ def local_files(cfg: CorpusConfig) -> list[str] | None:
         else:
             raise CorpusError(f"corpus file {part!r} does not exist")
         for path in matched:
-            if _suffix(path) is None:
+            if file_suffix(path) is None:
                 raise CorpusError(f"{path!r}: unsupported corpus file type (expected {', '.join(LOCAL_SUFFIXES)})")
         files += matched
     return files
@@ -258,172 +255,6 @@ def iter_documents(cfg: CorpusConfig) -> Iterator[Any]:
         raise CorpusError(f"corpus {cfg.dataset!r} has no documents")
 
 
-def _iter_file(path: str, text_field: str) -> Iterator[str]:
-    suffix = _suffix(path)
-    if suffix == ".txt":
-        try:
-            text = Path(path).read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise CorpusError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); convert the file to "
-                              "UTF-8") from None
-        for paragraph in re.split(r"\n\s*\n", text):
-            if paragraph.strip():
-                yield paragraph.strip()
-    elif suffix == ".parquet":
-        yield from _iter_parquet(path, text_field)
-    else:
-        yield from _iter_jsonl(path, text_field)
-
-
-def _check_column(path: str, column: Any, text_field: str, first_row: int) -> list[str]:
-    import pyarrow as pa
-
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        raise CorpusError(f"{path}: field {text_field!r} has type {column.type}, expected text")
-    if column.null_count:
-        row = first_row + column.is_null().to_pylist().index(True)
-        raise CorpusError(f"{path}: row {row}: field {text_field!r} is missing or null")
-    return column.to_pylist()
-
-
-def _iter_jsonl(path: str, text_field: str) -> Iterator[str]:
-    import pyarrow as pa
-    import pyarrow.json as pj
-
-    parse = pj.ParseOptions(explicit_schema=pa.schema([(text_field, pa.string())]), unexpected_field_behavior="ignore")
-    row = 0
-    try:
-        reader = pj.open_json(pa.input_stream(path, compression="detect"), parse_options=parse,
-                              read_options=pj.ReadOptions(block_size=4 << 20))
-        for batch in reader:
-            yield from _check_column(path, batch.column(0), text_field, row)
-            row += batch.num_rows
-    except pa.ArrowInvalid as e:
-        if row == 0 and "Empty JSON stream" in str(e):
-            return  # an empty file has no documents; iter_documents reports an empty corpus
-        raise CorpusError(f"{path}: cannot read as JSON lines near row {row}: {_first_line(e)}") from None
-    except UnicodeDecodeError as e:
-        raise CorpusError(f"{path}: not UTF-8 text near row {row} ({e.reason}); convert the file to "
-                          "UTF-8") from None
-    except OSError as e:  # pyarrow's I/O errors: a damaged or truncated gzip stream, an unreadable file
-        what = "cannot decompress" if path.endswith(".gz") else "cannot read"
-        raise CorpusError(f"{path}: {what} near row {row}: {_first_line(e)} (damaged or truncated "
-                          "file?)") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _line_blocks(path: str, start: int, stop: int, stats: ReadStats) -> Iterator[tuple[int, bytes]]:
-    """(file offset, bytes) blocks of whole lines: every line whose first byte lies in [start, stop)."""
-    with open(path, "rb") as f:
-        pos = max(start - 1, 0)  # file offset of buf[0]
-        f.seek(pos)
-        buf, eof, tail = b"", False, 256
-
-        def more() -> None:
-            # read up to `stop` in large blocks; past it (finishing the last line) in small doubling ones,
-            # so a slice reads its ranges plus about one line each
-            nonlocal buf, eof, tail
-            ahead = pos + len(buf)
-            if ahead < stop:
-                want = min(_READ_BLOCK, stop - ahead)
-            else:
-                want, tail = tail, min(2 * tail, _READ_BLOCK)
-            chunk = f.read(want)
-            stats.bytes_read += len(chunk)
-            eof = not chunk
-            buf += chunk
-
-        if start > 0:  # drop the line that began before the range (byte start-1 is its last or a middle one)
-            while True:
-                more()
-                i = buf.find(b"\n")
-                if i >= 0:
-                    pos, buf = pos + i + 1, buf[i + 1:]
-                    break
-                if eof:
-                    return
-                pos, buf = pos + len(buf), b""
-        while pos < stop:
-            if not eof:
-                more()
-            limit = stop - pos  # lines starting before buf[limit] are ours
-            if len(buf) >= limit:
-                j = buf.find(b"\n", limit - 1)  # end of the line holding byte stop - 1
-                if j < 0 and not eof:
-                    continue
-                cut = len(buf) if j < 0 else j + 1
-                if cut:
-                    yield pos, buf[:cut]
-                return
-            j = buf.rfind(b"\n")
-            if j < 0:
-                if eof:
-                    if buf:
-                        yield pos, buf
-                    return
-                continue
-            yield pos, buf[: j + 1]
-            pos, buf = pos + j + 1, buf[j + 1:]
-
-
-def _iter_jsonl_range(path: str, start: int, stop: int, text_field: str, stats: ReadStats) -> Iterator[str]:
-    import pyarrow as pa
-    import pyarrow.json as pj
-
-    parse = pj.ParseOptions(explicit_schema=pa.schema([(text_field, pa.string())]), unexpected_field_behavior="ignore")
-    row = 0
-    where = "" if start == 0 else f" of the partition at byte {start}"
-    for _, block in _line_blocks(path, start, stop, stats):
-        try:
-            table = pj.read_json(pa.BufferReader(block), parse_options=parse,
-                                 read_options=pj.ReadOptions(block_size=max(len(block), 1 << 16)))
-        except pa.ArrowInvalid as e:
-            if "Empty JSON" in str(e):
-                continue  # only blank lines
-            raise CorpusError(f"{path}: cannot read as JSON lines near row {row}{where}: "
-                              f"{str(e).splitlines()[0]}") from None
-        column = table.column(0)
-        for chunk in column.chunks:
-            try:
-                texts = _check_column(path, chunk, text_field, row)
-            except UnicodeDecodeError as e:
-                raise CorpusError(f"{path}: not UTF-8 text near row {row}{where} ({e.reason}); convert the file "
-                                  "to UTF-8") from None
-            yield from texts
-            row += len(chunk)
-
-
-def open_parquet_field(path: str, name: str, flag: str) -> Any:
-    """The `pyarrow.parquet.ParquetFile` at `path`, which must have the column `name` (a one-line
-    `CorpusError` otherwise, naming the file, the columns and the option `flag` that picks another)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise CorpusError(f"{path}: not a Parquet file ({_first_line(e)})") from None
-    names = pf.schema_arrow.names
-    if name not in names:
-        raise CorpusError(f"{path}: no field {name!r} (columns: {', '.join(names)}); use {flag}")
-    return pf
-
-
-def _iter_parquet(path: str, text_field: str) -> Iterator[str]:
-    import pyarrow as pa
-
-    pf = open_parquet_field(path, text_field, "--text-field")
-    row = 0
-    try:
-        for batch in pf.iter_batches(batch_size=4096, columns=[text_field]):
-            yield from _check_column(path, batch.column(0), text_field, row)
-            row += batch.num_rows
-    except (pa.ArrowInvalid, OSError) as e:
-        raise CorpusError(f"{path}: cannot read near row {row}: {_first_line(e)} (damaged file?)") from None
 
 
 def _open_hub(cfg: CorpusConfig) -> Any:

@@ -1,38 +1,22 @@
 """The manifest: one JSON file describing a teacher's cached targets and every shard in it.
 
-Layout of a teacher directory (local path or fsspec URL):
-
-    manifest.json                               # written last, atomically (single slice, or merged)
-    manifest-slice-00000-of-00004.json          # one per node when the run is sliced
-    shard-000000.parquet | shard-000000.zarr/   # global shard index g holds seq ids
-                                                # [g * shard_size, (g + 1) * shard_size)
-
-The corpus is cut into `num_partitions` partitions (byte ranges or files of a local corpus, the data files
-of a hub dataset), fixed by the corpus alone. Each partition is packed on its own; window w of partition p
-lands in global shard g = p * SHARDS_PER_PARTITION + w // shard_size, and its sequence id is
-g * shard_size + w % shard_size. Ids therefore depend only on corpus, partitioning, tokenizer and seq_len,
-never on the number of slices: caches made with 4 slices join caches made with 1. Slice s of n owns the
-partitions p with p % n == s (so it reads only them) and every shard in them.
-
-Schema version 1 (before partitions) numbered windows of one unpartitioned stream; such a cache is read as
-a single partition, and slice s of n owned the shards g % n == s.
+The cache's file names and how sequence ids map to shards and corpus partitions: storage/layout.py. Which
+fields must agree between the parts of a cache and between teachers: storage/consistency.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from common.sidefile import parse_json
 from storage.errors import ManifestError, MismatchError
 from storage.formats import FORMATS
+from storage.layout import is_plain_name, partition_of, shard_file_name
 
 SCHEMA_VERSION = 2
-SHARDS_PER_PARTITION = 1 << 20
-"""Global shard indices reserved per corpus partition (partition p holds shards p * 2**20 ...)."""
 ALIGNED_SCHEMA_VERSION = 2
 """Aligned caches (`Manifest.alignment`, extra columns `target_mask` and `observed_logprob`, per-shard
 `stats`) need schema 2 or newer; see docs/architecture.md."""
@@ -57,28 +41,6 @@ LOSS_MASK_COLUMN = "loss_mask"
 """Per-position uint8 column of a conversation cache: 1 where the next token belongs to an assistant reply."""
 BOUNDARY_COLUMN = "doc_start"
 """Per-position uint8 column of a conversation cache: 1 where a conversation begins."""
-MANIFEST_NAME = "manifest.json"
-_PLAIN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
-
-
-def slice_manifest_name(slice_index: int, num_slices: int) -> str:
-    """File name of the manifest one slice writes."""
-    return f"manifest-slice-{slice_index:05d}-of-{num_slices:05d}.json"
-
-
-def partition_of(shard: int) -> int:
-    """The corpus partition global shard `shard` belongs to."""
-    return shard // SHARDS_PER_PARTITION
-
-
-def shard_of(partition: int, window: int, shard_size: int) -> int:
-    """Global shard holding window `window` (0-based, within its partition) of partition `partition`."""
-    return partition * SHARDS_PER_PARTITION + window // shard_size
-
-
-def shard_file_name(index: int, fmt: str) -> str:
-    """File (Parquet) or directory (Zarr) name of global shard `index`."""
-    return f"shard-{index:06d}.{fmt}"
 
 
 def check_shard_file(info: ShardInfo, fmt: str, source: str = "<manifest>") -> None:
@@ -91,11 +53,6 @@ def check_shard_file(info: ShardInfo, fmt: str, source: str = "<manifest>") -> N
         return
     why = "is not a plain file name inside the cache" if not is_plain_name(info.file) else f"should be {expected!r}"
     raise ManifestError(f"{source}: shards[{info.index}] file {info.file!r} {why}; refusing to read it")
-
-
-def is_plain_name(name: object) -> bool:
-    """True for a file name without any path part (no "/", "\\", ":", "..", nothing absolute)."""
-    return isinstance(name, str) and bool(_PLAIN_NAME.match(name)) and name not in (".", "..")
 
 
 @dataclass(kw_only=True)
@@ -420,69 +377,6 @@ class Manifest:
             a, b = _get(self, name), _get(other, name)
             if a != b:
                 raise MismatchError(f"{what} differ in {name!r}: {a!r} vs {b!r}", name, (a, b))
-
-
-# Fields that must agree between slices of one run (and between a resumed run and its earlier part).
-RUN_FIELDS: tuple[str, ...] = (
-    "schema_version", "format", "teacher.name", "teacher.path", "teacher.revision", "teacher.gguf_file",
-    "teacher.dtype", "teacher.backend", "tokenizer_fingerprint", "vocab_size", "seq_len", "top_k",
-    "target_kind", "samples", "sample_seed", "temperature", "logprob_dtype", "logprob_mantissa_bits",
-    "entropy_kind", "pooled_layers", "corpus_fingerprint", "shard_size", "num_partitions",
-    "alignment", "observed_logprob", "loss_mask",
-)
-
-# Settings kept in `notes` (dotted paths below `notes`) that change shard bytes without being a manifest
-# field: the head's chunking and its compiled-or-eager kernels change entropy and log-probs in the last
-# float32 bits (`head_lse_entropy` names the path: eager, torch.compile or the fused kernel of --head-kernel),
-# and so does the device type (cpu / cuda), derived from `notes.backend.device`.
-SETTING_NOTES: tuple[str, ...] = (
-    "backend.head_chunk_size", "backend.head_lse_entropy", "backend.vllm_tensor_parallel_size",
-)
-
-# Everything that must agree between two parts of one cache (slices, a resumed run and its earlier part):
-# the run fields, the pooled widths and the teacher's shape (the same path may hold other weights).
-CACHE_FIELDS: tuple[str, ...] = RUN_FIELDS + (
-    "pooled_dims", "teacher.num_params", "teacher.num_layers", "teacher.hidden_size",
-)
-
-
-def run_settings(m: Manifest) -> dict[str, Any]:
-    """The byte-changing settings recorded in `notes` ({"notes.<path>": value}; None when not recorded)."""
-    out: dict[str, Any] = {}
-    for dotted in SETTING_NOTES:
-        value: Any = m.notes
-        for part in dotted.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        out[f"notes.{dotted}"] = value
-    backend = m.notes.get("backend")
-    device = backend.get("device") if isinstance(backend, dict) else None
-    out["device type"] = device.split(":", 1)[0] if isinstance(device, str) else None
-    return out
-
-
-def run_slices(m: Manifest) -> int:
-    """How many slices the run that wrote `m` had (a merged manifest says 1 and records the original count)."""
-    merged = m.notes.get("merged_from_slices")
-    return merged if isinstance(merged, int) and m.num_slices == 1 else m.num_slices
-
-
-def compare_parts(a: Manifest, b: Manifest, what: str, *, slicing: bool = False) -> None:
-    """Raise MismatchError naming the first field, byte-changing setting or (with `slicing`) slice count
-    where `a` and `b`, two parts of one cache, differ; `what` names the two ("this run and x.json")."""
-    a.compare(b, CACHE_FIELDS, what)
-    sa, sb = run_settings(a), run_settings(b)
-    for key in sa:
-        if sa[key] != sb[key]:
-            raise MismatchError(f"{what} differ in {key!r}: {sa[key]!r} vs {sb[key]!r}", key, (sa[key], sb[key]))
-    if slicing and run_slices(a) != run_slices(b):
-        na, nb = run_slices(a), run_slices(b)
-        raise MismatchError(f"{what} differ in 'num_slices': {na} vs {nb} (a cache is written with one slice "
-                            "count; use the earlier one)", "num_slices", (na, nb))
-
-
-# Fields that must agree between teachers that are trained from together.
-JOIN_FIELDS: tuple[str, ...] = ("tokenizer_fingerprint", "seq_len", "corpus_fingerprint", "num_partitions",
-                                 "vocab_size", "loss_mask")
 
 
 def _get(obj: Any, dotted: str) -> Any:

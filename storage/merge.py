@@ -7,16 +7,10 @@ import re
 from collections.abc import Sequence
 
 from storage import fs as sfs
+from storage.consistency import compare_parts
 from storage.errors import ManifestError, MismatchError, StorageError
-from storage.manifest import (
-    MANIFEST_NAME,
-    SHARDS_PER_PARTITION,
-    Manifest,
-    ShardInfo,
-    compare_parts,
-    partition_of,
-    slice_manifest_name,
-)
+from storage.layout import MANIFEST_NAME, SHARDS_PER_PARTITION, partition_of, slice_manifest_name
+from storage.manifest import Manifest, ShardInfo
 from storage.run_stats import merged_notes
 
 _SLICE_RE = re.compile(r"^manifest-slice-(\d{5})-of-(\d{5})\.json$")
@@ -32,7 +26,7 @@ def merge_manifests(manifests: Sequence[Manifest], sources: Sequence[str] | None
     """Merge the manifests of every slice of one run into one manifest (slice 0 of 1, shards sorted).
 
     Refuses (naming the field, slice or seq-id range): differing run fields, byte-changing settings
-    (manifest.compare_parts) or num_slices, a missing or duplicated slice, a shard listed twice, and gaps:
+    (consistency.compare_parts) or num_slices, a missing or duplicated slice, a shard listed twice, and gaps:
     within each corpus partition the shards must cover its seq ids contiguously from the partition's first,
     so every shard but a partition's last must be full.
     """

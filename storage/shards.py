@@ -9,7 +9,8 @@ from fsspec import AbstractFileSystem
 from storage import fs as sfs
 from storage.errors import ManifestError, ShardCorruptError
 from storage.formats import ShardReader, shard_format
-from storage.manifest import Manifest, ShardInfo, is_plain_name, shard_file_name
+from storage.layout import is_plain_name, shard_file_name
+from storage.manifest import Manifest, ShardInfo
 
 
 def write_shard(fs: AbstractFileSystem, root: str, m: Manifest, index: int,

@@ -40,18 +40,12 @@ from fsspec import AbstractFileSystem
 
 from storage import fs as sfs
 from storage import shards as shard_io
+from storage.consistency import compare_parts
 from storage.errors import ManifestError, MismatchError, StorageError
 from storage.formats import FORMATS, shard_format
+from storage.layout import MANIFEST_NAME, shard_file_name, slice_manifest_name
 from storage.lock import CacheLock, live_locks, lock_name
-from storage.manifest import (
-    ALIGNMENT_STATS,
-    MANIFEST_NAME,
-    Manifest,
-    ShardInfo,
-    compare_parts,
-    shard_file_name,
-    slice_manifest_name,
-)
+from storage.manifest import ALIGNMENT_STATS, Manifest, ShardInfo
 from storage.records import TeacherTargets
 from storage.run_stats import SliceStats
 from storage.schema import check_header, to_columns

@@ -41,7 +41,8 @@ from zarr.core.sync import sync
 from storage import fs as sfs
 from storage.errors import ShardCorruptError
 from storage.formats import ShardFormat
-from storage.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from storage.layout import MANIFEST_NAME
+from storage.manifest import Manifest, ShardInfo
 from storage.schema import HEADER_KEY, INDEX_KEY, check_header, check_seq_ids, columns, shard_header
 
 CHUNK_ROWS = 1

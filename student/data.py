@@ -28,8 +28,9 @@ import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from common.errors import ConfigError, UserError
+from storage.consistency import JOIN_FIELDS
 from storage.errors import MismatchError
-from storage.manifest import JOIN_FIELDS, Manifest
+from storage.manifest import Manifest
 from storage.reader import TeacherDataset
 from storage.stamps import VerifyReport
 from student.batch import DistillBatch, FailedBatch

@@ -7,7 +7,7 @@ and writes in another, so the teacher forward is the only thing on the critical 
 fixed partitions (common/corpus.py); slice s of n reads, tokenizes and packs only the partitions
 p % n == s, each on its own, and runs the teacher on the shards of those partitions it has not completed; a
 re-run of the same command therefore resumes where it stopped and yields identical shards. Sequence ids
-come from (partition, window in partition) (storage/manifest.py), and batches never cross a shard boundary,
+come from (partition, window in partition) (storage/layout.py), and batches never cross a shard boundary,
 so a shard's bytes do not depend on how the run was sliced or resumed.
 """
 
@@ -24,13 +24,8 @@ from typing import TYPE_CHECKING, Any
 from common.errors import ConfigError
 from common.packing import PackedBatch, PackStats
 from common.positions import check_positions, max_positions
-from storage.manifest import (
-    ALIGNED_SCHEMA_VERSION,
-    SAMPLE_SEED_RULE,
-    SCHEMA_VERSION,
-    SHARDS_PER_PARTITION,
-    Manifest,
-)
+from storage.layout import SHARDS_PER_PARTITION
+from storage.manifest import ALIGNED_SCHEMA_VERSION, SAMPLE_SEED_RULE, SCHEMA_VERSION, Manifest
 from storage.records import TeacherTargets
 from teachers.config import PrecomputeConfig, TeacherConfig
 
@@ -300,7 +295,7 @@ def pack_partitions(cfg: PrecomputeConfig, tokenizer: Any, parts: list[Partition
                     stats: PackStats, read: ReadStats,
                     windows_per_partition: dict[int, int]) -> Iterator[PackedBatch]:
     """Pack each partition of `parts` on its own, with its share of the corpus limits; window w of
-    partition p gets seq id shard_of(p, w) * shard_size + w % shard_size (storage/manifest.py).
+    partition p gets seq id shard_of(p, w) * shard_size + w % shard_size (storage/layout.py).
 
     `stats` sums the packing counts over the partitions, `read` counts bytes and documents read, and
     `windows_per_partition` receives each partition's window count once it is packed.

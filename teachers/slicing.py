@@ -1,7 +1,7 @@
 """Which node slice this process computes: `--num-slices N --slice-index i`, or the launcher's environment.
 
 Slice s of N reads the corpus partitions p with p % N == s and computes every shard in them
-(storage/manifest.py), so slices are disjoint and their union is the whole run. Defaults, in order: explicit options; torchrun (`RANK`, `WORLD_SIZE`);
+(storage/layout.py), so slices are disjoint and their union is the whole run. Defaults, in order: explicit options; torchrun (`RANK`, `WORLD_SIZE`);
 an srun step (`SLURM_PROCID`, `SLURM_STEP_NUM_TASKS`: the processes actually started); else a single slice.
 
 A batch script run directly by sbatch (no srun) sees `SLURM_PROCID=0` and the allocation's `SLURM_NTASKS`

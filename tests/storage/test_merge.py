@@ -141,7 +141,7 @@ def test_memory_url(memory_url):
 def test_partitions_are_checked_one_by_one():
     """Schema v2: slice s of n owns partitions p % n == s; each partition's shards must be contiguous from
     its first, and only a partition's last shard may be partial."""
-    from storage.manifest import SHARDS_PER_PARTITION as S
+    from storage.layout import SHARDS_PER_PARTITION as S
 
     def part(index, shards):
         return _slice(index, 2, shards, schema_version=2, num_partitions=3)

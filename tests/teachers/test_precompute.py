@@ -166,7 +166,7 @@ def test_two_slices_equal_one_unsliced_run(setup, kind) -> None:
 def test_three_slices_read_a_third_each_and_join_two_slices(setup) -> None:
     """Acceptance: with 6 corpus partitions, each of 3 slices reads at most 1/3 of the corpus bytes plus
     one partition; the merged cache is byte-identical to the unsliced run and joins a 2-slice cache."""
-    from storage.manifest import partition_of
+    from storage.layout import partition_of
     from student.data import join_teachers
 
     root, teacher, corpus = setup
