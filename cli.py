@@ -42,9 +42,8 @@ def main() -> None:
 
 def _register() -> None:
     from storage.commands import inspect_cmd, merge_cmd
-    from student.commands import plot_cmd, train_student_cmd
+    from student.commands import init_student_cmd, plot_cmd, train_student_cmd
     from student.evaluation.command import evaluate_cmd
-    from student.pruning import init_student_cmd
     from teachers.commands import precompute_cmd
 
     for cmd in (precompute_cmd, init_student_cmd, train_student_cmd, inspect_cmd, merge_cmd, evaluate_cmd, plot_cmd):

@@ -9,8 +9,12 @@ command with those options plus `--config FILE`; `build_config(Root, table, ctx,
 
 A written config (`dataclasses.asdict` as JSON: train-student's RUN/config.json, precompute's
 `config-slice-IIIII-of-NNNNN.json`) therefore replays the run it came from; options given beside `--config`
-override single fields (e.g. `--output`). `check_table(Root, table, internal)` says which fields have no
-option: every field must have one or be listed as deliberately internal.
+override single fields (e.g. `--output`). A command whose product is one JSON file keeps its config inside it
+under a `member` key (evaluate's report and init-student's `init_student.json` under `config`): `--config`
+then takes that file too. `check_table(Root, table, internal)` says which fields have no option: every field
+must have one or be listed as deliberately internal.
+
+Old spellings of an option are the row's `hidden_aliases`: the one alias mechanism of every command.
 """
 
 from __future__ import annotations
@@ -141,10 +145,8 @@ def config_options(root: type, table: Sequence[Opt], *, config_help: str) -> Cal
             kw: dict[str, Any] = dict(help=opt.help, metavar=opt.metavar, callback=opt.callback)
             # flags and repeatable options get click's own default (none) where the field's is off or empty, as
             # in the other commands
-            if tp is bool and "/" not in opt.flag:
-                kw["is_flag"] = True
-                if default:
-                    kw["default"] = True
+            if tp is bool and "/" not in opt.flag:  # a flag: off unless given (or on by default)
+                kw.update(is_flag=True, default=bool(default))
             else:
                 if opt.multiple:
                     if default not in (MISSING, None) and len(default):
@@ -164,16 +166,18 @@ def config_options(root: type, table: Sequence[Opt], *, config_help: str) -> Cal
     return decorate
 
 
-def build_config(root: type, table: Sequence[Opt], ctx: click.Context, values: dict[str, Any]) -> Any:
+def build_config(root: type, table: Sequence[Opt], ctx: click.Context, values: dict[str, Any], *,
+                 member: str | None = None) -> Any:
     """The `root` config from --config FILE (if given) overlaid with the options given on the command line.
 
-    Missing required options are a click.UsageError naming the flag; a file that cannot be read, is not a
+    With `member`, a file holding an object under that key (a command's own output that records its config
+    there) gives that object; any other file is the config itself. Missing required options are a click.UsageError naming the flag; a file that cannot be read, is not a
     config of this command, names unknown fields or holds a value of the wrong type (`check_types`) is a
     ConfigError naming it."""
     tree: dict[str, Any] = {}
     path = values.get("config_file")
     if path is not None:
-        tree = check_types(root, read_config_file(path), where=f"--config {path}")
+        tree = check_types(root, read_config_file(path, member=member), where=f"--config {path}")
     for opt in table:
         given = [(opt.flag, opt.name)] + [(a, opt.alias_name(i)) for i, a in enumerate(opt.hidden_aliases)]
         given = [(flag, name) for flag, name in given if ctx.get_parameter_source(name) in _GIVEN]
@@ -193,14 +197,19 @@ def build_config(root: type, table: Sequence[Opt], ctx: click.Context, values: d
         raise ConfigError(f"--config {path}: {e}") from None
 
 
-def read_config_file(path: str) -> dict[str, Any]:
-    """The JSON object in `path` (ConfigError naming the file otherwise)."""
+def read_config_file(path: str, *, member: str | None = None) -> dict[str, Any]:
+    """The JSON object in `path`, or its `member` object when it has one (ConfigError naming the file
+    otherwise)."""
     try:  # a regular file of bounded size only: `--config /dev/zero` would be read without end
         tree = read_side_json(path, label=f"--config {path}", error=ConfigError)
     except FileNotFoundError as e:
         raise ConfigError(f"--config {path}: cannot read ({e.strerror or e})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"--config {path}: expected a JSON object of config fields")
+    if member is not None and member in tree:
+        tree = tree[member]
+        if not isinstance(tree, dict):
+            raise ConfigError(f"--config {path}: its {member!r} member is not a JSON object of config fields")
     return tree
 
 
