@@ -58,6 +58,9 @@ class Opt:
     """Old spellings kept working, hidden from --help (each its own option; giving two spellings is refused)."""
     dest: str | None = None
     """click parameter name (default: the field path with `.` as `__`)."""
+    argument: bool = False
+    """A positional argument rather than an option (`flag` is its placeholder, e.g. `RUN_DIR`; required, its
+    help belongs in the command's docstring)."""
 
     @property
     def name(self) -> str:
@@ -131,11 +134,15 @@ def check_table(root: type, table: Sequence[Opt], internal: Sequence[str] = ()) 
     return [p for p in leaf_paths(root) if p not in paths and p not in internal]
 
 
-def config_options(root: type, table: Sequence[Opt], *, config_help: str) -> Callable[[Any], Any]:
-    """Decorator adding one click option per `table` row (default: the field's) and `--config FILE`."""
+def config_options(root: type, table: Sequence[Opt], *, config_help: str | None) -> Callable[[Any], Any]:
+    """Decorator adding one click option (or argument) per `table` row (default: the field's) and `--config
+    FILE`; a command that writes no config to replay (`config_help=None`) gets no `--config`."""
 
     def decorate(fn: Any) -> Any:
         for opt in reversed(table):
+            if opt.argument:
+                fn = click.argument(opt.name, metavar=opt.flag, type=opt.type, callback=opt.callback)(fn)
+                continue
             default = field_default(root, opt.field)
             _, tp = resolve_field(root, opt.field)
             for i, alias in reversed(list(enumerate(opt.hidden_aliases))):
@@ -160,6 +167,8 @@ def config_options(root: type, table: Sequence[Opt], *, config_help: str) -> Cal
                     kw["show_default"] = True
                 kw.update(type=opt.type, multiple=opt.multiple)
             fn = click.option(opt.flag, opt.name, **kw)(fn)
+        if config_help is None:
+            return fn
         return click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
                             help=config_help)(fn)
 

@@ -1,8 +1,9 @@
 """`init-student`, `train-student` and `plot` commands (thin: options -> config -> one run function).
 
-Their options are generated from `INIT_STUDENT_OPTIONS` and `TRAIN_OPTIONS` (common/config_cli.py): each maps
-onto one InitStudentConfig or TrainConfig field and takes its default from the dataclass; `--config
-DIR/init_student.json` and `--config RUN/config.json` replay a run.
+Their options are generated from `INIT_STUDENT_OPTIONS`, `TRAIN_OPTIONS` and `PLOT_OPTIONS`
+(common/config_cli.py): each maps onto one InitStudentConfig, TrainConfig or PlotConfig field and takes its
+default from the dataclass; `--config DIR/init_student.json` and `--config RUN/config.json` replay a run (plot
+writes no config, so it has no `--config`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from common.devices import DeviceParam
 from common.errors import ConfigError
 from common.params import FINITE_FLOAT, FLOAT_LIST, parse_float_list
 from storage.stamps import VERIFY_MODES
-from student.config import LOSSES, InitStudentConfig, TrainConfig
+from student.config import LOSSES, InitStudentConfig, PlotConfig, TrainConfig
 from student.weighting import NAMES as WEIGHTINGS
 from student.weighting import choices_help, setting_help
 
@@ -209,16 +210,21 @@ def train_student_cmd(ctx: click.Context, **kw: object) -> None:
                             if not isinstance(v, dict)), err=True)
 
 
+PLOT_OPTIONS: tuple[Opt, ...] = (
+    Opt(field="run_dir", flag="RUN_DIR", argument=True, help="Run directory whose metrics.jsonl is drawn."),
+    Opt(field="output", flag="--output", hidden_aliases=("--out",),
+        help="Image path (default RUN_DIR/curves.png); .png is appended when it has no extension."),
+    Opt(field="overwrite", flag="--overwrite",
+        help="Replace the figure already at --output (never a file of another kind)."),
+)
+
+
 @click.command("plot")
-@click.argument("run_dir")
-@click.option("--output", default=None,
-              help="Image path (default RUN_DIR/curves.png); .png is appended when it has no extension.")
-@click.option("--out", "out_alias", default=None, hidden=True, help="Old spelling of --output.")
-@click.option("--overwrite", is_flag=True, default=False, help="Replace the figure already at --output (never a file of another kind).")
-def plot_cmd(run_dir: str, output: str | None, out_alias: str | None, overwrite: bool) -> None:
+@config_options(PlotConfig, PLOT_OPTIONS, config_help=None)
+@click.pass_context
+def plot_cmd(ctx: click.Context, **kw: object) -> None:
     """Draw the training and held-out curves of RUN_DIR (its metrics.jsonl) to a PNG."""
     from student.plotting import plot_run
 
-    if output is not None and out_alias is not None:
-        raise ConfigError("give --output once (--out is its old spelling)")
-    click.echo(plot_run(run_dir, output or out_alias, overwrite=overwrite))
+    cfg = build_config(PlotConfig, PLOT_OPTIONS, ctx, kw)
+    click.echo(plot_run(cfg.run_dir, cfg.output, overwrite=cfg.overwrite))

@@ -1,5 +1,5 @@
 """Stage-two configuration: LossConfig, OptimConfig, TrainConfig, and small presets; InitStudentConfig
-(init-student, which cuts a student from a teacher).
+(init-student, which cuts a student from a teacher) and PlotConfig (plot).
 
 Presets are plain functions so a CPU run takes seconds and the paper-style comparisons (CE only,
 single-teacher KD, uniform / entropy-weighted multi-teacher, + features, DKD) are one name each.
@@ -342,3 +342,15 @@ def parse_keep_layers(spec: str) -> list[int] | int:
     if not blocks:
         raise ConfigError(f"--keep-layers {spec!r} names no block")
     return sorted(blocks)
+
+
+@dataclass(kw_only=True)
+class PlotConfig:
+    """Which run `plot` draws, and where to."""
+
+    run_dir: str
+    """The run directory whose metrics.jsonl is drawn."""
+    output: str | None = None
+    """Image path (None: RUN_DIR/curves.png); `.png` is appended when it has no extension."""
+    overwrite: bool = False
+    """Replace a figure already at `output` (never a file of another kind)."""

@@ -14,8 +14,16 @@ from click.core import UNSET
 
 from cli import main
 from common.config_cli import MISSING, check_table, field_default, leaf_paths
-from student.commands import INIT_STUDENT_INTERNAL, INIT_STUDENT_OPTIONS, TRAIN_INTERNAL, TRAIN_OPTIONS
-from student.config import InitStudentConfig, TrainConfig
+from storage.commands import INSPECT_OPTIONS, MERGE_OPTIONS
+from storage.config import InspectConfig, MergeConfig
+from student.commands import (
+    INIT_STUDENT_INTERNAL,
+    INIT_STUDENT_OPTIONS,
+    PLOT_OPTIONS,
+    TRAIN_INTERNAL,
+    TRAIN_OPTIONS,
+)
+from student.config import InitStudentConfig, PlotConfig, TrainConfig
 from student.evaluation.command import EVAL_INTERNAL, EVAL_OPTIONS
 from student.evaluation.config import EvalConfig
 from teachers.commands import PRECOMPUTE_INTERNAL, PRECOMPUTE_OPTIONS
@@ -43,6 +51,36 @@ def test_every_config_field_is_settable_or_internal(command, root, table, intern
         else:
             assert got == default, (opt.field, got, default)
         assert params[opt.name].help, opt.flag
+
+
+# commands that write no config to replay: options (and arguments) from their configs too, no --config
+PLAIN = [("inspect", InspectConfig, INSPECT_OPTIONS), ("merge", MergeConfig, MERGE_OPTIONS),
+         ("plot", PlotConfig, PLOT_OPTIONS)]
+
+
+@pytest.mark.parametrize(("command", "root", "table"), PLAIN, ids=[c[0] for c in PLAIN])
+def test_commands_without_replay_take_every_field_from_their_config(command, root, table):
+    assert check_table(root, table) == [] and len(leaf_paths(root)) == len(table)
+    params = {p.name: p for p in main.commands[command].params}
+    assert "config_file" not in params
+    for opt in table:
+        default, param = field_default(root, opt.field), params[opt.name]
+        if opt.argument:
+            assert isinstance(param, click.Argument) and param.required and default is MISSING, opt.field
+        else:
+            assert param.default == (None if default is MISSING else default), (opt.field, param.default)
+            assert param.help == opt.help, opt.field
+
+
+def test_every_option_of_every_command_comes_from_a_table():
+    """One mechanism: each click parameter is a table row, one of its hidden aliases, or --config."""
+    tables = {name: table for name, _, table, _ in COMMANDS} | {name: table for name, _, table in PLAIN}
+    assert sorted(tables) == sorted(main.commands)
+    for name, cmd in main.commands.items():
+        names = {o.name for o in tables[name]} | {o.alias_name(i) for o in tables[name]
+                                                   for i in range(len(o.hidden_aliases))}
+        extra = {p.name for p in cmd.params} - names - {"config_file"}
+        assert not extra, (name, extra)
 
 
 def test_fields_that_had_no_option_are_set(tmp_path, monkeypatch):
