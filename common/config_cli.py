@@ -9,8 +9,12 @@ command with those options plus `--config FILE`; `build_config(Root, table, ctx,
 
 A written config (`dataclasses.asdict` as JSON: train-student's RUN/config.json, precompute's
 `config-slice-IIIII-of-NNNNN.json`) therefore replays the run it came from; options given beside `--config`
-override single fields (e.g. `--output`). `check_table(Root, table, internal)` says which fields have no
-option: every field must have one or be listed as deliberately internal.
+override single fields (e.g. `--output`). A command whose product is one JSON file keeps its config inside it
+under a `member` key (evaluate's report and init-student's `init_student.json` under `config`): `--config`
+then takes that file too. `check_table(Root, table, internal)` says which fields have no option: every field
+must have one or be listed as deliberately internal.
+
+Old spellings of an option are the row's `hidden_aliases`: the one alias mechanism of every command.
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ class Opt:
     """Old spellings kept working, hidden from --help (each its own option; giving two spellings is refused)."""
     dest: str | None = None
     """click parameter name (default: the field path with `.` as `__`)."""
+    argument: bool = False
+    """A positional argument rather than an option (`flag` is its placeholder, e.g. `RUN_DIR`; required, its
+    help belongs in the command's docstring)."""
 
     @property
     def name(self) -> str:
@@ -127,11 +134,15 @@ def check_table(root: type, table: Sequence[Opt], internal: Sequence[str] = ()) 
     return [p for p in leaf_paths(root) if p not in paths and p not in internal]
 
 
-def config_options(root: type, table: Sequence[Opt], *, config_help: str) -> Callable[[Any], Any]:
-    """Decorator adding one click option per `table` row (default: the field's) and `--config FILE`."""
+def config_options(root: type, table: Sequence[Opt], *, config_help: str | None) -> Callable[[Any], Any]:
+    """Decorator adding one click option (or argument) per `table` row (default: the field's) and `--config
+    FILE`; a command that writes no config to replay (`config_help=None`) gets no `--config`."""
 
     def decorate(fn: Any) -> Any:
         for opt in reversed(table):
+            if opt.argument:
+                fn = click.argument(opt.name, metavar=opt.flag, type=opt.type, callback=opt.callback)(fn)
+                continue
             default = field_default(root, opt.field)
             _, tp = resolve_field(root, opt.field)
             for i, alias in reversed(list(enumerate(opt.hidden_aliases))):
@@ -141,10 +152,8 @@ def config_options(root: type, table: Sequence[Opt], *, config_help: str) -> Cal
             kw: dict[str, Any] = dict(help=opt.help, metavar=opt.metavar, callback=opt.callback)
             # flags and repeatable options get click's own default (none) where the field's is off or empty, as
             # in the other commands
-            if tp is bool and "/" not in opt.flag:
-                kw["is_flag"] = True
-                if default:
-                    kw["default"] = True
+            if tp is bool and "/" not in opt.flag:  # a flag: off unless given (or on by default)
+                kw.update(is_flag=True, default=bool(default))
             else:
                 if opt.multiple:
                     if default not in (MISSING, None) and len(default):
@@ -158,22 +167,26 @@ def config_options(root: type, table: Sequence[Opt], *, config_help: str) -> Cal
                     kw["show_default"] = True
                 kw.update(type=opt.type, multiple=opt.multiple)
             fn = click.option(opt.flag, opt.name, **kw)(fn)
+        if config_help is None:
+            return fn
         return click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
                             help=config_help)(fn)
 
     return decorate
 
 
-def build_config(root: type, table: Sequence[Opt], ctx: click.Context, values: dict[str, Any]) -> Any:
+def build_config(root: type, table: Sequence[Opt], ctx: click.Context, values: dict[str, Any], *,
+                 member: str | None = None) -> Any:
     """The `root` config from --config FILE (if given) overlaid with the options given on the command line.
 
-    Missing required options are a click.UsageError naming the flag; a file that cannot be read, is not a
+    With `member`, a file holding an object under that key (a command's own output that records its config
+    there) gives that object; any other file is the config itself. Missing required options are a click.UsageError naming the flag; a file that cannot be read, is not a
     config of this command, names unknown fields or holds a value of the wrong type (`check_types`) is a
     ConfigError naming it."""
     tree: dict[str, Any] = {}
     path = values.get("config_file")
     if path is not None:
-        tree = check_types(root, read_config_file(path), where=f"--config {path}")
+        tree = check_types(root, read_config_file(path, member=member), where=f"--config {path}")
     for opt in table:
         given = [(opt.flag, opt.name)] + [(a, opt.alias_name(i)) for i, a in enumerate(opt.hidden_aliases)]
         given = [(flag, name) for flag, name in given if ctx.get_parameter_source(name) in _GIVEN]
@@ -193,14 +206,19 @@ def build_config(root: type, table: Sequence[Opt], ctx: click.Context, values: d
         raise ConfigError(f"--config {path}: {e}") from None
 
 
-def read_config_file(path: str) -> dict[str, Any]:
-    """The JSON object in `path` (ConfigError naming the file otherwise)."""
+def read_config_file(path: str, *, member: str | None = None) -> dict[str, Any]:
+    """The JSON object in `path`, or its `member` object when it has one (ConfigError naming the file
+    otherwise)."""
     try:  # a regular file of bounded size only: `--config /dev/zero` would be read without end
         tree = read_side_json(path, label=f"--config {path}", error=ConfigError)
     except FileNotFoundError as e:
         raise ConfigError(f"--config {path}: cannot read ({e.strerror or e})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"--config {path}: expected a JSON object of config fields")
+    if member is not None and member in tree:
+        tree = tree[member]
+        if not isinstance(tree, dict):
+            raise ConfigError(f"--config {path}: its {member!r} member is not a JSON object of config fields")
     return tree
 
 

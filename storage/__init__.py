@@ -1,4 +1,5 @@
-"""Shard storage shared by both stages: schema v1, Parquet and Zarr shards, manifests, readers."""
+"""Shard storage shared by both stages: manifests (schema version `SCHEMA_VERSION`, 2), shards of every format
+in the registry (storage/formats.py), writers, readers, merge."""
 
 from common.errors import ConfigError, UserError
 from storage.errors import ManifestError, MismatchError, ShardCorruptError, StorageError

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from common.errors import ConfigError, UserError
 from common.sidefile import read_side_json
 from storage import fs as sfs
+from storage.formats import FORMATS
 
 # The run directory's layout (student/rundir.py re-exports these names; they live here because the
 # classifier below must know them and storage sits below the student package).
@@ -45,10 +46,12 @@ RUN_LOCK = "lock-run.json"
 RUN_NAMES = (RUN_CONFIG, RUN_METRICS, RUN_CHECKPOINTS, RUN_FINAL, RUN_LOCK)
 """Names a run directory owns: nothing else may write them."""
 
+_SHARD_NAME = rf"shard-\d{{6,}}\.({'|'.join(map(re.escape, FORMATS))})"
+"""A shard's file name, `shard-GGGGGG.<format>` for every format of the registry (storage/formats.py)."""
 _CACHE_RE = re.compile(r"^(manifest-slice-\d{5}-of-\d{5}\.json|ledger-slice-\d{5}-of-\d{5}\.json"
                        r"|config-slice-\d{5}-of-\d{5}\.json|lock-slice-\d{5}-of-\d{5}\.json|lock-merge\.json"
-                       r"|verified-[0-9a-f]{16}\.json|shard-\d{6,}\.(parquet|zarr))$")
-_SHARD_RE = re.compile(r"^shard-\d{6,}\.(parquet|zarr)$")
+                       rf"|verified-[0-9a-f]{{16}}\.json|{_SHARD_NAME})$")
+_SHARD_RE = re.compile(rf"^{_SHARD_NAME}$")
 _WEIGHTS_RE = re.compile(r"(\.safetensors|\.gguf|^pytorch_model.*\.bin|\.safetensors\.index\.json|"
                          r"^pytorch_model\.bin\.index\.json)$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

@@ -1,20 +1,37 @@
-"""`inspect` and `merge` commands (thin: parse options, call storage functions)."""
+"""`inspect` and `merge` commands (thin: options -> InspectConfig / MergeConfig -> storage functions).
+
+Their options are generated from `INSPECT_OPTIONS` and `MERGE_OPTIONS` (common/config_cli.py), defaults from
+storage/config.py; they write no config to replay, so they take no `--config`.
+"""
 
 from __future__ import annotations
 
 import click
 
+from common.config_cli import Opt, build_config, config_options
+from storage.config import InspectConfig, MergeConfig
+
+INSPECT_OPTIONS: tuple[Opt, ...] = (
+    Opt(field="path", flag="PATH", argument=True, help="Teacher directory or single shard."),
+    Opt(field="rows", flag="--rows", type=click.IntRange(min=0),
+        help="Decode this many sequences (from the first) and show their targets at --position."),
+    Opt(field="position", flag="--position", type=click.IntRange(min=0),
+        help="Token position inside each decoded sequence whose top-k, mass and entropy are shown."),
+    Opt(field="verify", flag="--verify/--no-verify",
+        help="Check the sha256 of every shard (and record a verified stamp); --no-verify checks sizes only."),
+    Opt(field="as_json", flag="--json", help="Print the report as one JSON object."),
+)
+MERGE_OPTIONS: tuple[Opt, ...] = (
+    Opt(field="path", flag="PATH", argument=True, help="Teacher directory holding the slice manifests."),
+    Opt(field="verify", flag="--verify/--no-verify",
+        help="Also check the sha256 of every shard before writing (and record a verified stamp)."),
+)
+
 
 @click.command("inspect")
-@click.argument("path")
-@click.option("--rows", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Decode this many sequences (from the first) and show their targets at --position.")
-@click.option("--position", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Token position inside each decoded sequence whose top-k, mass and entropy are shown.")
-@click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Check the sha256 of every shard (and record a verified stamp); --no-verify checks sizes only.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-def inspect_cmd(path: str, rows: int, position: int, verify: bool, as_json: bool) -> None:
+@config_options(InspectConfig, INSPECT_OPTIONS, config_help=None)
+@click.pass_context
+def inspect_cmd(ctx: click.Context, **kw: object) -> None:
     """Describe a teacher directory or a single shard at PATH (local path or fsspec URL).
 
     Shows schema, rows, tokens, bytes/token, k, dtypes, teacher metadata and the sha256 status of every
@@ -25,15 +42,15 @@ def inspect_cmd(path: str, rows: int, position: int, verify: bool, as_json: bool
 
     from storage.describe import describe, format_report
 
-    report = describe(path, rows=rows, position=position, verify=verify)
-    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    cfg = build_config(InspectConfig, INSPECT_OPTIONS, ctx, kw)
+    report = describe(cfg.path, rows=cfg.rows, position=cfg.position, verify=cfg.verify)
+    click.echo(json.dumps(report, indent=2) if cfg.as_json else format_report(report))
 
 
 @click.command("merge")
-@click.argument("path")
-@click.option("--verify/--no-verify", default=False, show_default=True,
-              help="Also check the sha256 of every shard before writing (and record a verified stamp).")
-def merge_cmd(path: str, verify: bool) -> None:
+@config_options(MergeConfig, MERGE_OPTIONS, config_help=None)
+@click.pass_context
+def merge_cmd(ctx: click.Context, **kw: object) -> None:
     """Merge the slice manifests in teacher directory PATH into manifest.json.
 
     Refuses slices that disagree on run fields, missing slices, and overlapping or missing seq-id ranges.
@@ -46,6 +63,8 @@ def merge_cmd(path: str, verify: bool) -> None:
     from storage.merge import open_manifest, open_slices, slice_manifest_paths, write_merged
     from storage.stamps import write_stamp
 
+    cfg = build_config(MergeConfig, MERGE_OPTIONS, ctx, kw)
+    path, verify = cfg.path, cfg.verify
     fs, root = sfs.resolve(path)
     held = artifact(path) if fs.exists(root) else None
     # merge writes only a cache's own manifest.json (and its lock); a path of another kind is refused by name

@@ -1,7 +1,9 @@
-"""`train-student` and `plot` commands (thin: options -> TrainConfig -> run_train).
+"""`init-student`, `train-student` and `plot` commands (thin: options -> config -> one run function).
 
-train-student's options are generated from `TRAIN_OPTIONS` (common/config_cli.py): each maps onto one
-TrainConfig field and takes its default from the dataclass; `--config RUN/config.json` replays a run.
+Their options are generated from `INIT_STUDENT_OPTIONS`, `TRAIN_OPTIONS` and `PLOT_OPTIONS`
+(common/config_cli.py): each maps onto one InitStudentConfig, TrainConfig or PlotConfig field and takes its
+default from the dataclass; `--config DIR/init_student.json` and `--config RUN/config.json` replay a run (plot
+writes no config, so it has no `--config`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from common.devices import DeviceParam
 from common.errors import ConfigError
 from common.params import FINITE_FLOAT, FLOAT_LIST, parse_float_list
 from storage.stamps import VERIFY_MODES
-from student.config import LOSSES, TrainConfig
+from student.config import LOSSES, InitStudentConfig, PlotConfig, TrainConfig
 from student.weighting import NAMES as WEIGHTINGS
 from student.weighting import choices_help, setting_help
 
@@ -29,6 +31,67 @@ def parse_floats(option: str, text: str | None) -> tuple[float, ...] | None:
         return parse_float_list(text)
     except ValueError as e:
         raise ConfigError(f"{option}: {e}") from None
+
+
+# One row per InitStudentConfig field: the defaults come from the dataclass (student/config.py).
+INIT_STUDENT_OPTIONS: tuple[Opt, ...] = (
+    Opt(field="teacher", flag="--from",
+        help="Teacher to cut: a hub id, a local model directory, or a directory holding --gguf-file. Required "
+             "(or --config)."),
+    Opt(field="gguf_file", flag="--gguf-file", help="GGUF file name inside --from (de-quantised to float32)."),
+    Opt(field="revision", flag="--revision", help="Hub revision of the teacher."),
+    Opt(field="keep_layers", flag="--keep-layers",
+        help="Blocks to keep: explicit blocks/ranges, 0-based and inclusive (0-5,24-29), or a count N: the N "
+             "blocks of highest ShortGPT Block Influence (1 - cos between a block's input and output, averaged "
+             "over the calibration tokens; one forward pass, no gradients; drops the blocks that change their "
+             "input least). Required (or --config)."),
+    Opt(field="output", flag="--output",
+        help="Directory for the student (save_pretrained + tokenizer + init_student.json). Required (or --config)."),
+    Opt(field="dataset", flag="--dataset",
+        help="Calibration corpus, as precompute --dataset (needed for a count; with a list, scores are recorded "
+             "too)."),
+    Opt(field="dataset_config", flag="--dataset-config", help="Hub dataset configuration (e.g. en for allenai/c4)."),
+    Opt(field="split", flag="--split", help="Hub dataset split."),
+    Opt(field="text_field", flag="--text-field", help="Column holding the document text."),
+    Opt(field="calibration_tokens", flag="--calibration-tokens", type=int,
+        help="Tokens of the calibration slice (the first ones of the packed corpus)."),
+    Opt(field="seq_len", flag="--seq-len", type=int, help="Calibration window length."),
+    Opt(field="batch_size", flag="--batch-size", type=int, help="Calibration windows per forward."),
+    Opt(field="trust_remote_code", flag="--trust-remote-code", help="Allow custom model code from the hub."),
+    Opt(field="overwrite", flag="--overwrite",
+        help="Replace the model directory already at --output (never the teacher or another kind of output)."),
+)
+INIT_STUDENT_INTERNAL: tuple[str, ...] = ()
+"""InitStudentConfig fields deliberately without an option (none: every field can be set)."""
+
+
+@click.command("init-student")
+@config_options(InitStudentConfig, INIT_STUDENT_OPTIONS,
+                config_help="Replay a cut: the init_student.json it wrote in its --output (its config member), or "
+                            "a file of InitStudentConfig fields. Options given beside it override its fields (e.g. "
+                            "--output).")
+@click.pass_context
+def init_student_cmd(ctx: click.Context, **kw: object) -> None:
+    """Cut a student from a teacher by dropping decoder blocks (depth pruning).
+
+    \b
+    python cli.py init-student --from TEACHER --keep-layers 0-5,24-29 --output DIR
+    python cli.py init-student --from TEACHER --keep-layers 12 --dataset data/corpus/train.jsonl --output DIR
+
+    DIR loads with AutoModelForCausalLM and as train-student --student DIR.
+    """
+    import logging
+
+    from student.pruning import CARD_CONFIG, run_init_student
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = build_config(InitStudentConfig, INIT_STUDENT_OPTIONS, ctx, kw, member=CARD_CONFIG)
+    card = run_init_student(cfg)
+    scores = card["scores"]
+    click.echo(f"kept {len(card['kept_blocks'])} of {card['teacher_blocks']} blocks {card['kept_blocks']}; "
+               f"{card['parameters_student']:,} parameters (teacher {card['parameters_teacher']:,}) -> {cfg.output}")
+    if scores is not None:
+        click.echo("block influence: " + " ".join(f"{i}:{s:.3f}" for i, s in enumerate(scores)))
 
 
 # One row per TrainConfig field: the defaults come from the dataclasses (student/config.py).
@@ -147,16 +210,21 @@ def train_student_cmd(ctx: click.Context, **kw: object) -> None:
                             if not isinstance(v, dict)), err=True)
 
 
+PLOT_OPTIONS: tuple[Opt, ...] = (
+    Opt(field="run_dir", flag="RUN_DIR", argument=True, help="Run directory whose metrics.jsonl is drawn."),
+    Opt(field="output", flag="--output", hidden_aliases=("--out",),
+        help="Image path (default RUN_DIR/curves.png); .png is appended when it has no extension."),
+    Opt(field="overwrite", flag="--overwrite",
+        help="Replace the figure already at --output (never a file of another kind)."),
+)
+
+
 @click.command("plot")
-@click.argument("run_dir")
-@click.option("--output", default=None,
-              help="Image path (default RUN_DIR/curves.png); .png is appended when it has no extension.")
-@click.option("--out", "out_alias", default=None, hidden=True, help="Old spelling of --output.")
-@click.option("--overwrite", is_flag=True, default=False, help="Replace the figure already at --output (never a file of another kind).")
-def plot_cmd(run_dir: str, output: str | None, out_alias: str | None, overwrite: bool) -> None:
+@config_options(PlotConfig, PLOT_OPTIONS, config_help=None)
+@click.pass_context
+def plot_cmd(ctx: click.Context, **kw: object) -> None:
     """Draw the training and held-out curves of RUN_DIR (its metrics.jsonl) to a PNG."""
     from student.plotting import plot_run
 
-    if output is not None and out_alias is not None:
-        raise ConfigError("give --output once (--out is its old spelling)")
-    click.echo(plot_run(run_dir, output or out_alias, overwrite=overwrite))
+    cfg = build_config(PlotConfig, PLOT_OPTIONS, ctx, kw)
+    click.echo(plot_run(cfg.run_dir, cfg.output, overwrite=cfg.overwrite))

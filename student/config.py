@@ -1,4 +1,5 @@
-"""Stage-two configuration: LossConfig, OptimConfig, TrainConfig, and small presets.
+"""Stage-two configuration: LossConfig, OptimConfig, TrainConfig, and small presets; InitStudentConfig
+(init-student, which cuts a student from a teacher) and PlotConfig (plot).
 
 Presets are plain functions so a CPU run takes seconds and the paper-style comparisons (CE only,
 single-teacher KD, uniform / entropy-weighted multi-teacher, + features, DKD) are one name each.
@@ -6,6 +7,7 @@ single-teacher KD, uniform / entropy-weighted multi-teacher, + features, DKD) ar
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -268,3 +270,87 @@ def tiny(teacher_data: list[str], output: str, **overrides) -> TrainConfig:
                        max_steps=20, eval_every=10, log_every=5, num_workers=0,
                        optim=OptimConfig(lr=3e-3, warmup_steps=2))
     return replace(base, **overrides)
+
+
+@dataclass(kw_only=True)
+class InitStudentConfig:
+    """Everything `run_init_student` needs."""
+
+    teacher: str
+    """Hub id, local model directory, or a directory holding `gguf_file`."""
+    output: str
+    """Directory to write the cut student into (save_pretrained + tokenizer + init_student.json)."""
+    keep_layers: str
+    """Blocks to keep: an explicit list/ranges ("0-5,24-29") or a count N (kept by Block Influence)."""
+    gguf_file: str | None = None
+    """GGUF file name inside `teacher` (weights de-quantised to float32 on load)."""
+    revision: str | None = None
+    """Hub revision of the teacher."""
+    dataset: str | None = None
+    """Calibration corpus (same forms as `precompute --dataset`); required when keep_layers is a count."""
+    dataset_config: str | None = None
+    """Hub dataset configuration (e.g. `en` for allenai/c4); hub datasets only."""
+    split: str = "train"
+    """Hub dataset split; hub datasets only."""
+    text_field: str = "text"
+    """Column holding the document text."""
+    calibration_tokens: int = 16384
+    """Tokens of the calibration slice (the first ones of the packed corpus)."""
+    seq_len: int = 512
+    """Calibration window length."""
+    batch_size: int = 4
+    """Calibration windows per forward pass."""
+    trust_remote_code: bool = False
+    """Passed to transformers when loading the teacher."""
+    overwrite: bool = False
+    """Replace an existing model directory at `output` (never the teacher, nor another kind of artifact)."""
+
+    def __post_init__(self) -> None:
+        for name in ("calibration_tokens", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.calibration_tokens < self.seq_len:
+            raise ConfigError(f"--calibration-tokens ({self.calibration_tokens}) must be >= --seq-len ({self.seq_len})")
+        spec = parse_keep_layers(self.keep_layers)
+        if isinstance(spec, int) and self.dataset is None:
+            raise ConfigError(f"--keep-layers {self.keep_layers} is a count: blocks are chosen by Block Influence "
+                              "on a calibration slice, so --dataset is required")
+
+
+_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+def parse_keep_layers(spec: str) -> list[int] | int:
+    """'0-5,24-29' -> [0..5, 24..29] (sorted, unique); '12' -> 12 (a count). ConfigError otherwise."""
+    text = spec.replace(" ", "")
+    if re.fullmatch(r"\d+", text):
+        n = int(text)
+        if n < 1:
+            raise ConfigError(f"--keep-layers {spec!r}: a count must be >= 1")
+        return n
+    blocks: set[int] = set()
+    for part in text.split(","):
+        if not part:
+            continue
+        m = _RANGE.match(part)
+        if m is None:
+            raise ConfigError(f"--keep-layers {spec!r}: expected a count N or blocks/ranges like 0-5,24-29")
+        lo, hi = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
+        if hi < lo:
+            raise ConfigError(f"--keep-layers {spec!r}: range {part} is empty")
+        blocks.update(range(lo, hi + 1))
+    if not blocks:
+        raise ConfigError(f"--keep-layers {spec!r} names no block")
+    return sorted(blocks)
+
+
+@dataclass(kw_only=True)
+class PlotConfig:
+    """Which run `plot` draws, and where to."""
+
+    run_dir: str
+    """The run directory whose metrics.jsonl is drawn."""
+    output: str | None = None
+    """Image path (None: RUN_DIR/curves.png); `.png` is appended when it has no extension."""
+    overwrite: bool = False
+    """Replace a figure already at `output` (never a file of another kind)."""

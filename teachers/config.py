@@ -127,7 +127,7 @@ class StorageConfig:
     output: str
     """Teacher directory (local path or fsspec URL) receiving shards and manifest."""
     format: str = "parquet"
-    """Shard format: `parquet` or `zarr`."""
+    """Shard format: a name of storage/formats.py's registry (`FORMATS`)."""
     shard_size: int = 256
     """Sequences per shard file (the last shard may hold fewer)."""
     logprob_dtype: str = "float16"

@@ -1,5 +1,5 @@
-"""Options generated from the config dataclasses, and `--config FILE` replaying a run of train-student and
-precompute bit for bit."""
+"""Options generated from the config dataclasses, and `--config FILE` replaying a run of train-student,
+precompute, evaluate and init-student bit for bit."""
 
 from __future__ import annotations
 
@@ -14,14 +14,26 @@ from click.core import UNSET
 
 from cli import main
 from common.config_cli import MISSING, check_table, field_default, leaf_paths
-from student.commands import TRAIN_INTERNAL, TRAIN_OPTIONS
-from student.config import TrainConfig
+from storage.commands import INSPECT_OPTIONS, MERGE_OPTIONS
+from storage.config import InspectConfig, MergeConfig
+from student.commands import (
+    INIT_STUDENT_INTERNAL,
+    INIT_STUDENT_OPTIONS,
+    PLOT_OPTIONS,
+    TRAIN_INTERNAL,
+    TRAIN_OPTIONS,
+)
+from student.config import InitStudentConfig, PlotConfig, TrainConfig
+from student.evaluation.command import EVAL_INTERNAL, EVAL_OPTIONS
+from student.evaluation.config import EvalConfig
 from teachers.commands import PRECOMPUTE_INTERNAL, PRECOMPUTE_OPTIONS
 from teachers.config import PrecomputeConfig
 from tests.helpers import one_error_line, run_cli
 
 COMMANDS = [("train-student", TrainConfig, TRAIN_OPTIONS, TRAIN_INTERNAL),
-            ("precompute", PrecomputeConfig, PRECOMPUTE_OPTIONS, PRECOMPUTE_INTERNAL)]
+            ("precompute", PrecomputeConfig, PRECOMPUTE_OPTIONS, PRECOMPUTE_INTERNAL),
+            ("evaluate", EvalConfig, EVAL_OPTIONS, EVAL_INTERNAL),
+            ("init-student", InitStudentConfig, INIT_STUDENT_OPTIONS, INIT_STUDENT_INTERNAL)]
 
 
 @pytest.mark.parametrize(("command", "root", "table", "internal"), COMMANDS, ids=[c[0] for c in COMMANDS])
@@ -32,13 +44,43 @@ def test_every_config_field_is_settable_or_internal(command, root, table, intern
     for opt in table:  # the option's default is the dataclass field's (one source)
         default = field_default(root, opt.field)
         got = params[opt.name].default
-        if default is MISSING or default is None or default is False or default == {}:
+        if default is MISSING or default is None or default is False or default in ({}, []):
             assert got in (None, (), False) or got is UNSET, (opt.field, got)  # click's own "no default"
         elif opt.multiple or isinstance(default, list):
             assert tuple(got) == tuple(default), opt.field
         else:
             assert got == default, (opt.field, got, default)
         assert params[opt.name].help, opt.flag
+
+
+# commands that write no config to replay: options (and arguments) from their configs too, no --config
+PLAIN = [("inspect", InspectConfig, INSPECT_OPTIONS), ("merge", MergeConfig, MERGE_OPTIONS),
+         ("plot", PlotConfig, PLOT_OPTIONS)]
+
+
+@pytest.mark.parametrize(("command", "root", "table"), PLAIN, ids=[c[0] for c in PLAIN])
+def test_commands_without_replay_take_every_field_from_their_config(command, root, table):
+    assert check_table(root, table) == [] and len(leaf_paths(root)) == len(table)
+    params = {p.name: p for p in main.commands[command].params}
+    assert "config_file" not in params
+    for opt in table:
+        default, param = field_default(root, opt.field), params[opt.name]
+        if opt.argument:
+            assert isinstance(param, click.Argument) and param.required and default is MISSING, opt.field
+        else:
+            assert param.default == (None if default is MISSING else default), (opt.field, param.default)
+            assert param.help == opt.help, opt.field
+
+
+def test_every_option_of_every_command_comes_from_a_table():
+    """One mechanism: each click parameter is a table row, one of its hidden aliases, or --config."""
+    tables = {name: table for name, _, table, _ in COMMANDS} | {name: table for name, _, table in PLAIN}
+    assert sorted(tables) == sorted(main.commands)
+    for name, cmd in main.commands.items():
+        names = {o.name for o in tables[name]} | {o.alias_name(i) for o in tables[name]
+                                                   for i in range(len(o.hidden_aliases))}
+        extra = {p.name for p in cmd.params} - names - {"config_file"}
+        assert not extra, (name, extra)
 
 
 def test_fields_that_had_no_option_are_set(tmp_path, monkeypatch):
@@ -206,13 +248,92 @@ def test_precompute_config_replays_the_shards(tmp_path):
     assert [(s.file, s.sha256, s.bytes) for s in ma.shards] == [(s.file, s.sha256, s.bytes) for s in mb.shards]
 
 
+def _models(root: Path) -> tuple[Path, Path, Path]:
+    """A tiny 3-block model (student / teacher to cut), a second model sharing its tokenizer, and a corpus."""
+    from tests.helpers import make_tiny_teacher, sample_texts, train_tiny_tokenizer, write_jsonl_corpus
+
+    texts = sample_texts(60, seed=4)
+    tok = train_tiny_tokenizer(root / "tok", texts, vocab_size=300)
+    a = make_tiny_teacher(root / "a", 300, seed=1, tokenizer_dir=tok, hidden_size=32, num_layers=3)
+    b = make_tiny_teacher(root / "b", 300, seed=2, tokenizer_dir=tok, hidden_size=32, num_layers=1)
+    return a, b, write_jsonl_corpus(root / "held.jsonl", texts)
+
+
+def test_evaluate_config_replays_the_report(tmp_path):
+    """The report keeps the config under `config`; `evaluate --config REPORT --output OTHER` gives the same
+    report (all but its timing and output path); a file of EvalConfig fields replays the same way."""
+    student, teacher, held = _models(tmp_path)
+    first = tmp_path / "first.json"
+    r = run_cli("evaluate", "--student", f"s={student}", "--teacher", f"t={teacher}", "--dataset", held,
+                "--seq-len", 16, "--max-tokens", 256, "--batch-size", 3, "--top-k", 8, "--bleu-prompts", 2,
+                "--prompt-tokens", 4, "--new-tokens", 4, "--teacher-weighting", "uniform", "--device", "cpu",
+                "--output", first)
+    assert r.exit_code == 0, r.output
+    written = json.loads(first.read_text())
+    assert written["config"]["top_k"] == 8 and written["config"]["teacher_weighting"] == "uniform"
+    again = tmp_path / "again.json"
+    r2 = run_cli("evaluate", "--config", first, "--output", again)
+    assert r2.exit_code == 0, r2.output
+    replayed = json.loads(again.read_text())
+    assert replayed["config"] == {**written["config"], "output": str(again)}
+    for report in (written, replayed):
+        report.pop("seconds"), report.pop("config")
+    assert replayed == written and written["models"]["s"]["kl"]["t"] > 0
+    table = [[line for line in x.stdout.splitlines() if line.startswith("|")] for x in (r, r2)]
+    assert table[0] == table[1] and len(table[0]) >= 3  # the same table
+    fields = tmp_path / "fields.json"
+    fields.write_text(json.dumps({**json.loads(first.read_text())["config"], "output": None}))
+    r3 = run_cli("evaluate", "--config", fields, "--top-k", 300)
+    assert r3.exit_code == 0, r3.output
+    assert json.loads(first.read_text()) != json.loads(again.read_text())  # nothing rewritten in place
+    assert "| s (student) |" in r3.stdout and "results written" not in r3.stdout  # output None: no report
+
+
+def test_init_student_config_replays_the_cut(tmp_path):
+    """init_student.json keeps the config under `config`; `init-student --config DIR/init_student.json --output
+    OTHER` cuts the same blocks with the same scores and weights."""
+    import torch
+
+    teacher, _, corpus = _models(tmp_path)
+    first = tmp_path / "first"
+    r = run_cli("init-student", "--from", teacher, "--keep-layers", 2, "--dataset", corpus,
+                "--calibration-tokens", 64, "--seq-len", 16, "--batch-size", 2, "--output", first)
+    assert r.exit_code == 0, r.output
+    card = json.loads((first / "init_student.json").read_text())
+    assert card["config"]["calibration_tokens"] == 64 and len(card["kept_blocks"]) == 2
+    again = tmp_path / "again"
+    r = run_cli("init-student", "--config", first / "init_student.json", "--output", again)
+    assert r.exit_code == 0, r.output
+    replayed = json.loads((again / "init_student.json").read_text())
+    assert replayed["config"] == {**card["config"], "output": str(again)}
+    assert {**replayed, "config": None} == {**card, "config": None}
+    ta, tb = _tensors(first / "model.safetensors"), _tensors(again / "model.safetensors")
+    assert set(ta) == set(tb) and len(ta) > 0
+    for name in ta:
+        assert torch.equal(ta[name], tb[name]), name
+
+
+def test_a_config_member_that_is_not_an_object_is_one_line(tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"models": {}, "windows": 1, "seq_len": 8, "config": [1]}))
+    one_error_line(run_cli("evaluate", "--config", report), f"--config {report}", "'config' member")
+    card = tmp_path / "init_student.json"
+    card.write_text(json.dumps({"config": {"teacher": "t", "output": "o", "keep_layers": 3.5}}))
+    one_error_line(run_cli("init-student", "--config", card), "field keep_layers must be a string, got 3.5")
+    one_error_line(run_cli("init-student", "--config", report, "--output", tmp_path / "o"), "'config' member")
+
+
 # ---- --config typing (issue 25, defect 7) ------------------------------------------------------------
 # The wrong values are generated from each field's annotation by this file's own model of JSON kinds (not by
 # the checker under test), so a field added later is fuzzed without touching this file.
 _POOL: list[object] = [True, False, 0, 3, -2, 1.5, "abc", "false", "", None, [], [1], ["a"], {}, {"a": 1}]
 _ALL_KINDS = {"bool", "int", "float", "str", "null", "list", "object"}
 RUN_FUNCTIONS = {"train-student": ("student.trainer", "run_train"),
-                 "precompute": ("teachers.precompute", "run_precompute")}
+                 "precompute": ("teachers.precompute", "run_precompute"),
+                 "evaluate": ("student.evaluation.command", "run_evaluate"),
+                 "init-student": ("student.pruning", "run_init_student")}
+CONFIGS = {"train-student": TrainConfig, "precompute": PrecomputeConfig, "evaluate": EvalConfig,
+           "init-student": InitStudentConfig}
 
 
 def _kind(value: object) -> str:
@@ -293,7 +414,11 @@ def _valid_configs(tmp_path: Path) -> dict[str, dict]:
     from teachers.config import tiny as precompute_tiny
 
     return {"train-student": dataclasses.asdict(train_tiny(["cache-a", "cache-b"], str(tmp_path / "out-run"))),
-            "precompute": dataclasses.asdict(precompute_tiny("teacher", "corpus.jsonl", str(tmp_path / "out-cache")))}
+            "precompute": dataclasses.asdict(precompute_tiny("teacher", "corpus.jsonl", str(tmp_path / "out-cache"))),
+            "evaluate": dataclasses.asdict(EvalConfig(students=["student"], teachers=["teacher"], data="held.jsonl",
+                                                      output=str(tmp_path / "out-report.json"))),
+            "init-student": dataclasses.asdict(InitStudentConfig(teacher="teacher", keep_layers="0-1",
+                                                                 output=str(tmp_path / "out-model")))}
 
 
 def _put(tree: dict, path: str, value: object) -> None:
@@ -322,12 +447,12 @@ def stubbed_runs(monkeypatch):
 
 
 def test_every_command_with_config_replay_is_fuzzed():
-    """evaluate and init-student have no --config today; when one gains it, it joins the fuzz below."""
+    """Every command built from a config dataclass replays it with --config and joins the fuzz below."""
     replaying = sorted(n for n, c in main.commands.items() if any(p.name == "config_file" for p in c.params))
-    assert replaying == sorted(RUN_FUNCTIONS)
+    assert replaying == sorted(RUN_FUNCTIONS) == sorted(CONFIGS) == sorted(c[0] for c in COMMANDS)
 
 
-@pytest.mark.parametrize(("command", "root"), [("train-student", TrainConfig), ("precompute", PrecomputeConfig)])
+@pytest.mark.parametrize(("command", "root"), list(CONFIGS.items()), ids=list(CONFIGS))
 def test_every_field_refuses_values_of_the_wrong_type(tmp_path, stubbed_runs, command, root):
     """Each field of the config, nested configs included, set to each JSON value its annotation does not
     allow: one `error:` line naming the file, the field and the expected type; exit 2; nothing written."""
@@ -369,6 +494,11 @@ def test_every_field_refuses_values_of_the_wrong_type(tmp_path, stubbed_runs, co
     ("train-student", "student", 123, "field student must be a string"),
     ("train-student", "optim.betas", [0.9], "field optim.betas must be a list of 2 numbers"),
     ("train-student", "resume", 1, "field resume must be true or false, got 1"),
+    ("evaluate", "students", "s", "field students must be a list of strings, got \"s\""),
+    ("evaluate", "teacher_weights", [1, "x"], "field teacher_weights must be a list of numbers or null"),
+    ("evaluate", "bootstrap", 2.0, "field bootstrap must be an integer, got 2.0"),
+    ("init-student", "keep_layers", 3, "field keep_layers must be a string, got 3"),
+    ("init-student", "trust_remote_code", "no", "field trust_remote_code must be true or false"),
 ])
 def test_the_reported_cases(tmp_path, stubbed_runs, command, field, value, needle):
     tree = _valid_configs(tmp_path)[command]

@@ -1,5 +1,6 @@
-"""The package layers: common <- storage <- {teachers, student}. Neither stage imports the other, and a lower
-layer never imports a higher one (imports read with `ast`, including those inside functions)."""
+"""The package layers: common <- storage <- {teachers, student} <- multidistill (the command line). Neither
+stage imports the other, and a lower layer never imports a higher one (imports read with `ast`, including those
+inside functions)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
-    "common": {"storage", "teachers", "student"},
-    "storage": {"teachers", "student"},
-    "teachers": {"student"},
-    "student": {"teachers"},
+    "common": {"storage", "teachers", "student", "multidistill"},
+    "storage": {"teachers", "student", "multidistill"},
+    "teachers": {"student", "multidistill"},
+    "student": {"teachers", "multidistill"},
 }
+"""multidistill (the command line, above both stages) may import every package; none imports it."""
 
 
 def imported_packages(path: Path) -> set[tuple[int, str]]:
@@ -42,3 +44,20 @@ def test_layer_imports_nothing_above_or_beside_it(package: str) -> None:
     bad = [f"{f.relative_to(ROOT)}:{line} imports {top}" for f in files
            for line, top in sorted(imported_packages(f)) if top in FORBIDDEN[package]]
     assert not bad, "\n".join(bad)
+
+
+def test_the_console_script_is_the_group_cli_py_runs() -> None:
+    """`multidistill` (pyproject) names the package's click group, which `python cli.py` runs too; the
+    top-level `cli.py` is not installed (no `py-modules`), and the packages installed are the layers above."""
+    import importlib
+
+    import cli
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert project["project"]["scripts"] == {"multidistill": "multidistill.cli:main"}
+    module, attr = project["project"]["scripts"]["multidistill"].split(":")
+    assert getattr(importlib.import_module(module), attr) is cli.main
+    setuptools = project["tool"]["setuptools"]
+    assert "py-modules" not in setuptools
+    assert setuptools["packages"]["find"]["include"] == [f"{p}*" for p in (*FORBIDDEN, "multidistill")]

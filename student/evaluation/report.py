@@ -11,6 +11,10 @@ from common.errors import ConfigError
 from storage.errors import StorageError
 from student.evaluation.metrics import Scores
 
+REPORT_CONFIG = "config"
+"""The member of the JSON report holding the `EvalConfig` it was made with (`evaluate --config REPORT.json`
+replays it)."""
+
 
 def model_summary(s: Scores, role: str, teachers: list[str], bleu: dict[str, float] | None) -> dict[str, Any]:
     """One model's entry of `result["models"]`."""

@@ -26,7 +26,7 @@ from student.evaluation.metrics import (
     decode_until_eos,
     greedy_continuations,
 )
-from student.evaluation.report import check_output_file, model_summary, write_json
+from student.evaluation.report import REPORT_CONFIG, check_output_file, model_summary, write_json
 from student.evaluation.sources import (
     HeldOut,
     ModelSpec,
@@ -286,7 +286,7 @@ def run_evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "comparisons": compare_students(scores, student_labels, cfg.bootstrap, cfg.seed),
         "continuations": ({"prompts": [tokenizer.decode(p.tolist(), skip_special_tokens=True) for p in prompts],
                            "reference": truth, **run.texts} if n_prompts else {}),
-        "config": asdict(cfg),
+        REPORT_CONFIG: asdict(cfg),
     }
     if held.masked:  # conversations (text results keep their keys)
         from student.data import LOSS_MASK_POSITIONS

@@ -278,7 +278,7 @@ def test_no_code_outside_the_registry_compares_a_scheme_name():
     """A scheme's name appears in a comparison (`x == "entropy"`, `x in ("uniform", ...)`) only in
     student/weighting.py (a column named `entropy` may still be looked up: `"entropy" in cols`)."""
     offenders = []
-    for package in ("common", "storage", "teachers", "student", "benchmarks", "cli.py"):
+    for package in ("common", "storage", "teachers", "student", "multidistill", "benchmarks", "cli.py"):
         paths = [ROOT / package] if package.endswith(".py") else sorted((ROOT / package).rglob("*.py"))
         for path in paths:
             if path.name == "weighting.py" and path.parent.name == "student":
