@@ -109,7 +109,7 @@ class Manifest:
     """Shard schema version; readers refuse newer versions (1: slice-owned sequence ids; 2: partitioned
     sequence ids, and the only version for aligned or sampled caches)."""
     format: str = "parquet"
-    """`parquet` or `zarr`."""
+    """A name in `storage.formats.FORMATS`."""
     teacher: TeacherInfo
     """Where the targets came from."""
     tokenizer_fingerprint: str
