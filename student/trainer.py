@@ -6,8 +6,8 @@ One process per device; under torchrun the student is wrapped in DDP (gloo on CP
 `fsdp`, sharded with FSDP2 `fully_shard`. Only rank 0 writes files (layout: student/rundir.py).
 
 The trainer orchestrates; its components are testable alone: the objective is `DistillLoss`
-(student/distill_loss.py) on typed `DistillBatch`es (student/batch.py), checkpoints are written and chosen
-by `CheckpointManager` (student/checkpoint.py), metrics.jsonl by `MetricsWriter` (student/metrics.py).
+(student/loss/objective.py) on typed `DistillBatch`es (student/batch.py), checkpoints are written and chosen
+by `CheckpointManager` (student/checkpoint.py), metrics.jsonl by `MetricsWriter` (student/metrics_log.py).
 `compute_loss(batch)` and `train_step(batches)` are the public steps benchmarks and tests drive.
 
 A non-finite loss or gradient norm stops training before the optimizer step, and a checkpoint or final
@@ -40,9 +40,9 @@ from student import model as smodel
 from student.batch import DistillBatch, FailedBatch
 from student.checkpoint import CheckpointError, CheckpointManager, seed_everything, set_rng_state
 from student.config import EVAL_SEQUENCES_CAP, TrainConfig
-from student.distill_loss import DistillLoss, LossTerms
+from student.loss.objective import DistillLoss, LossTerms
 from student.fusion import FusedTargets
-from student.metrics import MetricsWriter
+from student.metrics_log import MetricsWriter
 from student.rundir import CONFIG_FILE, FINAL_DIR, claim_output, writing
 from student.targets import OBSERVED_SOURCES
 
@@ -180,7 +180,7 @@ class Trainer:
                               f"blocks (use {-blocks}..{blocks - 1})")
         self.module = DistillModule(student, proj_dims, lc.student_pool_layer).to(self.device)
         if lc.chunk_size is not None:
-            from student.chunked import check_plain_head
+            from student.loss.chunked import check_plain_head
 
             check_plain_head(student, m0.vocab_size)
         self.model = self._wrap(self.module)
