@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from student.loss.chunked import chunked_ce_kd
 from student.fusion import fuse_topk, teacher_weights
+from student.loss.chunked import chunked_ce_kd
 from student.loss.terms import next_token_ce, sparse_kl
 from tests.student.coarse_reference import per_teacher_kl
 

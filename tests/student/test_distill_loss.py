@@ -12,8 +12,8 @@ import torch
 from common.errors import ConfigError
 from storage.errors import MismatchError, StorageError
 from student.config import LossConfig
-from student.loss.objective import DistillLoss
 from student.fusion import fuse_topk
+from student.loss.objective import DistillLoss
 
 B, L, V, H = 2, 5, 11, 6
 DIMS = (4, 3)
