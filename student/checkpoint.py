@@ -105,8 +105,9 @@ class CheckpointManager:
         """Write checkpoints/step-NNNNNNN/ (rank 0; every rank must call it), atomically; returns its path.
 
         `state` holds every key of `STATE_KEYS` but `rng`, `step` and `world_size`, which are added here (the
-        RNG states of all ranks, gathered to every rank). A failed write raises CheckpointError naming the
-        last intact checkpoint."""
+        RNG states of all ranks, gathered to every rank): the parts' states as `gather()` returned them (the
+        trainer checks their weights are finite in between) and the plain values. A failed write raises
+        CheckpointError naming the last intact checkpoint."""
         rng = rng_state()
         rngs: list[Any] = [None] * self.world_size
         if self.distributed:
