@@ -384,7 +384,7 @@ def section_train(s: Suite) -> None:
 
     from common.corpus import CorpusConfig
     from student.config import LossConfig, OptimConfig, TrainConfig
-    from student.losses import next_token_ce
+    from student.loss.terms import next_token_ce
     from student.trainer import Trainer
     from teachers.config import PrecomputeConfig, StorageConfig
     from teachers.precompute import run_precompute

@@ -20,7 +20,7 @@ costs page faults that can dominate a CPU step (high system time). To time the a
 freed memory in the heap: `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python ...`; the RSS
 figures are only meaningful with the default allocator (memory freed to the OS when a tensor dies).
 
-Chunked loss (`--loss-chunk-size`, student/chunked.py): the same CE + KD computed from the final hidden states
+Chunked loss (`--loss-chunk-size`, student/loss/chunked.py): the same CE + KD computed from the final hidden states
 in chunks of --chunk-size positions under activation checkpointing; its step time is the third column, and
 the memory table compares CE + KD from given hidden states [B, L, H] and lm_head weight (H = 256), unchunked
 (logits = h @ W.T materialised) against chunked.
@@ -112,8 +112,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from student.chunked import chunked_ce_kd
-    from student.losses import next_token_ce, sparse_kl
+    from student.loss.chunked import chunked_ce_kd
+    from student.loss.terms import next_token_ce, sparse_kl
     from student.model import PRESETS, build_student
 
     torch.set_num_threads(args.threads)

@@ -11,6 +11,12 @@ warning for the previous one. Writes go to `step-NNNNNNN.tmp` and are renamed; a
 removes the partial directory and leaves the earlier checkpoints as they were. The last `KEEP_CHECKPOINTS`
 are kept. Only rank 0 writes; every rank reads.
 
+What is saved comes from the trainer's stateful parts (student/stateful.py: the model, the optimizer, the LR
+schedule; objects with `state_dict` / `load_state_dict`), handed to the manager once: `gather()` collects
+their states (every rank calls it: a sharded model gathers its full state), `save` writes them with the plain
+values (data position, config), `restore` loads a resumed checkpoint back into them. How a part is sharded
+is the part's business, so nothing here depends on FSDP.
+
 Resume rules: the fields in `RESUME_FIELDS` decide the data order and the model and must equal the
 checkpoint's; `FREE_FIELDS` may change freely; any other change is allowed with a warning (the continued run
 then differs from an uninterrupted one). The world size must be the same.
@@ -26,6 +32,7 @@ import pickle
 import random
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +44,7 @@ from common.errors import ConfigError
 from common.sidefile import read_side_json
 from storage.errors import MismatchError, StorageError
 from student.rundir import CHECKPOINTS_DIR, FINAL_DIR, reason
+from student.stateful import Stateful
 
 log = logging.getLogger("student")
 KEEP_CHECKPOINTS = 2
@@ -71,10 +79,22 @@ class Resumed:
 class CheckpointManager:
     """Saves and finds the checkpoints under RUN_DIR/checkpoints for one rank of a run."""
 
-    def __init__(self, run_dir: str, *, rank: int = 0, world_size: int = 1, keep: int = KEEP_CHECKPOINTS) -> None:
+    def __init__(self, run_dir: str, *, rank: int = 0, world_size: int = 1, keep: int = KEEP_CHECKPOINTS,
+                 parts: Mapping[str, Stateful] | None = None) -> None:
         self.root = os.path.join(run_dir, CHECKPOINTS_DIR)
         self.rank, self.world_size, self.keep = rank, world_size, keep
         self.distributed = world_size > 1
+        self.parts: dict[str, Stateful] = dict(parts or {})
+        """The stateful parts saved under their names (keys of `STATE_KEYS`)."""
+
+    def gather(self) -> dict[str, Any]:
+        """Every part's state dict, by name (every rank calls it; a sharded part gathers its full state)."""
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def restore(self, resumed: Resumed) -> None:
+        """Load each part from the checkpoint's entry of its name."""
+        for name, part in self.parts.items():
+            part.load_state_dict(resumed.state[name])
 
     def names(self) -> list[str]:
         """The checkpoint directory names present, oldest first."""
@@ -85,8 +105,9 @@ class CheckpointManager:
         """Write checkpoints/step-NNNNNNN/ (rank 0; every rank must call it), atomically; returns its path.
 
         `state` holds every key of `STATE_KEYS` but `rng`, `step` and `world_size`, which are added here (the
-        RNG states of all ranks, gathered to every rank). A failed write raises CheckpointError naming the
-        last intact checkpoint."""
+        RNG states of all ranks, gathered to every rank): the parts' states as `gather()` returned them (the
+        trainer checks their weights are finite in between) and the plain values. A failed write raises
+        CheckpointError naming the last intact checkpoint."""
         rng = rng_state()
         rngs: list[Any] = [None] * self.world_size
         if self.distributed:

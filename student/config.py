@@ -68,7 +68,7 @@ class LossConfig:
     """DKD weight of the non-target-class term (NCKD)."""
     chunk_size: int | None = None
     """Compute the student's logits, CE and KD in chunks of this many positions from its final hidden states
-    (student/chunked.py), so the [B·L, V] logits never exist; None: the unchunked loss. `kd` only, not FSDP."""
+    (student/loss/chunked.py), so the [B·L, V] logits never exist; None: the unchunked loss. `kd` only, not FSDP."""
     observed_correction: bool = True
     """Aligned caches only: where the cache holds the teacher's exact log-prob of the observed next token,
     that probability replaces the first-token value, the teacher's other entries are rescaled and its entropy

@@ -5,7 +5,7 @@ ids S_k (log-probs over the full vocab) plus one bucket for the rest of the voca
 
     p_k(y) for y in S_k,      tail_k = 1 - sum_{y in S_k} p_k(y)
 
-The loss (student/losses.py) compares each teacher's coarse view with the student's view on the same
+The loss (student/loss/terms.py) compares each teacher's coarse view with the student's view on the same
 partition, and mixes the teachers with per-position weights alpha [N, K]:
 
     CE_k = - sum_{y in S_k} p_k(y) log q(y) - tail_k log(1 - sum_{y in S_k} q(y))

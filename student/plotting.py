@@ -8,7 +8,7 @@ import os
 from common.errors import ConfigError
 from common.sidefile import read_side_text
 from storage.errors import StorageError
-from student.metrics import MAX_METRICS_BYTES
+from student.metrics_log import MAX_METRICS_BYTES
 
 
 def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:

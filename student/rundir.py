@@ -1,7 +1,7 @@
 """The run directory of `train-student`: its layout, its creation, and one error for failed writes.
 
     config.json                                the TrainConfig (`train-student --config` replays it)
-    metrics.jsonl                              student/metrics.py
+    metrics.jsonl                              student/metrics_log.py
     checkpoints/step-NNNNNNN/{state.pt,checkpoint.json}   student/checkpoint.py
     final/                                     save_pretrained student (+ tokenizer)
     lock-run.json                              held while a train-student process writes the directory

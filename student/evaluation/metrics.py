@@ -3,7 +3,7 @@ greedy continuations, and the paired bootstrap between students.
 
 Position t of a window predicts token t + 1: KL and agreement use every position (the teacher target exists
 for all of them), perplexity uses positions 0..L-2 of each window. "KL fused" is the training KD quantity
-sum_k alpha_k KL_k (`student.losses.sparse_kl`): each teacher's top-k plus its own tail against the student's
+sum_k alpha_k KL_k (`student.loss.terms.sparse_kl`): each teacher's top-k plus its own tail against the student's
 view on the same partition, at the caches' temperature; at top-k = vocab it is the full-vocab
 sum_k alpha_k KL(P_Tk || P_S), 0 when the student equals every teacher. An aligned cache has targets only where
 its `target_mask` is set: its KL averages over those positions, the fused KL and agreement over positions where
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from student.fusion import FusedTargets
 from student.fusion import fused_top1 as known_top1
-from student.losses import sparse_kl, teacher_kl
+from student.loss.terms import sparse_kl, teacher_kl
 
 
 def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor,

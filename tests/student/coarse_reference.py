@@ -1,6 +1,6 @@
 """Independent float64 references for the KD losses, built from dense distributions.
 
-Nothing here uses student/fusion.py or student/losses.py: each teacher's coarse view is made by hand from its
+Nothing here uses student/fusion.py or student/loss/terms.py: each teacher's coarse view is made by hand from its
 dense distribution with an explicit partition matrix (one row per top-k id, one row for everything else), and
 the student's view with the same matrix from its dense softmax.
 """

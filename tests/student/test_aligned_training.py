@@ -63,7 +63,7 @@ def _batch(root, *, correction=True, tamper=False):
 
 
 def test_masked_positions_carry_no_kd(caches):
-    from student.losses import sparse_kl
+    from student.loss.terms import sparse_kl
 
     root, *_ = caches
     batch, teachers = _batch(root)

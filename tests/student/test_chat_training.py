@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from student.distill_loss import DistillLoss
 from student.fusion import fuse_topk
+from student.loss.objective import DistillLoss
 from tests.chat_helpers import PLAIN_TEMPLATE, sample_conversations, write_chat_corpus
 from tests.helpers import make_tiny_teacher, sample_texts, train_tiny_tokenizer
 

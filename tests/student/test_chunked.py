@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from student.chunked import chunked_ce_kd
 from student.fusion import fuse_topk, teacher_weights
-from student.losses import next_token_ce, sparse_kl
+from student.loss.chunked import chunked_ce_kd
+from student.loss.terms import next_token_ce, sparse_kl
 from tests.student.coarse_reference import per_teacher_kl
 
 B, L, H, V = 2, 7, 8, 50

@@ -12,8 +12,8 @@ import torch
 from common.errors import ConfigError
 from storage.errors import MismatchError, StorageError
 from student.config import LossConfig
-from student.distill_loss import DistillLoss
 from student.fusion import fuse_topk
+from student.loss.objective import DistillLoss
 
 B, L, V, H = 2, 5, 11, 6
 DIMS = (4, 3)
@@ -90,7 +90,7 @@ def test_chunked_terms_equal_the_logit_terms():
 
 
 def test_dkd_is_a_training_term_and_evaluation_reports_the_kl():
-    from student.losses import dkd_loss, next_token_labels, sparse_kl
+    from student.loss.terms import dkd_loss, next_token_labels, sparse_kl
 
     input_ids, hidden, weight, _, _, fused, *_ = _setup(3)
     loss = DistillLoss.from_config(LossConfig(loss="dkd", dkd_alpha=0.5, dkd_beta=4.0), temperature=1.0,
@@ -154,7 +154,7 @@ def test_checkpoint_manager_saves_keeps_two_and_falls_back(tmp_path, caplog):
 
 
 def test_metrics_writer_repairs_a_torn_last_line(tmp_path, caplog):
-    from student.metrics import MetricsWriter, read_metrics
+    from student.metrics_log import MetricsWriter, read_metrics
 
     caplog.set_level(logging.WARNING, logger="student")
     w = MetricsWriter(str(tmp_path))

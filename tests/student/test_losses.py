@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from student.fusion import fuse_topk, teacher_weights
-from student.losses import (
+from student.loss.terms import (
     IGNORE_INDEX,
     dkd_loss,
     feature_loss,

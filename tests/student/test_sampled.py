@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from student.targets import sparse_target
 from student.fusion import fuse_topk
-from student.losses import sparse_kl
+from student.loss.terms import sparse_kl
+from student.targets import sparse_target
 from teachers.head import dense_reference
 from teachers.sampling import draw_uniforms, sample_key, sampled_head
 

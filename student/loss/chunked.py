@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from student.fusion import FusedTargets
-from student.losses import IGNORE_INDEX, next_token_labels, sparse_kl
+from student.loss.terms import IGNORE_INDEX, next_token_labels, sparse_kl
 
 
 def check_plain_head(model: torch.nn.Module, vocab_size: int) -> None:

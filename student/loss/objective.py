@@ -1,4 +1,4 @@
-"""`DistillLoss`: the method's objective, composed from the pure terms of student/losses.py.
+"""`DistillLoss`: the method's objective, composed from the pure terms of student/loss/terms.py.
 
     L = lambda * sum_k alpha_k KD_k + (1 - lambda) * CE + gamma * sum_k beta_k ||W_k h_S - h_Tk||^2 / d_k
 
@@ -9,7 +9,7 @@ get (CE, KD):
 
 - `logit_terms(logits, ...)` from the student's logits [B, L, V];
 - `chunked_terms(hidden, weight, ...)` from its final hidden states and output head, in chunks of positions
-  (student/chunked.py; `kd` only), so the [B·L, V] logits never exist. The trainer calls it inside the
+  (student/loss/chunked.py; `kd` only), so the [B·L, V] logits never exist. The trainer calls it inside the
   module's forward so DDP sees every use of the parameters.
 
 DKD is a training loss only: evaluation (`train=False`) always reports the sparse KL, so held-out KL is
@@ -25,7 +25,7 @@ import torch
 
 from student.config import LossConfig
 from student.fusion import FusedTargets
-from student.losses import dkd_loss, feature_loss, next_token_ce, next_token_labels, sparse_kl
+from student.loss.terms import dkd_loss, feature_loss, next_token_ce, next_token_labels, sparse_kl
 
 
 @dataclass(kw_only=True)
@@ -93,7 +93,7 @@ class DistillLoss:
         """(CE, KD) from the final hidden states [B, L, H] and the output head's weight [V, H], computed
         `chunk_size` positions at a time (the same values as `logit_terms` on hidden @ weight.T). KD is always
         in the graph here (times 0 when lambda = 0)."""
-        from student.chunked import chunked_ce_kd
+        from student.loss.chunked import chunked_ce_kd
 
         assert self.chunk_size is not None, "chunked_terms needs a chunk_size"
         return chunked_ce_kd(hidden, weight, input_ids, fused, temperature=self.temperature,
