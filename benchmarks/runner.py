@@ -63,16 +63,23 @@ class Run:
             from teachers.commands import config_file_name
 
             return self.output / config_file_name(0, 1)
-        return self.output / "config.json"
+        from storage.artifacts import RUN_CONFIG
+
+        return self.output / RUN_CONFIG
 
     @property
     def result(self) -> Path:
         """What a finished run gives: the cache, or the run's final model."""
-        return self.output if self.command == "precompute" else self.output / "final"
+        from storage.artifacts import RUN_FINAL
+
+        return self.output if self.command == "precompute" else self.output / RUN_FINAL
 
     def done(self) -> bool:
-        marker = "manifest.json" if self.command == "precompute" else "final/config.json"
-        return (self.output / marker).exists()
+        """A cache with its merged manifest, or a run with its final model."""
+        from storage.artifacts import RUN_CONFIG
+
+        marker = self.output / "manifest.json" if self.command == "precompute" else self.result / RUN_CONFIG
+        return marker.exists()
 
     @property
     def request(self) -> Path:
