@@ -126,16 +126,25 @@ def char_alignment(s_end: np.ndarray, g_end: np.ndarray) -> tuple[np.ndarray, np
     return source, u0, u1
 
 
-def run(args: argparse.Namespace) -> dict:
-    import torch
+@dataclasses.dataclass
+class Models:
+    """SmolLM2 (S) and Gemma with their tokenizers, and the project's aligned backend around Gemma."""
 
-    from common.packing import PackedBatch
+    s_tok: object
+    g_tok: object
+    s_be: object
+    g_be: object
+    g_cfg: object
+    aligned: object
+    gemma: str
+
+
+def load(args: argparse.Namespace) -> Models:
     from common.tokenizer import load_tokenizer
     from teachers.aligned_backend import AlignedBackend
     from teachers.config import TeacherConfig
     from teachers.hf_backend import HFBackend
 
-    torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     smol, gemma = smollm2_dir(), gemma_gguf()
     if smol is None or gemma is None:
@@ -148,15 +157,21 @@ def run(args: argparse.Namespace) -> dict:
                           align_gguf_file=SMOL_GGUF)
     g_be = HFBackend(g_cfg)
     aligned = AlignedBackend(g_be, g_tok, s_tok, student_tokenizer=smol, teacher_tokenizer=gemma)
-    n_s = len(s_tok)
-    print(f"loaded in {time.perf_counter() - t_start:.0f} s; |S| = {n_s}, Gemma vocab {g_be.vocab_size}, "
+    print(f"loaded in {time.perf_counter() - t_start:.0f} s; |S| = {len(s_tok)}, Gemma vocab {g_be.vocab_size}, "
           f"softcap {g_be.softcap}, model {type(g_be.model).__name__}", flush=True)
+    return Models(s_tok, g_tok, s_be, g_be, g_cfg, aligned, gemma)
 
-    # the two first-token maps
-    p_map = aligned.vocab_map.target
-    p_whole = aligned.vocab_map.kind == 0
-    i_map, i_whole, g_tokens = gguf_first_token_map(gemma, s_tok, g_tok.eos_token_id)
-    hf_tokens = g_tok.convert_ids_to_tokens(list(range(len(g_tokens))))
+
+def first_token_maps(m: Models) -> tuple[dict, dict, object]:
+    """The project's and the GGUF-built first-token maps: (how they differ, destinations per map for a
+    scatter-add with the unmapped bucket at |S|, the project's 'whole' flags as float64)."""
+    import torch
+
+    n_s = len(m.s_tok)
+    p_map = m.aligned.vocab_map.target
+    p_whole = m.aligned.vocab_map.kind == 0
+    i_map, i_whole, g_tokens = gguf_first_token_map(m.gemma, m.s_tok, m.g_tok.eos_token_id)
+    hf_tokens = m.g_tok.convert_ids_to_tokens(list(range(len(g_tokens))))
     diff = np.flatnonzero(p_map != i_map)
     maps = {"vocab_differs": int(diff.size), "whole_differs": int((p_whole != i_whole).sum()),
             "hf_vs_gguf_token_strings_differ": int(sum(a != b for a, b in zip(hf_tokens, g_tokens, strict=True)))}
@@ -164,147 +179,185 @@ def run(args: argparse.Namespace) -> dict:
           f"flags); HF vs GGUF token strings differ at {maps['hf_vs_gguf_token_strings_differ']}", flush=True)
     for i in diff[:8]:
         print(f"   id {i} {g_tokens[i]!r}: project -> {p_map[i]}, GGUF-built -> {i_map[i]}")
-    dests = {name: torch.from_numpy(np.where(m >= 0, m, n_s)) for name, m in (("project", p_map), ("gguf", i_map))}
-    whole_t = torch.from_numpy(p_whole.astype(np.float64))
+    dests = {name: torch.from_numpy(np.where(mp >= 0, mp, n_s)) for name, mp in (("project", p_map), ("gguf", i_map))}
+    return maps, dests, torch.from_numpy(p_whole.astype(np.float64))
 
+
+def dense_gemma(m: Models, g_hidden, g_ids, source, o, L: int, dests: dict, whole_t, cmp: dict) -> dict:
+    """Gemma's dense next-token log-probs in float64, 64 rows at a time: each aligned S position's projected q
+    (project map: `q_dense`, its entropy, q(o); GGUF-built map: q(o)), the whole / unmapped masses, and the log-prob
+    of each next Gemma token (`next_lp`)."""
+    import torch
+
+    n_s, lt = len(m.s_tok), g_ids.shape[0]
+    out = {"next_lp": np.zeros(lt), "q_dense": {}, **{k: np.full(L, np.nan) for k in (
+        "q_proj", "q_gguf", "h_q", "m_whole", "m_unm")}}
+    rows_al = np.flatnonzero(source >= 0)
+    for c in range(0, lt, 64):
+        rows = np.arange(c, min(lt, c + 64))
+        lp = dense_logprobs(g_hidden[0], m.g_be.weight, rows, softcap=m.g_be.softcap)  # [C, V] f64
+        nxt = np.minimum(rows + 1, lt - 1)
+        out["next_lp"][rows] = lp.gather(1, torch.from_numpy(g_ids[nxt])[:, None]).squeeze(1).numpy()
+        ts = [t for t in rows_al if c <= source[t] < c + 64]
+        if not ts:
+            continue
+        p = lp[torch.as_tensor([source[t] - c for t in ts])].exp()  # [n, V]
+        qs = {}
+        for name, dest in dests.items():
+            q = torch.zeros((len(ts), n_s + 1), dtype=torch.float64).index_add_(1, dest, p)
+            qs[name] = q[:, :n_s] / (1.0 - q[:, n_s:])
+            if name == "project":
+                out["m_unm"][ts] = q[:, n_s].numpy()
+        out["m_whole"][ts] = (p @ whole_t).numpy()
+        for j, t in enumerate(ts):
+            qp = qs["project"][j]
+            out["q_dense"][t] = qp
+            out["h_q"][t] = float(-torch.special.xlogy(qp, qp).sum())
+            if t < L - 1:
+                out["q_proj"][t] = float(qp[o[t]])
+                out["q_gguf"][t] = float(qs["gguf"][j][o[t]])
+        cmp["max_abs_q_gguf_vs_project"] = max(cmp["max_abs_q_gguf_vs_project"],
+                                              float((qs["gguf"] - qs["project"]).abs().max()))
+    return out
+
+
+def project_head(m: Models, wi: int, s_ids, g_ids, g_hidden, cmp: dict) -> tuple:
+    """The project's code (`AlignedBackend.compute`) on the same Gemma hidden states, at k = |S| and --top-k."""
+    from common.packing import PackedBatch
+
+    real = m.g_be.final_hidden
+
+    def cached(ids_t, real=real, g_ids=g_ids, g_hidden=g_hidden):
+        if ids_t.shape == (1, g_ids.shape[0]) and np.array_equal(ids_t[0].numpy(), g_ids):
+            return g_hidden
+        cmp["teacher_input_mismatch"] += int(ids_t.shape[1] != min(32, g_ids.shape[0]))
+        return real(ids_t)
+
+    m.g_be.final_hidden = cached
+    batch = PackedBatch(seq_ids=np.asarray([wi]), input_ids=s_ids[None].astype(np.int32))
+    try:
+        m.aligned.cfg = dataclasses.replace(m.g_cfg, top_k=len(m.s_tok))
+        full = m.aligned.compute(batch)
+        m.aligned.cfg = m.g_cfg
+        topk = m.aligned.compute(batch)
+    finally:
+        m.g_be.final_hidden = real
+    return full, topk
+
+
+def compare_head(full, topk, q_dense: dict, h_q, rows_al, e, cmp: dict) -> None:
+    """The head's lists, entropies and observed log-probs against the dense reference (largest differences)."""
+    for t in rows_al:
+        qp = q_dense[t].numpy()
+        with np.errstate(divide="ignore"):
+            ref = np.log(qp)
+        ids_f, lp_f = full.topk_ids[0, t], full.topk_logprobs[0, t].astype(np.float64)
+        d = np.abs(lp_f - ref[ids_f])
+        d = np.where(np.isfinite(ref[ids_f]) | np.isfinite(lp_f), d, 0.0)
+        cmp["max_abs_topk_lp_full"] = max(cmp["max_abs_topk_lp_full"], float(d.max()))
+        cmp["max_abs_topk_lp_full_q_gt_1e-6"] = max(cmp["max_abs_topk_lp_full_q_gt_1e-6"],
+                                                    float(d[qp[ids_f] > 1e-6].max()))
+        cmp["max_abs_entropy_full"] = max(cmp["max_abs_entropy_full"], abs(float(full.entropy[0, t]) - h_q[t]))
+        ids_k, lp_k = topk.topk_ids[0, t], topk.topk_logprobs[0, t].astype(np.float64)
+        cmp["max_abs_topk_lp_k"] = max(cmp["max_abs_topk_lp_k"], float(np.abs(lp_k - ref[ids_k]).max()))
+        kth = np.sort(qp)[::-1][ids_k.shape[0] - 1]
+        cmp["topk_set_violations_k"] += int((qp[ids_k] < kth * (1 - 1e-4)).sum())
+        cmp["max_abs_entropy_k"] = max(cmp["max_abs_entropy_k"], abs(float(topk.entropy[0, t]) - h_q[t]))
+    head_e = full.observed_logprob[0].astype(np.float64)
+    both = ~np.isnan(e) & ~np.isnan(head_e)
+    if (np.isnan(e) != np.isnan(head_e)).any():
+        cmp["observed_availability_mismatch"] = cmp.get("observed_availability_mismatch", 0) + int(
+            (np.isnan(e) != np.isnan(head_e)).sum())
+    if both.any():
+        cmp["max_abs_observed"] = max(cmp["max_abs_observed"], float(np.abs(head_e[both] - e[both]).max()))
+
+
+def one_window(m: Models, args: argparse.Namespace, wi: int, w: dict, maps: tuple, cmp: dict) -> tuple:
+    """Dense reference and project head on window `wi`: its per-position columns, its examples and its number of
+    Gemma tokens."""
+    import torch
+
+    t0 = time.perf_counter()
+    s_ids, s_end, L = w["s_ids"], w["s_end"], w["s_ids"].shape[0]
+    g = m.g_tok(w["text"], add_special_tokens=True, return_offsets_mapping=True)
+    g_ids = np.asarray(g["input_ids"], dtype=np.int64)
+    g_end = np.asarray([b if b > a else -1 for a, b in g["offset_mapping"]], dtype=np.int64)
+    if g_ids[0] != m.g_tok.bos_token_id:
+        raise SystemExit("Gemma's tokenizer did not add <bos>")
+    source, u0, u1 = char_alignment(s_end, g_end)
+    o = np.concatenate([s_ids[1:], [-1]])
+    with torch.inference_mode():
+        s_hidden = m.s_be.final_hidden(torch.from_numpy(s_ids)[None])[0]  # [L, Hs]
+        s_lp = dense_logprobs(s_hidden, m.s_be.weight, np.arange(L), softcap=m.s_be.softcap).numpy()  # [L, |S|]
+        g_hidden = m.g_be.final_hidden(torch.from_numpy(g_ids)[None])  # [1, Lt, H] float32
+        d = dense_gemma(m, g_hidden, g_ids, source, o, L, maps[1], maps[2], cmp)
+        e = np.full(L, np.nan)
+        ok = np.flatnonzero(u0 >= 0)
+        csum = np.concatenate([[0.0], np.cumsum(d["next_lp"][:-1])])  # csum[j] = sum_{i<j} log p_i(g_{i+1})
+        e[ok] = csum[u1[ok]] - csum[u0[ok]]
+        p_s = np.full(L, np.nan)
+        p_s[: L - 1] = np.exp(s_lp[np.arange(L - 1), s_ids[1:]])
+        h_s = -(np.exp(s_lp) * s_lp).sum(1)
+        full, topk = project_head(m, wi, s_ids, g_ids, g_hidden, cmp)
+    if args.save:
+        os.makedirs(args.save, exist_ok=True)
+        np.savez(os.path.join(args.save, f"window{wi:03d}.npz"), s_ids=s_ids, s_end=s_end, g_ids=g_ids,
+                 g_end=g_end, g_hidden=g_hidden[0].numpy(), s_hidden=s_hidden.numpy())
+    head_mask = full.target_mask[0].astype(bool)
+    cmp["mask_mismatch"] += int((head_mask != (source >= 0)).sum())
+    rows_al = np.flatnonzero(source >= 0)
+    compare_head(full, topk, d["q_dense"], d["h_q"], rows_al, e, cmp)
+    hq = np.full(L, np.nan)  # the head's q(o) at k = |S|: every S id is in the list
+    for t in rows_al[rows_al < L - 1]:
+        hit = full.topk_ids[0, t] == o[t]
+        hq[t] = float(np.exp(full.topk_logprobs[0, t][hit][0]))
+    cols = {"p_s": p_s, "h_s": h_s, "q_proj": d["q_proj"], "q_gguf": d["q_gguf"], "h_q": d["h_q"], "e": e,
+            "mask": source >= 0, "mass_whole": d["m_whole"], "mass_unmapped": d["m_unm"], "head_q_full": hq,
+            "head_h_full": full.entropy[0].astype(np.float64), "head_e": full.observed_logprob[0].astype(np.float64),
+            "head_mask": head_mask, "head_ids_k": topk.topk_ids[0], "head_lp_k": topk.topk_logprobs[0],
+            "head_h_k": topk.entropy[0].astype(np.float64), "o": o, "last": np.arange(L) == L - 1}
+    examples = []
+    for t in range(L - 1):
+        if source[t] >= 0 and not np.isnan(e[t]):
+            top = torch.topk(d["q_dense"][t], 3)
+            examples.append((wi, t, w, s_ids, s_end, g_ids, None, u0[t], u1[t], p_s[t], d["q_proj"][t], e[t],
+                             (top.indices.numpy(), top.values.numpy())))
+    print(f"window {wi}: {L} S tokens, {g_ids.shape[0]} Gemma tokens, aligned {int((source >= 0).sum())}, "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    return cols, examples, g_ids.shape[0]
+
+
+COLUMNS = ("p_s", "h_s", "q_proj", "q_gguf", "h_q", "e", "mask", "mass_whole", "mass_unmapped", "last",
+           "head_q_full", "head_h_full", "head_e", "head_mask", "head_ids_k", "head_lp_k", "head_h_k", "o")
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    m = load(args)
+    maps = first_token_maps(m)
     docs = [json.loads(line)["text"] for line in open(args.corpus, encoding="utf-8")][: args.docs]
-    windows = issue_windows(docs, s_tok, args.seq_len)
-    s_w, g_w = s_be.weight, g_be.weight
-    cols: dict[str, list] = {k: [] for k in (
-        "p_s", "h_s", "q_proj", "q_gguf", "h_q", "e", "mask", "mass_whole", "mass_unmapped", "last",
-        "head_q_full", "head_h_full", "head_e", "head_mask", "head_ids_k", "head_lp_k", "head_h_k", "o")}
+    windows = issue_windows(docs, m.s_tok, args.seq_len)
+    cols: dict[str, list] = {k: [] for k in COLUMNS}
     cmp = {"max_abs_topk_lp_full": 0.0, "max_abs_topk_lp_full_q_gt_1e-6": 0.0, "max_abs_entropy_full": 0.0,
            "max_abs_observed": 0.0, "max_abs_topk_lp_k": 0.0, "topk_set_violations_k": 0, "mask_mismatch": 0,
            "teacher_input_mismatch": 0, "max_abs_entropy_k": 0.0, "max_abs_q_gguf_vs_project": 0.0}
     examples = []
     gemma_tokens_total = 0
     for wi, w in enumerate(windows):
-        t0 = time.perf_counter()
-        s_ids, s_end, L = w["s_ids"], w["s_end"], w["s_ids"].shape[0]
-        g = g_tok(w["text"], add_special_tokens=True, return_offsets_mapping=True)
-        g_ids = np.asarray(g["input_ids"], dtype=np.int64)
-        g_end = np.asarray([b if b > a else -1 for a, b in g["offset_mapping"]], dtype=np.int64)
-        if g_ids[0] != g_tok.bos_token_id:
-            raise SystemExit("Gemma's tokenizer did not add <bos>")
-        gemma_tokens_total += g_ids.shape[0]
-        source, u0, u1 = char_alignment(s_end, g_end)
-        with torch.inference_mode():
-            s_hidden = s_be.final_hidden(torch.from_numpy(s_ids)[None])[0]  # [L, Hs]
-            s_lp = dense_logprobs(s_hidden, s_w, np.arange(L), softcap=s_be.softcap)  # [L, |S|] f64
-            g_hidden = g_be.final_hidden(torch.from_numpy(g_ids)[None])  # [1, Lt, H] float32
-            lt = g_ids.shape[0]
-            next_lp = np.zeros(lt)
-            rows_al = np.flatnonzero(source >= 0)
-            q_dense = {}  # S position t -> float64 [|S|] projected q (project map)
-            q_proj, q_gguf, h_q = np.full(L, np.nan), np.full(L, np.nan), np.full(L, np.nan)
-            m_whole, m_unm = np.full(L, np.nan), np.full(L, np.nan)
-            o = np.concatenate([s_ids[1:], [-1]])
-            for c in range(0, lt, 64):
-                rows = np.arange(c, min(lt, c + 64))
-                lp = dense_logprobs(g_hidden[0], g_w, rows, softcap=g_be.softcap)  # [C, V] f64
-                nxt = np.minimum(rows + 1, lt - 1)
-                next_lp[rows] = lp.gather(1, torch.from_numpy(g_ids[nxt])[:, None]).squeeze(1).numpy()
-                ts = [t for t in rows_al if c <= source[t] < c + 64]
-                if not ts:
-                    continue
-                p = lp[torch.as_tensor([source[t] - c for t in ts])].exp()  # [n, V]
-                qs = {}
-                for name, dest in dests.items():
-                    q = torch.zeros((len(ts), n_s + 1), dtype=torch.float64).index_add_(1, dest, p)
-                    qs[name] = q[:, :n_s] / (1.0 - q[:, n_s:])
-                    if name == "project":
-                        m_unm[ts] = q[:, n_s].numpy()
-                m_whole[ts] = (p @ whole_t).numpy()
-                for j, t in enumerate(ts):
-                    qp = qs["project"][j]
-                    q_dense[t] = qp
-                    h_q[t] = float(-torch.special.xlogy(qp, qp).sum())
-                    if t < L - 1:
-                        q_proj[t] = float(qp[o[t]])
-                        q_gguf[t] = float(qs["gguf"][j][o[t]])
-                cmp["max_abs_q_gguf_vs_project"] = max(cmp["max_abs_q_gguf_vs_project"],
-                                                      float((qs["gguf"] - qs["project"]).abs().max()))
-            e = np.full(L, np.nan)
-            ok = np.flatnonzero(u0 >= 0)
-            csum = np.concatenate([[0.0], np.cumsum(next_lp[:-1])])  # csum[j] = sum_{i<j} log p_i(g_{i+1})
-            e[ok] = csum[u1[ok]] - csum[u0[ok]]
-            s_lp_np = s_lp.numpy()
-            p_s = np.full(L, np.nan)
-            p_s[: L - 1] = np.exp(s_lp_np[np.arange(L - 1), s_ids[1:]])
-            h_s = -(np.exp(s_lp_np) * s_lp_np).sum(1)
-
-            # the project's code on the same hidden states (k = |S| and k = --top-k)
-            real = g_be.final_hidden
-
-            def cached(ids_t, real=real, g_ids=g_ids, g_hidden=g_hidden):
-                if ids_t.shape == (1, g_ids.shape[0]) and np.array_equal(ids_t[0].numpy(), g_ids):
-                    return g_hidden
-                cmp["teacher_input_mismatch"] += int(ids_t.shape[1] != min(32, g_ids.shape[0]))
-                return real(ids_t)
-
-            g_be.final_hidden = cached
-            batch = PackedBatch(seq_ids=np.asarray([wi]), input_ids=s_ids[None].astype(np.int32))
-            try:
-                aligned.cfg = dataclasses.replace(g_cfg, top_k=n_s)
-                full = aligned.compute(batch)
-                aligned.cfg = g_cfg
-                topk = aligned.compute(batch)
-            finally:
-                g_be.final_hidden = real
-        if args.save:
-            os.makedirs(args.save, exist_ok=True)
-            np.savez(os.path.join(args.save, f"window{wi:03d}.npz"), s_ids=s_ids, s_end=s_end, g_ids=g_ids,
-                     g_end=g_end, g_hidden=g_hidden[0].numpy(), s_hidden=s_hidden.numpy())
-        head_mask = full.target_mask[0].astype(bool)
-        cmp["mask_mismatch"] += int((head_mask != (source >= 0)).sum())
-        for t in rows_al:
-            qp = q_dense[t].numpy()
-            with np.errstate(divide="ignore"):
-                ref = np.log(qp)
-            ids_f, lp_f = full.topk_ids[0, t], full.topk_logprobs[0, t].astype(np.float64)
-            d = np.abs(lp_f - ref[ids_f])
-            d = np.where(np.isfinite(ref[ids_f]) | np.isfinite(lp_f), d, 0.0)
-            cmp["max_abs_topk_lp_full"] = max(cmp["max_abs_topk_lp_full"], float(d.max()))
-            cmp["max_abs_topk_lp_full_q_gt_1e-6"] = max(cmp["max_abs_topk_lp_full_q_gt_1e-6"],
-                                                        float(d[qp[ids_f] > 1e-6].max()))
-            cmp["max_abs_entropy_full"] = max(cmp["max_abs_entropy_full"], abs(float(full.entropy[0, t]) - h_q[t]))
-            ids_k, lp_k = topk.topk_ids[0, t], topk.topk_logprobs[0, t].astype(np.float64)
-            cmp["max_abs_topk_lp_k"] = max(cmp["max_abs_topk_lp_k"], float(np.abs(lp_k - ref[ids_k]).max()))
-            kth = np.sort(qp)[::-1][ids_k.shape[0] - 1]
-            cmp["topk_set_violations_k"] += int((qp[ids_k] < kth * (1 - 1e-4)).sum())
-            cmp["max_abs_entropy_k"] = max(cmp["max_abs_entropy_k"], abs(float(topk.entropy[0, t]) - h_q[t]))
-        head_e = full.observed_logprob[0].astype(np.float64)
-        both = ~np.isnan(e) & ~np.isnan(head_e)
-        if (np.isnan(e) != np.isnan(head_e)).any():
-            cmp["observed_availability_mismatch"] = cmp.get("observed_availability_mismatch", 0) + int(
-                (np.isnan(e) != np.isnan(head_e)).sum())
-        if both.any():
-            cmp["max_abs_observed"] = max(cmp["max_abs_observed"], float(np.abs(head_e[both] - e[both]).max()))
-        # the head's q(o) at k = |S|: every S id is in the list
-        hq = np.full(L, np.nan)
-        for t in rows_al[rows_al < L - 1]:
-            hit = full.topk_ids[0, t] == o[t]
-            hq[t] = float(np.exp(full.topk_logprobs[0, t][hit][0]))
-        for name, val in (("p_s", p_s), ("h_s", h_s), ("q_proj", q_proj), ("q_gguf", q_gguf), ("h_q", h_q),
-                          ("e", e), ("mask", source >= 0), ("mass_whole", m_whole), ("mass_unmapped", m_unm),
-                          ("head_q_full", hq), ("head_h_full", full.entropy[0].astype(np.float64)),
-                          ("head_e", head_e), ("head_mask", head_mask), ("head_ids_k", topk.topk_ids[0]),
-                          ("head_lp_k", topk.topk_logprobs[0]), ("head_h_k", topk.entropy[0].astype(np.float64)),
-                          ("o", o), ("last", np.arange(L) == L - 1)):
-            cols[name].append(val)
-        for t in range(L - 1):
-            if source[t] >= 0 and not np.isnan(e[t]):
-                top = torch.topk(q_dense[t], 3)
-                examples.append((wi, t, w, s_ids, s_end, g_ids, None, u0[t], u1[t], p_s[t], q_proj[t], e[t],
-                                 (top.indices.numpy(), top.values.numpy())))
-        print(f"window {wi}: {L} S tokens, {lt} Gemma tokens, aligned {int((source >= 0).sum())}, "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        c, ex, n_gemma = one_window(m, args, wi, w, maps, cmp)
+        for k in COLUMNS:
+            cols[k].append(c[k])
+        examples += ex
+        gemma_tokens_total += n_gemma
     a = {k: np.concatenate(v) for k, v in cols.items()}
     if args.save:
         np.savez(os.path.join(args.save, "positions.npz"), **a)
-    return {"a": a, "cmp": cmp, "maps": maps, "examples": examples, "s_tok": s_tok, "g_tok": g_tok,
+    return {"a": a, "cmp": cmp, "maps": maps[0], "examples": examples, "s_tok": m.s_tok, "g_tok": m.g_tok,
             "windows": len(windows), "gemma_tokens": gemma_tokens_total, "wall_s": time.perf_counter() - t_start,
-            "vocab_counts": aligned.vocab_map.counts()}
+            "vocab_counts": m.aligned.vocab_map.counts()}
 
 
 def tables(res: dict, top_k: int) -> dict[str, dict]:

@@ -83,12 +83,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from common.tokenizer import load_tokenizer, tokenizer_fingerprint
-    from storage.manifest import Manifest, TeacherInfo
-    from storage.reader import TeacherDataset
-    from storage.records import TeacherTargets
+    from common.tokenizer import load_tokenizer
     from storage.schema import round_mantissa
-    from storage.writer import TargetsWriter
     from teachers.head import dense_reference, targets_head
 
     torch.set_num_threads(args.threads)
@@ -120,6 +116,13 @@ def main() -> None:
           f"max |entropy err| {(ent.double() - ref_ent).abs().max().item():.2e} nats, "
           f"top-{kmax} ids equal at {(top_ids.long() == ref_ids).all(1).double().mean().item():.1%} of positions")
     print()
+    kl_table(args, lp32, ref_lp.numpy(), stored_as)
+    storage_round_trip(args, ids, top_ids.numpy(), lp32, ent.numpy(), stored_as, tokenizer, d, vocab)
+    bf16_topk(args, hidden, weight)
+
+
+def kl_table(args: argparse.Namespace, lp32: np.ndarray, ref_lp: np.ndarray, stored_as: dict) -> None:
+    """KL of the stored top-k (renormalised, and with the tail bucket) to float32, per k and mantissa bits."""
     hdr = (f"{'k':>4} {'bits':>4} {'KL top-k mean':>14} {'KL top-k max':>13} {'KL +tail mean':>14} "
            f"{'KL +tail max':>13} {'max |dtail|':>12} {'tail mean':>10} {'tail median':>12} {'tail max':>9} "
            f"{'KL f32 vs f64':>14}")
@@ -127,7 +130,7 @@ def main() -> None:
     for k in sorted(args.k):
         a = lp32[:, :k]
         tail = 1.0 - np.exp(a.astype(np.float64)).sum(-1)
-        kl_ref = kl_rows(renorm(ref_lp.numpy()[:, :k]), renorm(a))
+        kl_ref = kl_rows(renorm(ref_lp[:, :k]), renorm(a))
         for bits in args.bits:
             b = stored_as[bits][:, :k]
             kl = kl_rows(renorm(a), renorm(b))
@@ -137,13 +140,23 @@ def main() -> None:
                   f"{dtail.max():>12.2e} {tail.mean():>10.4f} {np.median(tail):>12.4f} {tail.max():>9.4f} "
                   f"{kl_ref.mean():>14.2e}")
 
-    # through storage: what TargetsWriter writes (float16, B mantissa bits) and TeacherDataset reads back
+
+def storage_round_trip(args: argparse.Namespace, ids: np.ndarray, top_ids: np.ndarray, lp32: np.ndarray,
+                       ent: np.ndarray, stored_as: dict, tokenizer, d: str, vocab: int) -> None:
+    """What TargetsWriter writes (float16, B mantissa bits) and TeacherDataset reads back, per bits."""
+    from common.tokenizer import tokenizer_fingerprint
+    from storage.manifest import Manifest, TeacherInfo
+    from storage.reader import TeacherDataset
+    from storage.records import TeacherTargets
+    from storage.writer import TargetsWriter
+
+    kmax, n = max(args.k), lp32.shape[0]
     import pyarrow.parquet as pq
 
     b, L = ids.shape
     targets = TeacherTargets(seq_ids=np.arange(b, dtype=np.int64), input_ids=ids.astype(np.int32),
-                             topk_ids=top_ids.numpy().reshape(b, L, kmax), topk_logprobs=lp32.reshape(b, L, kmax),
-                             entropy=ent.numpy().reshape(b, L), pooled={})
+                             topk_ids=top_ids.reshape(b, L, kmax), topk_logprobs=lp32.reshape(b, L, kmax),
+                             entropy=ent.reshape(b, L), pooled={})
     print()
     print(f"storage round trip (parquet, float16, k={kmax}, {n} tokens; bytes/token of a small shard, so "
           f"indicative):")
@@ -170,13 +183,17 @@ def main() -> None:
         stored = np.asarray(back.topk_logprobs).reshape(n, kmax)
         want = stored_as[bits]
         same_bits = stored.dtype == np.float16 and np.array_equal(stored.view(np.uint16), want.view(np.uint16))
-        ids_equal = np.array_equal(np.asarray(back.topk_ids).reshape(n, kmax), top_ids.numpy())
+        ids_equal = np.array_equal(np.asarray(back.topk_ids).reshape(n, kmax), top_ids)
         kl_store = kl_rows(renorm(lp32), renorm(stored))
         print(f"{bits:>4} {str(same_bits):>14} {str(ids_equal):>10} "
               f"{np.abs(stored.astype(np.float64) - lp32).max():>17.2e} {kl_store.mean():>9.2e} "
               f"{kl_store.max():>9.2e} {m.total_bytes / m.num_tokens:>14.1f} {lp_bytes / m.num_tokens:>18.1f}")
 
-    # bf16 logits: does the top-k id set survive?
+
+def bf16_topk(args: argparse.Namespace, hidden, weight) -> None:
+    """bf16 logits: does the top-k id set survive?"""
+    import torch
+
     with torch.inference_mode():
         z32 = hidden @ weight.T
         z16 = (hidden.bfloat16() @ weight.bfloat16().T).float()

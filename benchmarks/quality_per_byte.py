@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import shared  # noqa: E402
+from benchmarks import runner, shared  # noqa: E402
 from benchmarks.shared import add_options  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -288,170 +287,98 @@ class Times:
 
     def record(self, key: str, seconds: float) -> None:
         self.data[key] = seconds
-        self.path.write_text(json.dumps(self.data, indent=1) + "\n")
+        runner.write_atomic(self.path, json.dumps(self.data, indent=1) + "\n")
 
 
-def build_caches(args: argparse.Namespace, settings: list[Setting], work: Path, times: Times) -> None:
-    """Every missing cache, with one teacher forward shared by all (memoised final hidden states)."""
-    missing = [s for s in settings if not (work / "caches" / s.name / "manifest.json").exists()]
-    for s in settings:
-        if s not in missing:
-            print(f"[qpb] cache {s.name} exists, reused", flush=True)
-    if not missing:
-        return
-    import torch
-
-    from benchmarks.sampled_caches import _memoised
+def cache_run(args: argparse.Namespace, s: Setting, work: Path) -> runner.Run:
+    """The `precompute` config of one setting's cache (`--targets topk --top-k K` or `--targets sampled --samples
+    N`, --pool-layers none)."""
     from common.corpus import CorpusConfig
-    from teachers.backends import create_backend
     from teachers.config import PrecomputeConfig, StorageConfig, TeacherConfig
-    from teachers.precompute import run_precompute
 
-    memo: dict[bytes, torch.Tensor] = {}
-    backend = None
-    for s in missing:
-        out = work / "caches" / s.name
-        if out.exists():  # an interrupted write
-            print(f"[qpb] {out} has no manifest (interrupted), rewritten", flush=True)
-            shutil.rmtree(out)
-        cfg = PrecomputeConfig(
-            corpus=CorpusConfig(dataset=args.train_data, max_tokens=args.max_tokens),
-            teacher=TeacherConfig(
-                path=args.teacher,
-                targets=s.targets,
-                top_k=s.size if s.targets == "topk" else 64,
-                samples=s.size if s.targets == "sampled" else 16,
-                pool_layers=[],
-                batch_size=args.precompute_batch_size,
-                device=args.device,
-            ),
-            storage=StorageConfig(output=str(out), logprob_mantissa_bits=s.bits),
-            seq_len=args.seq_len,
-            num_slices=1,
-            slice_index=0,
-            progress=False,
-        )
-        if backend is None:
-            backend = create_backend(cfg.teacher, seq_len=args.seq_len)
-            backend.final_hidden = _memoised(backend.final_hidden, memo)
-        backend.cfg = cfg.teacher  # the backend reads targets, top_k and samples from its config
+    out = work / "caches" / s.name
+    cfg = PrecomputeConfig(
+        corpus=CorpusConfig(dataset=args.train_data, max_tokens=args.max_tokens),
+        teacher=TeacherConfig(
+            path=args.teacher, targets=s.targets, top_k=s.size if s.targets == "topk" else 64,
+            samples=s.size if s.targets == "sampled" else 16, pool_layers=[], batch_size=args.precompute_batch_size,
+            device=args.device,
+        ),
+        storage=StorageConfig(output=str(out), logprob_mantissa_bits=s.bits),
+        seq_len=args.seq_len, num_slices=1, slice_index=0, progress=False,
+    )
+    return runner.precompute(cfg, work / "logs" / f"cache-{s.name}.log")
+
+
+class SharedForward:
+    """Computes caches in this process as `precompute` does (`run_precompute`, then the config file the CLI
+    writes), with one teacher forward shared by all (memoised final hidden states, as
+    benchmarks/sampled_caches.py does)."""
+
+    def __init__(self, times: Times) -> None:
+        self.times, self.memo, self.backend = times, {}, None
+
+    def __call__(self, run: runner.Run) -> None:
+        from benchmarks.sampled_caches import _memoised
+        from teachers.backends import create_backend
+        from teachers.precompute import run_precompute
+
+        cfg = run.config
+        if self.backend is None:
+            self.backend = create_backend(cfg.teacher, seq_len=cfg.seq_len)
+            self.backend.final_hidden = _memoised(self.backend.final_hidden, self.memo)
+        self.backend.cfg = cfg.teacher  # the backend reads targets, top_k and samples from its config
         t0 = time.perf_counter()
-        m = run_precompute(cfg, backend=backend)
-        times.record(f"cache {s.name}", time.perf_counter() - t0)
-        print(
-            f"[qpb] cache {s.name}: {m.num_sequences} sequences, {m.total_bytes / m.num_tokens:.1f} B/token, "
-            f"{time.perf_counter() - t0:.0f} s",
-            flush=True,
-        )
+        m = run_precompute(cfg, backend=self.backend)
+        runner.record(run)
+        self.times.record(f"cache {run.output.name}", time.perf_counter() - t0)
+        print(f"[qpb] cache {run.output.name}: {m.num_sequences} sequences, "
+              f"{m.total_bytes / m.num_tokens:.1f} B/token, {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def train_args(args: argparse.Namespace, cache: Path, seed: int, out: Path) -> list[str]:
-    """`train-student` options: identical for every setting but the cache (and the seed)."""
-    return [
-        sys.executable,
-        str(ROOT / "cli.py"),
-        "train-student",
-        "--teacher-data",
-        str(cache),
-        "--student",
-        args.student_init,
-        "--tokenizer",
-        args.tokenizer or args.teacher,
-        "--max-steps",
-        str(args.max_steps),
-        "--batch-size",
-        str(args.batch_size),
-        "--lr",
-        str(args.lr),
-        "--warmup-steps",
-        str(args.max_steps // 10 if args.warmup_steps is None else args.warmup_steps),
-        "--seed",
-        str(seed),
-        "--eval-sequences",
-        "8",
-        "--eval-every",
-        "0",
-        "--num-workers",
-        "0",
-        "--device",
-        args.device,
-        "--lambda-kd",
-        str(args.lambda_kd),
-        "--output",
-        str(out),
-    ]
+def student_run(args: argparse.Namespace, cache: Path, seed: int, out: Path) -> runner.Run:
+    """The `train-student` config: identical for every setting but the cache (and the seed)."""
+    from student.config import LossConfig, OptimConfig, TrainConfig
+
+    warmup = args.max_steps // 10 if args.warmup_steps is None else args.warmup_steps
+    cfg = TrainConfig(
+        teacher_data=[str(cache)], output=str(out), student=args.student_init,
+        tokenizer=args.tokenizer or args.teacher, loss=LossConfig(lambda_kd=args.lambda_kd),
+        optim=OptimConfig(lr=args.lr, warmup_steps=warmup), max_steps=args.max_steps, batch_size=args.batch_size,
+        eval_sequences=8, eval_every=0, seed=seed, num_workers=0, device=args.device,
+    )
+    return runner.train(cfg, out.parent.parent / "logs" / f"train-{out.name}.log")
 
 
-def run_logged(cmd: list[str], log: Path) -> None:
-    print("[qpb] $ " + " ".join(cmd[1:]) + f"  (log: {log})", flush=True)
-    shared.run_logged(cmd, log)
-
-
-def train(args: argparse.Namespace, settings: list[Setting], seed: int, work: Path, times: Times) -> None:
+def train(run: runner.Runner, args: argparse.Namespace, settings: list[Setting], seed: int, work: Path,
+          times: Times) -> None:
     for s in settings:
-        out = work / "runs" / f"{s.name}-s{seed}"
-        if (out / "final" / "model.safetensors").exists():
-            print(f"[qpb] student {out.name} exists, reused", flush=True)
-            continue
-        if out.exists():
-            print(f"[qpb] {out} has no final model (interrupted), retrained", flush=True)
-            shutil.rmtree(out)
         t0 = time.perf_counter()
-        run_logged(
-            train_args(args, work / "caches" / s.name, seed, out), work / "logs" / f"train-{out.name}.log"
-        )
-        times.record(f"train {out.name}", time.perf_counter() - t0)
-        print(f"[qpb] student {out.name}: {time.perf_counter() - t0:.0f} s", flush=True)
+        spec = student_run(args, work / "caches" / s.name, seed, work / "runs" / f"{s.name}-s{seed}")
+        computed = not spec.done()
+        run.ensure(spec)
+        if not computed:
+            continue
+        times.record(f"train {spec.output.name}", time.perf_counter() - t0)
+        print(f"[qpb] student {spec.output.name}: {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def evaluate(args: argparse.Namespace, settings: list[Setting], seed: int, work: Path, times: Times) -> dict:
+def evaluate(run: runner.Runner, args: argparse.Namespace, settings: list[Setting], seed: int, work: Path,
+             times: Times) -> dict:
     """That seed's students against the live teacher at --top-k = vocab; the JSON reused when it has them all."""
-    path = work / f"eval-s{seed}.json"
-    labels = [f"{s.name}-s{seed}" for s in settings]
-    if path.exists():
-        res = json.loads(path.read_text())
-        same_windows = res["windows"] * res["seq_len"] == args.eval_tokens // args.seq_len * args.seq_len
-        if all(lab in res["models"] for lab in labels) and same_windows:
-            print(f"[qpb] {path.name} exists, reused", flush=True)
-            return res
-        print(
-            f"[qpb] {path.name} lacks some students or has another held-out size: evaluated again", flush=True
-        )
-    cmd = [sys.executable, str(ROOT / "cli.py"), "evaluate"]
-    for lab in labels:
-        cmd += ["--student", f"{lab}={work / 'runs' / lab / 'final'}"]
-    cmd += [
-        "--teacher",
-        f"teacher={args.teacher}",
-        "--tokenizer",
-        args.tokenizer or args.teacher,
-        "--dataset",
-        args.eval_data,
-        "--max-tokens",
-        str(args.eval_tokens),
-        "--seq-len",
-        str(args.seq_len),
-        "--top-k",
-        str(args.eval_top_k),
-        "--bleu-prompts",
-        "0",
-        "--bootstrap",
-        str(args.bootstrap),
-        "--device",
-        args.device,
-        "--output",
-        str(path),
-        "--overwrite",  # an existing report lacked some students or had another held-out size (above)
-    ]
-    t0 = time.perf_counter()
-    run_logged(cmd, work / "logs" / f"eval-s{seed}.log")
-    times.record(f"evaluate s{seed}", time.perf_counter() - t0)
-    res = json.loads(path.read_text())
+    options = {
+        "teacher": [f"teacher={args.teacher}"], "tokenizer": args.tokenizer or args.teacher,
+        "dataset": args.eval_data, "max_tokens": args.eval_tokens, "seq_len": args.seq_len, "top_k": args.eval_top_k,
+        "bleu_prompts": 0, "bootstrap": args.bootstrap, "device": args.device,
+    }
+    models = {f"{s.name}-s{seed}": work / "runs" / f"{s.name}-s{seed}" / "final" for s in settings}
+    t0, reused = time.perf_counter(), len(run.reused)
+    res = run.evaluate(options, models, work / f"eval-s{seed}.json")
+    if len(run.reused) == reused:  # scored now, not taken from an earlier report
+        times.record(f"evaluate s{seed}", time.perf_counter() - t0)
     if res["kl_kind"] != "full":
-        raise SystemExit(
-            f"error: evaluate's KL is {res['kl_kind']!r}, not the full KL: raise --eval-top-k to the "
-            "teacher's vocab size"
-        )
+        raise SystemExit(f"error: evaluate's KL is {res['kl_kind']!r}, not the full KL: raise --eval-top-k to the "
+                         "teacher's vocab size")
     return res
 
 
@@ -467,7 +394,7 @@ def machine() -> str:
     return f"{os.cpu_count()}-core CPU ({platform.machine()}), {gpu}, torch {torch.__version__}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--teacher", required=True, help="teacher model directory (transformers), e.g. demo/teachers/smollm2"
@@ -517,35 +444,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--write-results", action="store_true", help="replace the marked block in benchmarks/RESULTS.md"
     )
-    args = ap.parse_args(argv)
+    runner.add_options(ap)
+    return ap.parse_args(argv)
 
-    settings = [parse_setting(x) for x in args.settings.split(",") if x]
-    names = [s.name for s in settings]
-    if args.reference not in names:
-        raise SystemExit(f"error: --reference {args.reference} is not among --settings {args.settings}")
-    settings.sort(key=lambda s: s.name != args.reference)  # the reference first (evaluate compares with it)
-    seeds = [int(x) for x in args.seeds.split(",") if x]
-    work = Path(args.work)
-    (work / "logs").mkdir(parents=True, exist_ok=True)
-    times = Times(work / "times.json")
-    start = time.perf_counter()
 
-    build_caches(args, settings, work, times)
-    bpt = {}
-    for s in settings:
-        size, tokens = cache_bytes(work / "caches" / s.name)
-        bpt[s.name] = size / tokens
-    evals = {}
-    for seed in seeds:
-        train(args, settings, seed, work, times)
-        evals[seed] = evaluate(args, settings, seed, work, times)
-
-    rows = summarise(
-        evals, settings, bpt, args.reference, replicates=args.bootstrap, seed=0, margin=args.margin
-    )
-    (work / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
-    wall = time.perf_counter() - start
-    ev = evals[seeds[0]]
+def report(args: argparse.Namespace, argv: list[str] | None, rows: list[dict[str, Any]], ev: dict, wall: float,
+           times: Times) -> str:
+    """The RESULTS block: machine and command, the setting, the table, the verdict and the figure."""
     cmd = "python benchmarks/quality_per_byte.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         f"{machine()}, {time.strftime('%Y-%m-%d')}; `{cmd}` (wall {wall / 60:.0f} min this invocation; "
@@ -566,15 +471,40 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"![quality against bytes/token]({Path(args.plot).name})",
     ]
-    text = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    settings = [parse_setting(x) for x in args.settings.split(",") if x]
+    names = [s.name for s in settings]
+    if args.reference not in names:
+        raise SystemExit(f"error: --reference {args.reference} is not among --settings {args.settings}")
+    settings.sort(key=lambda s: s.name != args.reference)  # the reference first (evaluate compares with it)
+    seeds = [int(x) for x in args.seeds.split(",") if x]
+    work = Path(args.work)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    times = Times(work / "times.json")
+    start = time.perf_counter()
+    run = runner.from_args(args, "[qpb]")
+    forward = SharedForward(times)
+    for s in settings:
+        run.ensure(cache_run(args, s, work), execute=forward)
+    bpt = {}
+    for s in settings:
+        size, tokens = cache_bytes(work / "caches" / s.name)
+        bpt[s.name] = size / tokens
+    evals = {}
+    for seed in seeds:
+        train(run, args, settings, seed, work, times)
+        evals[seed] = evaluate(run, args, settings, seed, work, times)
+    rows = summarise(evals, settings, bpt, args.reference, replicates=args.bootstrap, seed=0, margin=args.margin)
+    runner.write_atomic(work / "summary.json", json.dumps(rows, indent=1) + "\n")
+    text = report(args, argv, rows, evals[seeds[0]], time.perf_counter() - start, times)
     print(text)
-    plot(
-        rows,
-        args.reference,
-        args.plot,
-        f"{Path(args.student_init).name} trained {args.max_steps} steps on each cache, seeds {args.seeds}; "
-        f"differences pooled over seeds, 95% paired bootstrap",
-    )
+    plot(rows, args.reference, args.plot,
+         f"{Path(args.student_init).name} trained {args.max_steps} steps on each cache, seeds {args.seeds}; "
+         f"differences pooled over seeds, 95% paired bootstrap")
     print(f"[qpb] figure {args.plot}")
     if args.write_results:
         write_results(text)

@@ -31,7 +31,6 @@ reused across invocations (a run only when its config matches the row), so an in
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import entropy_heuristic as eh  # noqa: E402
 import paper_table as pt  # noqa: E402
 
-from benchmarks import shared  # noqa: E402
+from benchmarks import runner, shared  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/RESULTS.md"
 BEGIN, END = "<!-- weighting_table:begin -->", "<!-- weighting_table:end -->"
@@ -63,12 +62,13 @@ weighting dispatch)."""
 
 @dataclass(frozen=True)
 class Row:
-    """One student row: its label, what it is, the teachers (indices into TEACHERS) and train-student flags."""
+    """One student row: its label, what it is, the teachers (indices into TEACHERS) and the LossConfig fields it
+    sets."""
 
     label: str
     desc: str
     teachers: tuple[int, ...]
-    flags: tuple[str, ...]
+    loss: dict[str, object]
 
 
 def scheme_rows(betas: tuple[float, ...], lambda_kd: float) -> list[Row]:
@@ -76,25 +76,18 @@ def scheme_rows(betas: tuple[float, ...], lambda_kd: float) -> list[Row]:
     the four (the tempered one once per beta), in the registry's order."""
     from student.weighting import REGISTRY
 
-    lam = ("--lambda-kd", str(lambda_kd))
+    kd = {"lambda_kd": lambda_kd}
     every = tuple(range(len(TEACHERS)))
-    rows = [Row("ce", "CE only", (0,), ("--lambda-kd", "0"))]
-    rows += [Row(f"only-{t}", f"KD, {t} alone", (i,), lam) for i, t in enumerate(TEACHERS)]
+    rows = [Row("ce", "CE only", (0,), {"lambda_kd": 0.0})]
+    rows += [Row(f"only-{t}", f"KD, {t} alone", (i,), kd) for i, t in enumerate(TEACHERS)]
     for name, cls in REGISTRY.items():
         if "teacher_weights" in cls.settings:
             continue
         if "weight_beta" in cls.settings:
-            rows += [
-                Row(
-                    f"{name}-b{b:g}",
-                    f"{name} KD, beta {b:g}, the four",
-                    every,
-                    (*lam, "--teacher-weighting", name, "--weight-beta", f"{b:g}"),
-                )
-                for b in betas
-            ]
+            rows += [Row(f"{name}-b{b:g}", f"{name} KD, beta {b:g}, the four", every,
+                         {**kd, "teacher_weighting": name, "weight_beta": b}) for b in betas]
         else:
-            rows.append(Row(name, f"{name} KD, the four", every, (*lam, "--teacher-weighting", name)))
+            rows.append(Row(name, f"{name} KD, the four", every, {**kd, "teacher_weighting": name}))
     return rows
 
 
@@ -222,88 +215,34 @@ def teacher_lines(scores: pt.Scores) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------- stages
-def caches(work: Path, tdir: Path, args: argparse.Namespace, threads: int) -> tuple[list[Path], dict]:
-    """The four teachers' training caches and each domain's held-out caches, by paper_table.py's precompute
-    (same paths and settings, so either script reuses the other's)."""
-    tok = tdir / "smollm2"
+def caches(run: runner.Runner, work: Path, tdir: Path, args: argparse.Namespace) -> tuple[list[Path], dict]:
+    """The four teachers' training caches and each domain's held-out caches: paper_table.py's runs (same paths
+    and configs, so either script reuses the other's)."""
     teachers = [
         pt.Teacher(t, tdir / t, align=(t == "gemma3"), pool_layer=POOL_LAYER if t in pt.SPECIALISTS else None)
         for t in TEACHERS
     ]
-    val = pt.split_validation(work)
-    train_jsonl = ROOT / "data/corpus/train.jsonl"
-    calls = [
-        lambda t=t: pt.precompute(
-            t, train_jsonl, args.train_tokens, work / "caches" / t.name, args, tok, threads, True
-        )
-        for t in teachers
-    ]
-    calls += [
-        lambda t=t, d=d: pt.precompute(
-            t, val[d], args.eval_tokens, work / "caches" / f"val-{d}" / t.name, args, tok, threads, False
-        )
-        for d in pt.DOMAINS
-        for t in teachers
-    ]
-    pt.parallel(args.jobs, calls)
-    return (
-        [work / "caches" / t for t in TEACHERS],
-        {d: [work / "caches" / f"val-{d}" / t for t in TEACHERS] for d in pt.DOMAINS},
-    )
+    return pt.caches(run, teachers, teachers, work, args, tdir / "smollm2")
 
 
-def students(
-    rows: list[Row], train: list[Path], args: argparse.Namespace, student: Path, tok: Path, threads: int
-) -> dict[str, Path]:
+def students(rows: list[Row], train: list[Path], args: argparse.Namespace, run: runner.Runner, student: Path,
+             tok: Path) -> dict[str, Path]:
     """Train every row's seeds (seed 0 of every row first), reusing finished runs: {run label: final model}."""
-    runs_args = argparse.Namespace(**{**vars(args), "work": str(Path(args.work) / "weighting")})
-    jobs = [(r, s) for s in range(args.seeds) for r in rows]
-    todo = sum(
-        not (Path(runs_args.work) / "runs" / pt.run_label(r.label, s) / "final").exists() for r, s in jobs
-    )
+    runs = Path(args.work).resolve() / "weighting" / "runs"
+    todo = sum(not (runs / pt.run_label(r.label, s) / "final").exists() for s in range(args.seeds) for r in rows)
     minutes = todo * args.steps * args.batch_size * args.seq_len / args.tok_per_s / 60
-    print(
-        f"[weighting] {len(jobs)} runs, {todo} to train: ~{minutes:.0f} min at {args.tok_per_s:g} tok/s "
-        f"(+ ~15 s of loading each)",
-        flush=True,
-    )
-    paths = pt.parallel(
-        args.jobs,
-        [
-            lambda r=r, s=s: pt.train(
-                pt.run_label(r.label, s),
-                [train[i] for i in r.teachers],
-                list(r.flags),
-                s,
-                runs_args,
-                student,
-                tok,
-                threads,
-            )
-            for r, s in jobs
-        ],
-    )
-    return {pt.run_label(r.label, s): p for (r, s), p in zip(jobs, paths, strict=True)}
+    run.say(f"{len(rows) * args.seeds} runs, {todo} to train: ~{minutes:.0f} min at {args.tok_per_s:g} tok/s "
+            "(+ ~15 s of loading each)")
+    table = [pt.Row(r.label, r.desc, tuple(train[i] for i in r.teachers), r.loss, args.seeds) for r in rows]
+    return pt.train_rows(table, args, run, student, tok, runs)
 
 
-def evaluation(
-    finals: dict[str, Path],
-    tdir: Path,
-    val: dict[str, list[Path]],
-    work: Path,
-    args: argparse.Namespace,
-    threads: int,
-) -> pt.Scores:
+def evaluation(run: runner.Runner, finals: dict[str, Path], tdir: Path, val: dict[str, list[Path]],
+               work: Path) -> pt.Scores:
     """`evaluate` per domain of the students and of the SmolLM2-family teachers as models (reusing what an
     earlier call scored)."""
-    models = dict(finals)
-    models.update({f"teacher:{t}": tdir / t for t in TEACHERS if t != "gemma3"})
-    out = work / "weighting"
-    ev = pt.parallel(
-        min(args.jobs, len(pt.DOMAINS)),
-        [lambda d=d: pt.evaluate(d, models, val[d], out / f"eval-{d}.json", threads) for d in pt.DOMAINS],
-    )
-    return pt.Scores.from_results(dict(zip(pt.DOMAINS, ev, strict=True)))
+    models = {**finals, **{f"teacher:{t}": tdir / t for t in TEACHERS if t != "gemma3"}}
+    return pt.evaluate_domains(run, models, val, work / "weighting")
 
 
 def plot(
@@ -374,11 +313,11 @@ def beta_line(betas: tuple[float, ...], tune_nll: dict[str, float]) -> str:
     )
 
 
-def heuristic_markdown(*, args, argv, wall: float, betas, tune_nll, heur) -> str:
+def heuristic_markdown(*, args, argv, wall: float, betas, tune_nll, heur, reused: int = 0) -> str:
     """The heuristic block: command, the beta choice, and every scheme's table per slice."""
     out = [
         f"2-core CPU, no GPU, {time.strftime('%Y-%m-%d')}; `{command(argv)}`; wall {wall / 60:.1f} min (caches "
-        f"included unless reused: {len(pt.REUSED)} reused). Teachers {', '.join(TEACHERS)}; top-{args.top_k} "
+        f"included unless reused: {reused} reused). Teachers {', '.join(TEACHERS)}; top-{args.top_k} "
         f"caches of {args.train_tokens} training tokens and {args.eval_tokens} held-out tokens per domain; 95% "
         f"intervals from {args.heuristic_replicates} resamples of whole windows.",
         "",
@@ -389,9 +328,9 @@ def heuristic_markdown(*, args, argv, wall: float, betas, tune_nll, heur) -> str
     return "\n".join(out)
 
 
-def markdown(*, args, argv, wall: float, betas, tune_nll, scores, runs, desc, best, comps) -> str:
+def markdown(*, args, argv, wall: float, betas, tune_nll, scores, runs, desc, best, comps, reused: int = 0) -> str:
     cmd = command(argv)
-    reused = f"; {len(pt.REUSED)} caches/runs/evaluations reused from earlier calls" if pt.REUSED else ""
+    reused = f"; {reused} caches/runs/evaluations reused from earlier calls" if reused else ""
     out = [
         f"2-core CPU, no GPU, {time.strftime('%Y-%m-%d')}; `{cmd}`; wall {wall / 60:.1f} min{reused}.",
         "",
@@ -461,76 +400,53 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--tok-per-s", type=float, default=180.0, help="student training rate, for the printed estimate"
     )
-    ap.add_argument(
-        "--jobs", type=int, default=1, help="commands run at once (each gets cores / jobs threads)"
-    )
     ap.add_argument("--heuristic-only", action="store_true", help="stop after the caches and the heuristic")
     ap.add_argument(
         "--plot", default=str(ROOT / "benchmarks/weighting_table.png"), help="PNG of the comparison"
     )
     ap.add_argument("--write-results", action="store_true", help="replace the marked block of RESULTS.md")
+    runner.add_options(ap)
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     start = time.perf_counter()
+    run = runner.from_args(args, "[weighting]")
     work, tdir = Path(args.work).resolve(), Path(args.teachers_dir).resolve()
     missing = [t for t in TEACHERS if not (tdir / t / "config.json").exists()]
     if missing:
-        raise SystemExit(
-            f"error: {', '.join(missing)} missing in {tdir} (scripts/build_teachers.py --gemma "
-            "--finetune scripture --finetune python)"
-        )
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        raise SystemExit(f"error: {', '.join(missing)} missing in {tdir} (scripts/build_teachers.py --gemma "
+                         "--finetune scripture --finetune python)")
     tok = tdir / "smollm2"
-    student = pt.cut_student(
-        tok,
-        Path(args.student_init) if args.student_init else work / "student-init",
-        "20",
-        threads * args.jobs,
-        calibrate=True,
-    )
-    train, val = caches(work, tdir, args, threads)
+    student = pt.cut_student(run, tok, Path(args.student_init) if args.student_init else work / "student-init",
+                             "20", calibrate=True)
+    train, val = caches(run, work, tdir, args)
     betas, tune_nll, heur = heuristic(train, val, args.beta_grid, args.heuristic_replicates)
     for title, text in heur:
         print(f"\n[heuristic] {title}\n{text}", flush=True)
-    print(f"[weighting] tuning-slice NLL {tune_nll}; betas {betas}", flush=True)
-    heur_text = heuristic_markdown(
-        args=args, argv=argv, wall=time.perf_counter() - start, betas=betas, tune_nll=tune_nll, heur=heur
-    )
-    (work / "weighting").mkdir(parents=True, exist_ok=True)
-    (work / "weighting" / "heuristic.md").write_text(heur_text + "\n", encoding="utf-8")
+    run.say(f"tuning-slice NLL {tune_nll}; betas {betas}")
+    heur_text = heuristic_markdown(args=args, argv=argv, wall=time.perf_counter() - start, betas=betas,
+                                   tune_nll=tune_nll, heur=heur, reused=len(run.reused))
+    runner.write_atomic(work / "weighting" / "heuristic.md", heur_text + "\n")
     if args.write_results:
         shared.replace_block(RESULTS, HEUR_BEGIN, HEUR_END, heur_text, header=HEUR_HEADER)
     if args.heuristic_only:
         return 0
     rows = select(scheme_rows(betas, args.lambda_kd), args.rows)
-    finals = students(rows, train, args, student, tok, threads)
-    scores = evaluation(finals, tdir, val, work, args, threads)
+    scores = evaluation(run, students(rows, train, args, run, student, tok), tdir, val, work)
     runs = {r.label: [pt.run_label(r.label, s) for s in range(args.seeds)] for r in rows}
-    singles = [f"only-{t}" for t in TEACHERS]
-    best, comps = verdicts(
-        scores, runs, [r.label for r in rows if len(r.teachers) > 1], singles, args.bootstrap
-    )
+    best, comps = verdicts(scores, runs, [r.label for r in rows if len(r.teachers) > 1],
+                           [f"only-{t}" for t in TEACHERS], args.bootstrap)
     plot(scores, runs, comps, args.plot, args.bootstrap)
-    text = markdown(
-        args=args,
-        argv=argv,
-        wall=time.perf_counter() - start,
-        betas=betas,
-        tune_nll=tune_nll,
-        scores=scores,
-        runs=runs,
-        desc={r.label: r.desc for r in rows},
-        best=best,
-        comps=comps,
-    )
+    text = markdown(args=args, argv=argv, wall=time.perf_counter() - start, betas=betas, tune_nll=tune_nll,
+                    scores=scores, runs=runs, desc={r.label: r.desc for r in rows}, best=best, comps=comps,
+                    reused=len(run.reused))
     print("\n" + text, flush=True)
-    (work / "weighting" / "weighting_table.md").write_text(text + "\n", encoding="utf-8")
+    runner.write_atomic(work / "weighting" / "weighting_table.md", text + "\n")
     if args.write_results:
         shared.replace_block(RESULTS, BEGIN, END, text, header=HEADER)
-        print(f"[weighting] updated {RESULTS}", flush=True)
+        run.say(f"updated {RESULTS}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -122,46 +123,6 @@ def test_rows_with_other_seed_counts_are_compared_on_shared_seeds(pt):
     assert c.verdict == "holds"
 
 
-def test_a_run_trained_for_other_teachers_is_not_reused(pt, tmp_path):
-    """Row labels such as k2 name other teachers once the teacher list changes: reusing such a run would put
-    another student in the row, so the script stops and says why."""
-    import argparse
-    import json
-
-    student = tmp_path / "student"
-    run = tmp_path / "runs" / "k2-s0"
-    run.mkdir(parents=True)
-    config = {
-        "teacher_data": [str(tmp_path / "caches/smollm2"), str(tmp_path / "caches/smollm2-scripture")],
-        "seed": 0,
-        "max_steps": 10,
-        "batch_size": 4,
-        "optim": {"lr": 3e-4},
-        "student": str(student),
-        "loss": {"loss": "kd", "lambda_kd": 0.5, "teacher_weighting": "entropy", "gamma_feat": 0.0},
-    }
-    (run / "config.json").write_text(json.dumps(config))
-    args = argparse.Namespace(steps=10, batch_size=4, lr=3e-4)
-    lam = ["--lambda-kd", "0.5"]
-    same = [tmp_path / "other/smollm2", tmp_path / "other/smollm2-scripture"]  # the same caches elsewhere
-    pt.check_reused_run(run, same, lam, 0, args, student)
-    with pytest.raises(SystemExit, match="teachers: .*smollm2-scripture.* there, .*gemma3.* here"):
-        pt.check_reused_run(run, [same[0], tmp_path / "caches/gemma3"], lam, 0, args, student)
-    with pytest.raises(SystemExit, match="seed: 0 there, 1 here"):
-        pt.check_reused_run(run, same, lam, 1, args, student)
-    with pytest.raises(SystemExit, match="teacher_weighting: entropy there, uniform here"):
-        pt.check_reused_run(run, same, lam + ["--teacher-weighting", "uniform"], 0, args, student)
-    # a config written before the tempered scheme's settings existed had their defaults (beta 1, floor 0)
-    tempered = lam + ["--teacher-weighting", "entropy", "--weight-beta", "1"]
-    pt.check_reused_run(run, same, tempered, 0, args, student)
-    with pytest.raises(SystemExit, match="weight_beta: 1.0 there, 4.0 here"):
-        pt.check_reused_run(run, same, lam + ["--weight-beta", "4"], 0, args, student)
-    config["loss"] |= {"weight_beta": 4.0, "weight_floor": 0.1}
-    (run / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SystemExit, match="weight_floor: 0.1 there, 0.0 here"):
-        pt.check_reused_run(run, same, lam + ["--weight-beta", "4"], 0, args, student)
-
-
 def test_an_aligned_teachers_perplexity_pools_its_exact_positions_over_domains(pt):
     res = {
         "a": {
@@ -193,3 +154,45 @@ def test_an_aligned_teacher_without_exact_positions_has_no_perplexity(pt):
     }
     ppl, share = pt.Scores.from_results(res).observed_ppl("g")
     assert math.isnan(ppl) and share == 0.0
+
+
+def _cli_config(command, root, table, argv):
+    """The config the CLI builds from `argv` (its own options), without running the command."""
+    from common.config_cli import build_config
+
+    ctx = command.make_context(command.name, list(argv))
+    return build_config(root, table, ctx, ctx.params)
+
+
+def test_runs_made_with_the_old_command_lines_have_the_configs_the_runner_asks_for(pt, tmp_path):
+    """Caches and students made before benchmarks/runner.py (by hand-built `cli.py` flags) stored the config
+    these flags build; the runner's description of the same row must be equal, or they would not be reused."""
+    import argparse
+
+    from student.commands import TRAIN_OPTIONS, train_student_cmd
+    from student.config import TrainConfig
+    from teachers.commands import PRECOMPUTE_OPTIONS, precompute_cmd
+    from teachers.config import PrecomputeConfig
+
+    args = argparse.Namespace(steps=10, batch_size=4, lr=3e-4, seq_len=256, top_k=32, lambda_kd=0.5,
+                              teacher_pool_layer=11, student_pool_layer=8)
+    caches = [tmp_path / "caches" / n for n in ("smollm2", "smollm2-scripture")]
+    student, tok = tmp_path / "student-init", tmp_path / "teachers/smollm2"
+    old = ["--output", str(tmp_path / "runs/feat-s1"), "--student", str(student), "--tokenizer", str(tok),
+           "--max-steps", "10", "--batch-size", "4", "--lr", "0.0003", "--warmup-steps", "1", "--seed", "1",
+           "--eval-sequences", "0", "--eval-every", "0", "--log-every", "5", "--num-workers", "0", "--device", "cpu",
+           *(x for c in caches for x in ("--teacher-data", str(c))), "--lambda-kd", "0.5", "--gamma-feat", "0.1",
+           "--teacher-pool-layer", "11", "--student-pool-layer", "8"]
+    loss = {"lambda_kd": 0.5, "gamma_feat": 0.1, "teacher_pool_layer": 11, "student_pool_layer": 8}
+    run = pt.student_run("feat-s1", caches, loss, 1, args, student, tok, tmp_path / "runs")
+    assert run.config == _cli_config(train_student_cmd, TrainConfig, TRAIN_OPTIONS, old)
+
+    t = pt.Teacher("smollm2-scripture", tmp_path / "teachers/smollm2-scripture", pool_layer=11)
+    out = tmp_path / "caches/smollm2-scripture"
+    old = ["--teacher", str(t.path), "--teacher-name", t.name, "--dataset", str(tmp_path / "train.jsonl"),
+           "--max-tokens", "18432", "--seq-len", "256", "--top-k", "32", "--pool-layers", "11", "--batch-size", "4",
+           "--head-chunk-size", "256", "--shard-size", "128", "--device", "cpu", "--output", str(out)]
+    run = pt.cache_run(t, tmp_path / "train.jsonl", 18432, out, args, tok, True)
+    cli = _cli_config(precompute_cmd, PrecomputeConfig, PRECOMPUTE_OPTIONS, old)
+    # precompute records its config with the slice resolved (1 slice here), as the runner asks for
+    assert run.config == dataclasses.replace(cli, num_slices=1, slice_index=0)

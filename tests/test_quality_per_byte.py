@@ -131,3 +131,28 @@ def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "fig.png"
     qpb.plot(rows, "top64", str(path), "test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_a_tiny_run_is_reused_by_the_next_call_and_another_config_is_refused(tmp_path, capsys):
+    """Caches in process, students and evaluation through cli.py (benchmarks/runner.py), on a tiny teacher; the
+    second call computes nothing (--reuse-only) and prints the same table; another lr is refused by name."""
+    from tests.helpers import make_tiny_setup
+
+    teacher, corpus = make_tiny_setup(tmp_path / "setup", n_docs=60)
+    argv = ["--teacher", str(teacher), "--student-init", str(teacher), "--work", str(tmp_path / "work"),
+            "--settings", "top8,sampled4", "--reference", "top8", "--train-data", str(corpus), "--max-tokens", "512",
+            "--seq-len", "32", "--batch-size", "2", "--seeds", "0", "--max-steps", "1", "--eval-data", str(corpus),
+            "--eval-tokens", "64", "--eval-top-k", "512", "--bootstrap", "20", "--plot", str(tmp_path / "q.png")]
+    assert qpb.main(argv) == 0
+    first = capsys.readouterr().out
+    assert qpb.main([*argv, "--reuse-only"]) == 0
+    second = capsys.readouterr().out
+    table = [line for line in first.splitlines() if line.startswith("| ")]
+    assert table and table == [line for line in second.splitlines() if line.startswith("| ")]
+    reused = [line for line in second.splitlines() if line.startswith("[qpb]") and line.endswith(", reused")]
+    assert len(reused) == 5, second  # two caches, two students, one evaluation
+    with pytest.raises(SystemExit, match=r"optim.lr: 0.0003 there, 0.001 here"):
+        qpb.main([*argv, "--lr", "1e-3"])
+    config = json.loads((tmp_path / "work/runs/top8-s0/config.json").read_text())
+    assert config["teacher_data"] == [str(tmp_path / "work/caches/top8")] and config["max_steps"] == 1

@@ -37,9 +37,9 @@ def test_rows_cover_every_scheme_but_fixed(wt):
             assert name in labels
     assert "fixed" not in labels and len(labels) == 5 + len(schemes) + 1  # tempered twice
     by = {r.label: r for r in rows}
-    assert by["ce"].flags == ("--lambda-kd", "0") and by["ce"].teachers == (0,)
-    assert by["only-gemma3"].teachers == (1,) and "--teacher-weighting" not in by["only-gemma3"].flags
-    assert by["tempered-b4"].flags[-4:] == ("--teacher-weighting", "tempered", "--weight-beta", "4")
+    assert by["ce"].loss == {"lambda_kd": 0.0} and by["ce"].teachers == (0,)
+    assert by["only-gemma3"].teachers == (1,) and by["only-gemma3"].loss == {"lambda_kd": 0.5}
+    assert by["tempered-b4"].loss == {"lambda_kd": 0.5, "teacher_weighting": "tempered", "weight_beta": 4.0}
     assert by["min-ce-seq"].teachers == (0, 1, 2, 3)
     assert [r.label for r in wt.select(rows, ["uniform", "ce"])] == ["ce", "uniform"]  # table order
     with pytest.raises(SystemExit, match="unknown row"):
