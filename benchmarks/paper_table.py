@@ -51,10 +51,11 @@ Run it with --seeds 1 first and then with --seeds 2: the second invocation reuse
 model and adds the second seed. Gemma is read from TEACHERS_DIR/gemma3 when build_teachers.py --gemma wrote it
 (loads in seconds), else from --gemma-gguf (~2.5 min per load). Its aligned precompute runs at ~85 tok/s on a quiet
 2-core CPU (its 262,144-id output layer is most of the work), 5-25 tok/s on a shared one; --gemma-gguf none leaves
-it out (the teachers are then smollm2, the two specialists and the weak one, K = 1..4). Every cache and student is
-a `precompute` / `train-student` config run by benchmarks/runner.py: an output is reused only when the config it
-stored equals the row's (else the script stops, or sets it aside and computes it again with --redo);
---heuristic-only stops before any training, --reuse-only computes nothing.
+it out (the teachers are then smollm2, the two specialists and the weak one, K = 1..4). Every cut, cache, student
+and evaluation is an `init-student` / `precompute` / `train-student` / `evaluate` config run by benchmarks/runner.py:
+an output is reused only when the config it stored equals the row's (else the script stops, or sets it aside and
+computes it again with --redo; an evaluation report only gains the models it lacks); --heuristic-only stops before
+any training, --reuse-only computes nothing.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -169,29 +171,40 @@ def train_rows(rows: Sequence[Row], args: argparse.Namespace, run: runner.Runner
     return {run_label(r.label, s): p for (r, s), p in zip(jobs, finals, strict=True)}
 
 
-EVAL_OPTIONS = {"bleu_prompts": 0, "bootstrap": 0, "device": "cpu"}
-"""`evaluate` options of every held-out call (the bootstrap is the benchmark's own, on window NLLs)."""
+def eval_config(models: dict[str, Path], caches: list[Path], out: Path) -> Any:
+    """The `evaluate` config of one held-out call: `models` on the windows of `caches`, fused as their teachers
+    (no BLEU; the bootstrap is the benchmark's own, on window NLLs)."""
+    from student.evaluation.config import EvalConfig
+
+    return EvalConfig(students=[f"{k}={v}" for k, v in models.items()], teacher_data=[str(c) for c in caches],
+                      bleu_prompts=0, bootstrap=0, device="cpu", output=str(out))
 
 
 def evaluate_domains(run: runner.Runner, models: dict[str, Path], val: dict[str, list[Path]], out: Path) -> Scores:
     """`evaluate` of `models` on each domain's held-out caches (OUT/eval-DOMAIN.json, reused when complete)."""
-    calls = [
-        lambda d=d: run.evaluate({**EVAL_OPTIONS, "teacher_data": [str(c) for c in val[d]]}, models,
-                                 out / f"eval-{d}.json")
-        for d in DOMAINS
-    ]
+    calls = [lambda d=d: run.evaluate(eval_config(models, val[d], out / f"eval-{d}.json")) for d in DOMAINS]
     ev = runner.parallel(min(run.jobs, len(DOMAINS)), calls)
     return Scores.from_results(dict(zip(DOMAINS, ev, strict=True)))
 
 
-def cut_student(run: runner.Runner, tok: Path, out: Path, keep_layers: str, *, calibrate: bool) -> Path:
-    """`init-student --from TOK --keep-layers KEEP_LAYERS` into `out` unless it is there (the student: 20 blocks
-    chosen by Block Influence on 4,096 calibration tokens; the weak teacher: fixed blocks, no calibration)."""
-    options: dict[str, object] = {"from": tok, "keep_layers": keep_layers}
-    if calibrate:
-        options.update(dataset=ROOT / "data/corpus/train.jsonl", calibration_tokens=4096, seq_len=256)
-    # overwrite: no init_student.json means a cut that was interrupted, made again
-    return run.init_student({**options, "output": out, "overwrite": True})
+def cut_run(tok: Path, out: Path, keep_layers: str, *, calibrate: bool) -> runner.Run:
+    """`init-student --from TOK --keep-layers KEEP_LAYERS` into `out` (the student: 20 blocks chosen by Block
+    Influence on 4,096 calibration tokens; the weak teacher: fixed blocks, no calibration)."""
+    from student.config import InitStudentConfig
+
+    calibration = ({"dataset": str(ROOT / "data/corpus/train.jsonl"), "calibration_tokens": 4096, "seq_len": 256}
+                   if calibrate else {})
+    # overwrite: a directory without init_student.json is a cut that was interrupted, made again
+    cfg = InitStudentConfig(teacher=str(tok), keep_layers=keep_layers, output=str(out), overwrite=True,
+                            **calibration)
+    return runner.init_student(cfg, out.parent / f"{out.name}.log")
+
+
+def student_start(run: runner.Runner, tok: Path, student_init: str | None, work: Path) -> Path:
+    """The student's start, SmolLM2 cut to 20 blocks by Block Influence: --student-init, else WORK/student-init
+    (reused when its card records the same cut)."""
+    out = Path(student_init).resolve() if student_init else work / "student-init"
+    return run.ensure(cut_run(tok, out, "20", calibrate=True))
 
 
 def split_validation(work: Path) -> dict[str, Path]:
@@ -291,13 +304,12 @@ def cast(args: argparse.Namespace, run: runner.Runner, work: Path, tdir: Path) -
             raise SystemExit(f"error: {tdir / n} missing (run scripts/build_teachers.py --finetune scripture "
                              "--finetune python)")
     tok = tdir / "smollm2"
-    student = cut_student(run, tok, Path(args.student_init) if args.student_init else work / "student-init", "20",
-                          calibrate=True)
+    student = student_start(run, tok, args.student_init, work)
     kept = json.loads((student / "init_student.json").read_text())["kept_blocks"]
     if kept[args.student_pool_layer] != args.teacher_pool_layer:
         run.say(f"note: student block {args.student_pool_layer} is teacher block "
                 f"{kept[args.student_pool_layer]}, not {args.teacher_pool_layer}")
-    weak = cut_student(run, tok, work / "teachers" / "weak", args.weak_layers, calibrate=False)
+    weak = run.ensure(cut_run(tok, work / "teachers" / "weak", args.weak_layers, calibrate=False))
     teachers = [Teacher("smollm2", tok)]
     if args.gemma_gguf != "none":
         if (tdir / "gemma3" / "config.json").exists():  # build_teachers.py --gemma: loads in seconds

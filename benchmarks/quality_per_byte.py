@@ -366,14 +366,17 @@ def train(run: runner.Runner, args: argparse.Namespace, settings: list[Setting],
 def evaluate(run: runner.Runner, args: argparse.Namespace, settings: list[Setting], seed: int, work: Path,
              times: Times) -> dict:
     """That seed's students against the live teacher at --top-k = vocab; the JSON reused when it has them all."""
-    options = {
-        "teacher": [f"teacher={args.teacher}"], "tokenizer": args.tokenizer or args.teacher,
-        "dataset": args.eval_data, "max_tokens": args.eval_tokens, "seq_len": args.seq_len, "top_k": args.eval_top_k,
-        "bleu_prompts": 0, "bootstrap": args.bootstrap, "device": args.device,
-    }
+    from student.evaluation.config import EvalConfig
+
     models = {f"{s.name}-s{seed}": work / "runs" / f"{s.name}-s{seed}" / "final" for s in settings}
+    cfg = EvalConfig(
+        students=[f"{k}={v}" for k, v in models.items()], teachers=[f"teacher={args.teacher}"],
+        tokenizer=args.tokenizer or args.teacher, data=args.eval_data, max_tokens=args.eval_tokens,
+        seq_len=args.seq_len, top_k=args.eval_top_k, bleu_prompts=0, bootstrap=args.bootstrap, device=args.device,
+        output=str(work / f"eval-s{seed}.json"),
+    )
     t0, reused = time.perf_counter(), len(run.reused)
-    res = run.evaluate(options, models, work / f"eval-s{seed}.json")
+    res = run.evaluate(cfg)
     if len(run.reused) == reused:  # scored now, not taken from an earlier report
         times.record(f"evaluate s{seed}", time.perf_counter() - t0)
     if res["kl_kind"] != "full":

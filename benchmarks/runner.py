@@ -1,24 +1,26 @@
 """The one runner of the benchmarks' experiments: a run is the config the CLI replays, executed by the CLI.
 
-A `Run` is a command (`precompute` or `train-student`) and its config dataclass (`PrecomputeConfig`,
-`TrainConfig`), exactly what `python cli.py COMMAND --config FILE` replays. `Runner.ensure(run)`:
+A `Run` is a command (`precompute`, `train-student`, `init-student` or `evaluate`) and its config dataclass
+(`PrecomputeConfig`, `TrainConfig`, `InitStudentConfig`, `EvalConfig`), exactly what
+`python cli.py COMMAND --config FILE` replays. `Runner.ensure(run)`:
 
-- reuses a finished output (a cache's `manifest.json`, a run's `final/`) only when the config it stored
-  (`config-slice-00000-of-00001.json`, `RUN/config.json`, both written by the CLI itself) equals the requested
-  one, field by field, defaults filled in for fields the stored file predates (the adoption of outputs made
-  before this runner: their recorded CLI config is compared the same way). `same_paths` maps path prefixes
-  the user declares equal (a work directory copied or moved elsewhere). A different finished output is refused
-  with the differing fields, or set aside (renamed, never overwritten in place) and computed again with
-  `redo`; `reuse_only` refuses to compute anything;
+- reuses a finished output (a cache's `manifest.json`, a run's `final/`, a cut's `init_student.json`) only when
+  the config it stored (`config-slice-00000-of-00001.json`, `RUN/config.json`, the `config` member of
+  `init_student.json`, all written by the CLI itself) equals the requested one, field by field, defaults filled
+  in for fields the stored file predates (the adoption of outputs made before this runner: their recorded CLI
+  config is compared the same way; a cut made before init-student recorded its config is compared by the
+  fields its card records). `same_paths` maps path prefixes the user declares equal (a work directory copied or
+  moved elsewhere). A different finished output is refused with the differing fields, or set aside (renamed,
+  never overwritten in place) and computed again with `redo`; `reuse_only` refuses to compute anything;
 - otherwise writes the config beside the log (`LOG.config.json`, atomically) and runs
   `python cli.py COMMAND --config LOG.config.json` at the repository root, its output in the log; an
   interrupted train-student run continues from its last checkpoint (`resume`).
 
-`evaluate` and `init-student` have no `--config` replay yet: their arguments are built in one place each
-(`evaluate_args`, `init_student_args`) from a dict of option values; `Runner.evaluate` reuses a report when
-the config it records (the report's `config`) has the requested values and it holds the models, and scores
-only the missing models otherwise (merged into the report). The paired bootstrap over held-out windows is
-benchmarks/scores.py.
+`Runner.evaluate(config)` is the report `config.output` of the `config.students` (`LABEL=PATH`): reused when the
+config it records (the report's `config`) equals the requested one field by field (the students, output and
+overwrite, which name one call's models and file, left out) and it holds every label; otherwise only the
+missing models are scored, by one more `evaluate --config` run (OUT stem + -N), and merged into the report. The
+paired bootstrap over held-out windows is benchmarks/scores.py.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 import typing
@@ -38,8 +39,12 @@ from typing import Any
 from benchmarks import shared
 
 ROOT = shared.ROOT
-IGNORED = {"precompute": ("progress",), "train-student": ("resume",)}
-"""Fields that say how a run is shown or started, not what it computes: not compared on reuse."""
+IGNORED = {"precompute": ("progress",), "train-student": ("resume",), "init-student": ("overwrite",),
+           "evaluate": ("students", "output", "overwrite")}
+"""Fields that say how a run is shown or started, or (evaluate) which models and file one call has, not what it
+computes: not compared on reuse."""
+ALONE = ("init-student",)
+"""Commands run one at a time (a cut comes before the runs that start from it): given every core."""
 
 
 # --------------------------------------------------------------------------------------------- the runs
@@ -58,28 +63,36 @@ class Run:
 
     @property
     def stored(self) -> Path:
-        """The config file the CLI writes into the output (what a finished output is compared by)."""
+        """The file the CLI writes its config into (what a finished output is compared by): the report itself
+        for evaluate."""
         if self.command == "precompute":
             from teachers.commands import config_file_name
 
             return self.output / config_file_name(0, 1)
+        if self.command == "init-student":
+            from student.pruning import CARD
+
+            return self.output / CARD
+        if self.command == "evaluate":
+            return self.output
         from storage.artifacts import RUN_CONFIG
 
         return self.output / RUN_CONFIG
 
     @property
     def result(self) -> Path:
-        """What a finished run gives: the cache, or the run's final model."""
+        """What a finished run gives: the cache, the run's final model, the cut student or the report."""
         from storage.artifacts import RUN_FINAL
 
-        return self.output if self.command == "precompute" else self.output / RUN_FINAL
+        return self.output / RUN_FINAL if self.command == "train-student" else self.output
 
     def done(self) -> bool:
-        """A cache with its merged manifest, or a run with its final model."""
+        """A cache with its merged manifest, a run with its final model, a cut with its card, a report."""
         from storage.artifacts import RUN_CONFIG
 
-        marker = self.output / "manifest.json" if self.command == "precompute" else self.result / RUN_CONFIG
-        return marker.exists()
+        if self.command == "precompute":
+            return (self.output / "manifest.json").exists()
+        return (self.result / RUN_CONFIG if self.command == "train-student" else self.stored).exists()
 
     @property
     def request(self) -> Path:
@@ -98,10 +111,23 @@ def train(config: Any, log: Path) -> Run:
     return Run("train-student", config, log)
 
 
+def init_student(config: Any, log: Path) -> Run:
+    """An `init-student` run (`InitStudentConfig`): the cut student in `config.output`."""
+    return Run("init-student", config, log)
+
+
+def evaluate(config: Any, log: Path) -> Run:
+    """An `evaluate` run (`EvalConfig`): the report `config.output` (`Runner.evaluate` merges reports)."""
+    return Run("evaluate", config, log)
+
+
 def record(run: Run) -> None:
-    """Write the config file the CLI writes into an output, for a run computed in this process."""
+    """Write the config file the CLI writes into an output, for a run computed in this process (precompute or
+    train-student: init-student and evaluate keep their config inside the card or report they write)."""
     from storage import fs as sfs
 
+    if member(run.command) is not None:
+        raise ValueError(f"{run.command} records its config inside {run.stored.name}: run it through the CLI")
     fs, path = sfs.resolve(str(run.stored))
     sfs.atomic_write_json(fs, path, dataclasses.asdict(run.config))
 
@@ -153,46 +179,58 @@ def differences(stored: Any, wanted: Any, where: str = "") -> list[tuple[str, An
     return [] if stored == wanted else [(where.rstrip("."), stored, wanted)]
 
 
-def config_differences(run: Run, stored: dict[str, Any], same_paths: dict[str, str]) -> list[tuple]:
-    """How the config a finished output stored differs from the run's (fields of `IGNORED` left out)."""
-    have = moved(filled(type(run.config), stored), same_paths)
+def config_differences(run: Run, stored: dict[str, Any], same_paths: dict[str, str], *,
+                       partial: bool = False) -> list[tuple]:
+    """How the config a finished output stored differs from the run's (fields of `IGNORED` left out); a
+    `partial` one (an old card's fields) is compared on the fields it has."""
     want = tree(run.config)
+    have = {**want, **moved(stored, same_paths)} if partial else moved(filled(type(run.config), stored), same_paths)
     for name in IGNORED[run.command]:
         have.pop(name, None)
         want.pop(name, None)
     return differences(have, want)
 
 
-# ---- evaluate and init-student: no `--config` replay yet. Their arguments are built here only, from a dict of
-# ---- option values; when their --config lands, write the config and pass `--config FILE` as for the others.
-def cli_options(options: dict[str, Any]) -> list[str]:
-    """`{"teacher_data": [a, b], "bootstrap": 0, "overwrite": True}` -> `--teacher-data a --teacher-data b
-    --bootstrap 0 --overwrite` (a list repeats its option, True is a flag, False and None leave it out)."""
-    out: list[str] = []
-    for name, value in options.items():
-        flag = "--" + name.replace("_", "-")
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            if v is True:
-                out.append(flag)
-            elif v is not None and v is not False:
-                out += [flag, str(v)]
-    return out
+def member(command: str) -> str | None:
+    """The member holding the config in what `command` writes (init-student's card, evaluate's report); None
+    for a command that writes its config as a file of its own."""
+    if command == "init-student":
+        from student.pruning import CARD_CONFIG
+
+        return CARD_CONFIG
+    if command == "evaluate":
+        from student.evaluation.report import REPORT_CONFIG
+
+        return REPORT_CONFIG
+    return None
 
 
-def evaluate_args(options: dict[str, Any]) -> list[str]:
-    """`cli.py evaluate` arguments (`student` a list of LABEL=PATH, `teacher_data` of caches, ...)."""
-    return ["evaluate", *cli_options(options)]
+CARD_FIELDS = ("teacher", "gguf_file", "revision", "keep_layers")
+"""InitStudentConfig fields an `init_student.json` written before its `config` member names at its top level."""
 
 
-def init_student_args(options: dict[str, Any]) -> list[str]:
-    """`cli.py init-student` arguments (`from`, `keep_layers`, `output`, ...)."""
-    return ["init-student", *cli_options(options)]
+def stored_config(run: Run) -> tuple[dict[str, Any] | None, bool]:
+    """(the config a finished output recorded, whether it is partial); (None, False) when it recorded none.
 
-
-PER_CALL = ("student", "output", "overwrite")
-"""Evaluate options that name one call's models and report, not the held-out windows or the scoring."""
-REPORT_FIELDS = {"dataset": "data", "teacher": "teachers", "gguf_file": "gguf_files"}
-"""Evaluate options whose field in the report's `config` has another name (the rest: the option's name)."""
+    The file `run.stored`, or its `config` member (init-student's card, evaluate's report). A card written before
+    init-student recorded its config gives the fields it names (CARD_FIELDS, and its calibration's dataset and
+    seq_len: no dataset without one), compared alone: the others were not recorded."""
+    if not run.stored.exists():
+        return None, False
+    data = read_json(run.stored)
+    key = member(run.command)
+    if key is None:
+        return data, False
+    if isinstance(data.get(key), dict):
+        return data[key], False
+    if run.command != "init-student" or "kept_blocks" not in data:
+        return None, False
+    calibration = data.get("calibration")
+    fields = {k: data.get(k) for k in CARD_FIELDS}
+    fields["dataset"] = calibration["dataset"] if calibration else None
+    if calibration:
+        fields["seq_len"] = calibration["seq_len"]
+    return fields, True
 
 
 def parallel(jobs: int, calls: Sequence[Callable[[], object]]) -> list:
@@ -257,34 +295,36 @@ class Runner:
     def say(self, text: str) -> None:
         print(f"{self.tag} {text}", flush=True)
 
-    def cli(self, args: list[str], log: Path | None, threads: int | None = None) -> None:
+    def cli(self, args: list[str], log: Path, threads: int | None = None) -> None:
         """`python cli.py ARGS` at the repository root with `threads` torch threads, output in `log`."""
         cmd = [sys.executable, "cli.py", *args]
-        print("$ " + " ".join(cmd) + (f"  > {log}" if log else ""), flush=True)
+        print("$ " + " ".join(cmd) + f"  > {log}", flush=True)
         n = str(threads or self.threads)
         env = dict(os.environ, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n)
         t0 = time.perf_counter()
-        if log is None:
-            subprocess.run(cmd, check=True, cwd=ROOT, env=env)
-        else:
-            shared.run_logged(cmd, log, env)
-        self.say(f"done in {time.perf_counter() - t0:.0f} s: {log.stem if log else args[0]}")
+        shared.run_logged(cmd, log, env)
+        self.say(f"done in {time.perf_counter() - t0:.0f} s: {log.stem}")
 
     def check_reuse(self, run: Run) -> bool:
         """True when the finished output can be reused; set aside with `redo`, else refused, when it differs
         (or stored no config: made in process before the runner recorded one)."""
-        if run.stored.exists():
-            diff = config_differences(run, read_json(run.stored), self.same_paths)
-            if not diff:
-                return True
-            text = "; ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in diff)
-        else:
-            text = f"it has no {run.stored.name} to compare with"
+        text = self.difference(run)
+        if text is None:
+            return True
         if not self.redo:
             raise SystemExit(f"error: {run.output} was computed with another config ({text}): remove it, use "
                              "another work directory, or --redo to set it aside and compute it again")
         self.set_aside(run.output, text)
         return False
+
+    def difference(self, run: Run) -> str | None:
+        """How the config a finished output stored differs from the run's, in words (None: equal)."""
+        stored, partial = stored_config(run)
+        if stored is None:
+            key = member(run.command)
+            return f"it has no {f'{key} in ' if key else ''}{run.stored.name} to compare with"
+        diff = config_differences(run, stored, self.same_paths, partial=partial)
+        return "; ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in diff) if diff else None
 
     def set_aside(self, path: Path, why: str) -> None:
         n = 0
@@ -305,43 +345,49 @@ class Runner:
         config = run.config
         if run.command == "train-student" and run.output.exists():  # interrupted: continue it
             config = dataclasses.replace(config, resume=True)
-        write_atomic(run.request, json.dumps(tree(config), indent=2) + "\n")
         if execute is None:
-            self.cli([run.command, "--config", str(run.request)], run.log)
+            self.launch(dataclasses.replace(run, config=config))
         else:
+            write_atomic(run.request, json.dumps(tree(config), indent=2) + "\n")
             execute(run)
         return run.result
+
+    def launch(self, run: Run) -> None:
+        """Write the run's config atomically as its `--config` file and run `cli.py COMMAND --config FILE`."""
+        write_atomic(run.request, json.dumps(tree(run.config), indent=2) + "\n")
+        threads = self.threads * self.jobs if run.command in ALONE else None
+        self.cli([run.command, "--config", str(run.request)], run.log, threads)
 
     def ensure_all(self, runs: Sequence[Run]) -> list[Path]:
         return parallel(self.jobs, [lambda r=r: self.ensure(r) for r in runs])
 
-    def init_student(self, options: dict[str, Any], marker: str = "init_student.json") -> Path:
-        """`init-student` into `options["output"]` unless its `marker` is there (a cut made before)."""
-        out = Path(options["output"])
-        if (out / marker).exists():
-            return out
-        if self.reuse_only:
-            raise SystemExit(f"error: {out} would be computed, and reuse only was asked for")
-        self.cli(init_student_args(options), None, self.threads * self.jobs)
-        return out
+    def evaluate(self, config: Any) -> dict:
+        """The `evaluate` report `config.output` of the `config.students` (LABEL=PATH): reused when the config it
+        records equals `config` (IGNORED fields left out) and it holds every label; else the missing students
+        are scored by one more run (OUT stem + -N, `evaluate --config`) and merged into the report (a new file
+        renamed over it)."""
+        from student.evaluation.sources import split_label
 
-    def evaluate(self, options: dict[str, Any], models: dict[str, Path], out: Path) -> dict:
-        """The `evaluate` report `out` of `models` with `options`: reused when its recorded config has the
-        options and it holds every model; else the missing models are scored by one more call (OUT stem + -N)
-        and merged into `out` (a new file renamed over it)."""
+        out = Path(config.output)
         res = read_json(out) if out.exists() else None
         if res is not None:
-            self.check_report(res, options, out)
-        missing = {k: v for k, v in models.items() if res is None or k not in res["models"]}
+            text = self.difference(evaluate(config, out.with_suffix(".log")))
+            if text is not None:
+                raise SystemExit(f"error: {out} was evaluated with another config ({text}): remove it or use "
+                                 "another work directory")
+        missing = [s for s in config.students if res is None or split_label(s)[0] not in res["models"]]
         if not missing:
             self.say(f"evaluation {out} holds every model, reused")
             self.reused.append(str(out))
             return res
         if self.reuse_only:
-            raise SystemExit(f"error: {out} lacks {', '.join(missing)}, and reuse only was asked for")
-        part = out.with_name(f"{out.stem}-{len(list(out.parent.glob(out.stem + '-*.json')))}.json")
-        call = {**options, "student": [f"{k}={v}" for k, v in missing.items()], "output": str(part)}
-        self.cli(evaluate_args(call), part.with_suffix(".log"))
+            labels = ", ".join(split_label(s)[0] for s in missing)
+            raise SystemExit(f"error: {out} lacks {labels}, and reuse only was asked for")
+        n = 0
+        while out.with_name(f"{out.stem}-{n}.json").exists():
+            n += 1
+        part = out.with_name(f"{out.stem}-{n}.json")
+        self.launch(evaluate(dataclasses.replace(config, students=missing, output=str(part)), part.with_suffix(".log")))
         new = read_json(part)
         if res is None:
             res = new
@@ -354,14 +400,3 @@ class Runner:
             res.setdefault("cache_teachers", new.get("cache_teachers", {}))
         write_atomic(out, json.dumps(res))
         return res
-
-    def check_report(self, res: dict, options: dict[str, Any], out: Path) -> None:
-        """Refuse a report whose recorded config differs from `options` (per-call options left out)."""
-        have = moved(res.get("config", {}), self.same_paths)
-        want = {REPORT_FIELDS.get(k, k): v for k, v in options.items() if k not in PER_CALL}
-        want = json.loads(json.dumps(want, default=str))
-        diff = differences({k: have.get(k, "(absent)") for k in want}, want)
-        if diff:
-            text = "; ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in diff)
-            raise SystemExit(f"error: {out} was evaluated with other options ({text}): remove it or use "
-                             "another work directory")

@@ -419,8 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {', '.join(missing)} missing in {tdir} (scripts/build_teachers.py --gemma "
                          "--finetune scripture --finetune python)")
     tok = tdir / "smollm2"
-    student = pt.cut_student(run, tok, Path(args.student_init) if args.student_init else work / "student-init",
-                             "20", calibrate=True)
+    student = pt.student_start(run, tok, args.student_init, work)
     train, val = caches(run, work, tdir, args)
     betas, tune_nll, heur = heuristic(train, val, args.beta_grid, args.heuristic_replicates)
     for title, text in heur:

@@ -1,6 +1,7 @@
 """benchmarks/runner.py: a run is reused only when the config its output stored equals the requested one (defaults
 filled in for fields an older file lacks, declared path moves applied); otherwise it is refused, or set aside and
-computed again with `redo`; evaluate and init-student arguments come from one dict each."""
+computed again with `redo`; evaluate and init-student are configs run with `--config` like the others, and their
+reports and cuts made before (by the old argument path, or before init-student recorded its config) are adopted."""
 
 from __future__ import annotations
 
@@ -117,22 +118,132 @@ def test_precompute_runs_are_one_slice_and_compared_by_their_slice_config(tmp_pa
         runner.Runner().ensure(runner.precompute(cfg(top_k=16), tmp_path / "cache.log"))
 
 
-def test_evaluate_and_init_student_arguments_come_from_one_dict():
-    args = runner.evaluate_args({"student": ["a=/x", "b=/y"], "teacher_data": [Path("/c")], "bootstrap": 0,
-                                 "overwrite": True, "tokenizer": None, "observed_correction": False})
-    assert args == ["evaluate", "--student", "a=/x", "--student", "b=/y", "--teacher-data", "/c",
-                    "--bootstrap", "0", "--overwrite"]
-    assert runner.init_student_args({"from": "/t", "keep_layers": "20"}) == [
-        "init-student", "--from", "/t", "--keep-layers", "20"]
+def _cli_config(command, root, table, argv, member=None):
+    """The config the CLI builds from `argv`, without running the command."""
+    from common.config_cli import build_config
+
+    ctx = command.make_context(command.name, list(argv))
+    return build_config(root, table, ctx, ctx.params, member=member)
 
 
-def test_an_evaluation_is_reused_only_with_the_same_options(tmp_path):
+def _eval_config(tmp_path: Path, students: list[str], caches=("c",), **kw):
+    from student.evaluation.config import EvalConfig
+
+    return EvalConfig(students=students, teacher_data=[str(tmp_path / c) for c in caches], bleu_prompts=0,
+                      bootstrap=0, device="cpu", output=str(tmp_path / "eval.json"), **kw)
+
+
+def _old_report(tmp_path: Path) -> dict:
+    """A report made when the runner built `evaluate` flags from a dict of option values (`cli_options`): the
+    config those flags give, as evaluate records it."""
+    from student.evaluation.command import EVAL_OPTIONS, evaluate_cmd
+    from student.evaluation.config import EvalConfig
+
+    argv = ["--bleu-prompts", "0", "--bootstrap", "0", "--device", "cpu", "--teacher-data", str(tmp_path / "c"),
+            "--student", f"a={tmp_path / 'a'}", "--output", str(tmp_path / "eval-0.json")]
+    cfg = _cli_config(evaluate_cmd, EvalConfig, EVAL_OPTIONS, argv)
+    return {"models": {"a": {"perplexity": 9.0}}, "windows": 3, "seq_len": 16, "teachers": ["c"],
+            "config": dataclasses.asdict(cfg)}
+
+
+def test_an_evaluation_made_by_the_old_argument_path_is_reused_without_scoring(tmp_path):
     out = tmp_path / "eval.json"
-    report = {"models": {"a": {}}, "config": {"teacher_data": ["/c"], "bootstrap": 0, "data": None}}
+    report = _old_report(tmp_path)
     out.write_text(json.dumps(report))
     r = runner.Runner(reuse_only=True)
-    assert r.evaluate({"teacher_data": ["/c"], "bootstrap": 0}, {"a": Path("/m")}, out) == report
-    with pytest.raises(SystemExit, match="teacher_data: \\['/c'\\] there, \\['/d'\\] here"):
-        r.evaluate({"teacher_data": ["/d"], "bootstrap": 0}, {"a": Path("/m")}, out)
+    assert r.evaluate(_eval_config(tmp_path, [f"a={tmp_path / 'a'}"])) == report
+    assert r.reused == [str(out)]
+    # the students' paths, the output and overwrite name one call; the report holds the label
+    assert r.evaluate(_eval_config(tmp_path, [f"a={tmp_path / 'elsewhere'}"], overwrite=True)) == report
+    with pytest.raises(SystemExit, match=r"teacher_data: \['.*/c'\] there, \['.*/d'\] here"):
+        r.evaluate(_eval_config(tmp_path, ["a=/m"], caches=("d",)))
+    with pytest.raises(SystemExit, match="top_k: 64 there, 8 here"):
+        r.evaluate(_eval_config(tmp_path, ["a=/m"], top_k=8))
     with pytest.raises(SystemExit, match="lacks b"):
-        r.evaluate({"teacher_data": ["/c"]}, {"a": Path("/m"), "b": Path("/n")}, out)
+        r.evaluate(_eval_config(tmp_path, ["a=/m", "b=/n"]))
+    del report["config"]["weight_floor"]  # a report older than a field: its default
+    out.write_text(json.dumps(report))
+    assert r.evaluate(_eval_config(tmp_path, ["a=/m"])) == report
+    del report["config"]
+    out.write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match="no config in eval.json"):
+        r.evaluate(_eval_config(tmp_path, ["a=/m"]))
+
+
+def test_missing_models_are_scored_by_evaluate_with_a_config_file_and_merged(tmp_path, monkeypatch):
+    from student.evaluation.command import EVAL_OPTIONS, evaluate_cmd
+    from student.evaluation.config import EvalConfig
+    from student.evaluation.report import REPORT_CONFIG
+
+    out = tmp_path / "eval.json"
+    out.write_text(json.dumps(_old_report(tmp_path)))
+    (tmp_path / "eval-0.json").write_text("{}")  # an earlier part
+    calls = []
+
+    def cli(self, args, log, threads=None):
+        calls.append((args, log))
+        cfg = _cli_config(evaluate_cmd, EvalConfig, EVAL_OPTIONS, args[1:], member=REPORT_CONFIG)
+        Path(cfg.output).write_text(json.dumps({"models": {"b": {"perplexity": 8.0}}, "windows": 3, "seq_len": 16,
+                                                "teachers": ["c"], "config": dataclasses.asdict(cfg)}))
+
+    monkeypatch.setattr(runner.Runner, "cli", cli)
+    wanted = _eval_config(tmp_path, [f"a={tmp_path / 'a'}", "b=/n"])
+    res = runner.Runner().evaluate(wanted)
+    part = tmp_path / "eval-1.json"
+    assert calls == [(["evaluate", "--config", str(tmp_path / "eval-1.config.json")], tmp_path / "eval-1.log")]
+    # the --config file replays the requested config for the missing student, into the next part
+    assert json.loads(part.read_text())["config"] == runner.tree(
+        dataclasses.replace(wanted, students=["b=/n"], output=str(part)))
+    assert set(res["models"]) == {"a", "b"} and json.loads(out.read_text()) == res
+    assert runner.Runner(reuse_only=True).evaluate(wanted) == res
+
+
+def _cut(tmp_path: Path, keep_layers: str = "20", **kw):
+    from student.config import InitStudentConfig
+
+    out = tmp_path / "student-init"
+    cfg = InitStudentConfig(teacher=str(tmp_path / "teacher"), keep_layers=keep_layers, output=str(out),
+                            dataset=str(tmp_path / "train.jsonl"), calibration_tokens=4096, seq_len=256,
+                            overwrite=True, **kw)
+    return runner.init_student(cfg, tmp_path / "student-init.log")
+
+
+def test_a_cut_made_before_init_student_recorded_its_config_is_adopted_by_the_fields_its_card_names(tmp_path):
+    run = _cut(tmp_path)
+    run.output.mkdir()
+    card = {"teacher": str(tmp_path / "teacher"), "gguf_file": None, "revision": None, "keep_layers": "20",
+            "teacher_blocks": 30, "kept_blocks": list(range(20)),
+            "calibration": {"dataset": str(tmp_path / "train.jsonl"), "tokens": 4096, "seq_len": 256}}
+    (run.output / "init_student.json").write_text(json.dumps(card))
+    r = runner.Runner(reuse_only=True)
+    assert r.ensure(run) == run.output and r.reused == [str(run.output)]
+    with pytest.raises(SystemExit, match="keep_layers: '20' there, '12' here"):
+        r.ensure(_cut(tmp_path, "12"))
+    with pytest.raises(SystemExit, match="seq_len: 256 there, 128 here"):
+        r.ensure(dataclasses.replace(run, config=dataclasses.replace(run.config, seq_len=128)))
+
+
+def test_a_cut_is_run_with_a_config_file_and_compared_by_the_config_its_card_records(tmp_path, monkeypatch):
+    from student.commands import INIT_STUDENT_OPTIONS, init_student_cmd
+    from student.config import InitStudentConfig
+    from student.pruning import CARD_CONFIG
+
+    calls = []
+
+    def cli(self, args, log, threads=None):
+        calls.append((args, log, threads))
+        cfg = _cli_config(init_student_cmd, InitStudentConfig, INIT_STUDENT_OPTIONS, args[1:], member=CARD_CONFIG)
+        Path(cfg.output).mkdir(exist_ok=True)
+        (Path(cfg.output) / "init_student.json").write_text(json.dumps({"config": dataclasses.asdict(cfg)}))
+
+    monkeypatch.setattr(runner.Runner, "cli", cli)
+    run = _cut(tmp_path)
+    r = runner.Runner(jobs=2)
+    assert r.ensure(run) == run.output and r.reused == []
+    assert calls == [(["init-student", "--config", str(tmp_path / "student-init.config.json")], run.log,
+                      r.threads * 2)]  # a cut runs alone, on every core
+    assert r.ensure(dataclasses.replace(run, config=dataclasses.replace(run.config, overwrite=False))) == run.output
+    with pytest.raises(SystemExit, match="calibration_tokens: 4096 there, 8192 here"):
+        r.ensure(dataclasses.replace(run, config=dataclasses.replace(run.config, calibration_tokens=8192)))
+    runner.Runner(redo=True).ensure(_cut(tmp_path, "12"))
+    assert (tmp_path / "student-init.replaced-0" / "init_student.json").exists() and len(calls) == 2
