@@ -196,3 +196,33 @@ def test_runs_made_with_the_old_command_lines_have_the_configs_the_runner_asks_f
     cli = _cli_config(precompute_cmd, PrecomputeConfig, PRECOMPUTE_OPTIONS, old)
     # precompute records its config with the slice resolved (1 slice here), as the runner asks for
     assert run.config == dataclasses.replace(cli, num_slices=1, slice_index=0)
+
+
+def test_reports_and_cuts_made_with_the_old_arguments_have_the_configs_the_runner_asks_for(pt, tmp_path):
+    """Reports and cuts made when the runner built `evaluate` / `init-student` flags from a dict of option values
+    recorded the config these flags build; paper_table's configs must compare equal, or they would be computed
+    again."""
+    from student.commands import INIT_STUDENT_OPTIONS, init_student_cmd
+    from student.config import InitStudentConfig
+    from student.evaluation.command import EVAL_OPTIONS, evaluate_cmd
+    from student.evaluation.config import EvalConfig
+
+    models = {"k1-s0": tmp_path / "runs/k1-s0/final", "teacher:smollm2": tmp_path / "teachers/smollm2"}
+    caches = [tmp_path / "caches/val-python" / n for n in ("smollm2", "smollm2-python")]
+    old = ["--bleu-prompts", "0", "--bootstrap", "0", "--device", "cpu",
+           *(x for c in caches for x in ("--teacher-data", str(c))),
+           *(x for k, v in models.items() for x in ("--student", f"{k}={v}")),
+           "--output", str(tmp_path / "eval-python-0.json")]
+    stored = dataclasses.asdict(_cli_config(evaluate_cmd, EvalConfig, EVAL_OPTIONS, old))
+    run = pt.runner.evaluate(pt.eval_config(models, caches, tmp_path / "eval-python.json"), tmp_path / "e.log")
+    assert pt.runner.config_differences(run, stored, {}) == []
+
+    tok, out = tmp_path / "teachers/smollm2", tmp_path / "student-init"
+    old = ["--from", str(tok), "--keep-layers", "20", "--dataset", str(pt.ROOT / "data/corpus/train.jsonl"),
+           "--calibration-tokens", "4096", "--seq-len", "256", "--output", str(out), "--overwrite"]
+    cli = _cli_config(init_student_cmd, InitStudentConfig, INIT_STUDENT_OPTIONS, old)
+    assert pt.cut_run(tok, out, "20", calibrate=True).config == cli
+    weak = tmp_path / "teachers/weak"
+    old = ["--from", str(tok), "--keep-layers", "0-5,24-29", "--output", str(weak), "--overwrite"]
+    cli = _cli_config(init_student_cmd, InitStudentConfig, INIT_STUDENT_OPTIONS, old)
+    assert pt.cut_run(tok, weak, "0-5,24-29", calibrate=False).config == cli
