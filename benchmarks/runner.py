@@ -172,6 +172,12 @@ def cli_options(options: dict[str, Any]) -> list[str]:
     return out
 
 
+def cli_command(args: list[str]) -> list[str]:
+    """The command line of `python cli.py ARGS` (run at the repository root), for a caller that launches it
+    itself (to measure it, say)."""
+    return [sys.executable, "cli.py", *args]
+
+
 def evaluate_args(options: dict[str, Any]) -> list[str]:
     """`cli.py evaluate` arguments (`student` a list of LABEL=PATH, `teacher_data` of caches, ...)."""
     return ["evaluate", *cli_options(options)]
