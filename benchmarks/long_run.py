@@ -175,6 +175,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--plot", default=None, help="PNG of the learning curve (default: WORK/long_run.png; "
                     "benchmarks/long_run.png with --write-results)")
     ap.add_argument("--write-results", action="store_true", help="replace the marked block of RESULTS.md")
+    ap.add_argument("--plan-only", action="store_true", help="print the plan and stop")
     runner.add_options(ap)
     return ap.parse_args(argv)
 
@@ -510,8 +511,11 @@ def plan(args: argparse.Namespace, work: Path) -> dict[str, int]:
           f"({steps * tps / max(tokens, 1):.2f} epochs), {points} curve points", flush=True)
     for name, sec in hours.items():
         print(f"[long]   {name}: ~{sec / 3600:.2f} h", flush=True)
-    print(f"[long]   total ~{sum(hours.values()) / 3600:.1f} h at {RATES} tok/s (+ loading; finished outputs are "
-          "reused)", flush=True)
+    if not args.teachers_dir:
+        print("[long]   (before them, build_teachers.py --gemma: a few minutes)", flush=True)
+    print(f"[long]   total ~{sum(hours.values()) / 3600:.1f} h at {RATES['gemma']:g} tok/s (Gemma precompute), "
+          f"{RATES['smollm2']:g} (SmolLM2), {RATES['student']:g} (student training), {RATES['eval']:g} (evaluation) "
+          "plus loading; finished outputs are reused", flush=True)
     return {"tokens": tokens, "steps": steps}
 
 
@@ -546,11 +550,14 @@ def stages(args: argparse.Namespace, run: MeasuredRunner, work: Path) -> dict[st
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     work = Path(args.work).resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    if not args.plan_only:
+        work.mkdir(parents=True, exist_ok=True)
     base = runner.from_args(args, "[long]")
     run = MeasuredRunner(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)},
                          ledger=work / "usage.jsonl")
     plan(args, work)
+    if args.plan_only:
+        return 0
     r = stages(args, run, work)
     run.stage = "evaluation"
     finals, tok = r["finals"], r["tok"]
