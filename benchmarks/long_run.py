@@ -64,7 +64,7 @@ TRAIN_JSONL = ROOT / "data/corpus/train.jsonl"
 VAL_JSONL = ROOT / "data/corpus/validation.jsonl"
 BYTES_PER_TOKEN = 4.3
 """SmolLM2 tokens of the bundled corpus: ~330k for its 1.42 MB (the plan's estimate before the caches exist)."""
-RATES = {"gemma": 110.0, "smollm2": 360.0, "student": 180.0, "eval": 900.0}
+RATES = {"gemma": 110.0, "smollm2": 360.0, "student": 180.0, "eval": 500.0}
 """Tokens per second on a quiet 2-core CPU: Gemma's aligned precompute, SmolLM2's precompute, student training,
 and one model's held-out forward (the plan's estimate)."""
 DEMO_PROMPTS = {"max_tokens": 6144, "bleu_prompts": 3, "prompt_tokens": 24, "new_tokens": 24}
@@ -120,7 +120,8 @@ def measured(cmd: list[str], log: Path | None, env: dict[str, str] | None, run: 
 
 
 def stage_usage(ledger: Path) -> dict[str, dict[str, float]]:
-    """{stage: {wall_s (sum over its commands), peak_rss_mib (the largest), commands}} from the ledger."""
+    """{stage: {wall_s (sum over its commands), peak_rss_mib (the largest), commands}} from the ledger (a command
+    killed before it finished is not in it: a resumed stage counts the part after the kill)."""
     out: dict[str, dict[str, float]] = {}
     if not ledger.exists():
         return out
@@ -324,6 +325,10 @@ def train_students(args: argparse.Namespace, run: MeasuredRunner, cfgs: dict[str
         labels = {f"{label}-step{stop}": label for label in cfgs}
         if scored(work, list(labels)):
             continue
+        ckpts = [Path(cfgs[src].output) / "checkpoints" / f"step-{stop:07d}" for src in labels.values()]
+        if not all(c.exists() for c in ckpts):  # rotated away (the runs finished before this point was scored)
+            run.say(f"step {stop}: a checkpoint is gone, the learning curve has no point there")
+            continue
         snaps = {lab: snapshot(Path(cfgs[src].output), stop, init, tok, work / "curve" / lab)
                  for lab, src in labels.items()}
         run.stage = "learning curve"
@@ -404,7 +409,14 @@ def plot(points: dict[str, list[tuple[int, float]]], smollm2: float, gemma: floa
 
 
 def machine() -> str:
-    return f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU used, {platform.node() or 'host'}"
+    """The CPU (its model name from /proc/cpuinfo where there is one), core count and load average."""
+    name = platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        name = names[0] if names else name
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"{os.cpu_count()}-core CPU ({name}), no GPU used, load average {load} at the end"
 
 
 def command(argv: list[str] | None) -> str:
@@ -456,7 +468,8 @@ def markdown(r: dict[str, Any], argv: list[str] | None) -> str:
         texts += [f"  - {lab}: {cont[lab][i]!r}" for lab in ("reference", "smollm2", "distilled", "ce-only") if lab in cont]
     windows = len(s.strata())
     out = [
-        f"{machine()}, {time.strftime('%Y-%m-%d')}; `{command(argv)}`.",
+        f"{machine()}, {time.strftime('%Y-%m-%d')}; `{command(argv)}`; this invocation {r['wall'] / 60:.1f} min "
+        f"({len(r['reused'])} outputs reused from earlier ones).",
         "",
         f"Scale: {r['tokens']:,} cached training tokens per teacher ({r['tokens'] // a.seq_len:,} windows of "
         f"{a.seq_len}, top-{a.top_k}; SmolLM2 and Gemma, Gemma aligned onto SmolLM2's tokens); student: "
@@ -548,7 +561,7 @@ def stages(args: argparse.Namespace, run: MeasuredRunner, work: Path) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+    args, t0 = parse(argv), time.perf_counter()
     work = Path(args.work).resolve()
     if not args.plan_only:
         work.mkdir(parents=True, exist_ok=True)
@@ -570,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(points, scores.ppl(s.windows("smollm2")), s.observed_ppl("gemma3")[0] if "gemma3" in s.observed
          else math.nan, plot_path)
     r.update(args=args, scores=s, intervals=intervals(s, args.bootstrap), curve=points, continuations=cont,
-             plot=plot_path, usage=stage_usage(work / "usage.jsonl"))
+             plot=plot_path, reused=run.reused, usage=stage_usage(work / "usage.jsonl"), wall=time.perf_counter() - t0)
     text = markdown(r, argv)
     print("\n" + text, flush=True)
     runner.write_atomic(work / "long_run.md", text + "\n")
