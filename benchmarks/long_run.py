@@ -20,7 +20,7 @@ through benchmarks/runner.py), so an interrupted invocation continues where it s
    (from the checkpoint) and evaluated: the learning curve;
 5. evaluation on every held-out window of 256 tokens of data/corpus/validation.jsonl, per domain (the `url`
    prefix; each domain's documents packed apart, paper_table.py's split): perplexity of both students, the
-   uncut student, SmolLM2 and Gemma (through its aligned cache of the same windows, over the positions where
+   untrained cut, SmolLM2 and Gemma (through its aligned cache of the same windows, over the positions where
    its log-prob of the next SmolLM2 token is exact); paired-bootstrap intervals over windows (resampled within
    domains, benchmarks/scores.py) of distilled - SmolLM2, distilled - CE-only and CE-only - SmolLM2; greedy
    continuations of the demo's prompts (the first 6,144 validation tokens, 3 prompts of 24 tokens);
