@@ -123,3 +123,20 @@ def test_killed_during_training_it_resumes_reusing_every_finished_stage(tmp_path
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=5, do_sample=False)
         assert out.shape[1] == ids["input_ids"].shape[1] + 5
+
+
+def test_interval_rows_give_the_verdict_of_each_difference(lr):
+    below = {"difference": -1.0, "low": -2.0, "high": -0.5, "relative": -0.1, "rel_low": -0.2, "rel_high": -0.05}
+    across = {**below, "high": 0.5, "rel_high": 0.05}
+    rows = lr.interval_rows([("distilled", "smollm2", below), ("distilled", "ce-only", across)])
+    assert rows[2].endswith("| **holds** |") and rows[3].endswith("| **cannot tell** |")
+    assert "-1.00 [-2.00, -0.50]" in rows[2]
+
+
+def test_param_count_reads_the_safetensors_headers(lr, tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.helpers import make_tiny_teacher
+
+    model = make_tiny_teacher(tmp_path / "m", 128, hidden_size=32)
+    assert lr.param_count(model) == sum(t.numel() for t in load_file(str(model / "model.safetensors")).values())
