@@ -75,7 +75,7 @@ def test_killed_during_training_it_resumes_reusing_every_finished_stage(tmp_path
     first = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              start_new_session=True)
     checkpoints = work / "runs/distilled/checkpoints"
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 400
     while not any(checkpoints.glob("step-*[0-9]")) and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(first.pid, signal.SIGKILL)
