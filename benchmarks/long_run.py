@@ -67,6 +67,8 @@ BYTES_PER_TOKEN = 4.3
 RATES = {"gemma": 110.0, "smollm2": 360.0, "student": 180.0, "eval": 500.0}
 """Tokens per second on a quiet 2-core CPU: Gemma's aligned precompute, SmolLM2's precompute, student training,
 and one model's held-out forward (the plan's estimate)."""
+LOAD_S = 30.0
+"""Seconds one command spends starting and loading its models (the plan's estimate)."""
 DEMO_PROMPTS = {"max_tokens": 6144, "bleu_prompts": 3, "prompt_tokens": 24, "new_tokens": 24}
 """scripts/demo.sh's continuations: 3 prompts of 24 tokens, evenly spaced over its 6,144 held-out tokens."""
 BATCH = 4
@@ -523,6 +525,8 @@ def plan(args: argparse.Namespace, work: Path) -> dict[str, int]:
         f"training (2 students x {steps} steps)": 2 * steps * tps / RATES["student"],
         f"evaluation ({2 * points + 2} models, 3 domains)": (2 * points + 2) * held / RATES["eval"],
     }
+    commands = 1 + 5 + len(args.grid) + 2 * points + 3 * (points - 1) + 4
+    hours[f"starting and loading ({commands} commands, ~{LOAD_S:g} s each)"] = commands * LOAD_S
     print(f"[long] plan: {tokens:,} training tokens ({how}) = {windows:,} windows of {args.seq_len}; "
           f"~{held:,} held-out tokens; students: {steps} steps x {BATCH} windows = {steps * tps:,} tokens "
           f"({steps * tps / max(tokens, 1):.2f} epochs), {points} curve points", flush=True)
@@ -531,8 +535,8 @@ def plan(args: argparse.Namespace, work: Path) -> dict[str, int]:
     if not args.teachers_dir:
         print("[long]   (before them, build_teachers.py --gemma: a few minutes)", flush=True)
     print(f"[long]   total ~{sum(hours.values()) / 3600:.1f} h at {RATES['gemma']:g} tok/s (Gemma precompute), "
-          f"{RATES['smollm2']:g} (SmolLM2), {RATES['student']:g} (student training), {RATES['eval']:g} (evaluation) "
-          "plus loading; finished outputs are reused", flush=True)
+          f"{RATES['smollm2']:g} (SmolLM2), {RATES['student']:g} (student training), {RATES['eval']:g} (evaluation); "
+          "finished outputs are reused", flush=True)
     return {"tokens": tokens, "steps": steps}
 
 
