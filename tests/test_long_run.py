@@ -65,7 +65,7 @@ def _tensors(model_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_killed_during_training_it_resumes_reusing_every_finished_stage(tmp_path):
+def test_killed_during_training_it_resumes_reusing_every_finished_stage(lr, tmp_path):
     tdir, work = _teachers(tmp_path), tmp_path / "work"
     argv = [sys.executable, str(ROOT / "benchmarks/long_run.py"), "--work", str(work), "--teachers-dir", str(tdir),
             "--train-tokens", "2048", "--eval-tokens", "256", "--seq-len", "64", "--top-k", "8", "--keep-layers",
@@ -112,6 +112,9 @@ def test_killed_during_training_it_resumes_reusing_every_finished_stage(tmp_path
                    env=env, check=True, capture_output=True)
     a, b = _tensors(work / "runs/distilled/final"), _tensors(tmp_path / "uninterrupted/final")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    # a learning-curve model is its checkpoint's student: the last checkpoint's is the final model
+    c = _tensors(lr.snapshot(work / "runs/distilled", 4, work / "student-init", tdir / "smollm2", tmp_path / "snap"))
+    assert a.keys() == c.keys() and all(a[k].equal(c[k]) for k in a)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
