@@ -475,7 +475,7 @@ def markdown(r: dict[str, Any], argv: list[str] | None) -> str:
     windows = len(s.strata())
     out = [
         f"{machine()}, {time.strftime('%Y-%m-%d')}; `{command(argv)}`; this invocation {r['wall'] / 60:.1f} min "
-        f"({len(r['reused'])} outputs reused from earlier ones).",
+        f"(the runner reused {len(r['reused'])} outputs or reports).",
         "",
         f"Scale: {r['tokens']:,} cached training tokens per teacher ({r['tokens'] // a.seq_len:,} windows of "
         f"{a.seq_len}, top-{a.top_k}; SmolLM2 and Gemma, Gemma aligned onto SmolLM2's tokens); student: "
