@@ -209,6 +209,12 @@ CARD_FIELDS = ("teacher", "gguf_file", "revision", "keep_layers")
 """InitStudentConfig fields an `init_student.json` written before its `config` member names at its top level."""
 
 
+def cli_command(args: list[str]) -> list[str]:
+    """The command line of `python cli.py ARGS` (run at the repository root), for a caller that launches it
+    itself (to measure it, say)."""
+    return [sys.executable, "cli.py", *args]
+
+
 def stored_config(run: Run) -> tuple[dict[str, Any] | None, bool]:
     """(the config a finished output recorded, whether it is partial); (None, False) when it recorded none.
 
