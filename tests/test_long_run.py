@@ -92,8 +92,9 @@ def test_killed_during_training_it_resumes_reusing_every_finished_stage(lr, tmp_
     second = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert _stats(list(map(Path, before))) == before  # no cache, tuning run or cut computed again
-    # 2 training and 3 held-out caches, 2 tuning runs (lines of parallel runs may interleave: counted in the text)
-    assert second.stdout.count("exists with the same config, reused") == 5 + 2, second.stdout
+    # 2 training and 3 held-out caches, 2 tuning runs, the cut (lines of parallel runs may interleave: counted in
+    # the text)
+    assert second.stdout.count("exists with the same config, reused") == 5 + 2 + 1, second.stdout
     assert "resumed from" in (work / "runs/distilled.log").read_text()
     result = json.loads((work / "long_run.json").read_text())
     assert result["tokens"] == 2048 and result["steps"] == 4 and len(result["tuning"]) == 2
