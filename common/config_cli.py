@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass
 from typing import Any
 
@@ -132,6 +132,32 @@ def check_table(root: type, table: Sequence[Opt], internal: Sequence[str] = ()) 
     dup = sorted({p for p in paths if paths.count(p) > 1})
     assert not dup, f"fields with two options: {dup}"
     return [p for p in leaf_paths(root) if p not in paths and p not in internal]
+
+
+CORPUS_SOURCE_FLAGS = {"dataset": "--dataset", "dataset_config": "--dataset-config", "split": "--split",
+                       "revision": "--dataset-revision", "text_field": "--text-field"}
+"""The options naming a text corpus, by `CorpusConfig` field (common/corpus.py), in --help order."""
+
+
+def corpus_source_options(*, dataset_help: str, prefix: str = "", fields: Mapping[str, str | None] | None = None,
+                          split_help: str = "Hub dataset split.", revision_help: str = "Hub dataset revision.",
+                          text_field_help: str = "Field holding the document text.",
+                          dataset_aliases: tuple[str, ...] = ()) -> tuple[Opt, ...]:
+    """The rows of `CORPUS_SOURCE_FLAGS`, one vocabulary for every command that reads text: each maps onto
+    `prefix + name`, where `fields` renames a `CorpusConfig` field for a config that spells it otherwise
+    (evaluate's `data`) or drops its row with None (init-student has no `--dataset-revision`). The help texts
+    that differ between commands are arguments; `dataset_aliases` are --dataset's old spellings."""
+    names: dict[str, str | None] = {key: key for key in CORPUS_SOURCE_FLAGS}
+    names.update(fields or {})
+    helps = {"dataset": dataset_help, "dataset_config": "Hub dataset configuration (e.g. en for allenai/c4).",
+             "split": split_help, "revision": revision_help, "text_field": text_field_help}
+    rows = []
+    for key, flag in CORPUS_SOURCE_FLAGS.items():
+        name = names[key]
+        if name is not None:
+            rows.append(Opt(field=prefix + name, flag=flag, help=helps[key],
+                            hidden_aliases=dataset_aliases if key == "dataset" else ()))
+    return tuple(rows)
 
 
 def config_options(root: type, table: Sequence[Opt], *, config_help: str | None) -> Callable[[Any], Any]:

@@ -12,7 +12,7 @@ import os
 
 import click
 
-from common.config_cli import Opt, build_config, config_options
+from common.config_cli import Opt, build_config, config_options, corpus_source_options
 from common.devices import DeviceParam
 from common.errors import ConfigError
 from common.params import FINITE_FLOAT, FLOAT_LIST, parse_float_list
@@ -47,12 +47,10 @@ INIT_STUDENT_OPTIONS: tuple[Opt, ...] = (
              "input least). Required (or --config)."),
     Opt(field="output", flag="--output",
         help="Directory for the student (save_pretrained + tokenizer + init_student.json). Required (or --config)."),
-    Opt(field="dataset", flag="--dataset",
-        help="Calibration corpus, as precompute --dataset (needed for a count; with a list, scores are recorded "
-             "too)."),
-    Opt(field="dataset_config", flag="--dataset-config", help="Hub dataset configuration (e.g. en for allenai/c4)."),
-    Opt(field="split", flag="--split", help="Hub dataset split."),
-    Opt(field="text_field", flag="--text-field", help="Column holding the document text."),
+    *corpus_source_options(
+        dataset_help="Calibration corpus, as precompute --dataset (needed for a count; with a list, scores are "
+                     "recorded too).",
+        fields={"revision": None}, text_field_help="Column holding the document text."),
     Opt(field="calibration_tokens", flag="--calibration-tokens", type=int,
         help="Tokens of the calibration slice (the first ones of the packed corpus)."),
     Opt(field="seq_len", flag="--seq-len", type=int, help="Calibration window length."),

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from common.config_cli import Opt, build_config, config_options
+from common.config_cli import Opt, build_config, config_options, corpus_source_options
 from common.corpus import CORPUS_FORMATS
 from common.devices import DeviceParam
 from common.params import FINITE_FLOAT, non_finite
@@ -118,13 +118,12 @@ PRECOMPUTE_OPTIONS: tuple[Opt, ...] = (
         metavar="KEY=VALUE",
         help="Setting of the chosen --backend, repeatable; an unknown key or a value of the wrong type is "
              f"refused. {options_help()}."),
-    Opt(field="corpus.dataset", flag="--dataset",
-        help="Hub dataset id (streamed), or local .jsonl/.jsonl.gz/.parquet/.txt file(s): path, glob, directory, "
-             "or comma-separated list. A .txt file gives one document per paragraph. Required (or --config)."),
-    Opt(field="corpus.dataset_config", flag="--dataset-config", help="Hub dataset configuration (e.g. en for allenai/c4)."),
-    Opt(field="corpus.split", flag="--split", help="Hub dataset split."),
-    Opt(field="corpus.revision", flag="--dataset-revision", help="Hub dataset revision (recorded in the fingerprint)."),
-    Opt(field="corpus.text_field", flag="--text-field", help="Field holding the document text."),
+    *corpus_source_options(
+        prefix="corpus.",
+        dataset_help="Hub dataset id (streamed), or local .jsonl/.jsonl.gz/.parquet/.txt file(s): path, glob, "
+                     "directory, or comma-separated list. A .txt file gives one document per paragraph. Required "
+                     "(or --config).",
+        revision_help="Hub dataset revision (recorded in the fingerprint)."),
     Opt(field="corpus.max_documents", flag="--max-documents", type=int,
         help="Use at most this many documents in all (each corpus partition reads its share)."),
     Opt(field="corpus.max_tokens", flag="--max-tokens", type=int,

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from common.config_cli import Opt, build_config, config_options
+from common.config_cli import Opt, build_config, config_options, corpus_source_options
 from common.devices import DEVICE_HELP, DeviceParam
 from common.params import FINITE_FLOAT, FLOAT_LIST
 from storage.stamps import VERIFY_MODES
@@ -24,13 +24,12 @@ EVAL_OPTIONS: tuple[Opt, ...] = (
     Opt(field="students", flag="--student", multiple=True,
         help="Student model directory or hub id, or LABEL=DIR; repeat to compare several students in one table. "
              "Required (or --config)."),
-    Opt(field="data", flag="--dataset", hidden_aliases=("--data",),
-        help="Held-out text: hub dataset id (streamed, e.g. allenai/c4) or local jsonl, jsonl.gz, parquet, txt "
-             "file(s), packed with the student's tokenizer as precompute packs."),
-    Opt(field="dataset_config", flag="--dataset-config", help="Hub dataset configuration (e.g. en for allenai/c4)."),
-    Opt(field="split", flag="--split", help="Hub dataset split (held-out text: validation by default)."),
-    Opt(field="dataset_revision", flag="--dataset-revision", help="Hub dataset revision."),
-    Opt(field="text_field", flag="--text-field", help="Field holding the text in jsonl/parquet files and hub datasets."),
+    *corpus_source_options(
+        dataset_help="Held-out text: hub dataset id (streamed, e.g. allenai/c4) or local jsonl, jsonl.gz, parquet, "
+                     "txt file(s), packed with the student's tokenizer as precompute packs.",
+        fields={"dataset": "data", "revision": "dataset_revision"}, dataset_aliases=("--data",),
+        split_help="Hub dataset split (held-out text: validation by default).",
+        text_field_help="Field holding the text in jsonl/parquet files and hub datasets."),
     Opt(field="corpus_format", flag="--corpus-format", type=click.Choice(["text", "chat"]),
         help="--dataset holds text documents or chat conversations (rows of {role, content} messages, rendered "
              "with the student tokenizer's chat template); with chat every figure averages over the assistant "
