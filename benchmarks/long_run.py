@@ -55,7 +55,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # the packages first: benc
 
 import paper_table as pt  # noqa: E402
 
-from benchmarks import runner, scores, shared  # noqa: E402
+from benchmarks import runner, scores  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/RESULTS.md"
 BEGIN, END = "<!-- long_run:begin -->", "<!-- long_run:end -->"
@@ -598,15 +598,12 @@ def main(argv: list[str] | None = None) -> int:
     r.update(args=args, scores=s, intervals=intervals(s, args.bootstrap), curve=points, continuations=cont,
              plot=plot_path, reused=run.reused, usage=stage_usage(work / "usage.jsonl"), wall=time.perf_counter() - t0)
     text = markdown(r, argv)
-    print("\n" + text, flush=True)
-    runner.write_atomic(work / "long_run.md", text + "\n")
     runner.write_atomic(work / "long_run.json", json.dumps(
         {"models": {lab: scores.ppl(s.windows(lab)) for lab in s.nll}, "intervals": r["intervals"],
          "tuning": r["tuning"], "tokens": r["tokens"], "steps": r["steps"], "params": r["params"],
          "curve": points, "usage": r["usage"]}, indent=1) + "\n")
-    if args.write_results:
-        shared.replace_block(RESULTS, BEGIN, END, text, header=HEADER)
-        run.say(f"updated {RESULTS}")
+    runner.publish(run, text, work / "long_run.md", write_results=args.write_results,
+                   results=RESULTS, begin=BEGIN, end=END, header=HEADER)
     return 0
 
 

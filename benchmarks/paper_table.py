@@ -75,7 +75,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # the packages first: benchmarks/storage.py is not storage/
 
-from benchmarks import runner, shared  # noqa: E402
+from benchmarks import runner  # noqa: E402
 from benchmarks.scores import (  # noqa: E402, F401 (the scores' API, as benchmarks and tests knew it here)
     Comparison,
     Scores,
@@ -398,11 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         desc={r.label: r.desc for r in table}, comps=comps, steps=steps, heur_tables=heur_tables, best=best,
         clock=clock, loads=(load0, os.getloadavg()), reused=len(run.reused), argv=argv,
     )
-    print("\n" + text, flush=True)
-    runner.write_atomic(work / "paper_table.md", text + "\n")
-    if args.write_results:
-        shared.replace_block(RESULTS, BEGIN, END, text)
-        run.say(f"updated {RESULTS}")
+    runner.publish(run, text, work / "paper_table.md", write_results=args.write_results, results=RESULTS,
+                   begin=BEGIN, end=END)
     return 0
 
 

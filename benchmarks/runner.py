@@ -257,6 +257,18 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def publish(run: Run, text: str, path: Path, *, write_results: bool, results: Path, begin: str, end: str,
+            header: str | None = None) -> None:
+    """The end of a benchmark's `main`: print its markdown `text`, write it to `path` (atomically) and, with
+    `write_results` (its --write-results), put it between the `begin` and `end` markers of `results`
+    (`shared.replace_block`, under `header` when the markers are missing)."""
+    print("\n" + text, flush=True)
+    write_atomic(path, text + "\n")
+    if write_results:
+        shared.replace_block(results, begin, end, text, header=header)
+        run.say(f"updated {results}")
+
+
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 

@@ -441,11 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(args=args, argv=argv, wall=time.perf_counter() - start, betas=betas, tune_nll=tune_nll,
                     scores=scores, runs=runs, desc={r.label: r.desc for r in rows}, best=best, comps=comps,
                     reused=len(run.reused))
-    print("\n" + text, flush=True)
-    runner.write_atomic(work / "weighting" / "weighting_table.md", text + "\n")
-    if args.write_results:
-        shared.replace_block(RESULTS, BEGIN, END, text, header=HEADER)
-        run.say(f"updated {RESULTS}")
+    runner.publish(run, text, work / "weighting" / "weighting_table.md", write_results=args.write_results,
+                   results=RESULTS, begin=BEGIN, end=END, header=HEADER)
     return 0
 
 
