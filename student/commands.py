@@ -18,8 +18,7 @@ from common.errors import ConfigError
 from common.params import FINITE_FLOAT, FLOAT_LIST, parse_float_list
 from storage.stamps import VERIFY_MODES
 from student.config import LOSSES, InitStudentConfig, PlotConfig, TrainConfig
-from student.weighting import NAMES as WEIGHTINGS
-from student.weighting import choices_help, setting_help
+from student.weighting import weighting_options
 
 
 def parse_floats(option: str, text: str | None) -> tuple[float, ...] | None:
@@ -123,12 +122,7 @@ TRAIN_OPTIONS: tuple[Opt, ...] = (
              "it get no feature loss (with a warning)."),
     Opt(field="loss.student_pool_layer", flag="--student-pool-layer", type=int,
         help="Student decoder block whose output is mean-pooled (0-based, negative from the end)."),
-    Opt(field="loss.teacher_weighting", flag="--teacher-weighting", type=click.Choice(WEIGHTINGS),
-        help=choices_help()),
-    Opt(field="loss.teacher_weights", flag="--teacher-weights", type=FLOAT_LIST, help=setting_help("teacher_weights")),
-    Opt(field="loss.entropy_eps", flag="--entropy-eps", type=FINITE_FLOAT, help=setting_help("entropy_eps")),
-    Opt(field="loss.weight_beta", flag="--weight-beta", type=FINITE_FLOAT, help=setting_help("weight_beta")),
-    Opt(field="loss.weight_floor", flag="--weight-floor", type=FINITE_FLOAT, help=setting_help("weight_floor")),
+    *weighting_options(prefix="loss."),
     Opt(field="loss.temperature", flag="--temperature", type=FINITE_FLOAT,
         help="Must equal the caches' precompute temperature (the default); the KL is scaled by tau^2."),
     Opt(field="loss.dkd_alpha", flag="--dkd-alpha", type=FINITE_FLOAT, help="DKD target-class (TCKD) weight."),

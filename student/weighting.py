@@ -33,10 +33,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import click
 import torch
 
+from common.config_cli import Opt
 from common.errors import ConfigError
-from common.params import check_weights
+from common.params import FINITE_FLOAT, FLOAT_LIST, check_weights
 
 log = logging.getLogger("student")
 
@@ -394,3 +396,17 @@ def setting_help(field: str) -> str:
     """The help of a setting's option, naming the schemes that take it."""
     users = [n for n, cls in REGISTRY.items() if field in cls.settings]
     return f"{SETTINGS[field].help} Used by: {', '.join(users)}."
+
+
+def weighting_options(*, prefix: str = "", weighting_aliases: tuple[str, ...] = (),
+                      weights_note: str = "") -> tuple[Opt, ...]:
+    """The option rows of a command that fuses teachers: `--teacher-weighting` and one per setting (`SETTINGS`,
+    in order), for the config fields `prefix + name` (train-student's `loss.`). `weighting_aliases` are
+    --teacher-weighting's old spellings; `weights_note` ends --teacher-weights' help."""
+    rows = [Opt(field=f"{prefix}teacher_weighting", flag="--teacher-weighting", type=click.Choice(NAMES),
+                hidden_aliases=weighting_aliases, help=choices_help())]
+    for name, setting in SETTINGS.items():
+        note = f" {weights_note}" if name == "teacher_weights" and weights_note else ""
+        rows.append(Opt(field=f"{prefix}{name}", flag=setting.flag, help=setting_help(name) + note,
+                        type=FLOAT_LIST if name == "teacher_weights" else FINITE_FLOAT))
+    return tuple(rows)

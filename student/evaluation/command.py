@@ -11,13 +11,11 @@ import click
 
 from common.config_cli import Opt, build_config, config_options, corpus_source_options
 from common.devices import DEVICE_HELP, DeviceParam
-from common.params import FINITE_FLOAT, FLOAT_LIST
 from storage.stamps import VERIFY_MODES
 from student.evaluation.config import DEFAULT_SEQ_LEN, DTYPES, EvalConfig
 from student.evaluation.report import REPORT_CONFIG, format_comparisons, format_table
 from student.evaluation.run import run_evaluate
-from student.weighting import NAMES as WEIGHTINGS
-from student.weighting import choices_help, setting_help
+from student.weighting import weighting_options
 
 # One row per EvalConfig field: the defaults come from the dataclass (student/evaluation/config.py).
 EVAL_OPTIONS: tuple[Opt, ...] = (
@@ -67,13 +65,8 @@ EVAL_OPTIONS: tuple[Opt, ...] = (
         help="Log-probs kept per position of each live --teacher (with its exact entropy) for the students' pass, "
              "as precompute's --top-k. The KL is over top-k plus a tail bucket; at the vocab size it is the full "
              "KL."),
-    Opt(field="teacher_weighting", flag="--teacher-weighting", type=click.Choice(WEIGHTINGS),
-        hidden_aliases=("--weighting",), help=choices_help()),
-    Opt(field="teacher_weights", flag="--teacher-weights", type=FLOAT_LIST,
-        help=setting_help("teacher_weights") + " Teacher order: --teacher-data caches, then --teacher models."),
-    Opt(field="entropy_eps", flag="--entropy-eps", type=FINITE_FLOAT, help=setting_help("entropy_eps")),
-    Opt(field="weight_beta", flag="--weight-beta", type=FINITE_FLOAT, help=setting_help("weight_beta")),
-    Opt(field="weight_floor", flag="--weight-floor", type=FINITE_FLOAT, help=setting_help("weight_floor")),
+    *weighting_options(weighting_aliases=("--weighting",),
+                       weights_note="Teacher order: --teacher-data caches, then --teacher models."),
     Opt(field="bleu_prompts", flag="--bleu-prompts", type=int,
         help="Held-out prompts continued greedily for BLEU (0: skip)."),
     Opt(field="prompt_tokens", flag="--prompt-tokens", type=int, help="Tokens per BLEU prompt."),
