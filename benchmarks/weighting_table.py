@@ -162,9 +162,10 @@ def verdicts(
     scores: pt.Scores, runs: dict[str, list[str]], schemes: list[str], singles: list[str], replicates: int
 ) -> tuple[str | None, dict[str, dict[str, pt.Comparison]]]:
     """(best single, {scheme: {"best": comparison, "uniform": comparison}}): each scheme row against the best
-    single-teacher row (lowest seed-0 perplexity) and against uniform, where those rows ran."""
+    single-teacher row (lowest perplexity of its seed-averaged windows, as `compare` scores a row) and against
+    uniform, where those rows ran."""
     present = [s for s in singles if s in runs]
-    best = min(present, key=lambda r: pt.ppl(scores.windows(pt.run_label(r, 0)))) if present else None
+    best = min(present, key=lambda r: pt.ppl(scores.row(runs[r]))) if present else None
     out: dict[str, dict[str, pt.Comparison]] = {}
     for s in schemes:
         if s not in runs:

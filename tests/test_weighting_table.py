@@ -88,6 +88,20 @@ def _scores(wt, values):
     return wt.pt.Scores.from_results(res)
 
 
+def test_best_single_is_chosen_on_every_seed(wt):
+    """A single-teacher row that is lowest at seed 0 but not over its seeds is not the best single."""
+    base = {"x": [3.0, 3.2, 3.1], "y": [4.0, 4.2, 4.1]}
+
+    def shift(c):
+        return {d: [v + c for v in w] for d, w in base.items()}
+
+    vals = {"only-a-s0": shift(0.04), "only-a-s1": shift(0.5), "only-b-s0": shift(0.05), "only-b-s1": shift(0.06),
+            "uniform-s0": shift(0.08), "uniform-s1": shift(0.08)}
+    runs = {r: [f"{r}-s0", f"{r}-s1"] for r in ("only-a", "only-b", "uniform")}
+    best, _ = wt.verdicts(_scores(wt, vals), runs, ["uniform"], ["only-a", "only-b"], 200)
+    assert best == "only-b"
+
+
 def test_verdicts_report_and_figure(wt, tmp_path):
     base = {"x": [3.0, 3.2, 3.1], "y": [4.0, 4.2, 4.1]}
 
