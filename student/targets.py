@@ -183,6 +183,7 @@ def fuse(views: Sequence[TeacherView], weighting: Weighting, seq_len: int) -> Fu
 
 def observed_counts(views: Sequence[TeacherView]) -> torch.Tensor | None:
     """[K, 3] int64 (`OBSERVED_SOURCES` per teacher) of a batch's views, or None when log p(o) was not read."""
-    if any(v.observed_counts is None for v in views):
+    counts = [v.observed_counts for v in views]
+    if any(c is None for c in counts):
         return None
-    return torch.stack([v.observed_counts for v in views])
+    return torch.stack(counts)
