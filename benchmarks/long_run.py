@@ -199,14 +199,8 @@ def teachers(args: argparse.Namespace, run: MeasuredRunner, work: Path) -> Path:
 
 def cut(args: argparse.Namespace, run: MeasuredRunner, tok: Path, work: Path) -> Path:
     """`init-student`: --keep-layers of SmolLM2's blocks by Block Influence on the first training tokens."""
-    from student.config import InitStudentConfig
-
-    out = work / "student-init"
-    # overwrite: a directory without init_student.json is a cut that was interrupted, made again
-    cfg = InitStudentConfig(teacher=str(tok), keep_layers=args.keep_layers, dataset=str(TRAIN_JSONL),
-                            calibration_tokens=args.calibration_tokens, seq_len=args.seq_len, output=str(out),
-                            overwrite=True)
-    return run.ensure(runner.init_student(cfg, work / "student-init.log"))
+    return run.ensure(pt.cut_run(tok, work / "student-init", args.keep_layers, calibrate=True,
+                                 calibration_tokens=args.calibration_tokens, seq_len=args.seq_len))
 
 
 def caches(args: argparse.Namespace, run: MeasuredRunner, tdir: Path, work: Path) -> tuple[list[Path], dict]:

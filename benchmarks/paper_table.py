@@ -187,13 +187,15 @@ def evaluate_domains(run: runner.Runner, models: dict[str, Path], val: dict[str,
     return Scores.from_results(dict(zip(DOMAINS, ev, strict=True)))
 
 
-def cut_run(tok: Path, out: Path, keep_layers: str, *, calibrate: bool) -> runner.Run:
+def cut_run(tok: Path, out: Path, keep_layers: str, *, calibrate: bool, calibration_tokens: int = 4096,
+            seq_len: int = 256) -> runner.Run:
     """`init-student --from TOK --keep-layers KEEP_LAYERS` into `out` (the student: 20 blocks chosen by Block
-    Influence on 4,096 calibration tokens; the weak teacher: fixed blocks, no calibration)."""
+    Influence on 4,096 calibration tokens of the training file in windows of 256; the weak teacher: fixed
+    blocks, no calibration)."""
     from student.config import InitStudentConfig
 
-    calibration = ({"dataset": str(ROOT / "data/corpus/train.jsonl"), "calibration_tokens": 4096, "seq_len": 256}
-                   if calibrate else {})
+    calibration = ({"dataset": str(ROOT / "data/corpus/train.jsonl"), "calibration_tokens": calibration_tokens,
+                    "seq_len": seq_len} if calibrate else {})
     # overwrite: a directory without init_student.json is a cut that was interrupted, made again
     cfg = InitStudentConfig(teacher=str(tok), keep_layers=keep_layers, output=str(out), overwrite=True,
                             **calibration)
