@@ -405,7 +405,8 @@ def section_train(s: Suite) -> None:
                                    **s.layouts["qwen2-0_5b"]}))
     cfg = TrainConfig(teacher_data=[str(cache)], output=str(s.tmp / "run-cache"), student=str(student),
                       batch_size=s.batch, max_steps=steps, eval_sequences=0, eval_every=0, log_every=1,
-                      num_workers=1 if s.smoke else s.args.workers, loss=LossConfig(lambda_kd=0.5),
+                      num_workers=1 if s.smoke else s.args.workers,
+                      loss=LossConfig(lambda_kd=0.5, teacher_weighting="entropy"),  # the live path has no log p(o)
                       optim=OptimConfig(warmup_steps=1), device="cuda" if s.cuda else "cpu")
     tr = Trainer(cfg)
     try:

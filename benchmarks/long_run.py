@@ -151,6 +151,7 @@ def grid(text: str) -> tuple[tuple[float, float], ...]:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
+    from student.config import LossConfig
     from student.weighting import NAMES
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -165,7 +166,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--calibration-tokens", type=int, default=4096, help="Block Influence calibration tokens")
     ap.add_argument("--epochs", type=float, default=1.0, help="passes over the cached windows")
     ap.add_argument("--steps", type=int, default=None, help="student steps (default: from --epochs)")
-    ap.add_argument("--weighting", default="entropy", choices=NAMES, help="--teacher-weighting of the student")
+    ap.add_argument("--weighting", default=LossConfig.teacher_weighting, choices=NAMES,
+                    help="--teacher-weighting of the student (default: train-student's)")
     ap.add_argument("--grid", type=grid, default=grid("3e-4:0.5,3e-4:0.8,1e-3:0.5,1e-3:0.8"),
                     help="LR:LAMBDA points of the tuning runs")
     ap.add_argument("--tune-steps", type=int, default=40, help="steps of each tuning run")

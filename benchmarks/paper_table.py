@@ -327,7 +327,7 @@ def table_of_rows(args: argparse.Namespace, teachers: list[Teacher], caches: lis
     """The students: every row trains the same start on the same windows; only the loss differs."""
     main_t = [t for t in teachers if t.name != "weak"]
     k_main, k_all = len(main_t), len(teachers)
-    kd = {"lambda_kd": args.lambda_kd}
+    kd = {"lambda_kd": args.lambda_kd, "teacher_weighting": "entropy"}  # the paper's method, not the default
     four = tuple(caches[:k_main])
     feat = {"teacher_pool_layer": args.teacher_pool_layer, "student_pool_layer": args.student_pool_layer}
     return [

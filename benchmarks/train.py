@@ -174,7 +174,8 @@ def main() -> None:
     pre_s = time.perf_counter() - t0
     cfg = TrainConfig(teacher_data=caches, output=str(root / "run"), student=args.student, batch_size=args.batch_size,
                       max_steps=args.steps, eval_sequences=0, eval_every=0, log_every=1, num_workers=args.workers,
-                      loss=LossConfig(lambda_kd=0.5), optim=OptimConfig(warmup_steps=2), device="cpu")
+                      loss=LossConfig(lambda_kd=0.5, teacher_weighting="entropy"),  # as the live path's weights
+                      optim=OptimConfig(warmup_steps=2), device="cpu")
     run_train(cfg)
     cache_tps = _median_tps(cfg.output, args.warmup)
     from dataclasses import replace

@@ -5,7 +5,8 @@
 #   2. `init-student` cuts a student from SmolLM2 (the blocks of highest Block Influence)
 #   3. `precompute` caches each teacher's top-k targets on the same training tokens; Gemma's through
 #      `--align-tokenizer`, projected onto SmolLM2's tokens
-#   4. `train-student` trains the cut student from the entropy-weighted fusion of the caches
+#   4. `train-student` trains the cut student from the fusion of the caches, with the default weighting
+#      (`min-ce-seq`: per window, the teacher that gave the observed tokens the lowest cross-entropy)
 #   5. `train-student` trains the same cut student, same data, steps and seed, with CE only (lambda 0)
 #   6. `evaluate` compares both with the teachers on held-out text (paired-bootstrap intervals, continuations);
 #      Gemma enters through its aligned cache of the held-out windows
@@ -125,7 +126,7 @@ TRAIN=(--student "$OUT/student-init" --tokenizer "$OUT/teachers/smollm2" --max-s
   --eval-every 0 --num-workers 0 --device cpu)
 rm -rf "$OUT/runs"
 
-stage 4/6 "train-student: entropy-weighted KD from ${#TEACHERS[@]} teachers (lambda $LAMBDA), $STEPS steps"
+stage 4/6 "train-student: KD from ${#TEACHERS[@]} teachers fused by min-ce-seq (lambda $LAMBDA), $STEPS steps"
 "$PY" cli.py train-student "${CACHES[@]}" "${TRAIN[@]}" --lambda-kd "$LAMBDA" --output "$OUT/runs/distilled"
 
 stage 5/6 "train-student: the same cut student with CE only (lambda 0), $STEPS steps"
@@ -156,7 +157,7 @@ r = json.load(open(sys.argv[1]))
 m, ref = r["models"], sys.argv[2]
 d, c, t = m["distilled"], m["ce-only"], m[ref]
 print(f"\nheld-out: {r['windows']} windows x {r['seq_len']} tokens of {sys.argv[3]}; teachers "
-      f"fused by entropy: {', '.join(r['teachers'])}")
+      f"fused by {r['config']['teacher_weighting']}: {', '.join(r['teachers'])}")
 if r.get("positions"):
     print(f"every figure averages over {r['positions']}")
 for label, x in m.items():

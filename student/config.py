@@ -45,7 +45,7 @@ class LossConfig:
     """Weight of the pooled-feature alignment term (0: off, no projections are built)."""
     temperature: float | None = None
     """Distillation temperature; None takes the caches' precompute temperature (a different value is refused)."""
-    teacher_weighting: str = "entropy"
+    teacher_weighting: str = "min-ce-seq"
     """A scheme of student/weighting.py's REGISTRY: `entropy` (per position, alpha_k ∝ 1 / (H_k + eps)),
     `uniform`, `fixed` (teacher_weights), `confidence`, `tempered`, `min-ce`, `min-ce-seq`."""
     teacher_weights: tuple[float, ...] | None = DEFAULT_SETTINGS.teacher_weights

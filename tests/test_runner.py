@@ -49,7 +49,7 @@ def test_a_finished_run_with_the_same_config_is_reused_without_running(tmp_path)
 def test_another_config_is_refused_naming_the_field_or_set_aside_with_redo(tmp_path):
     run = _train(tmp_path)
     _finish(run, dataclasses.asdict(_train(tmp_path, teacher_weighting="uniform").config))
-    with pytest.raises(SystemExit, match="loss.teacher_weighting: 'uniform' there, 'entropy' here"):
+    with pytest.raises(SystemExit, match="loss.teacher_weighting: 'uniform' there, 'min-ce-seq' here"):
         runner.Runner().ensure(run)
     calls = Calls()
     runner.Runner(redo=True).ensure(run, execute=calls)

@@ -64,7 +64,7 @@ class EvalConfig:
     top_k: int = 64
     """Log-probs kept per position of a live teacher (with its exact entropy) between its pass and the
     students' (each model is resident alone). At top_k >= vocab the KL is the full-vocab KL."""
-    teacher_weighting: str = "entropy"
+    teacher_weighting: str = "min-ce-seq"
     """Teacher weighting of the fused target, a scheme of student/weighting.py's REGISTRY (as training's
     `LossConfig`)."""
     teacher_weights: list[float] | None = None

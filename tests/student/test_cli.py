@@ -63,8 +63,8 @@ def test_negative_lambda_and_bad_weights(caches, tmp_path):
 
 
 def test_entropy_weighting_needs_entropy(caches, tmp_path):
-    _fails_with(_run(["--teacher-data", caches["no_entropy"], "--output", str(tmp_path / "o")]),
-                "entropy_kind 'absent'", "--teacher-weighting uniform")
+    _fails_with(_run(["--teacher-data", caches["no_entropy"], "--teacher-weighting", "entropy",
+                      "--output", str(tmp_path / "o")]), "entropy_kind 'absent'", "--teacher-weighting uniform")
 
 
 def test_different_top_k_trains_then_plot(caches, tmp_path):

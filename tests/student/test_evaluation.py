@@ -60,8 +60,10 @@ def _logp64(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
 def _cfg(setup, **kw) -> EvalConfig:
     _, models, held_out = setup
     # top_k = vocab: a live teacher's kept target is its whole distribution, so its KL is the full KL
+    # the references below use the paper's entropy weights (the default, min-ce-seq, is checked against
+    # training's targets for every scheme in tests/student/test_targets.py)
     base = dict(students=[f"s={models['student']}"], data=str(held_out), seq_len=SEQ_LEN, bleu_prompts=0,
-                top_k=VOCAB)
+                top_k=VOCAB, teacher_weighting="entropy")
     return EvalConfig(**{**base, **kw})
 
 
