@@ -21,7 +21,8 @@
 # DEMO_STEPS (student steps of 4 windows, 12), DEMO_LR (3e-4), DEMO_LAMBDA (KD weight of the distilled student,
 # 0.5), DEMO_FT_STEPS (fine-tuning steps of smollm2-<domain> teachers, 8), DEMO_EVAL_TOKENS (held-out tokens,
 # 6144), DEMO_CALIBRATION_TOKENS (Block Influence calibration tokens, 4096), DEMO_SEED (training seed of both
-# students: data order, 0); PYTHON (interpreter, python).
+# students: data order, 0), DEMO_WEIGHTING (--teacher-weighting of the distilled student and of the evaluation's
+# fused target, min-ce-seq); PYTHON (interpreter, python).
 # DEMO_CORPUS=chat distils on the bundled Python FAQ conversations (data/chat/) instead: windows of 1024 tokens
 # (DEMO_SEQ) holding whole conversations rendered with SmolLM2's chat template, 16384 training tokens, the whole
 # held-out set, losses and figures over the assistant replies only, and at the end each model's reply to three
@@ -41,6 +42,7 @@ FT_STEPS=${DEMO_FT_STEPS:-8}
 EVAL_TOKENS=${DEMO_EVAL_TOKENS:-6144}
 CALIBRATION=${DEMO_CALIBRATION_TOKENS:-4096}
 SEED=${DEMO_SEED:-0}
+WEIGHTING=${DEMO_WEIGHTING:-min-ce-seq}
 CORPUS=${DEMO_CORPUS:-text}
 case "$CORPUS" in
   text) SEQ=${DEMO_SEQ:-256}; TRAIN_DATA=data/corpus/train.jsonl; VAL_DATA=data/corpus/validation.jsonl
@@ -126,8 +128,9 @@ TRAIN=(--student "$OUT/student-init" --tokenizer "$OUT/teachers/smollm2" --max-s
   --eval-every 0 --num-workers 0 --device cpu)
 rm -rf "$OUT/runs"
 
-stage 4/6 "train-student: KD from ${#TEACHERS[@]} teachers fused by min-ce-seq (lambda $LAMBDA), $STEPS steps"
-"$PY" cli.py train-student "${CACHES[@]}" "${TRAIN[@]}" --lambda-kd "$LAMBDA" --output "$OUT/runs/distilled"
+stage 4/6 "train-student: KD from ${#TEACHERS[@]} teachers fused by $WEIGHTING (lambda $LAMBDA), $STEPS steps"
+"$PY" cli.py train-student "${CACHES[@]}" "${TRAIN[@]}" --lambda-kd "$LAMBDA" --teacher-weighting "$WEIGHTING" \
+  --output "$OUT/runs/distilled"
 
 stage 5/6 "train-student: the same cut student with CE only (lambda 0), $STEPS steps"
 "$PY" cli.py train-student "${CACHES[@]}" "${TRAIN[@]}" --lambda-kd 0 --output "$OUT/runs/ce-only"
@@ -149,7 +152,8 @@ for t in "${TEACHERS[@]}"; do
   fi
 done
 "$PY" cli.py evaluate --student "distilled=$OUT/runs/distilled/final" --student "ce-only=$OUT/runs/ce-only/final" \
-  "${TEACHER_ARGS[@]}" "${HELD[@]}" "${BLEU[@]}" --bootstrap 2000 --output "$OUT/eval.json" --overwrite
+  "${TEACHER_ARGS[@]}" "${HELD[@]}" "${BLEU[@]}" --teacher-weighting "$WEIGHTING" --bootstrap 2000 \
+  --output "$OUT/eval.json" --overwrite
 
 "$PY" - "$OUT/eval.json" "${TEACHERS[0]}" "$VAL_DATA" <<'EOF'
 import json, sys
