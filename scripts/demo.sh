@@ -155,7 +155,7 @@ done
   "${TEACHER_ARGS[@]}" "${HELD[@]}" "${BLEU[@]}" --teacher-weighting "$WEIGHTING" --bootstrap 2000 \
   --output "$OUT/eval.json" --overwrite
 
-"$PY" - "$OUT/eval.json" "${TEACHERS[0]}" "$VAL_DATA" <<'EOF'
+"$PY" - "$OUT/eval.json" "${TEACHERS[0]}" "$VAL_DATA" "$CORPUS" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 m, ref = r["models"], sys.argv[2]
@@ -186,9 +186,11 @@ for i, prompt in enumerate(cont.get("prompts", [])):
         print(f"  {label:>10}: {cont[label][i]!r}")
 ppl = r["comparisons"][0]["perplexity"]
 ok_ratio = d["perplexity"] <= 3 * t["perplexity"]
+# the <= 3x target is the text demo's (12 steps on prose); the conversations demo has none
+target = f" (target <= 3x: {'met' if ok_ratio else 'NOT met'})" if sys.argv[4] == "text" else ""
 ok_ce = ppl["high"] < 0
 print(f"\ndistilled student: perplexity {d['perplexity']:.1f} = {d['perplexity'] / t['perplexity']:.2f}x {ref}'s "
-      f"{t['perplexity']:.1f} (target <= 3x: {'met' if ok_ratio else 'NOT met'}); vs {c['perplexity']:.1f} for CE "
+      f"{t['perplexity']:.1f}{target}; vs {c['perplexity']:.1f} for CE "
       f"only, difference {ppl['difference']:+.1f} [{ppl['low']:+.1f}, {ppl['high']:+.1f}] "
       f"({'interval excludes zero' if ok_ce else 'interval does NOT exclude zero'})")
 EOF
