@@ -344,7 +344,8 @@ def student_run(args: argparse.Namespace, cache: Path, seed: int, out: Path) -> 
     cfg = TrainConfig(
         teacher_data=[str(cache)], output=str(out), student=args.student_init,
         tokenizer=args.tokenizer or args.teacher,
-        loss=LossConfig(lambda_kd=args.lambda_kd, teacher_weighting="entropy"),  # one teacher: weight 1 either way
+        # one teacher gets weight 1 under any scheme; entropy keeps the configs equal to the recorded runs'
+        loss=LossConfig(lambda_kd=args.lambda_kd, teacher_weighting="entropy"),
         optim=OptimConfig(lr=args.lr, warmup_steps=warmup), max_steps=args.max_steps, batch_size=args.batch_size,
         eval_sequences=8, eval_every=0, seed=seed, num_workers=0, device=args.device,
     )
