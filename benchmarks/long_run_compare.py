@@ -5,8 +5,8 @@ directory (e.g. a student trained on from the run's final one).
         --pair distilled-e2:smollm2 --pair distilled-e2:distilled
 
 Each --eval directory holds `eval-DOMAIN.json` per domain, written by `evaluate` on the run's held-out caches
-(benchmarks/long_run.py's WORK/eval/, or `cli.py evaluate --config WORK/eval/eval-DOMAIN-8.config.json
---student LABEL=DIR --output DIR/eval-DOMAIN.json`). Their models are merged per domain; the reports must be of
+(benchmarks/long_run.py's WORK/eval/, or `cli.py evaluate --config WORK/eval/eval-DOMAIN-N.config.json
+--student LABEL=DIR --output DIR/eval-DOMAIN.json`, N the run's last). Their models are merged per domain; the reports must be of
 the same cached windows. Prints each model's held-out perplexity (all windows and per domain) and, for each
 --pair A:B, the paired-bootstrap perplexity difference A - B with windows resampled within domains (as the
 long run's own intervals), and with --by-domain over each domain's windows alone.
