@@ -447,9 +447,7 @@ def interval_rows(ivs: list[tuple[str, str, dict[str, float]]]) -> list[str]:
     lines = ["| difference | perplexity [95%] | relative [95%] | first is better |", "|---|---|---|---|"]
     for a, b, r in ivs:
         verdict = scores.verdict_better(r["low"], r["high"], [r["difference"]])
-        lines.append(f"| {a} - {b} | {r['difference']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}] | "
-                     f"{100 * r['relative']:+.1f}% [{100 * r['rel_low']:+.1f}, {100 * r['rel_high']:+.1f}] | "
-                     f"**{verdict}** |")
+        lines.append(f"| {a} - {b} | {scores.interval_cells(r)} | **{verdict}** |")
     return lines
 
 

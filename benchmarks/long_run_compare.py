@@ -6,8 +6,8 @@ directory (e.g. a student trained on from the run's final one).
 
 Each --eval directory holds `eval-DOMAIN.json` per domain, written by `evaluate` on the run's held-out caches
 (benchmarks/long_run.py's WORK/eval/, or `cli.py evaluate --config WORK/eval/eval-DOMAIN-N.config.json
---student LABEL=DIR --output DIR/eval-DOMAIN.json`, N the run's last). Their models are merged per domain; the reports must be of
-the same cached windows. Prints each model's held-out perplexity (all windows and per domain) and, for each
+--student LABEL=DIR --output DIR/eval-DOMAIN.json`, N the run's last). Their models are merged per domain; the
+reports must be of the same cached windows. Prints each model's held-out perplexity (all windows and per domain) and, for each
 --pair A:B, the paired-bootstrap perplexity difference A - B with windows resampled within domains (as the
 long run's own intervals), and with --by-domain over each domain's windows alone.
 """
@@ -50,7 +50,7 @@ def merged(dirs: list[Path]) -> scores.Scores:
                 continue
             if (rep["source"], rep["windows"], rep["seq_len"]) != (base["source"], base["windows"], base["seq_len"]):
                 fail(f"{path} scores other windows ({rep['source']}, {rep['windows']} windows "
-                                 f"of {rep['seq_len']}) than {dirs[0] / f'eval-{d}.json'}")
+                     f"of {rep['seq_len']}) than {dirs[0] / f'eval-{d}.json'}")
             if clash := set(rep["models"]) & set(base["models"]):
                 fail(f"{path} scores {sorted(clash)} again")
             base["models"].update(rep["models"])
@@ -90,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             strata = s.strata() if domain is None else np.zeros(len(s.windows(a, domain)))
             iv = scores.paired_bootstrap(s.windows(a, domain), s.windows(b, domain), strata, n=args.bootstrap)
             verdict = scores.verdict_better(iv["low"], iv["high"], [iv["difference"]])
-            print(f"| {a} - {b} | {domain or 'all'} | {iv['difference']:+.2f} [{iv['low']:+.2f}, "
-                  f"{iv['high']:+.2f}] | {100 * iv['relative']:+.1f}% [{100 * iv['rel_low']:+.1f}, "
-                  f"{100 * iv['rel_high']:+.1f}] | {verdict} |")
+            print(f"| {a} - {b} | {domain or 'all'} | {scores.interval_cells(iv)} | {verdict} |")
     return 0
 
 

@@ -159,6 +159,13 @@ def compare(
     return Comparison(name, a, b, kind, res, diffs, v)
 
 
+def interval_cells(r: dict[str, float]) -> str:
+    """Two markdown cells of a `paired_bootstrap` result: the perplexity difference and the relative one, each
+    with its 95% interval."""
+    return (f"{r['difference']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}] | "
+            f"{100 * r['relative']:+.1f}% [{100 * r['rel_low']:+.1f}, {100 * r['rel_high']:+.1f}]")
+
+
 def fmt_diff(c: Comparison) -> str:
     r = c.result
     seeds = ", ".join(f"{d:+.2f}" for d in c.seed_diffs)
